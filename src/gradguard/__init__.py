@@ -1,0 +1,13 @@
+"""gradguard: attack, harden and diagnose PyTorch models through their gradients."""
+from .errors import (BoundsError, CheckpointError, ConfigError, DataError, GradguardError, InputError,
+                     ModelOutputError, ShapeError)
+from .models import Normalized
+from .threat import L1, L2, Linf, ThreatModel, make_threat
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Linf", "L2", "L1", "ThreatModel", "make_threat", "Normalized",
+    "GradguardError", "InputError", "ShapeError", "BoundsError", "ModelOutputError", "ConfigError",
+    "DataError", "CheckpointError",
+]

@@ -1,0 +1,394 @@
+"""The attack base: validation, the model guard, the one gradient primitive, restarts and best iterates.
+
+An attack subclass implements one method, ``_perturb(x, labels) -> Iterate``, for one restart on one batch.
+Everything else — argument checks, eval mode, targets, restarts, early stop, keeping the per-sample best
+point, budget counting — lives here once.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import BoundsError, ConfigError, InputError, ModelOutputError, ShapeError
+from ..threat import ThreatModel
+from .losses import LossSpec, resolve_objective
+
+TARGET_POLICIES = ("random", "least-likely")
+BOUNDS_TOLERANCE = 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# The model guard and the one gradient primitive
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def model_guard(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and frozen parameters for the duration; exact restore afterwards, also on error.
+
+    Freezing parameters is not only hygiene: autograd then keeps no activations for weight gradients,
+    which saves memory in every attack. ``.grad`` fields are never touched.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+
+def check_logits(logits: Any, batch: int, argument: str = "model") -> Tensor:
+    """Raise ModelOutputError unless ``logits`` is a finite (batch, classes) float tensor."""
+    if not isinstance(logits, Tensor):
+        raise ModelOutputError(
+            f"{argument}: expected the model to return a logits tensor, got {type(logits).__name__}; "
+            "wrap the model so forward() returns (batch, classes) logits"
+        )
+    if logits.dim() != 2 or logits.shape[0] != batch or logits.shape[1] < 2:
+        raise ModelOutputError(
+            f"{argument}: expected (batch={batch}, classes>=2) logits, got shape {tuple(logits.shape)}; "
+            "flatten or wrap the model's output"
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise ModelOutputError(
+            f"{argument}: the model returned NaN or inf logits; check its weights and input normalisation"
+        )
+    return logits
+
+
+def input_gradient(model: nn.Module, x: Tensor, labels: Tensor, objective, targeted: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The one gradient primitive: (d objective / d x, logits, per-sample objective) in one pass.
+
+    Gradients are taken w.r.t. the input only (``torch.autograd.grad``), never accumulated into parameters.
+    """
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        check_logits(logits, x.shape[0])
+        values = objective(logits, labels, targeted)
+        (grad,) = torch.autograd.grad(values.sum(), x)
+    return grad, logits.detach(), values.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# Results and the per-sample best-iterate tracker
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Iterate:
+    """What one restart of an attack returns; ``logits``/``objective`` may be unknown (None)."""
+
+    x_adv: Tensor
+    logits: Tensor | None = None
+    objective: Tensor | None = None
+
+
+@dataclass
+class AttackResult:
+    """The outcome of ``Attack.run``.
+
+    ``success`` is per sample: misclassified (untargeted) or classified as the target (targeted).
+    ``loss`` is the attack objective at ``x_adv`` (higher is stronger). ``n_grad`` counts per-sample
+    gradient evaluations and ``n_forward`` per-sample forward-only evaluations, the attack's budget.
+    """
+
+    x_adv: Tensor
+    success: Tensor
+    logits: Tensor
+    loss: Tensor
+    labels: Tensor
+    targets: Tensor | None
+    n_grad: int
+    n_forward: int
+
+    @property
+    def predictions(self) -> Tensor:
+        return self.logits.argmax(dim=1)
+
+    @property
+    def correct(self) -> Tensor:
+        """Per sample: is ``x_adv`` still classified as its true label."""
+        return self.predictions == self.labels
+
+    @property
+    def accuracy(self) -> float:
+        """Accuracy of the model on ``x_adv`` (robust accuracy for an untargeted attack)."""
+        return float(self.correct.float().mean()) if self.labels.numel() else float("nan")
+
+
+class BestIterate:
+    """Keeps, per sample, the best point seen: a success beats a failure, then the higher objective."""
+
+    def __init__(self, x: Tensor):
+        n = x.shape[0]
+        self.x_adv = x.detach().clone()
+        self.objective = torch.full((n,), float("-inf"), device=x.device, dtype=x.dtype)
+        self.success = torch.zeros(n, dtype=torch.bool, device=x.device)
+        self.logits: Tensor | None = None
+
+    def update(self, x_adv: Tensor, logits: Tensor, objective: Tensor, success: Tensor, index: Tensor | None = None) -> None:
+        """Offer candidates for all samples (``index=None``) or for the samples at ``index``."""
+        if self.logits is None:
+            self.logits = torch.zeros(self.x_adv.shape[0], logits.shape[1], device=logits.device, dtype=logits.dtype)
+        if index is None:
+            better = self._better(success, objective, self.success, self.objective)
+            self.x_adv = torch.where(_expand(better, x_adv), x_adv.detach(), self.x_adv)
+            self.logits = torch.where(better[:, None], logits, self.logits)
+            self.objective = torch.where(better, objective, self.objective)
+            self.success = self.success | success
+            return
+        better = self._better(success, objective, self.success[index], self.objective[index])
+        chosen = index[better]
+        self.x_adv[chosen] = x_adv[better].detach()
+        self.logits[chosen] = logits[better]
+        self.objective[chosen] = objective[better]
+        self.success[chosen] = success[better]
+
+    @staticmethod
+    def _better(success: Tensor, objective: Tensor, best_success: Tensor, best_objective: Tensor) -> Tensor:
+        return (success & ~best_success) | ((success == best_success) & (objective > best_objective))
+
+
+def _expand(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# The attack base class
+# ------------------------------------------------------------------------------------------------
+class Attack:
+    """Base class of every attack.
+
+    Args:
+        model: a classifier returning (batch, classes) logits; inputs are in pixel space (see ``Normalized``).
+        threat: the ``ThreatModel`` (norm, eps, bounds) every returned point respects.
+        loss: "ce", "dlr", "margin" (CW) or a callable ``fn(logits, labels) -> (batch,)`` to increase.
+        targeted: aim for target classes (given to ``run(..., target=)`` or chosen by ``target_policy``).
+        target_policy: "random" (a uniformly drawn wrong class) or "least-likely" (lowest clean logit).
+        restarts: independent runs; the per-sample best is kept.
+        early_stop: stop working on samples once they succeed (the returned point then is the first
+            successful one). Turn off to maximise the loss, e.g. for adversarial training.
+        seed: fixes random starts and random targets; None uses torch's global RNG.
+
+    ``attack(x, y)`` returns the adversarial tensor; ``attack.run(x, y)`` returns an ``AttackResult``.
+    """
+
+    name: ClassVar[str] = "attack"
+    uses_random_start: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        threat: ThreatModel,
+        *,
+        loss: LossSpec = "ce",
+        targeted: bool = False,
+        target_policy: str = "random",
+        restarts: int = 1,
+        early_stop: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(threat, ThreatModel):
+            raise InputError(
+                f"threat: expected a ThreatModel such as Linf(eps=0.1) or L2(eps=1.0), got {type(threat).__name__}"
+            )
+        if target_policy not in TARGET_POLICIES:
+            raise ConfigError(f"target_policy: expected one of {TARGET_POLICIES}, got {target_policy!r}")
+        self.model = model
+        self.threat = threat
+        self.loss = loss
+        self.objective = resolve_objective(loss)
+        self.targeted = bool(targeted)
+        self.target_policy = target_policy
+        self.restarts = positive_int(restarts, "restarts")
+        self.early_stop = bool(early_stop)
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        self._n_grad = 0
+        self._n_forward = 0
+
+    # -- public API ---------------------------------------------------------------------------------
+    def __call__(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
+        """Adversarial examples for ``x`` with labels ``y``: a tensor of ``x``'s shape."""
+        return self.run(x, y, target).x_adv
+
+    def run(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> AttackResult:
+        """Attack a batch and return an ``AttackResult`` (best point per sample over restarts)."""
+        x, y = self.validate_inputs(x, y)
+        self._n_grad = self._n_forward = 0
+        self.generator = self._make_generator(x.device)
+        with model_guard(self.model):
+            if x.shape[0] == 0:
+                return self._empty_result(x, y)
+            num_classes = self._probe_num_classes(x)
+            check_labels(y, num_classes, "y")
+            labels = self._attack_labels(x, y, target, num_classes)
+            best = BestIterate(x)
+            for _ in range(self.restarts):
+                index = None
+                if self.early_stop and best.logits is not None:
+                    index = (~best.success).nonzero().squeeze(1)
+                    if index.numel() == 0:
+                        break
+                xs, ls = (x, labels) if index is None else (x[index], labels[index])
+                found = self._perturb(xs, ls)
+                logits, objective = found.logits, found.objective
+                if logits is None or objective is None:
+                    logits, objective = self._evaluate(found.x_adv, ls)
+                best.update(found.x_adv, logits, objective, self._succeeded(logits, ls), index)
+        return AttackResult(
+            x_adv=best.x_adv,
+            success=best.success,
+            logits=best.logits,
+            loss=best.objective,
+            labels=y,
+            targets=labels if self.targeted else None,
+            n_grad=self._n_grad,
+            n_forward=self._n_forward,
+        )
+
+    # -- what subclasses implement ------------------------------------------------------------------
+    def _perturb(self, x: Tensor, labels: Tensor) -> Iterate:
+        """One restart on one batch. ``labels`` are true labels (untargeted) or targets (targeted)."""
+        raise NotImplementedError
+
+    # -- helpers for subclasses ---------------------------------------------------------------------
+    def _gradient(self, x_adv: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(gradient of the objective w.r.t. ``x_adv``, logits, objective); counts the budget."""
+        self._n_grad += x_adv.shape[0]
+        return input_gradient(self.model, x_adv, labels, self.objective, self.targeted)
+
+    @torch.no_grad()
+    def _evaluate(self, x_adv: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, objective) at ``x_adv`` without gradients; counts the budget."""
+        self._n_forward += x_adv.shape[0]
+        logits = check_logits(self.model(x_adv), x_adv.shape[0])
+        return logits, self.objective(logits, labels, self.targeted)
+
+    def _succeeded(self, logits: Tensor, labels: Tensor) -> Tensor:
+        predictions = logits.argmax(dim=1)
+        return predictions == labels if self.targeted else predictions != labels
+
+    def _random_start(self, x: Tensor) -> Tensor:
+        return self.threat.random_start(x, self.generator)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _make_generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(self.seed))
+        return generator
+
+    @torch.no_grad()
+    def _probe_num_classes(self, x: Tensor) -> int:
+        """One-sample forward: checks the model's output contract before any real work."""
+        return check_logits(self.model(x[:1]), 1).shape[1]
+
+    def _attack_labels(self, x: Tensor, y: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
+        if not self.targeted:
+            if target is not None:
+                raise InputError("target: given to an untargeted attack; construct the attack with targeted=True")
+            return y
+        if target is not None:
+            target = as_labels(target, x.shape[0], "target")
+            check_labels(target, num_classes, "target")
+            return target
+        if self.target_policy == "least-likely":
+            logits, _ = self._evaluate(x, y)
+            return logits.argmin(dim=1)
+        offset = torch.randint(1, num_classes, y.shape, generator=self.generator, device=y.device)
+        return (y + offset) % num_classes
+
+    def validate_inputs(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Check ``x`` and ``y`` against the contract; returns them detached (``y`` as int64)."""
+        x = check_inputs(x, self.threat)
+        y = as_labels(y, x.shape[0], "y")
+        parameter = next(self.model.parameters(), None)
+        if parameter is not None and parameter.device != x.device:
+            raise InputError(
+                f"x: is on {x.device} but the model is on {parameter.device}; move one, e.g. x.to({str(parameter.device)!r})"
+            )
+        return x, y
+
+    def _empty_result(self, x: Tensor, y: Tensor) -> AttackResult:
+        empty = torch.zeros(0, dtype=torch.bool, device=x.device)
+        return AttackResult(x.clone(), empty, torch.zeros(0, 0, device=x.device), torch.zeros(0, device=x.device),
+                            y, None, 0, 0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(threat={self.threat!r}, loss={self.loss!r}, targeted={self.targeted}, restarts={self.restarts})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks shared with evaluation and training
+# ------------------------------------------------------------------------------------------------
+def check_inputs(x: Any, threat: ThreatModel, argument: str = "x") -> Tensor:
+    """A finite floating (batch, ...) tensor inside the threat model's bounds."""
+    if not isinstance(x, Tensor):
+        raise InputError(f"{argument}: expected a torch.Tensor, got {type(x).__name__}; use torch.as_tensor(...)")
+    if not x.is_floating_point():
+        raise InputError(
+            f"{argument}: expected a floating-point tensor, got {x.dtype}; convert with {argument}.float() "
+            "(and scale to the bounds, e.g. / 255)"
+        )
+    if x.dim() < 2:
+        raise ShapeError(f"{argument}: expected shape (batch, ...) with at least 2 dims, got {tuple(x.shape)}; "
+                         f"add a batch dimension with {argument}.unsqueeze(0)")
+    if not bool(torch.isfinite(x).all()):
+        raise BoundsError(f"{argument}: contains NaN or inf; clean the data before attacking")
+    lo, hi = threat.bounds
+    if x.numel() and (float(x.min()) < lo - BOUNDS_TOLERANCE or float(x.max()) > hi + BOUNDS_TOLERANCE):
+        raise BoundsError(
+            f"{argument}: values span [{float(x.min()):.4g}, {float(x.max()):.4g}] but the threat model's bounds are "
+            f"{threat.bounds}; scale the data into the bounds (normalisation belongs inside the model: Normalized)"
+        )
+    return x.detach().clamp(lo, hi)
+
+
+def as_labels(y: Any, batch: int, argument: str = "y") -> Tensor:
+    """A (batch,) int64 label tensor."""
+    if not isinstance(y, Tensor):
+        raise InputError(f"{argument}: expected a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InputError(f"{argument}: expected integer class indices, got {y.dtype}; convert with {argument}.long()")
+    if y.dim() != 1 or y.shape[0] != batch:
+        raise ShapeError(
+            f"{argument}: expected shape ({batch},) — one label per input — got {tuple(y.shape)}"
+        )
+    return y.detach().long()
+
+
+def check_labels(y: Tensor, num_classes: int, argument: str = "y") -> None:
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise InputError(
+            f"{argument}: labels must lie in [0, {num_classes - 1}] for a model with {num_classes} classes, "
+            f"got values in [{int(y.min())}, {int(y.max())}]"
+        )
+
+
+def positive_int(value: Any, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{argument}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def positive_float(value: Any, argument: str, allow_zero: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{argument}: expected a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{argument}: expected a finite number {bound}, got {value!r}")
+    return number

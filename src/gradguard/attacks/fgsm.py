@@ -21,7 +21,7 @@ class FGSM(Attack):
                  step_size: float | None = None, **kwargs) -> None:
         super().__init__(model, threat, **kwargs)
         self.random_start = bool(random_start)
-        self.step_size = threat.eps if step_size is None else positive_float(step_size, "step_size")
+        self.step_size = threat.eps if step_size is None else positive_float(step_size, "step_size", allow_zero=True)
 
     def _perturb(self, x: Tensor, labels: Tensor) -> Iterate:
         start = self._random_start(x) if self.random_start else x

@@ -28,7 +28,7 @@ class PGD(Attack):
                  init: str = "random", **kwargs) -> None:
         super().__init__(model, threat, **kwargs)
         self.steps = positive_int(steps, "steps")
-        self.step_size = 2.5 * threat.eps / self.steps if step_size is None else positive_float(step_size, "step_size")
+        self.step_size = 2.5 * threat.eps / self.steps if step_size is None else positive_float(step_size, "step_size", allow_zero=True)
         if init not in INITS:
             raise ConfigError(f"init: expected one of {INITS}, got {init!r}")
         self.init = init

@@ -125,7 +125,11 @@ class AttackResult:
 
 
 class BestIterate:
-    """Keeps, per sample, the best point seen: a success beats a failure, then the higher objective."""
+    """Keeps, per sample, the best point seen: a success beats a failure, then the higher objective.
+
+    It may keep references to the tensors offered to ``update`` instead of copies: do not modify those
+    in place afterwards (the attack loops build a new iterate every step).
+    """
 
     def __init__(self, x: Tensor):
         n = x.shape[0]
@@ -140,8 +144,11 @@ class BestIterate:
             self.logits = torch.zeros(self.x_adv.shape[0], logits.shape[1], device=logits.device, dtype=logits.dtype)
         if index is None:
             better = self._better(success, objective, self.success, self.objective)
-            self.x_adv = torch.where(_expand(better, x_adv), x_adv.detach(), self.x_adv)
-            self.logits = torch.where(better[:, None], logits, self.logits)
+            if bool(better.all()):  # common while the loss still climbs: no copy needed
+                self.x_adv, self.logits = x_adv.detach(), logits
+            else:
+                self.x_adv = torch.where(_expand(better, x_adv), x_adv.detach(), self.x_adv)
+                self.logits = torch.where(better[:, None], logits, self.logits)
             self.objective = torch.where(better, objective, self.objective)
             self.success = self.success | success
             return
@@ -219,11 +226,18 @@ class Attack:
 
     # -- public API ---------------------------------------------------------------------------------
     def __call__(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
-        """Adversarial examples for ``x`` with labels ``y``: a tensor of ``x``'s shape."""
-        return self.run(x, y, target).x_adv
+        """Adversarial examples for ``x`` with labels ``y``: a tensor of ``x``'s shape.
+
+        Computes only what the tensor needs: a single-restart attack skips the final scoring forward pass
+        that ``run`` spends on the result's logits and success mask.
+        """
+        return self._run(x, y, target, scored=False).x_adv
 
     def run(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> AttackResult:
         """Attack a batch and return an ``AttackResult`` (best point per sample over restarts)."""
+        return self._run(x, y, target, scored=True)
+
+    def _run(self, x: Tensor, y: Tensor, target: Tensor | None, scored: bool) -> AttackResult:
         x, y = self.validate_inputs(x, y)
         self._n_grad = self._n_forward = 0
         self.generator = self._make_generator(x.device)
@@ -233,6 +247,8 @@ class Attack:
             num_classes = self._probe_num_classes(x)
             check_labels(y, num_classes, "y")
             labels = self._attack_labels(x, y, target, num_classes)
+            if not scored and self.restarts == 1:
+                return AttackResult(self._perturb(x, labels).x_adv, *self._unscored(x, y, labels))
             best = BestIterate(x)
             for _ in range(self.restarts):
                 index = None
@@ -320,6 +336,11 @@ class Attack:
                 f"x: is on {x.device} but the model is on {parameter.device}; move one, e.g. x.to({str(parameter.device)!r})"
             )
         return x, y
+
+    def _unscored(self, x: Tensor, y: Tensor, labels: Tensor) -> tuple:
+        """Placeholder fields for the tensor-only path of ``__call__`` (never shown to users)."""
+        nothing = torch.empty(0, device=x.device)
+        return (nothing, nothing, nothing, y, labels if self.targeted else None, self._n_grad, self._n_forward)
 
     def _empty_result(self, x: Tensor, y: Tensor) -> AttackResult:
         empty = torch.zeros(0, dtype=torch.bool, device=x.device)

@@ -1,0 +1,101 @@
+"""Shared benchmark helpers: real Fashion-MNIST, the literature's small CNN, short training runs, timing.
+
+Fashion-MNIST comes from Debian's package: `apt-get install -y dataset-fashion-mnist`.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import statistics
+import struct
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+FMNIST_DIRS = [os.environ.get("GRADGUARD_DATA", ""), "/usr/share/datasets/fashion-mnist"]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    dims = data[3]
+    shape = struct.unpack(">" + "I" * dims, data[4:4 + 4 * dims])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def load_fashion_mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): images (N, 1, 28, 28) in [0, 1], labels int64."""
+    try:  # the library's own loader, when present
+        from gradguard.data import load_dataset
+
+        data = load_dataset("fashion-mnist")
+        return data.x_train, data.y_train, data.x_test, data.y_test
+    except Exception:  # noqa: BLE001 - fall back to reading the IDX files directly
+        pass
+    for folder in filter(None, FMNIST_DIRS):
+        root = Path(folder)
+        if (root / "train-images-idx3-ubyte.gz").exists():
+            def images(name):
+                return torch.from_numpy(_read_idx(root / name).copy()).float().div_(255).unsqueeze(1)
+
+            def labels(name):
+                return torch.from_numpy(_read_idx(root / name).astype(np.int64))
+
+            return (images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
+                    images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
+    raise SystemExit("Fashion-MNIST not found: run `apt-get install -y dataset-fashion-mnist` or set GRADGUARD_DATA")
+
+
+def fmnist_cnn() -> nn.Module:
+    """Conv16-4x4/s2 -> Conv32-4x4/s2 -> FC100 -> FC10 (Wong & Kolter 2018's small Fashion-MNIST CNN)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, 10),
+    )
+
+
+def train_quick(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, eps: float = 0.0,
+                lr: float = 1e-3, batch_size: int = 128, seed: int = 0) -> nn.Module:
+    """A short Adam run; with eps > 0 it is fast FGSM adversarial training (random start, step 1.25·eps)."""
+    torch.manual_seed(seed)
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y))
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[order[start:start + batch_size]], y[order[start:start + batch_size]]
+            if eps > 0:
+                delta = (torch.rand_like(xb) * 2 - 1) * eps
+                delta.requires_grad_(True)
+                loss = nn.functional.cross_entropy(model((xb + delta).clamp(0, 1)), yb)
+                (grad,) = torch.autograd.grad(loss, delta)
+                delta = (delta.detach() + 1.25 * eps * grad.sign()).clamp(-eps, eps)
+                xb = (xb + delta).clamp(0, 1)
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            optimiser.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Run every variant once per round, ``repeats`` rounds, and return each one's median seconds.
+
+    Interleaving spreads the machine's noise (other processes, frequency changes) over all variants.
+    """
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -278,3 +278,35 @@ def test_attack_is_reproducible_with_a_seed(digits, digits_mlp):
 def test_empty_batch_returns_empty_result(digits_mlp):
     result = PGD(digits_mlp, Linf(eps=0.1)).run(torch.rand(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
     assert result.x_adv.shape == (0, 1, 8, 8) and result.n_grad == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Objectives
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("targeted", [False, True])
+def test_margin_is_positive_exactly_when_the_attack_succeeded(targeted):
+    from gradguard.attacks.losses import margin
+
+    logits = torch.randn(200, 10, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(1))
+    predicted = logits.argmax(1)
+    succeeded = predicted == labels if targeted else predicted != labels
+    assert torch.equal(margin(logits, labels, targeted) > 0, succeeded)
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_dlr_is_invariant_to_shifting_and_scaling_logits(targeted):
+    from gradguard.attacks.losses import dlr
+
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.randint(0, 10, (50,), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(dlr(logits, labels, targeted), dlr(7.5 * logits + 3.0, labels, targeted))
+
+
+def test_targeted_cross_entropy_is_minus_the_ce_of_the_target():
+    from gradguard.attacks.losses import cross_entropy
+
+    logits = torch.randn(5, 4)
+    target = torch.tensor([0, 1, 2, 3, 0])
+    expected = -nn.functional.cross_entropy(logits, target, reduction="none")
+    assert torch.allclose(cross_entropy(logits, target, True), expected)

@@ -1,0 +1,671 @@
+"""The training loop: one loop for every method, with the gradient controls, checkpoints, resume and DDP.
+
+Per step it minimises exactly J = a·L + r·‖θ‖² (a = ``loss_weight``, L = the method's batch loss,
+r = ``l2``, θ = the parameters not excluded by ``l2_exclude``), logs the pre-clip global gradient norm, then
+clips element-wise (``clip_grad_value``) and by global norm (``clip_grad_norm``, Pascanu et al. 2013) before
+the optimiser step. Weight decay is never hidden inside the optimiser, so the objective is what it says.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..attacks import FGSM, PGD
+from ..attacks.base import as_labels, check_inputs, model_guard, positive_float, positive_int
+from ..errors import CheckpointError, ConfigError, InputError
+from ..io import atomic_write_json, atomic_write_text
+from ..models import model_spec, save as save_model, state_tensors, unwrap
+from ..threat import Linf, ThreatModel
+from . import distributed
+from .checkpoint import (capture_rng, flatten_optimizer, latest_checkpoint, restore_rng, save_checkpoint,
+                         unflatten_optimizer)
+from .methods import TrainingMethod, get_method
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cyclic", "piecewise")
+VAL_ATTACKS = ("pgd", "fgsm", None)
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
+               nn.InstanceNorm2d, nn.InstanceNorm3d, nn.SyncBatchNorm)
+# Settings that must match for ``resume=True`` to continue the same run.
+RESUME_KEYS = ("model", "method", "threat", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule",
+               "eps_warmup_epochs", "clip_grad_value", "clip_grad_norm", "loss_weight", "l2", "l2_exclude", "seed")
+
+
+@dataclass
+class GuardSettings:
+    """Catastrophic-overfitting detector (Wong et al. 2020, Sec. 5): after every epoch, PGD and FGSM accuracy
+    on a fixed training batch. A collapse is PGD accuracy below ``ratio`` × the last good epoch's (when that
+    was at least ``min_reference``), or PGD accuracy < ``floor`` while FGSM accuracy > ``fgsm_high``."""
+
+    samples: int = 256
+    pgd_steps: int = 10
+    ratio: float = 0.3
+    min_reference: float = 0.1
+    floor: float = 0.05
+    fgsm_high: float = 0.5
+
+
+class Trainer:
+    """Train ``model`` with a method ("standard", "fgsm", "fgsm-rs", "pgd", "trades" or a ``TrainingMethod``).
+
+    Args (all keyword except model/method):
+        threat: the ThreatModel to train against (needed by every method but "standard").
+        epochs, batch_size: the global batch size; under torchrun each process takes an equal slice.
+        optimizer: "sgd" (with ``momentum``) or "adam"; ``lr`` defaults to 0.1 (sgd) / 1e-3 (adam) and is the
+            peak for ``schedule="cyclic"`` (one-cycle triangle 0 → lr at 40 % → 0, as in fast AT) and the start for
+            "piecewise" (×0.1 at 50 % and 75 % of the epochs).
+        eps_warmup_epochs: eps ramps linearly from 0 to threat.eps over this many epochs.
+        clip_grad_value / clip_grad_norm: element-wise and global-norm gradient clipping.
+        loss_weight, l2, l2_exclude: the objective J = loss_weight·L + l2·‖θ‖², excluding parameters named
+            "bias" and those of normalisation layers ("norm") by default.
+        run_dir: where config.json, metrics.jsonl, steps.jsonl, model.safetensors/json and checkpoint/ go.
+        seed: fixes data order, attack random starts and initial RNG states.
+        resume: continue the run in ``run_dir`` from its newest valid checkpoint.
+        monitor: anything with ``.step()`` (e.g. GradientMonitor), called after every optimiser step.
+        val_attack: "pgd" (PGD-10) or "fgsm" for the per-epoch validation robust accuracy, or None.
+        val_max_samples: validation subset size per epoch (the first N samples).
+        final_suite: e.g. "standard": evaluate the final model with gradguard.evaluation.evaluate.
+        co_guard: catastrophic-overfitting guard; "auto" enables it for "fgsm-rs" only.
+        method_kwargs: options for a method given by name (e.g. {"beta": 6.0} for TRADES).
+        metadata: extra fields for model.json (e.g. {"dataset": "fashion-mnist"}).
+        on_epoch_end: callback(metrics_dict) after each epoch's checkpoint is written.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str | TrainingMethod = "standard",
+        *,
+        threat: ThreatModel | None = None,
+        epochs: int = 10,
+        batch_size: int = 128,
+        optimizer: str = "sgd",
+        lr: float | None = None,
+        momentum: float = 0.9,
+        schedule: str = "constant",
+        eps_warmup_epochs: float = 0,
+        clip_grad_value: float | None = None,
+        clip_grad_norm: float | None = None,
+        loss_weight: float = 1.0,
+        l2: float = 0.0,
+        l2_exclude: Sequence[str] = ("bias", "norm"),
+        run_dir: str | Path | None = None,
+        seed: int = 0,
+        resume: bool = False,
+        progress: bool = True,
+        monitor: Any = None,
+        val_attack: str | None = "pgd",
+        val_max_samples: int = 1000,
+        final_suite: str | list | None = None,
+        co_guard: bool | str = "auto",
+        guard: GuardSettings | None = None,
+        method_kwargs: dict | None = None,
+        metadata: dict | None = None,
+        on_epoch_end: Callable[[dict], None] | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if threat is not None and not isinstance(threat, ThreatModel):
+            raise ConfigError(f"threat: expected a ThreatModel such as Linf(eps=0.1), got {type(threat).__name__}")
+        self.model = model
+        self.threat = threat
+        self.method = get_method(method, threat, **(method_kwargs or {}))
+        if self.method.threat is None:
+            self.method.threat = threat
+        self.epochs = positive_int(epochs, "epochs")
+        self.batch_size = positive_int(batch_size, "batch_size")
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+        self.optimizer_name = optimizer
+        self.lr = DEFAULT_LR[optimizer] if lr is None else positive_float(lr, "lr")
+        self.momentum = positive_float(momentum, "momentum", allow_zero=True)
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+        self.schedule = schedule
+        self.eps_warmup_epochs = positive_float(eps_warmup_epochs, "eps_warmup_epochs", allow_zero=True)
+        self.clip_grad_value = None if clip_grad_value is None else positive_float(clip_grad_value, "clip_grad_value")
+        self.clip_grad_norm = None if clip_grad_norm is None else positive_float(clip_grad_norm, "clip_grad_norm")
+        self.loss_weight = positive_float(loss_weight, "loss_weight")
+        self.l2 = positive_float(l2, "l2", allow_zero=True)
+        self.l2_exclude = tuple(l2_exclude)
+        unknown = set(self.l2_exclude) - {"bias", "norm"}
+        if unknown:
+            raise ConfigError(f"l2_exclude: expected a subset of ('bias', 'norm'), got {tuple(l2_exclude)!r}")
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if resume and self.run_dir is None:
+            raise ConfigError("resume: needs run_dir, the directory of the run to continue")
+        self.seed = int(seed)
+        self.resume = bool(resume)
+        self.progress = bool(progress)
+        self.monitor = monitor
+        if monitor is not None and not callable(getattr(monitor, "step", None)):
+            raise ConfigError("monitor: expected an object with a step() method, e.g. GradientMonitor(model)")
+        if val_attack not in VAL_ATTACKS:
+            raise ConfigError(f"val_attack: expected one of {VAL_ATTACKS}, got {val_attack!r}")
+        if val_attack is not None and threat is None:
+            val_attack = None
+        self.val_attack = val_attack
+        self.val_max_samples = positive_int(val_max_samples, "val_max_samples")
+        self.final_suite = final_suite
+        if co_guard not in ("auto", True, False):
+            raise ConfigError(f"co_guard: expected 'auto', True or False, got {co_guard!r}")
+        self.co_guard = (self.method.name == "fgsm-rs") if co_guard == "auto" else bool(co_guard)
+        if self.co_guard and threat is None:
+            raise ConfigError("co_guard: needs a threat model to measure PGD accuracy against")
+        self.guard = guard or GuardSettings()
+        self.metadata = dict(metadata or {})
+        self.on_epoch_end = on_epoch_end
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.history: list[dict] = []
+        self.events: list[dict] = []
+        self.lr_scale = 1.0
+        self.global_step = 0
+
+    # ------------------------------------------------------------------------------------------------
+    # Public API
+    # ------------------------------------------------------------------------------------------------
+    def fit(self, train, val=None) -> list[dict]:
+        """Train for ``epochs``; ``train``/``val``: an (x, y) tuple of tensors, a DataLoader, or a gradguard
+        ``Dataset`` (its test split then validates). Returns the per-epoch metric dicts."""
+        if hasattr(train, "x_train") and hasattr(train, "y_train"):
+            if val is None:
+                val = (train.x_test, train.y_test)
+            self.metadata.setdefault("dataset", getattr(train, "name", None))
+            train = (train.x_train, train.y_train)
+        self.rank, self.world_size = distributed.setup(self.device)
+        self.is_main = self.rank == 0
+        self.model.to(self.device)
+        self._seed_everything(self.seed + self.rank)
+        self.train_data = self._as_data(train, "train")
+        self.val_data = self._as_data(val, "val") if val is not None else None
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.optimizer = self._build_optimizer()
+        self.config = self._resolved_config()
+        start_epoch = self._prepare_run_dir()
+        self.train_model = self.model
+        if distributed.is_distributed():
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.guard_batch = self._guard_batch() if self.co_guard else None
+        last_good = self._snapshot()
+        epoch = start_epoch
+        while epoch < self.epochs:
+            started = time.perf_counter()
+            self.global_step = epoch * self.steps_per_epoch
+            train_stats, step_log = self._train_epoch(epoch)
+            metrics = {"epoch": epoch + 1, **train_stats}
+            if self.co_guard:
+                probe = self._probe_overfitting()
+                metrics["guard"] = probe
+                if probe["collapsed"]:
+                    action = self._handle_collapse(epoch, probe, last_good)
+                    if action is not None:
+                        continue  # rolled back: run the same epoch again with the safer setting
+            metrics.update(self._validate())
+            metrics["time_s"] = round(time.perf_counter() - started, 3)
+            self.history.append(metrics)
+            epoch += 1
+            self._end_of_epoch(epoch, metrics, step_log)
+            last_good = self._snapshot()
+        final = self._final_evaluation()
+        if final is not None and self.history:
+            self.history[-1]["final"] = final
+            self._write_metrics()
+        distributed.barrier()
+        return self.history
+
+    # ------------------------------------------------------------------------------------------------
+    # One epoch
+    # ------------------------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> tuple[dict, list[dict]]:
+        self.train_model.train()
+        totals = torch.zeros(8, dtype=torch.float64)  # loss·n, objective·n, n, clean ok, clean n, adv ok, adv n, steps
+        grad_norms: list[float] = []
+        step_log: list[dict] = []
+        batches = self._train_batches(epoch)
+        bar = None
+        if self.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False)
+        for x, y, share in batches:
+            lr, threat = self._lr_at(self.global_step), self._threat_at(self.global_step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            output = self.method.compute(self.train_model, self.model, x, y, threat)
+            objective = self.loss_weight * output.loss + (self.l2 * self.l2_penalty() if self.l2 > 0 else 0.0)
+            (objective * share).backward()
+            grad_norm = self._clip_gradients()
+            self.optimizer.step()
+            if self.monitor is not None:
+                self.monitor.step()
+            n = y.shape[0]
+            clean_logits = output.logits_clean if output.logits_clean is not None else self._clean_logits(x)
+            totals += torch.tensor([float(output.loss.detach()) * n, float(objective.detach()) * n, n,
+                                    float((clean_logits.argmax(1) == y).sum()), n,
+                                    float((output.logits_adv.argmax(1) == y).sum()) if output.logits_adv is not None else 0.0,
+                                    n if output.logits_adv is not None else 0, 1], dtype=torch.float64)
+            grad_norms.append(grad_norm)
+            step_log.append({"step": self.global_step, "epoch": epoch + 1, "loss": float(output.loss.detach()),
+                             "objective": float(objective.detach()), "grad_norm": grad_norm, "lr": lr,
+                             "eps": threat.eps if threat is not None else None, **output.stats})
+            self.global_step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", clean=f"{totals[3] / totals[4]:.3f}",
+                                robust=f"{totals[5] / max(totals[6], 1):.3f}" if totals[6] else "-")
+        if bar is not None:
+            bar.close()
+        totals = distributed.all_reduce_sum(totals)
+        norms = torch.tensor(grad_norms, dtype=torch.float64)
+        stats = {
+            "lr": step_log[-1]["lr"] if step_log else None,
+            "eps": step_log[-1]["eps"] if step_log else None,
+            "train_loss": float(totals[0] / totals[2]),
+            "train_objective": float(totals[1] / totals[2]),
+            "train_clean_acc": float(totals[3] / totals[4]),
+            "train_robust_acc": float(totals[5] / totals[6]) if totals[6] else None,
+            "grad_norm_mean": float(norms.mean()) if len(norms) else None,
+            "grad_norm_max": float(norms.max()) if len(norms) else None,
+        }
+        return stats, step_log
+
+    def l2_penalty(self) -> Tensor:
+        """‖θ‖² over the regularised parameters (see ``l2_exclude``)."""
+        return sum((p * p).sum() for p in self.regularised_parameters())
+
+    def regularised_parameters(self) -> list[nn.Parameter]:
+        excluded: set[int] = set()
+        for module in unwrap(self.model).modules():
+            if "norm" in self.l2_exclude and isinstance(module, NORM_LAYERS):
+                excluded.update(id(p) for p in module.parameters(recurse=False))
+        params = []
+        for name, p in unwrap(self.model).named_parameters():
+            if id(p) in excluded or ("bias" in self.l2_exclude and name.split(".")[-1] == "bias"):
+                continue
+            params.append(p)
+        return params
+
+    def _clip_gradients(self) -> float:
+        """Return the pre-clip global gradient L2 norm, then clip by value and by global norm."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        if self.clip_grad_value is not None:
+            for g in grads:
+                g.clamp_(-self.clip_grad_value, self.clip_grad_value)
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                           self.clip_grad_norm)
+        return norm
+
+    @torch.no_grad()
+    def _clean_logits(self, x: Tensor) -> Tensor:
+        """Clean logits for the accuracy display when a method trains on adversarial points only (eval mode,
+        so BatchNorm statistics stay untouched)."""
+        with model_guard(self.model):
+            return self.model(x)
+
+    # ------------------------------------------------------------------------------------------------
+    # Schedules
+    # ------------------------------------------------------------------------------------------------
+    def _lr_at(self, step: int) -> float:
+        if self.schedule == "constant":
+            factor = 1.0
+        elif self.schedule == "cyclic":
+            t = (step + 1) / self.total_steps
+            factor = t / 0.4 if t <= 0.4 else max(0.0, (1 - t) / 0.6)
+        else:
+            epoch = step / self.steps_per_epoch
+            factor = 1.0 if epoch < 0.5 * self.epochs else 0.1 if epoch < 0.75 * self.epochs else 0.01
+        return self.lr * factor * self.lr_scale
+
+    def _threat_at(self, step: int) -> ThreatModel | None:
+        if self.threat is None or self.eps_warmup_epochs == 0:
+            return self.threat
+        fraction = min(1.0, (step + 1) / (self.eps_warmup_epochs * self.steps_per_epoch))
+        return self.threat.with_eps(self.threat.eps * fraction)
+
+    # ------------------------------------------------------------------------------------------------
+    # Data
+    # ------------------------------------------------------------------------------------------------
+    def _as_data(self, data, argument: str):
+        if isinstance(data, torch.utils.data.DataLoader):
+            return data
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            raise InputError(f"{argument}: expected an (x, y) tuple of tensors, a DataLoader or a gradguard Dataset, "
+                             f"got {type(data).__name__}")
+        x, y = data
+        # Without a threat model any finite range is fine; with one, data must lie in its bounds (attacks check).
+        x = check_inputs(x, self.threat if self.threat is not None else Linf(0.0, bounds=(-1e30, 1e30)), f"{argument}[0]")
+        y = as_labels(y, x.shape[0], f"{argument}[1]")
+        if x.shape[0] == 0:
+            raise InputError(f"{argument}: is empty; pass at least one sample")
+        return x, y
+
+    def _steps_per_epoch(self) -> int:
+        if isinstance(self.train_data, torch.utils.data.DataLoader):
+            return len(self._distributed_loader(0)) if distributed.is_distributed() else len(self.train_data)
+        return math.ceil(self.train_data[1].shape[0] / self.batch_size)
+
+    def _train_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """(x, y, share) per step; ``share`` rescales this process's mean loss so that DDP's gradient average
+        equals the gradient of the mean loss over the whole global batch (exact also for ragged last batches)."""
+        if isinstance(self.train_data, torch.utils.data.DataLoader):
+            loader = self._distributed_loader(epoch) if distributed.is_distributed() else self.train_data
+            for x, y in loader:
+                yield x.to(self.device), y.to(self.device), 1.0
+            return
+        x_all, y_all = self.train_data
+        order = torch.randperm(y_all.shape[0], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if self.world_size > 1:
+                if len(batch) < self.world_size:  # pad like DistributedSampler so every process gets a sample
+                    batch = torch.cat([batch, order[: self.world_size - len(batch)]])
+                global_size = len(batch)
+                batch = batch[self.rank::self.world_size]
+                share = len(batch) * self.world_size / global_size
+            else:
+                share = 1.0
+            yield x_all[batch].to(self.device), y_all[batch].to(self.device), share
+
+    def _distributed_loader(self, epoch: int):
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        loader = self.train_data
+        sampler = DistributedSampler(loader.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                     seed=self.seed)
+        sampler.set_epoch(epoch)
+        per_process = max(1, (loader.batch_size or self.batch_size) // self.world_size)
+        return DataLoader(loader.dataset, batch_size=per_process, sampler=sampler, num_workers=loader.num_workers,
+                          collate_fn=loader.collate_fn)
+
+    def _first_samples(self, data, limit: int) -> tuple[Tensor, Tensor]:
+        if isinstance(data, torch.utils.data.DataLoader):
+            xs, ys, count = [], [], 0
+            for x, y in data:
+                xs.append(x), ys.append(y)
+                count += y.shape[0]
+                if count >= limit:
+                    break
+            return torch.cat(xs)[:limit].to(self.device), torch.cat(ys)[:limit].to(self.device)
+        return data[0][:limit].to(self.device), data[1][:limit].to(self.device)
+
+    # ------------------------------------------------------------------------------------------------
+    # Validation and the final evaluation
+    # ------------------------------------------------------------------------------------------------
+    def _validate(self) -> dict:
+        if self.val_data is None:
+            return {}
+        x, y = self._first_samples(self.val_data, self.val_max_samples)
+        x, y = x[self.rank::self.world_size], y[self.rank::self.world_size]
+        counts = torch.zeros(3, dtype=torch.float64)
+        attack = self._val_attack_instance()
+        for start in range(0, y.shape[0], 500):
+            xb, yb = x[start:start + 500], y[start:start + 500]
+            counts[0] += float((self._clean_logits(xb).argmax(1) == yb).sum())
+            if attack is not None:
+                counts[1] += float(attack.run(xb, yb).correct.sum())
+            counts[2] += yb.shape[0]
+        counts = distributed.all_reduce_sum(counts)
+        result = {"val_clean_acc": float(counts[0] / counts[2])}
+        if attack is not None:
+            result["val_robust_acc"] = float(counts[1] / counts[2])
+            result["val_attack"] = "pgd-10" if self.val_attack == "pgd" else "fgsm"
+        return result
+
+    def _val_attack_instance(self):
+        if self.val_attack is None or self.threat.eps == 0:
+            return None
+        if self.val_attack == "pgd":
+            return PGD(self.model, self.threat, steps=10, seed=self.seed)
+        return FGSM(self.model, self.threat)
+
+    def _final_evaluation(self) -> dict | None:
+        if self.final_suite is None or self.val_data is None or self.threat is None:
+            return None
+        result = None
+        if self.is_main:
+            x, y = self._first_samples(self.val_data, 10 ** 9)
+            result = final_evaluation(self.model, (x, y), self.threat, self.final_suite, seed=self.seed,
+                                      run_dir=self.run_dir)
+        distributed.barrier()
+        return result
+
+    # ------------------------------------------------------------------------------------------------
+    # Catastrophic-overfitting guard
+    # ------------------------------------------------------------------------------------------------
+    def _guard_batch(self) -> tuple[Tensor, Tensor]:
+        return self._first_samples(self.train_data, self.guard.samples)
+
+    def _probe_overfitting(self) -> dict:
+        """PGD and FGSM accuracy of the current model on the fixed training batch; decide collapse."""
+        pgd_acc, fgsm_acc = self.measure_guard_accuracies(*self.guard_batch)
+        reference = self._guard_reference()
+        settings = self.guard
+        collapsed = ((reference is not None and reference >= settings.min_reference and pgd_acc < settings.ratio * reference)
+                     or (pgd_acc < settings.floor and fgsm_acc > settings.fgsm_high))
+        collapsed = distributed.broadcast_flag(bool(collapsed))
+        return {"pgd_acc": pgd_acc, "fgsm_acc": fgsm_acc, "reference": reference, "collapsed": collapsed}
+
+    def measure_guard_accuracies(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+        """(PGD accuracy, FGSM accuracy) on (x, y) — the guard's probe; override to inject measurements."""
+        pgd = PGD(self.model, self.threat, steps=self.guard.pgd_steps, seed=self.seed)
+        fgsm = FGSM(self.model, self.threat)
+        return pgd.run(x, y).accuracy, fgsm.run(x, y).accuracy
+
+    def _guard_reference(self) -> float | None:
+        for metrics in reversed(self.history):
+            if "guard" in metrics:
+                return metrics["guard"]["pgd_acc"]
+        return None
+
+    def _handle_collapse(self, epoch: int, probe: dict, last_good: dict) -> str | None:
+        action = self.method.make_safer()
+        event = {"event": "catastrophic_overfitting", "epoch": epoch + 1, **probe}
+        if action is None:
+            event["action"] = "none left: keeping the current model"
+            self._log_event(event)
+            return None
+        self._restore_snapshot(last_good)
+        self.lr_scale *= 0.5
+        event["action"] = f"rolled back to the end of epoch {epoch}; {action}; learning rate halved " \
+                          f"(scale {self.lr_scale:g})"
+        event["method"] = self.method.state_dict()
+        self._log_event(event)
+        return event["action"]
+
+    def _log_event(self, event: dict) -> None:
+        self.events.append(event)
+        if self.is_main:
+            warnings.warn(f"gradguard.Trainer: {event['event']} at epoch {event['epoch']} "
+                          f"(PGD acc {event['pgd_acc']:.3f}, FGSM acc {event['fgsm_acc']:.3f}): {event['action']}",
+                          stacklevel=3)
+            if self.run_dir is not None:
+                with open(self.run_dir / "events.jsonl", "a") as handle:
+                    handle.write(json.dumps(event) + "\n")
+
+    def _snapshot(self) -> dict:
+        """In-memory copy of the model and optimiser state (the guard's rollback point)."""
+        if not self.co_guard:
+            return {}
+        return {"model": copy.deepcopy(unwrap(self.model).state_dict()),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def _restore_snapshot(self, snapshot: dict) -> None:
+        unwrap(self.model).load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+
+    # ------------------------------------------------------------------------------------------------
+    # Run directory, checkpoints, resume
+    # ------------------------------------------------------------------------------------------------
+    def _resolved_config(self) -> dict:
+        return {
+            "model": model_spec(self.model), "method": self.method.config(),
+            "threat": self.threat.to_dict() if self.threat is not None else None, "epochs": self.epochs,
+            "batch_size": self.batch_size, "optimizer": self.optimizer_name, "lr": self.lr, "momentum": self.momentum,
+            "schedule": self.schedule, "eps_warmup_epochs": self.eps_warmup_epochs,
+            "clip_grad_value": self.clip_grad_value, "clip_grad_norm": self.clip_grad_norm,
+            "loss_weight": self.loss_weight, "l2": self.l2, "l2_exclude": list(self.l2_exclude), "seed": self.seed,
+            "val_attack": self.val_attack, "val_max_samples": self.val_max_samples,
+            "final_suite": self.final_suite, "co_guard": self.co_guard, "guard": vars(self.guard),
+            "world_size": self.world_size, "device": str(self.device), "steps_per_epoch": self.steps_per_epoch,
+            "n_train": self._n_samples(self.train_data), "metadata": self.metadata,
+            "versions": {"torch": torch.__version__},
+        }
+
+    @staticmethod
+    def _n_samples(data) -> int | None:
+        if isinstance(data, torch.utils.data.DataLoader):
+            try:
+                return len(data.dataset)
+            except TypeError:
+                return None
+        return int(data[1].shape[0])
+
+    def _prepare_run_dir(self) -> int:
+        """Write config.json, or restore from the newest checkpoint when resuming; returns the start epoch."""
+        if self.run_dir is None:
+            return 0
+        checkpoint_dir = self.run_dir / "checkpoint"
+        found = latest_checkpoint(checkpoint_dir) if self.resume else None
+        if not self.resume and any(checkpoint_dir.glob("epoch-*.json")):
+            raise ConfigError(f"run_dir: {str(self.run_dir)!r} already holds a run; pass resume=True to continue it "
+                              "or choose a new directory")
+        if found is None:
+            if self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(self.run_dir / "config.json", self.config)
+            distributed.barrier()
+            return 0
+        tensors, state = found
+        self._check_resume_config()
+        model_state = {key[len("model."):]: value for key, value in tensors.items() if key.startswith("model.")}
+        unwrap(self.model).load_state_dict(model_state)
+        self.optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+        restore_rng(tensors, state["rng"])
+        self.method.load_state_dict(state["method"])
+        self.history, self.events = state["history"], state.get("events", [])
+        self.lr_scale = state["lr_scale"]
+        if self.is_main:
+            self._truncate_steps_log(state["epoch"] * self.steps_per_epoch)
+            self._write_metrics()
+        distributed.barrier()
+        return int(state["epoch"])
+
+    def _check_resume_config(self) -> None:
+        path = self.run_dir / "config.json"
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"run_dir: cannot read {str(path)!r} to resume ({error})") from None
+        current = json.loads(json.dumps(self.config, default=str))
+        different = [key for key in RESUME_KEYS if key != "method" and stored.get(key) != current.get(key)]
+        if stored.get("method", {}).get("name") != current["method"]["name"]:
+            different.append("method")
+        if different:
+            raise ConfigError(f"resume: the run in {str(self.run_dir)!r} used different settings for {different}; "
+                              "resume with the same settings or start a new run_dir")
+
+    def _end_of_epoch(self, epoch: int, metrics: dict, step_log: list[dict]) -> None:
+        if self.is_main and self.run_dir is not None:
+            with open(self.run_dir / "steps.jsonl", "a") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in step_log)
+            self._write_metrics()
+            save_model(self.model, self.run_dir, **self._model_metadata(epoch))
+            self._save_checkpoint(epoch)
+        distributed.barrier()
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(metrics)
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        optimizer_tensors, optimizer_meta = flatten_optimizer(self.optimizer.state_dict())
+        rng_tensors, rng_meta = capture_rng()
+        tensors = {f"model.{key}": value for key, value in state_tensors(self.model).items()}
+        tensors.update(optimizer_tensors)
+        tensors.update(rng_tensors)
+        state = {"epoch": epoch, "optimizer": optimizer_meta, "rng": rng_meta, "method": self.method.state_dict(),
+                 "history": self.history, "events": self.events, "lr_scale": self.lr_scale}
+        save_checkpoint(self.run_dir / "checkpoint", epoch, tensors, state)
+
+    def _model_metadata(self, epoch: int) -> dict:
+        return {"dataset": self.metadata.get("dataset"), "threat": self.config["threat"],
+                "method": self.method.config(), "epoch": epoch, "metrics": self.history[-1] if self.history else None,
+                **{k: v for k, v in self.metadata.items() if k != "dataset"}}
+
+    def _write_metrics(self) -> None:
+        if self.is_main and self.run_dir is not None:
+            atomic_write_text(self.run_dir / "metrics.jsonl",
+                              "".join(json.dumps(record, default=str) + "\n" for record in self.history))
+
+    def _truncate_steps_log(self, steps_done: int) -> None:
+        path = self.run_dir / "steps.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < steps_done:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError):
+                continue  # a line cut short by the crash
+        atomic_write_text(path, "".join(kept))
+
+    # ------------------------------------------------------------------------------------------------
+    # Setup helpers
+    # ------------------------------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+        return torch.optim.Adam(params, lr=self.lr)
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        random.seed(seed)
+
+
+def final_evaluation(model: nn.Module, data: tuple[Tensor, Tensor], threat: ThreatModel, suite, *, seed: int = 0,
+                     run_dir: Path | None = None) -> dict:
+    """Evaluate with ``gradguard.evaluation.evaluate`` (writes robustness.json into ``run_dir``); if the evaluation
+    package is not available, fall back to PGD-50 with 5 restarts and say so in the result."""
+    try:
+        from ..evaluation import evaluate
+    except ImportError:
+        evaluate = None
+    if evaluate is not None:
+        report = evaluate(model, data, threat, suite=suite, seed=seed)
+        if run_dir is not None:
+            report.to_json(run_dir / "robustness.json")
+        return {"suite": suite, "clean_acc": report.clean_accuracy, "robust_acc": report.robust_accuracy,
+                "per_attack": report.per_attack, "n_samples": report.n_samples}
+    x, y = data
+    with model_guard(model), torch.no_grad():
+        clean = float((model(x).argmax(1) == y).float().mean())
+    result = PGD(model, threat, steps=50, restarts=5, seed=seed).run(x, y)
+    return {"suite": "pgd-50x5 (fallback: gradguard.evaluation.evaluate not available)", "clean_acc": clean,
+            "robust_acc": result.accuracy, "n_samples": int(y.shape[0])}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")

@@ -1,0 +1,230 @@
+"""Assemble report.html, report.md, summary.json and plots/*.png from a run directory."""
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from . import plots
+from .html import badge, evidence_text, missing, page, percent, png_tag, table
+from .rundir import ModelRun, RunData, read_run
+from .summary import layer_series, summarize
+
+REPORT_HTML, REPORT_MD, SUMMARY_JSON, PLOTS_DIR = "report.html", "report.md", "summary.json", "plots"
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write report.html, report.md, summary.json and plots/*.png into ``run_dir``; return the HTML path."""
+    run = read_run(run_dir)
+    summary = summarize(run)
+    figures: dict[str, bytes] = {}
+    sections = [
+        ("headline", "Headline: clean vs robust accuracy", _headline(summary)),
+        ("config", "Run configuration", _config(run)),
+        ("robustness", "Robustness per attack and eps", _robustness(run, summary, figures)),
+        ("examples", "Adversarial examples", _examples(run, figures)),
+        ("per-class", "Per-class robustness", _per_class(run, figures)),
+        ("masking", "Gradient-masking checklist", _masking(run)),
+        ("gradients", "Gradient health", _gradients(run, summary, figures)),
+        ("training", "Training curves", _training(run, figures)),
+    ]
+    threat = summary.get("threat") or {}
+    subtitle = " · ".join(escape(str(part)) for part in (
+        f"run: {run.path}", f"dataset: {summary.get('dataset') or 'unknown'}",
+        f"threat: {threat.get('norm', '?')} eps={threat.get('eps', '?')}" if threat else "threat: not recorded",
+        f"generated {summary['generated_at']}"))
+    for name, png in figures.items():
+        atomic_write_bytes(run.path / PLOTS_DIR / f"{name}.png", png)
+    atomic_write_json(run.path / SUMMARY_JSON, summary)
+    atomic_write_text(run.path / REPORT_MD, markdown(summary, sorted(figures)))
+    return atomic_write_text(run.path / REPORT_HTML, page("gradguard report", subtitle, sections))
+
+
+# ------------------------------------------------------------------------------------------------
+# sections
+# ------------------------------------------------------------------------------------------------
+def headline_columns(summary: dict) -> list[str]:
+    return list(dict.fromkeys(a for m in summary["models"] for a in m["attacks"]))
+
+
+def _headline(summary: dict) -> str:
+    if not summary["models"]:
+        return missing("No model in this run directory (gradient experiments only).")
+    attacks = headline_columns(summary)
+    headers = ["model", "method", "clean"] + [escape(a.upper()) for a in attacks] + ["worst case", "masking"]
+    rows = []
+    for m in summary["models"]:
+        worst = percent(m["robust_accuracy"])
+        if m["robust_accuracy_source"] == "suite":
+            worst += f" <small>({escape(', '.join(m.get('suite_names') or []) or 'suite')})</small>"
+        elif m["robust_accuracy_source"] == "attacks":
+            worst += " <small>(min over attacks)</small>"
+        rows.append([escape(m["label"]), escape(str(m.get("method") or "—")), percent(m["clean_accuracy"])]
+                    + [percent(m["attacks"].get(a)) for a in attacks]
+                    + [worst, badge(m["masking_verdict"]) if m["masking_verdict"] else "not checked"])
+    cards = "".join(f'<div class="card"><div class="k">{escape(m["label"])}: clean → worst case</div>'
+                    f'<div class="v">{percent(m["clean_accuracy"])} → {percent(m["robust_accuracy"])}</div></div>'
+                    for m in summary["models"])
+    note = ("<p><small>Robust accuracy = accuracy on adversarial inputs inside the threat model. "
+            "Worst case counts a sample robust only if every attack of the suite failed on it.</small></p>")
+    return f'<div class="cards">{cards}</div>' + table(headers, rows, table_id="headline", numeric_from=2) + note
+
+
+def _config(run: RunData) -> str:
+    parts = [f"<h3>Run</h3><pre>{escape(json.dumps(run.manifest, indent=2, default=str))}</pre>"] if run.manifest else []
+    for m in run.models + run.gradient_runs:
+        info = {"run": m.manifest, "trainer": m.config, "model": (m.sidecar or {}).get("model")}
+        parts.append(f"<details><summary>{escape(m.label)}</summary>"
+                     f"<pre>{escape(json.dumps(info, indent=2, default=str))}</pre></details>")
+    return "".join(parts) or missing("No configuration recorded.")
+
+
+def _robustness(run: RunData, summary: dict, figures: dict) -> str:
+    out = []
+    curves = {m.label: m.curve for m in run.models if m.curve and m.curve.get("eps")}
+    if curves:
+        norm = (summary.get("threat") or {}).get("norm", "linf")
+        figures["accuracy_vs_eps"] = plots.accuracy_vs_eps(curves, norm)
+        out.append(png_tag(figures["accuracy_vs_eps"], "accuracy vs eps"))
+        eps = list(dict.fromkeys(e for c in curves.values() for e in c["eps"]))
+        rows = [[escape(label)] + [percent(dict(zip(c["eps"], c["robust_accuracy"])).get(e)) for e in eps]
+                for label, c in curves.items()]
+        out.append(table(["model"] + [f"eps={e:g}" for e in eps], rows, numeric_from=1))
+    else:
+        out.append(missing("No accuracy-vs-eps curve: run `gradguard evaluate RUN_DIR --curve 0,0.05,0.1,0.2`."))
+    bars = {m["label"]: {**m["attacks"], **({"worst case": m["robust_accuracy"]} if m["robust_accuracy"] is not None else {})}
+            for m in summary["models"] if m["attacks"] or m["robust_accuracy"] is not None}
+    if bars:
+        figures["per_attack"] = plots.per_attack_bars(bars)
+        out.append(png_tag(figures["per_attack"], "accuracy per attack"))
+    for m in run.models:
+        if m.attacks and m.attacks.get("results"):
+            rows = [[escape(name), percent(r.get("robust_accuracy")), percent(r.get("success_rate")),
+                     _fmt(r.get("mean_distance")), _fmt(r.get("max_distance")), _fmt(r.get("n_grad")),
+                     _fmt(r.get("elapsed_s"))] for name, r in m.attacks["results"].items()]
+            out.append(f"<h3>{escape(m.label)}: single attacks</h3>" + table(
+                ["attack", "robust acc.", "success rate", "mean dist.", "max dist.", "gradients/sample", "time (s)"],
+                rows, numeric_from=1))
+        if m.robustness:
+            per_attack = m.robustness.get("per_attack") or {}
+            rows = [[escape(name), percent(value)] for name, value in per_attack.items()]
+            rows.append(["<b>worst case</b>", f"<b>{percent(m.robustness.get('robust_accuracy'))}</b>"])
+            out.append(f"<h3>{escape(m.label)}: evaluation suite ({m.robustness.get('n_samples', '?')} samples, "
+                       f"{_fmt(m.robustness.get('elapsed_s'))} s)</h3>" + table(["attack", "accuracy"], rows, numeric_from=1))
+    return "".join(out)
+
+
+def _examples(run: RunData, figures: dict) -> str:
+    out = []
+    for index, m in enumerate(run.models):
+        ex = m.examples
+        if not ex or not {"x", "x_adv", "y", "pred", "pred_adv"} <= set(ex):
+            continue
+        classes = [str(c) for c in ex["classes"]] if "classes" in ex else [str(i) for i in range(int(ex["y"].max()) + 1)]
+        attack = str(ex["attack"]) if "attack" in ex else "attack"
+        name = f"examples_{index}"
+        figures[name] = plots.example_grid(ex["x"], ex["x_adv"], ex["y"], ex["pred"], ex["pred_adv"], classes,
+                                           f"{m.label}: {attack}")
+        flipped = int(np.sum((ex["pred_adv"] != ex["y"]) & (ex["pred"] == ex["y"])))
+        out.append(f"<h3>{escape(m.label)} — {escape(attack)}</h3>" + png_tag(figures[name], f"{m.label} examples")
+                   + f"<p><small>{flipped} of {len(ex['y'])} correctly classified images flipped. Titles: y = true "
+                   "label, p = prediction; red = wrong. Bottom row: the perturbation δ, amplified.</small></p>")
+    return "".join(out) or missing("No adversarial examples stored: run `gradguard attack RUN_DIR`.")
+
+
+def _per_class(run: RunData, figures: dict) -> str:
+    out = []
+    for index, m in enumerate(run.models):
+        per_class = (m.robustness or {}).get("per_class")
+        if not per_class:
+            continue
+        name = f"per_class_{index}"
+        figures[name] = plots.per_class_bars(per_class, f"{m.label}: clean vs robust accuracy per class")
+        out.append(png_tag(figures[name], f"{m.label} per class"))
+    return "".join(out) or missing("No per-class results: run `gradguard evaluate RUN_DIR`.")
+
+
+def _masking(run: RunData) -> str:
+    out = []
+    for m in run.models:
+        if not m.masking:
+            continue
+        rows = [[escape(str(c.get("name"))), badge(c.get("status")), evidence_text(c.get("evidence")),
+                 escape(str(c.get("advice") or ""))] for c in m.masking.get("checks", [])]
+        out.append(f"<h3>{escape(m.label)}: verdict {badge(m.masking.get('verdict'))}</h3>"
+                   + table(["check", "status", "evidence", "advice"], rows))
+    return "".join(out) or missing("Masking checklist not run: `gradguard diagnose RUN_DIR`.")
+
+
+def _gradients(run: RunData, summary: dict, figures: dict) -> str:
+    out = []
+    runs = {}
+    metric = ""
+    for g in run.gradient_runs + [m for m in run.models if m.gradflow]:
+        metric, series = layer_series(g.gradflow)
+        if series:
+            runs[g.label] = series
+    if runs:
+        figures["gradient_flow"] = plots.gradient_flow(runs, metric)
+        out.append(png_tag(figures["gradient_flow"], "gradient flow"))
+    rows = []
+    for g in summary["gradients"]:
+        for f in g["findings"] or [{"kind": "healthy", "layer": "—", "evidence": {}, "advice": "no issue found"}]:
+            rows.append([escape(g["label"]), badge("PASS" if f.get("kind") == "healthy" else "WARN") + " "
+                         + escape(str(f.get("kind"))), escape(str(f.get("layer"))), evidence_text(f.get("evidence")),
+                         escape(str(f.get("advice") or ""))])
+    if rows:
+        out.append(table(["run", "finding", "layer", "evidence", "advice"], rows))
+    return "".join(out) or missing("No gradient records: train with `gradguard train --monitor` or run the demo.")
+
+
+def _training(run: RunData, figures: dict) -> str:
+    out = []
+    for index, m in enumerate(run.models + run.gradient_runs):
+        if not m.metrics:
+            continue
+        name = f"training_{index}"
+        figures[name] = plots.training_curves(m.metrics, m.label)
+        out.append(png_tag(figures[name], f"{m.label} training curves"))
+    return "".join(out) or missing("No training metrics (metrics.jsonl) in this run.")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return escape(str(value))
+
+
+# ------------------------------------------------------------------------------------------------
+# report.md
+# ------------------------------------------------------------------------------------------------
+def markdown(summary: dict, figure_names: list[str]) -> str:
+    threat = summary.get("threat") or {}
+    lines = ["# gradguard report", "",
+             f"- run: `{summary['run_dir']}`", f"- dataset: {summary.get('dataset') or 'unknown'}",
+             f"- threat: {threat.get('norm', '?')} eps={threat.get('eps', '?')}" if threat else "- threat: not recorded",
+             f"- generated: {summary['generated_at']}", "", "## Clean vs robust accuracy", ""]
+    attacks = headline_columns(summary)
+    if summary["models"]:
+        lines.append("| model | method | clean | " + " | ".join(a.upper() for a in attacks) + " | worst case | masking |")
+        lines.append("|---" * (5 + len(attacks)) + "|")
+        for m in summary["models"]:
+            cells = [m["label"], str(m.get("method") or "—"), percent(m["clean_accuracy"])]
+            cells += [percent(m["attacks"].get(a)) for a in attacks]
+            cells += [percent(m["robust_accuracy"]), m["masking_verdict"] or "not checked"]
+            lines.append("| " + " | ".join(cells) + " |")
+    else:
+        lines.append("No model in this run.")
+    if summary["gradients"]:
+        lines += ["", "## Gradient health", ""]
+        for g in summary["gradients"]:
+            kinds = ", ".join(g["kinds"]) or "no issue found"
+            lines.append(f"- **{g['label']}**: {kinds}")
+    if figure_names:
+        lines += ["", "## Plots", ""] + [f"![{name}](plots/{name}.png)" for name in figure_names]
+    return "\n".join(lines) + "\n"

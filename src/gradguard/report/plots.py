@@ -1,0 +1,184 @@
+"""Report figures as PNG bytes (matplotlib, Agg backend: no display, no network).
+
+Each function takes plain data read from a run directory (dicts, lists, arrays) and returns PNG bytes, so
+plots can be embedded inline in report.html (base64) and also written to plots/*.png.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+PALETTE = ["#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7ea4", "#57606a"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def accuracy_vs_eps(curves: Mapping[str, Mapping[str, Sequence[float]]], norm: str = "linf") -> bytes:
+    """Robust accuracy against eps, one line per model (``curves[label] = {"eps": [...], "robust_accuracy": [...]}``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for index, (label, curve) in enumerate(curves.items()):
+        ax.plot(curve["eps"], curve["robust_accuracy"], marker="o", color=PALETTE[index % len(PALETTE)], label=label)
+    ax.set_ylim(-0.02, 1.02)
+    _style(ax, "Robust accuracy vs perturbation budget", f"eps ({norm})", "robust accuracy")
+    ax.legend(frameon=False)
+    return _png(fig)
+
+
+def per_attack_bars(table: Mapping[str, Mapping[str, float]]) -> bytes:
+    """Grouped bars: accuracy per attack (columns) for each model (``table[model][attack] = accuracy``)."""
+    plt = _pyplot()
+    attacks = list(dict.fromkeys(a for row in table.values() for a in row))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(attacks) * max(1, len(table))), 4.0))
+    width = 0.8 / max(1, len(table))
+    for index, (label, row) in enumerate(table.items()):
+        xs = np.arange(len(attacks)) + (index - (len(table) - 1) / 2) * width
+        values = [row.get(a, math.nan) for a in attacks]
+        bars = ax.bar(xs, values, width=width, color=PALETTE[index % len(PALETTE)], label=label)
+        for bar, value in zip(bars, values):
+            if not math.isnan(value):
+                ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(np.arange(len(attacks)), attacks)
+    ax.set_ylim(0, 1.08)
+    _style(ax, "Accuracy under each attack", "", "accuracy")
+    ax.legend(frameon=False, loc="upper right")
+    return _png(fig)
+
+
+def per_class_bars(per_class: Mapping[str, Mapping[str, float]], title: str) -> bytes:
+    """Clean and robust accuracy per class (``per_class[name] = {"clean": a, "robust": b}``)."""
+    plt = _pyplot()
+    names = list(per_class)
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.6 * len(names)), 3.6))
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.2, [per_class[n].get("clean", math.nan) for n in names], 0.4, color=PALETTE[0], label="clean")
+    ax.bar(xs + 0.2, [per_class[n].get("robust", math.nan) for n in names], 0.4, color=PALETTE[1], label="robust")
+    ax.set_xticks(xs, names, rotation=30 if max(map(len, names), default=0) > 3 else 0, ha="right" if max(map(len, names), default=0) > 3 else "center")
+    ax.set_ylim(0, 1.05)
+    _style(ax, title, "class", "accuracy")
+    ax.legend(frameon=False, ncol=2, loc="lower right")
+    return _png(fig)
+
+
+def example_grid(x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, pred: np.ndarray, pred_adv: np.ndarray,
+                 classes: Sequence[str], title: str) -> bytes:
+    """Rows: clean image (true label / prediction), adversarial image (prediction), perturbation (amplified)."""
+    plt = _pyplot()
+    n = len(x)
+    fig, axes = plt.subplots(3, n, figsize=(1.25 * n, 4.3), squeeze=False)
+    delta = x_adv - x
+    scale = float(np.abs(delta).max()) or 1.0
+    for column in range(n):
+        images = (_hwc(x[column]), _hwc(x_adv[column]), _hwc(delta[column]).mean(axis=-1))
+        for row, image in enumerate(images):
+            ax = axes[row][column]
+            if row == 2:
+                ax.imshow(image, cmap="RdBu_r", vmin=-scale, vmax=scale, interpolation="nearest")
+            else:
+                ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+        ok = pred[column] == y[column]
+        flipped = pred_adv[column] != y[column]
+        axes[0][column].set_title(f"y={_name(classes, y[column])}\np={_name(classes, pred[column])}", fontsize=7,
+                                  color="black" if ok else "#d1242f")
+        axes[1][column].set_title(f"p={_name(classes, pred_adv[column])}", fontsize=7,
+                                  color="#d1242f" if flipped else "#1a7f37")
+    for row, label in enumerate(("clean", "adversarial", f"δ (±{scale:.2g})")):
+        axes[row][0].set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def training_curves(history: Sequence[Mapping[str, object]], title: str) -> bytes:
+    """Loss (left) and accuracy (right) per epoch from metrics.jsonl records."""
+    plt = _pyplot()
+    epochs = [int(r.get("epoch", i + 1)) for i, r in enumerate(history)]
+    keys = [k for k in dict.fromkeys(k for r in history for k in r) if k != "epoch"]
+    numeric = [k for k in keys if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                                      for r in history if r.get(k) is not None)
+               and any(r.get(k) is not None for r in history)]
+    loss_keys = [k for k in numeric if "loss" in k or "objective" in k]
+    acc_keys = [k for k in numeric if "acc" in k]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    for index, key in enumerate(loss_keys):
+        left.plot(*_series(epochs, history, key), marker="o", color=PALETTE[index % len(PALETTE)], label=key)
+    for index, key in enumerate(acc_keys):
+        right.plot(*_series(epochs, history, key), marker="o", color=PALETTE[index % len(PALETTE)], label=key)
+    _style(left, f"{title}: loss", "epoch", "loss")
+    _style(right, f"{title}: accuracy", "epoch", "accuracy")
+    right.set_ylim(-0.02, 1.02)
+    for ax in (left, right):
+        if ax.lines:
+            ax.legend(frameon=False, fontsize=8)
+    return _png(fig)
+
+
+def gradient_flow(runs: Mapping[str, Mapping[str, Sequence[float]]], metric: str) -> bytes:
+    """Per-layer gradient norm (log scale) for several runs side by side: the vanishing-gradient picture.
+
+    ``runs[label] = {layer_name: [value at each sampled step]}``; the left panel shows each layer's mean over
+    training (input layer first), the right panel the first layer's value over the sampled steps.
+    """
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    for index, (label, layers) in enumerate(runs.items()):
+        names = list(layers)
+        means = [float(np.mean(layers[n])) if len(layers[n]) else math.nan for n in names]
+        left.plot(range(len(names)), np.maximum(means, 1e-30), marker="o", color=PALETTE[index % len(PALETTE)],
+                  label=label)
+        if names:
+            right.plot(np.maximum(np.asarray(layers[names[0]], dtype=float), 1e-30), color=PALETTE[index % len(PALETTE)],
+                       label=f"{label}: {names[0]}")
+    left.set_yscale("log")
+    right.set_yscale("log")
+    _style(left, f"{metric} per layer (mean over training)", "layer (input → output)", metric)
+    _style(right, f"{metric} of the first layer over training", "sampled step", metric)
+    for ax in (left, right):
+        if ax.lines:
+            ax.legend(frameon=False, fontsize=8)
+    return _png(fig)
+
+
+def _series(epochs, history, key):
+    pairs = [(e, r[key]) for e, r in zip(epochs, history) if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _hwc(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, dtype=float)
+    if image.ndim == 2:
+        return image[..., None]
+    return np.moveaxis(image, 0, -1)
+
+
+def _name(classes: Sequence[str], index) -> str:
+    index = int(index)
+    name = classes[index] if 0 <= index < len(classes) else str(index)
+    return name if len(name) <= 10 else name[:9] + "…"

@@ -1,0 +1,141 @@
+"""The run-directory layout and a tolerant reader for it.
+
+A *model run* is a directory with one model and what was measured on it::
+
+    run.json          what made the run (command, dataset, arguments, versions) — written by the CLI
+    config.json       the trainer's resolved configuration          (gradguard.train.Trainer)
+    model.safetensors + model.json                                    (gradguard.models.save)
+    metrics.jsonl     one record per epoch                            (Trainer)
+    attacks.json      per-attack results of `gradguard attack`
+    examples.npz      clean / adversarial images and predictions for the report's grid
+    robustness.json   gradguard.evaluation.RobustnessReport.to_json()
+    curve.json        gradguard.evaluation.RobustnessCurve.to_json()
+    masking.json      gradguard.diagnostics.MaskingReport.to_json()
+    gradflow.jsonl    GradientMonitor records;   diagnosis.json   findings + curvature of `gradguard diagnose`
+
+A *suite run* (what `gradguard demo` writes) holds several model runs under ``models/<label>/`` and gradient
+experiments under ``gradflow/<label>/``. ``read_run`` returns both kinds in one shape.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+MANIFEST = "run.json"
+MODELS_DIR = "models"
+GRADFLOW_DIR = "gradflow"
+RESULT_FILES = ("run.json", "config.json", "model.json", "metrics.jsonl", "attacks.json", "examples.npz",
+                "robustness.json", "curve.json", "masking.json", "gradflow.jsonl", "diagnosis.json")
+
+
+@dataclass
+class ModelRun:
+    """Everything found in one model run directory; missing files are None (or empty)."""
+
+    label: str
+    path: Path
+    manifest: dict = field(default_factory=dict)
+    config: dict | None = None
+    sidecar: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+    attacks: dict | None = None
+    examples: dict[str, np.ndarray] | None = None
+    robustness: dict | None = None
+    curve: dict | None = None
+    masking: dict | None = None
+    gradflow: list[dict] = field(default_factory=list)
+    diagnosis: dict | None = None
+
+
+@dataclass
+class RunData:
+    path: Path
+    manifest: dict
+    models: list[ModelRun]
+    gradient_runs: list[ModelRun]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.get("classes") or next(
+            (m.manifest.get("classes") for m in self.models if m.manifest.get("classes")), []) or [])
+
+
+def is_model_run(path: Path) -> bool:
+    return any((path / name).exists() for name in RESULT_FILES[1:])
+
+
+def read_run(run_dir: str | Path) -> RunData:
+    """Read a model run or a suite run; CheckpointError if the directory is missing, empty or corrupt."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"run_dir: no run directory at {str(path)!r}; pass the --out folder of a gradguard "
+                              "command (e.g. runs/demo)")
+    manifest = read_json(path / MANIFEST) or {}
+    models = [read_model_run(p) for p in _subruns(path / MODELS_DIR)]
+    if is_model_run(path):
+        models.insert(0, read_model_run(path, label=manifest.get("label") or path.name))
+    gradient_runs = [read_model_run(p) for p in _subruns(path / GRADFLOW_DIR)]
+    if not models and not gradient_runs and not manifest:
+        raise CheckpointError(f"run_dir: {str(path)!r} holds no gradguard results (no run.json, model or result "
+                              "files); run `gradguard train` or `gradguard demo` first")
+    return RunData(path, manifest, models, gradient_runs)
+
+
+def read_model_run(path: Path, label: str | None = None) -> ModelRun:
+    manifest = read_json(path / MANIFEST) or {}
+    return ModelRun(
+        label=label or manifest.get("label") or path.name, path=path, manifest=manifest,
+        config=read_json(path / "config.json"), sidecar=read_json(path / "model.json"),
+        metrics=read_jsonl(path / "metrics.jsonl"), attacks=read_json(path / "attacks.json"),
+        examples=read_npz(path / "examples.npz"), robustness=read_json(path / "robustness.json"),
+        curve=read_json(path / "curve.json"), masking=read_json(path / "masking.json"),
+        gradflow=read_jsonl(path / "gradflow.jsonl"), diagnosis=read_json(path / "diagnosis.json"),
+    )
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"run_dir: {str(path)!r} is not valid JSON ({error}); delete it and re-run the command "
+                              "that writes it") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    try:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                records.append(json.loads(line))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"run_dir: line {number} of {str(path)!r} is not valid JSON ({error}); the file is "
+                              "corrupt — re-run the command that writes it") from None
+    return records
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except Exception as error:
+        raise CheckpointError(f"run_dir: {str(path)!r} is corrupt ({type(error).__name__}: {error}); re-run "
+                              "`gradguard attack` to rewrite it") from None
+
+
+def _subruns(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(runs, key=lambda p: ((read_json(p / MANIFEST) or {}).get("order", 0), p.name))

@@ -1,0 +1,131 @@
+"""The numbers a report shows, distilled from a run directory into one JSON-able dict (summary.json)."""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+from .rundir import ModelRun, RunData
+
+HEADLINE_ATTACK_ORDER = ("fgsm", "bim", "pgd", "mifgsm", "apgd-ce", "apgd-dlr", "apgd-t", "square", "cw", "deepfool")
+GRADIENT_METRIC_PREFERENCE = ("grad_norm", "gradient_norm", "grad_rms", "grad_mean_abs")
+
+
+def summarize(run: RunData) -> dict:
+    """summary.json: per model clean / per-attack / worst-case robust accuracy, masking verdicts, gradient findings."""
+    return {
+        "format": "gradguard-summary", "format_version": 1,
+        "run_dir": str(run.path),
+        "command": run.manifest.get("command"),
+        "dataset": run.manifest.get("dataset") or next((m.manifest.get("dataset") for m in run.models), None),
+        "threat": run.manifest.get("threat") or next((_threat(m) for m in run.models if _threat(m)), None),
+        "models": [model_summary(m) for m in run.models],
+        "gradients": [gradient_summary(g) for g in (run.gradient_runs + [m for m in run.models if m.gradflow])],
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def model_summary(model: ModelRun) -> dict:
+    attacks = attack_accuracies(model)
+    suite = dict((model.robustness or {}).get("per_attack") or {})
+    robust = (model.robustness or {}).get("robust_accuracy")
+    source = "suite" if robust is not None else None
+    if robust is None and attacks:
+        robust, source = min(attacks.values()), "attacks"
+    return {
+        "label": model.label,
+        "path": str(model.path),
+        "architecture": ((model.sidecar or {}).get("model") or {}).get("name"),
+        "method": _method_name(model),
+        "clean_accuracy": clean_accuracy(model),
+        "attacks": attacks,
+        "suite": suite,
+        "suite_names": (model.robustness or {}).get("suite"),
+        "robust_accuracy": robust,
+        "robust_accuracy_source": source,
+        "n_samples": (model.robustness or {}).get("n_samples") or (model.attacks or {}).get("n_samples"),
+        "masking_verdict": (model.masking or {}).get("verdict"),
+        "masking_checks": {c.get("name"): c.get("status") for c in (model.masking or {}).get("checks", [])},
+        "epochs": len(model.metrics),
+    }
+
+
+def clean_accuracy(model: ModelRun) -> float | None:
+    for source in (model.robustness, model.attacks):
+        if source and source.get("clean_accuracy") is not None:
+            return float(source["clean_accuracy"])
+    for record in reversed(model.metrics):
+        if isinstance(record.get("val_clean_acc"), (int, float)):
+            return float(record["val_clean_acc"])
+    return None
+
+
+def attack_accuracies(model: ModelRun) -> dict[str, float]:
+    results = (model.attacks or {}).get("results") or {}
+    names = sorted(results, key=lambda n: (HEADLINE_ATTACK_ORDER.index(n) if n in HEADLINE_ATTACK_ORDER else 99, n))
+    return {name: float(results[name]["robust_accuracy"]) for name in names}
+
+
+def gradient_summary(run: ModelRun) -> dict:
+    findings = gradient_findings(run)
+    return {"label": run.label, "path": str(run.path), "activation": run.manifest.get("activation"),
+            "findings": findings, "kinds": sorted({f.get("kind") for f in findings if f.get("kind")}),
+            "final_train_accuracy": _last(run.metrics, "train_clean_acc")}
+
+
+def gradient_findings(run: ModelRun) -> list[dict]:
+    """Stored findings (diagnosis.json), else recomputed from gradflow.jsonl with the monitor's own rules."""
+    if run.diagnosis and run.diagnosis.get("gradient_findings") is not None:
+        return list(run.diagnosis["gradient_findings"])
+    if not run.gradflow:
+        return []
+    try:
+        from ..diagnostics import findings_from_records
+    except ImportError:
+        return []
+    return [_plain(f) for f in findings_from_records(run.gradflow)]
+
+
+def layer_series(records: list[dict]) -> tuple[str, dict[str, list[float]]]:
+    """(metric name, {layer: [values over sampled steps]}) from GradientMonitor records, layers in model order."""
+    keys = [k for k in dict.fromkeys(k for r in records for k in r)
+            if isinstance(next((r[k] for r in records if k in r), None), (int, float))]
+    metric = next((k for k in GRADIENT_METRIC_PREFERENCE if k in keys), None) or next(
+        (k for k in keys if "grad" in k and k not in ("step",)), None)
+    series: dict[str, list[float]] = {}
+    if metric is None:
+        return "", series
+    for record in records:
+        value = record.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and record.get("layer") is not None:
+            series.setdefault(str(record["layer"]), []).append(float(value))
+    return metric, series
+
+
+def _plain(finding: Any) -> dict:
+    if isinstance(finding, dict):
+        return finding
+    if hasattr(finding, "to_dict"):
+        return finding.to_dict()
+    return {key: getattr(finding, key, None) for key in ("kind", "layer", "evidence", "advice")}
+
+
+def _threat(model: ModelRun) -> dict | None:
+    for source in (model.robustness, model.attacks, model.manifest, model.config):
+        if source and isinstance(source.get("threat"), dict):
+            return source["threat"]
+    return None
+
+
+def _method_name(model: ModelRun) -> str | None:
+    method = (model.config or {}).get("method") or model.manifest.get("method")
+    if isinstance(method, dict):
+        return method.get("name")
+    return method
+
+
+def _last(records: list[dict], key: str):
+    for record in reversed(records):
+        if isinstance(record.get(key), (int, float)):
+            return float(record[key])
+    return None

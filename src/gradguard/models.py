@@ -91,13 +91,17 @@ def mlp(*, depth: int = 3, width: int = 128, activation: str = "relu", init: str
     return model
 
 
-def fmnist_cnn(*, input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
+def fmnist_cnn(*, input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, width: int = 1) -> nn.Module:
     """The (Fashion-)MNIST CNN of Wong & Kolter (2018) and fast AT (Wong et al. 2020):
-    Conv16 4×4/s2 → Conv32 4×4/s2 → FC100 → FC ``num_classes``, ReLU between."""
-    features = nn.Sequential(nn.Conv2d(input_shape[0], 16, 4, stride=2, padding=1), nn.ReLU(),
-                             nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten())
-    return nn.Sequential(*features, nn.Linear(_flat_size(features, input_shape), 100), nn.ReLU(),
-                         nn.Linear(100, num_classes))
+    Conv16 4×4/s2 → Conv32 4×4/s2 → FC100 → FC ``num_classes``, ReLU between; ``width`` multiplies every
+    layer's size (1 = the paper's network)."""
+    from .attacks.base import positive_int
+
+    w = positive_int(width, "width")
+    features = nn.Sequential(nn.Conv2d(input_shape[0], 16 * w, 4, stride=2, padding=1), nn.ReLU(),
+                             nn.Conv2d(16 * w, 32 * w, 4, stride=2, padding=1), nn.ReLU(), nn.Flatten())
+    return nn.Sequential(*features, nn.Linear(_flat_size(features, input_shape), 100 * w), nn.ReLU(),
+                         nn.Linear(100 * w, num_classes))
 
 
 def small_cnn(*, input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, width: int = 32) -> nn.Module:

@@ -11,29 +11,32 @@ from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import plots
 from .html import badge, evidence_text, missing, page, percent, png_tag, table
 from .rundir import ModelRun, RunData, read_run
-from .summary import layer_series, summarize
+from .summary import layer_series, ordered_attacks, summarize
 
 REPORT_HTML, REPORT_MD, SUMMARY_JSON, PLOTS_DIR = "report.html", "report.md", "summary.json", "plots"
 
 
-def build_report(run_dir: str | Path) -> Path:
-    """Write report.html, report.md, summary.json and plots/*.png into ``run_dir``; return the HTML path."""
+def build_report(run_dir: str | Path, *, display_path: str | Path | None = None) -> Path:
+    """Write report.html, report.md, summary.json and plots/*.png into ``run_dir``; return the HTML path.
+
+    ``display_path`` is the directory name the report shows (when it is built in a staging folder).
+    """
     run = read_run(run_dir)
-    summary = summarize(run)
+    summary = summarize(run, display_path=display_path)
     figures: dict[str, bytes] = {}
     sections = [
         ("headline", "Headline: clean vs robust accuracy", _headline(summary)),
-        ("config", "Run configuration", _config(run)),
         ("robustness", "Robustness per attack and eps", _robustness(run, summary, figures)),
         ("examples", "Adversarial examples", _examples(run, figures)),
         ("per-class", "Per-class robustness", _per_class(run, figures)),
         ("masking", "Gradient-masking checklist", _masking(run)),
         ("gradients", "Gradient health", _gradients(run, summary, figures)),
         ("training", "Training curves", _training(run, figures)),
+        ("config", "Run configuration", _config(run)),
     ]
     threat = summary.get("threat") or {}
     subtitle = " · ".join(escape(str(part)) for part in (
-        f"run: {run.path}", f"dataset: {summary.get('dataset') or 'unknown'}",
+        f"run: {summary['run_dir']}", f"dataset: {summary.get('dataset') or 'unknown'}",
         f"threat: {threat.get('norm', '?')} eps={threat.get('eps', '?')}" if threat else "threat: not recorded",
         f"generated {summary['generated_at']}"))
     for name, png in figures.items():
@@ -47,7 +50,7 @@ def build_report(run_dir: str | Path) -> Path:
 # sections
 # ------------------------------------------------------------------------------------------------
 def headline_columns(summary: dict) -> list[str]:
-    return list(dict.fromkeys(a for m in summary["models"] for a in m["attacks"]))
+    return ordered_attacks(a for m in summary["models"] for a in m["attacks"])
 
 
 def _headline(summary: dict) -> str:
@@ -74,12 +77,20 @@ def _headline(summary: dict) -> str:
 
 
 def _config(run: RunData) -> str:
-    parts = [f"<h3>Run</h3><pre>{escape(json.dumps(run.manifest, indent=2, default=str))}</pre>"] if run.manifest else []
+    parts = []
+    if run.manifest:
+        scalars = [[escape(str(k)), escape(_short(v))] for k, v in sorted(run.manifest.items()) if k != "classes"]
+        parts.append(table(["setting", "value"], scalars))
     for m in run.models + run.gradient_runs:
         info = {"run": m.manifest, "trainer": m.config, "model": (m.sidecar or {}).get("model")}
-        parts.append(f"<details><summary>{escape(m.label)}</summary>"
+        parts.append(f"<details><summary>{escape(m.label)}: full configuration</summary>"
                      f"<pre>{escape(json.dumps(info, indent=2, default=str))}</pre></details>")
     return "".join(parts) or missing("No configuration recorded.")
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _robustness(run: RunData, summary: dict, figures: dict) -> str:
@@ -88,7 +99,6 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
     if curves:
         norm = (summary.get("threat") or {}).get("norm", "linf")
         figures["accuracy_vs_eps"] = plots.accuracy_vs_eps(curves, norm)
-        out.append(png_tag(figures["accuracy_vs_eps"], "accuracy vs eps"))
         eps = list(dict.fromkeys(e for c in curves.values() for e in c["eps"]))
         rows = [[escape(label)] + [percent(dict(zip(c["eps"], c["robust_accuracy"])).get(e)) for e in eps]
                 for label, c in curves.items()]
@@ -99,18 +109,23 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
             for m in summary["models"] if m["attacks"] or m["robust_accuracy"] is not None}
     if bars:
         figures["per_attack"] = plots.per_attack_bars(bars)
-        out.append(png_tag(figures["per_attack"], "accuracy per attack"))
+    side_by_side = [png_tag(figures[k], k.replace("_", " ")) for k in ("accuracy_vs_eps", "per_attack") if k in figures]
+    if side_by_side:
+        out.insert(0, '<div class="grid2">' + "".join(f"<div>{tag}</div>" for tag in side_by_side) + "</div>")
     for m in run.models:
         if m.attacks and m.attacks.get("results"):
             rows = [[escape(name), percent(r.get("robust_accuracy")), percent(r.get("success_rate")),
                      _fmt(r.get("mean_distance")), _fmt(r.get("max_distance")), _fmt(r.get("n_grad")),
-                     _fmt(r.get("elapsed_s"))] for name, r in m.attacks["results"].items()]
+                     _fmt(r.get("elapsed_s"))] for name, r in
+                    ((n, m.attacks["results"][n]) for n in ordered_attacks(m.attacks["results"]))]
             out.append(f"<h3>{escape(m.label)}: single attacks</h3>" + table(
                 ["attack", "robust acc.", "success rate", "mean dist.", "max dist.", "gradients/sample", "time (s)"],
                 rows, numeric_from=1))
         if m.robustness:
             per_attack = m.robustness.get("per_attack") or {}
-            rows = [[escape(name), percent(value)] for name, value in per_attack.items()]
+            suite = [n for n in (m.robustness.get("suite") or []) if isinstance(n, str)]
+            order = list(dict.fromkeys([n for n in suite if n in per_attack] + list(per_attack)))
+            rows = [[escape(name), percent(per_attack[name])] for name in order]
             rows.append(["<b>worst case</b>", f"<b>{percent(m.robustness.get('robust_accuracy'))}</b>"])
             out.append(f"<h3>{escape(m.label)}: evaluation suite ({m.robustness.get('n_samples', '?')} samples, "
                        f"{_fmt(m.robustness.get('elapsed_s'))} s)</h3>" + table(["attack", "accuracy"], rows, numeric_from=1))
@@ -136,15 +151,17 @@ def _examples(run: RunData, figures: dict) -> str:
 
 
 def _per_class(run: RunData, figures: dict) -> str:
-    out = []
+    tags = []
     for index, m in enumerate(run.models):
         per_class = (m.robustness or {}).get("per_class")
         if not per_class:
             continue
         name = f"per_class_{index}"
         figures[name] = plots.per_class_bars(per_class, f"{m.label}: clean vs robust accuracy per class")
-        out.append(png_tag(figures[name], f"{m.label} per class"))
-    return "".join(out) or missing("No per-class results: run `gradguard evaluate RUN_DIR`.")
+        tags.append(f"<div>{png_tag(figures[name], f'{m.label} per class')}</div>")
+    if not tags:
+        return missing("No per-class results: run `gradguard evaluate RUN_DIR`.")
+    return '<div class="grid2">' + "".join(tags) + "</div>"
 
 
 def _masking(run: RunData) -> str:

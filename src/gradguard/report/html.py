@@ -24,6 +24,7 @@ img{max-width:100%;height:auto;display:block;margin:6px 0 14px}
 .cards{display:flex;gap:14px;flex-wrap:wrap;margin:14px 0}.card{border:1px solid #d0d7de;border-radius:8px;padding:10px 16px;min-width:150px}
 .card .v{font-size:24px;font-weight:700}.card .k{font-size:12px;color:#57606a}
 details summary{cursor:pointer;color:#0969da}small{color:#57606a}
+.grid2{display:grid;grid-template-columns:1fr 1fr;gap:16px;align-items:start}.grid2 img{margin:0}
 """
 
 

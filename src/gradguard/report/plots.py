@@ -82,7 +82,7 @@ def per_class_bars(per_class: Mapping[str, Mapping[str, float]], title: str) -> 
     ax.set_xticks(xs, names, rotation=30 if max(map(len, names), default=0) > 3 else 0, ha="right" if max(map(len, names), default=0) > 3 else "center")
     ax.set_ylim(0, 1.05)
     _style(ax, title, "class", "accuracy")
-    ax.legend(frameon=False, ncol=2, loc="lower right")
+    ax.legend(frameon=False, ncol=2, loc="lower left", bbox_to_anchor=(0.0, 1.06))
     return _png(fig)
 
 
@@ -134,6 +134,10 @@ def training_curves(history: Sequence[Mapping[str, object]], title: str) -> byte
     _style(left, f"{title}: loss", "epoch", "loss")
     _style(right, f"{title}: accuracy", "epoch", "accuracy")
     right.set_ylim(-0.02, 1.02)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (left, right):
         if ax.lines:
             ax.legend(frameon=False, fontsize=8)
@@ -141,25 +145,29 @@ def training_curves(history: Sequence[Mapping[str, object]], title: str) -> byte
 
 
 def gradient_flow(runs: Mapping[str, Mapping[str, Sequence[float]]], metric: str) -> bytes:
-    """Per-layer gradient norm (log scale) for several runs side by side: the vanishing-gradient picture.
+    """Per-layer gradient size (log scale) for several runs side by side: the vanishing-gradient picture.
 
     ``runs[label] = {layer_name: [value at each sampled step]}``; the left panel shows each layer's mean over
     training (input layer first), the right panel the first layer's value over the sampled steps.
     """
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    longest: list[str] = []
     for index, (label, layers) in enumerate(runs.items()):
         names = list(layers)
+        longest = names if len(names) > len(longest) else longest
         means = [float(np.mean(layers[n])) if len(layers[n]) else math.nan for n in names]
         left.plot(range(len(names)), np.maximum(means, 1e-30), marker="o", color=PALETTE[index % len(PALETTE)],
                   label=label)
         if names:
-            right.plot(np.maximum(np.asarray(layers[names[0]], dtype=float), 1e-30), color=PALETTE[index % len(PALETTE)],
-                       label=f"{label}: {names[0]}")
+            right.plot(np.maximum(np.asarray(layers[names[0]], dtype=float), 1e-30), marker=".",
+                       color=PALETTE[index % len(PALETTE)], label=f"{label} (layer {names[0]})")
     left.set_yscale("log")
     right.set_yscale("log")
-    _style(left, f"{metric} per layer (mean over training)", "layer (input → output)", metric)
-    _style(right, f"{metric} of the first layer over training", "sampled step", metric)
+    left.set_xticks(range(len(longest)), longest, fontsize=8)
+    _style(left, "per layer, mean over training", "layer (input → output)", metric)
+    _style(right, "first layer, over training", "sampled step", metric)
+    fig.suptitle("Gradient flow", fontsize=11)
     for ax in (left, right):
         if ax.lines:
             ax.legend(frameon=False, fontsize=8)

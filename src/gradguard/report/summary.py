@@ -11,21 +11,24 @@ HEADLINE_ATTACK_ORDER = ("fgsm", "bim", "pgd", "mifgsm", "apgd-ce", "apgd-dlr", 
 GRADIENT_METRIC_PREFERENCE = ("grad_norm", "gradient_norm", "grad_rms", "grad_mean_abs")
 
 
-def summarize(run: RunData) -> dict:
-    """summary.json: per model clean / per-attack / worst-case robust accuracy, masking verdicts, gradient findings."""
+def summarize(run: RunData, display_path=None) -> dict:
+    """summary.json: per model clean / per-attack / worst-case robust accuracy, masking verdicts, gradient findings.
+
+    Model paths are relative to the run directory, so the summary stays true when the directory moves.
+    """
     return {
         "format": "gradguard-summary", "format_version": 1,
-        "run_dir": str(run.path),
+        "run_dir": str(display_path if display_path is not None else run.path),
         "command": run.manifest.get("command"),
         "dataset": run.manifest.get("dataset") or next((m.manifest.get("dataset") for m in run.models), None),
         "threat": run.manifest.get("threat") or next((_threat(m) for m in run.models if _threat(m)), None),
-        "models": [model_summary(m) for m in run.models],
-        "gradients": [gradient_summary(g) for g in (run.gradient_runs + [m for m in run.models if m.gradflow])],
+        "models": [model_summary(m, run.path) for m in run.models],
+        "gradients": [gradient_summary(g, run.path) for g in (run.gradient_runs + [m for m in run.models if m.gradflow])],
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def model_summary(model: ModelRun) -> dict:
+def model_summary(model: ModelRun, root) -> dict:
     attacks = attack_accuracies(model)
     suite = dict((model.robustness or {}).get("per_attack") or {})
     robust = (model.robustness or {}).get("robust_accuracy")
@@ -34,7 +37,7 @@ def model_summary(model: ModelRun) -> dict:
         robust, source = min(attacks.values()), "attacks"
     return {
         "label": model.label,
-        "path": str(model.path),
+        "path": _relative(model.path, root),
         "architecture": ((model.sidecar or {}).get("model") or {}).get("name"),
         "method": _method_name(model),
         "clean_accuracy": clean_accuracy(model),
@@ -62,13 +65,17 @@ def clean_accuracy(model: ModelRun) -> float | None:
 
 def attack_accuracies(model: ModelRun) -> dict[str, float]:
     results = (model.attacks or {}).get("results") or {}
-    names = sorted(results, key=lambda n: (HEADLINE_ATTACK_ORDER.index(n) if n in HEADLINE_ATTACK_ORDER else 99, n))
-    return {name: float(results[name]["robust_accuracy"]) for name in names}
+    return {name: float(results[name]["robust_accuracy"]) for name in ordered_attacks(results)}
 
 
-def gradient_summary(run: ModelRun) -> dict:
+def ordered_attacks(names) -> list[str]:
+    """Attack names weakest-first as in the papers (FGSM, BIM, PGD, ...), unknown names last."""
+    return sorted(set(names), key=lambda n: (HEADLINE_ATTACK_ORDER.index(n) if n in HEADLINE_ATTACK_ORDER else 99, n))
+
+
+def gradient_summary(run: ModelRun, root) -> dict:
     findings = gradient_findings(run)
-    return {"label": run.label, "path": str(run.path), "activation": run.manifest.get("activation"),
+    return {"label": run.label, "path": _relative(run.path, root), "activation": run.manifest.get("activation"),
             "findings": findings, "kinds": sorted({f.get("kind") for f in findings if f.get("kind")}),
             "final_train_accuracy": _last(run.metrics, "train_clean_acc")}
 
@@ -95,11 +102,14 @@ def layer_series(records: list[dict]) -> tuple[str, dict[str, list[float]]]:
     series: dict[str, list[float]] = {}
     if metric is None:
         return "", series
+    per_parameter = all(isinstance(r.get("numel"), int) and r["numel"] > 0 for r in records)
     for record in records:
         value = record.get(metric)
         if isinstance(value, (int, float)) and math.isfinite(value) and record.get("layer") is not None:
+            if per_parameter:  # RMS = norm / sqrt(#parameters): comparable across layers of different sizes
+                value = value / math.sqrt(record["numel"])
             series.setdefault(str(record["layer"]), []).append(float(value))
-    return metric, series
+    return (f"{metric} / sqrt(numel) (RMS)" if per_parameter else metric), series
 
 
 def _plain(finding: Any) -> dict:
@@ -129,3 +139,10 @@ def _last(records: list[dict], key: str):
         if isinstance(record.get(key), (int, float)):
             return float(record[key])
     return None
+
+
+def _relative(path, root) -> str:
+    try:
+        return str(path.relative_to(root)) or "."
+    except ValueError:
+        return str(path)

@@ -1,6 +1,7 @@
 """gradguard: attack, harden and diagnose PyTorch models through their gradients."""
 from .errors import (BoundsError, CheckpointError, ConfigError, DataError, GradguardError, InputError,
                      ModelOutputError, ShapeError)
+from .diagnostics import Finding, GradientMonitor
 from .models import Normalized
 from .threat import L1, L2, Linf, ThreatModel, make_threat
 
@@ -11,3 +12,4 @@ __all__ = [
     "GradguardError", "InputError", "ShapeError", "BoundsError", "ModelOutputError", "ConfigError",
     "DataError", "CheckpointError",
 ]
+__all__ += ["GradientMonitor", "Finding"]

@@ -1,0 +1,611 @@
+"""Gradient health while training: per-layer gradient, weight and update norms, dead and saturated units.
+
+``GradientMonitor`` watches a model through hooks only. Every ``every``-th training step it records, for each
+parameterised module ("layer"):
+
+- ``grad_norm`` / ``grad_max``: L2 norm and max |g| of the layer's parameter gradients, as the optimiser sees
+  them (after any clipping, which is what moves the weights);
+- ``weight_norm`` and ``update_ratio`` = ‖Δθ‖ / ‖θ‖ across the optimiser step;
+- activation statistics of the layer's output as it passes through the next activation module:
+  ``dead_fraction`` (ReLU units never positive over the sampled batch) and ``saturated_fraction``
+  (sigmoid/tanh outputs where the local derivative is below 5 % of its maximum).
+
+On the other steps each hook only checks a flag. ``findings()`` turns the records into ``Finding`` objects
+(vanishing, exploding, dead, saturated, stalled) with the numbers behind them and the usual fix. Thresholds
+are module constants, measured on the demo models in ``bench/diagnostics_calibration.py``; the measured
+values are listed in docs/diagnose.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, DataError, InputError
+
+# ------------------------------------------------------------------------------------------------
+# Thresholds. Each is set from measurements on the demo models (bench/diagnostics_calibration.py);
+# the measured values are in docs/diagnose.md, next to why the threshold sits where it does.
+# ------------------------------------------------------------------------------------------------
+# Vanishing: first-layer gradient RMS / last-layer gradient RMS (median of recent samples). Measured: healthy
+# demo nets (ReLU + He, ReLU + BatchNorm, 12 layers; small MLP and CNN; tanh-4) 0.19-3.4; the 12-layer
+# sigmoid MLP ~2e-10. Three orders of magnitude leave > 100x margin on both sides.
+VANISHING_RATIO = 1e-3
+# Vanishing over time: the first/last ratio fell by this factor from the start of training to recently.
+# Measured: healthy demo runs change it by at most ~2x.
+VANISHING_DROP = 1e3
+# Exploding: the model's total (applied) gradient norm peaked at this factor above its start (median of the
+# first samples), or one sample exceeded the median of the samples before it by this factor. Measured:
+# healthy and clipped runs grow <= ~90x and jump <= ~90x; SGD at lr=2 without clipping grows 3e4-2e14.
+EXPLODING_GROWTH = 1e3
+EXPLODING_JUMP = 1e3
+# Dead: fraction of a ReLU layer's units never positive over the sampled batch. Measured: healthy demo nets
+# 0.15-0.48 (a 2048->64 Adam-trained layer of the small CNN holds the high end); a bias of -5 kills 1.0.
+DEAD_FRACTION = 0.7
+# Saturated: fraction of sigmoid/tanh outputs whose derivative is below SATURATION_DERIVATIVE of its maximum.
+# Measured: default-init sigmoid-12 0.0, tanh-4 0.07-0.10; tanh-4 with N(0, 1) weights 0.80.
+SATURATED_FRACTION = 0.4
+SATURATION_DERIVATIVE = 0.05
+# Stalled: a layer's update ratio ‖Δθ‖/‖θ‖ is below this fraction of the median over all layers. Measured:
+# healthy demo runs (SGD and Adam) keep every layer >= 0.07 of the median (BatchNorm's own weights are the
+# low end); the sigmoid-12 MLP puts its first layer at 5e-7 (SGD) and 2e-3 (Adam) of it.
+STALLED_FACTOR = 1e-2
+# How many of the latest samples form "recent" (medians resist one noisy batch) and the earliest "start".
+RECENT_SAMPLES = 5
+START_SAMPLES = 3
+
+KINDS = ("vanishing", "exploding", "dead", "saturated", "stalled")
+
+ADVICE = {
+    "vanishing": (
+        "Gradients shrink on their way to the early layers, so those layers barely learn. Use a ReLU-family "
+        "activation (ReLU, LeakyReLU, GELU) instead of sigmoid/tanh, He init (nn.init.kaiming_normal_) for "
+        "ReLU or Glorot init (nn.init.xavier_uniform_) for tanh, add normalisation layers (BatchNorm/LayerNorm), "
+        "or residual connections so gradients have a short path back."
+    ),
+    "exploding": (
+        "Gradient norms grow or jump (or turn NaN/inf), so updates overshoot. Clip gradients by norm "
+        "(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), or Trainer(clip_grad_norm=1.0)), lower the "
+        "learning rate (try 10x lower), and use He/Glorot init and normalisation layers to keep scales stable."
+    ),
+    "dead": (
+        "These ReLU units output zero for every input, so they get no gradient and never recover. Initialise "
+        "biases at zero with He init, lower the learning rate, add normalisation before the activation, or use "
+        "LeakyReLU/GELU, which keep a gradient for negative inputs."
+    ),
+    "saturated": (
+        "These sigmoid/tanh units sit at their asymptotes, where the derivative is ~0 and gradients vanish. "
+        "Scale the init down (Glorot: nn.init.xavier_uniform_), normalise the inputs or add normalisation "
+        "layers, or switch to a ReLU-family activation."
+    ),
+    "stalled": (
+        "This layer's weights barely move compared with the rest of the model. Check that it is not frozen "
+        "and that its learning rate is not tiny; if the layer is early in the network this is usually vanishing "
+        "gradients: use ReLU-family activations, He/Glorot init, normalisation layers or residual connections "
+        "(an adaptive optimiser such as Adam also evens out per-layer step sizes)."
+    ),
+}
+
+RELU_TYPES: tuple[type, ...] = (nn.ReLU, nn.ReLU6)
+SIGMOID_TYPES: tuple[type, ...] = (nn.Sigmoid,)
+TANH_TYPES: tuple[type, ...] = (nn.Tanh,)
+# Where the derivative drops below SATURATION_DERIVATIVE of its maximum:
+# sigmoid: s(1-s) < 0.05·0.25  <=>  min(s, 1-s) < (1 - sqrt(1 - 0.05)) / 2;   tanh: 1 - t² < 0.05.
+SIGMOID_MARGIN = (1.0 - math.sqrt(1.0 - SATURATION_DERIVATIVE)) / 2.0
+TANH_LIMIT = math.sqrt(1.0 - SATURATION_DERIVATIVE)
+
+
+@dataclass
+class Finding:
+    """One diagnosis: what (``kind``), where (``layer``), the numbers behind it and the usual fix."""
+
+    kind: str
+    layer: str
+    evidence: dict = field(default_factory=dict)
+    advice: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        numbers = ", ".join(f"{key}={_short(value)}" for key, value in self.evidence.items())
+        return f"[{self.kind}] {self.layer}: {numbers}\n  advice: {self.advice}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The monitor
+# ------------------------------------------------------------------------------------------------
+class _LayerState:
+    """Per-layer scratch space for the sampled step in progress."""
+
+    __slots__ = ("name", "index", "module", "params", "snapshot", "ever_positive", "activation", "saturated",
+                 "elements", "raw_squares")
+
+    def __init__(self, name: str, index: int, module: nn.Module, params: list[nn.Parameter]):
+        self.name, self.index, self.module, self.params = name, index, module, params
+        self.reset()
+
+    def reset(self) -> None:
+        self.snapshot: list[Tensor] | None = None
+        self.ever_positive: Tensor | None = None
+        self.activation: str | None = None
+        self.saturated = 0
+        self.elements = 0
+        self.raw_squares: dict[int, Tensor] = {}  # id(param) -> ‖grad‖² right after backward (before clipping)
+
+
+class GradientMonitor:
+    """Per-layer gradient health of a model while it trains, through hooks only.
+
+    Args:
+        model: the model being trained; it is never modified (hooks are removed on ``detach``).
+        every: sample one training step in ``every`` (steps 0, every, 2·every, ...).
+        path: optional ``gradflow.jsonl``; every record is appended as one JSON line when its step ends.
+        optimizer: optional; when given, steps are counted automatically through its step hooks
+            (explicit ``step()`` calls then do nothing, so a Trainer calling ``step()`` too is harmless).
+        append: append to an existing ``path`` (resumed runs) instead of starting it afresh.
+
+    Use as ``with GradientMonitor(model, every=10) as monitor: ...`` (calling ``monitor.step()`` after each
+    optimiser step, or passing ``optimizer=``), or hand it to ``Trainer(monitor=...)``.
+    """
+
+    def __init__(self, model: nn.Module, every: int = 10, path: str | os.PathLike | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, *, append: bool = False):
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"every: expected a positive integer (sample one step in `every`), got {every!r}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise InputError(f"optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        self.model = model
+        self.every = every
+        self.path = Path(path) if path is not None else None
+        self.optimizer = optimizer
+        self.append = append
+        self.records: list[dict] = []
+        self.step_count = 0  # training steps completed while attached
+        self.sampling = False  # is the step in progress sampled?
+        self._layers = self._find_layers(model)
+        self._by_module = {id(state.module): state for state in self._layers}
+        self._param_owner = {id(p): state for state in self._layers for p in state.params}
+        self._handles: list[Any] = []
+        self._file = None
+        self._current: _LayerState | None = None  # last parameterised layer run in this sampled forward
+        self._grads_read = False
+        self._grad_stats: dict[str, tuple[float | None, float | None, bool]] = {}
+        self._loss: float | None = None
+        self._warned_no_grad = False
+
+    # -- attach / detach ------------------------------------------------------------------------
+    @staticmethod
+    def _find_layers(model: nn.Module) -> list[_LayerState]:
+        layers = []
+        for name, module in model.named_modules():
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if params:
+                layers.append(_LayerState(name or type(module).__name__, len(layers), module, params))
+        if not layers:
+            raise InputError("model: it has no trainable parameters to monitor; unfreeze some (requires_grad=True)")
+        return layers
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [state.name for state in self._layers]
+
+    def attach(self) -> "GradientMonitor":
+        """Register the hooks (idempotent) and open ``path``; sampling starts with the next step."""
+        if self._handles:
+            return self
+        for state in self._layers:
+            self._handles.append(state.module.register_forward_pre_hook(self._layer_pre_hook))
+            for param in state.params:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._raw_gradient_hook))
+        for module in self.model.modules():
+            if isinstance(module, RELU_TYPES + SIGMOID_TYPES + TANH_TYPES):
+                self._handles.append(module.register_forward_hook(self._activation_hook))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._optimizer_pre_hook))
+            self._handles.append(self.optimizer.register_step_post_hook(self._optimizer_post_hook))
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a" if self.append else "w", encoding="utf-8")
+        self.sampling = self.step_count % self.every == 0
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and close the file; records stay available."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.sampling = False
+        for state in self._layers:
+            state.reset()
+
+    def __enter__(self) -> "GradientMonitor":
+        return self.attach()
+
+    def __exit__(self, *exc_info) -> None:
+        self.detach()
+
+    # -- hooks: on non-sampled steps each returns after one flag check ---------------------------
+    def _layer_pre_hook(self, module: nn.Module, inputs: Any) -> None:
+        if not self.sampling:
+            return
+        self._enter_layer(module)
+
+    def _activation_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not self.sampling:
+            return
+        self._record_activation(module, output)
+
+    def _raw_gradient_hook(self, param: Tensor) -> None:
+        if not self.sampling:
+            return
+        self._record_raw_gradient(param)
+
+    def _optimizer_pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.sampling:
+            return
+        self._read_gradients()
+
+    def _optimizer_post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._end_step()
+
+    # -- the work, on sampled steps only ----------------------------------------------------------
+    def _enter_layer(self, module: nn.Module) -> None:
+        """Remember the layer for the activation that follows; snapshot weights before the optimiser step."""
+        state = self._by_module[id(module)]
+        # Only forwards that will produce parameter gradients count (not attacks with frozen weights, not
+        # evaluation under no_grad).
+        if not (torch.is_grad_enabled() and state.params[0].requires_grad):
+            self._current = None
+            return
+        self._current = state
+        if state.snapshot is None:
+            state.snapshot = [p.detach().clone() for p in state.params]
+
+    def _record_activation(self, module: nn.Module, output: Any) -> None:
+        state = self._current
+        if state is None or not isinstance(output, Tensor) or output.dim() < 2:
+            return
+        out = output.detach()
+        if isinstance(module, RELU_TYPES):
+            unit_dim = -1 if out.dim() == 3 and isinstance(state.module, nn.Linear) else 1
+            positive = (out > 0).movedim(unit_dim, 0).reshape(out.shape[unit_dim], -1).any(dim=1)
+            state.ever_positive = positive if state.ever_positive is None else state.ever_positive | positive
+            state.activation = "relu"
+        else:
+            if isinstance(module, SIGMOID_TYPES):
+                saturated = (out < SIGMOID_MARGIN) | (out > 1.0 - SIGMOID_MARGIN)
+                state.activation = "sigmoid"
+            else:
+                saturated = out.abs() > TANH_LIMIT
+                state.activation = "tanh"
+            state.saturated += int(saturated.sum())
+            state.elements += out.numel()
+
+    def _record_raw_gradient(self, param: Tensor) -> None:
+        """The accumulated gradient straight after backward, before any clipping (kept as evidence)."""
+        state = self._param_owner.get(id(param))
+        if state is None or param.grad is None:
+            return
+        grad = param.grad.detach()
+        state.raw_squares[id(param)] = grad.double().pow(2).sum()
+
+    def _read_gradients(self) -> None:
+        """Gradient norm and max |g| per layer, as the optimiser is about to use them."""
+        self._grads_read = True
+        for state in self._layers:
+            grads = [p.grad.detach() for p in state.params if p.grad is not None]
+            if not grads:
+                self._grad_stats[state.name] = (None, None, True)
+                continue
+            squares = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+            largest = torch.stack([g.abs().max() for g in grads]).max()
+            finite = bool(torch.isfinite(squares)) and bool(torch.isfinite(largest))
+            self._grad_stats[state.name] = (float(squares.sqrt()), float(largest), finite)
+
+    def _finish_sample(self) -> None:
+        if not self._grads_read:
+            self._read_gradients()
+        if all(stats[0] is None for stats in self._grad_stats.values()) and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn("GradientMonitor: no parameter has a .grad at step(); call monitor.step() after "
+                          "optimizer.step() and before optimizer.zero_grad()", RuntimeWarning, stacklevel=3)
+        records = [self._layer_record(state) for state in self._layers]
+        self.records.extend(records)
+        if self._file is not None:
+            self._file.write("".join(json.dumps(record) + "\n" for record in records))
+            self._file.flush()
+
+    def _layer_record(self, state: _LayerState) -> dict:
+        grad_norm, grad_max, finite = self._grad_stats.get(state.name, (None, None, True))
+        raw_norm = float(torch.stack(list(state.raw_squares.values())).sum().sqrt()) if state.raw_squares else None
+        with torch.no_grad():
+            weight_sq = sum(float(p.detach().double().pow(2).sum()) for p in state.params)
+            update_ratio = None
+            if state.snapshot is not None:
+                delta_sq = sum(float((p.detach() - old).double().pow(2).sum()) for p, old in zip(state.params, state.snapshot))
+                old_sq = sum(float(old.double().pow(2).sum()) for old in state.snapshot)
+                update_ratio = math.sqrt(delta_sq) / math.sqrt(old_sq) if old_sq > 0 else None
+        record = {
+            "step": self.step_count, "layer": state.name, "index": state.index, "type": type(state.module).__name__,
+            "numel": sum(p.numel() for p in state.params),
+            "grad_norm": _finite_or_none(grad_norm), "grad_max": _finite_or_none(grad_max), "grad_finite": finite,
+            "raw_grad_norm": _finite_or_none(raw_norm),
+            "weight_norm": _finite_or_none(math.sqrt(weight_sq)), "weight_finite": math.isfinite(weight_sq),
+            "update_ratio": _finite_or_none(update_ratio), "activation": state.activation,
+            "dead_fraction": None, "saturated_fraction": None, "loss": self._loss,
+        }
+        if state.ever_positive is not None:
+            record["dead_fraction"] = float((~state.ever_positive).float().mean())
+        if state.elements:
+            record["saturated_fraction"] = state.saturated / state.elements
+        return record
+
+    # -- public ----------------------------------------------------------------------------------
+    def step(self, loss: float | Tensor | None = None) -> None:
+        """Mark the end of one training step (call after ``optimizer.step()``, before ``zero_grad()``).
+
+        ``loss`` is optional and stored with the records. With ``optimizer=`` given, steps are counted by the
+        optimiser's hooks and this call only stores ``loss`` for the next sampled step.
+        """
+        if loss is not None:
+            value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+            self._loss = value if math.isfinite(value) else None
+        if self.optimizer is not None and self._handles:
+            return
+        self._end_step()
+
+    def _end_step(self) -> None:
+        if self.sampling:
+            self._finish_sample()
+            for state in self._layers:
+                state.reset()
+            self._grad_stats.clear()
+            self._grads_read = False
+            self._current = None
+        self.step_count += 1
+        self._loss = None
+        self.sampling = bool(self._handles) and self.step_count % self.every == 0
+
+    def findings(self) -> list[Finding]:
+        """Diagnose the records so far (see ``findings_from_records``)."""
+        return findings_from_records(self.records)
+
+    def plot(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Write the gradient-flow, norm heat-map and activation-health PNGs; return their paths."""
+        from .plots import plot_all
+
+        return plot_all(self.records, out_dir)
+
+    def __repr__(self) -> str:
+        return (f"GradientMonitor(layers={len(self._layers)}, every={self.every}, steps={self.step_count}, "
+                f"records={len(self.records)}, attached={bool(self._handles)})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Records -> findings
+# ------------------------------------------------------------------------------------------------
+def load_gradflow(path: str | os.PathLike) -> list[dict]:
+    """Read a ``gradflow.jsonl`` file (one record per line) back into a list of dicts."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "gradflow.jsonl"
+    if not path.exists():
+        raise DataError(f"path: {str(path)!r} does not exist; pass the gradflow.jsonl a GradientMonitor(path=...) wrote")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"path: line {number} of {str(path)!r} is not JSON ({error}); the file is corrupt") from None
+            if not isinstance(record, dict) or "layer" not in record or "step" not in record:
+                raise DataError(f"path: line {number} of {str(path)!r} is not a gradflow record (needs 'step' and 'layer')")
+            records.append(record)
+    return records
+
+
+def findings_from_records(records: Iterable[dict]) -> list[Finding]:
+    """Diagnose gradient-health records (from ``GradientMonitor.records`` or ``load_gradflow``).
+
+    Returns findings in the order exploding, vanishing, stalled, dead, saturated; an empty list means healthy.
+    """
+    records = list(records)
+    if not records:
+        return []
+    steps = sorted({record["step"] for record in records})
+    layers = _layer_order(records)
+    table = {(record["step"], record["layer"]): record for record in records}
+    activation = _activation_findings(table, steps, layers)
+    vanishing = _vanishing(table, steps, layers)
+    if vanishing and vanishing[0].evidence["grad_norm_first"] == 0 and any(f.kind == "dead" for f in activation):
+        vanishing = []  # an exactly-zero gradient behind dead units is blocked, not vanishing: "dead" says why
+    return _exploding(table, steps, layers) + vanishing + _stalled(table, steps, layers) + activation
+
+
+def _layer_order(records: list[dict]) -> list[str]:
+    index = {}
+    for record in records:
+        index.setdefault(record["layer"], record.get("index", len(index)))
+    return sorted(index, key=index.get)
+
+
+def _series(table: dict, steps: list[int], layer: str, key: str) -> list[tuple[int, float]]:
+    values = []
+    for step in steps:
+        record = table.get((step, layer))
+        if record is not None and record.get(key) is not None:
+            values.append((step, float(record[key])))
+    return values
+
+
+def _median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def _rms(record: dict) -> float | None:
+    if record is None or record.get("grad_norm") is None:
+        return None
+    return record["grad_norm"] / math.sqrt(max(int(record.get("numel") or 1), 1))
+
+
+def _total_grad_norms(table: dict, steps: list[int], layers: list[str]) -> list[tuple[int, float]]:
+    totals = []
+    for step in steps:
+        norms = [table[(step, layer)]["grad_norm"] for layer in layers
+                 if (step, layer) in table and table[(step, layer)].get("grad_norm") is not None]
+        if norms:
+            totals.append((step, math.sqrt(sum(n * n for n in norms))))
+    return totals
+
+
+def _exploding(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
+    bad = [(step, layer) for step in steps for layer in layers if (step, layer) in table
+           and (table[(step, layer)].get("grad_finite") is False or table[(step, layer)].get("weight_finite") is False)]
+    if bad:
+        first_step = bad[0][0]
+        bad_layers = [layer for step, layer in bad if step == first_step]
+        evidence = {"nonfinite_step": first_step, "nonfinite_layers": bad_layers,
+                    "nonfinite_samples": len({step for step, _ in bad}), "samples": len(steps)}
+        totals = _total_grad_norms(table, [s for s in steps if s < first_step], layers)
+        if totals:
+            evidence["last_finite_grad_norm"] = totals[-1][1]
+            evidence["start_grad_norm"] = _median(v for _, v in totals[:START_SAMPLES])
+        return [Finding("exploding", bad_layers[0], evidence, ADVICE["exploding"])]
+    totals = _total_grad_norms(table, steps, layers)
+    if len(totals) < 2:
+        return []
+    start = _median(v for _, v in totals[:START_SAMPLES])
+    peak_step, peak = max(totals, key=lambda item: item[1])
+    jump_step, jump = _largest_jump(totals, start)
+    growth = peak / start if start > 0 else math.inf
+    if growth < EXPLODING_GROWTH and jump < EXPLODING_JUMP:
+        return []
+    # Blame the layer whose own gradient grew the most.
+    layer_growth = {}
+    for layer in layers:
+        series = _series(table, steps, layer, "grad_norm")
+        if len(series) >= 2:
+            first = _median(v for _, v in series[:START_SAMPLES])
+            layer_growth[layer] = max(v for _, v in series) / first if first > 0 else math.inf
+    worst = max(layer_growth, key=layer_growth.get) if layer_growth else layers[0]
+    evidence = {"start_grad_norm": start, "peak_grad_norm": peak, "peak_step": peak_step, "growth": growth,
+                "largest_jump": jump, "jump_step": jump_step, "layer_growth": layer_growth.get(worst),
+                "growth_threshold": EXPLODING_GROWTH, "jump_threshold": EXPLODING_JUMP}
+    return [Finding("exploding", worst, evidence, ADVICE["exploding"])]
+
+
+def _largest_jump(totals: list[tuple[int, float]], start: float) -> tuple[int | None, float]:
+    """Largest factor by which a sample exceeds the median of the samples before it.
+
+    Only samples above the starting norm count: a near-converged model's tiny gradient growing back on a
+    hard batch is not an explosion.
+    """
+    best: tuple[int | None, float] = (None, 0.0)
+    for i in range(1, len(totals)):
+        step, value = totals[i]
+        before = _median(v for _, v in totals[max(0, i - RECENT_SAMPLES):i])
+        if value > start and before > 0 and value / before > best[1]:
+            best = (step, value / before)
+    return best
+
+
+def _depth_ratios(table: dict, steps: list[int], first: str, last: str) -> list[tuple[int, float]]:
+    ratios = []
+    for step in steps:
+        top, bottom = _rms(table.get((step, first))), _rms(table.get((step, last)))
+        if top is not None and bottom:
+            ratios.append((step, top / bottom))
+    return ratios
+
+
+def _vanishing(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
+    if len(layers) < 2:
+        return []
+    first, last = layers[0], layers[-1]
+    ratios = _depth_ratios(table, steps, first, last)
+    if not ratios:
+        return []
+    recent = _median(r for _, r in ratios[-RECENT_SAMPLES:])
+    start = _median(r for _, r in ratios[:START_SAMPLES])
+    drop = start / recent if recent > 0 else math.inf
+    if recent >= VANISHING_RATIO and (len(ratios) < START_SAMPLES + RECENT_SAMPLES or drop < VANISHING_DROP):
+        return []
+    recent_steps = [s for s, _ in ratios[-RECENT_SAMPLES:]]
+    evidence = {
+        "first_layer": first, "last_layer": last,
+        "grad_ratio_first_last": recent, "grad_ratio_first_last_at_start": start,
+        "grad_norm_first": _median(table[(s, first)]["grad_norm"] for s in recent_steps),
+        "grad_norm_last": _median(table[(s, last)]["grad_norm"] for s in recent_steps),
+        "per_layer_grad_rms": {layer: _median_rms(table, recent_steps, layer) for layer in layers},
+        "ratio_threshold": VANISHING_RATIO, "measure": "gradient RMS (norm / sqrt(numel)), median of recent samples",
+    }
+    return [Finding("vanishing", first, evidence, ADVICE["vanishing"])]
+
+
+def _median_rms(table: dict, steps: list[int], layer: str) -> float | None:
+    values = [_rms(table.get((s, layer))) for s in steps]
+    values = [v for v in values if v is not None]
+    return _median(values) if values else None
+
+
+def _stalled(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
+    ratios = {}
+    for layer in layers:
+        series = _series(table, steps, layer, "update_ratio")
+        if series:
+            ratios[layer] = _median(v for _, v in series[-RECENT_SAMPLES:])
+    if len(ratios) < 2:
+        return []
+    typical = _median(ratios.values())
+    findings = []
+    for layer, ratio in ratios.items():
+        if typical > 0 and ratio < STALLED_FACTOR * typical:
+            evidence = {"update_ratio": ratio, "median_update_ratio": typical, "relative": ratio / typical,
+                        "threshold": STALLED_FACTOR}
+            findings.append(Finding("stalled", layer, evidence, ADVICE["stalled"]))
+    return findings
+
+
+def _activation_findings(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
+    findings = []
+    for kind, key, threshold in (("dead", "dead_fraction", DEAD_FRACTION),
+                                 ("saturated", "saturated_fraction", SATURATED_FRACTION)):
+        for layer in layers:
+            series = _series(table, steps, layer, key)
+            if not series:
+                continue
+            recent = _median(v for _, v in series[-RECENT_SAMPLES:])
+            if recent >= threshold:
+                activation = next((table[(s, layer)].get("activation") for s, _ in reversed(series)), None)
+                evidence = {key: recent, "at_start": series[0][1], "activation": activation,
+                            "threshold": threshold, "samples": len(series)}
+                findings.append(Finding(kind, layer, evidence, ADVICE[kind]))
+    return findings
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    return str(value)

@@ -2,7 +2,7 @@
 from .errors import (BoundsError, CheckpointError, ConfigError, DataError, GradguardError, InputError,
                      ModelOutputError, ShapeError)
 from .diagnostics import Finding, GradientMonitor
-from .models import Normalized
+from .models import Normalized, build_model, list_models
 from .threat import L1, L2, Linf, ThreatModel, make_threat
 
 __version__ = "0.1.0"
@@ -13,3 +13,6 @@ __all__ = [
     "DataError", "CheckpointError",
 ]
 __all__ += ["GradientMonitor", "Finding"]
+from .train import Trainer  # noqa: E402  (after __version__: models.save reads it)
+
+__all__ += ["Trainer", "build_model", "list_models"]

@@ -1,0 +1,119 @@
+"""The report: a run directory of known numbers -> report.html / report.md / summary.json that show exactly them."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradguard.errors import CheckpointError
+from gradguard.report import build_report, read_run
+
+
+def write_model_run(folder: Path, label: str, clean: float, attacks: dict, worst: float, verdict: str) -> None:
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"label": label, "dataset": "digits", "classes": ["0", "1", "2"],
+                                                 "method": "standard", "threat": {"norm": "linf", "eps": 0.1}}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_loss": 1.0 / e, "val_clean_acc": clean})
+                                                  + "\n" for e in (1, 2, 3)))
+    (folder / "attacks.json").write_text(json.dumps({
+        "threat": {"norm": "linf", "eps": 0.1}, "n_samples": 40, "clean_accuracy": clean,
+        "results": {name: {"robust_accuracy": value, "mean_distance": 0.09} for name, value in attacks.items()}}))
+    (folder / "robustness.json").write_text(json.dumps({
+        "clean_accuracy": clean, "robust_accuracy": worst, "per_attack": {"apgd-ce": worst + 0.05, "apgd-t": worst},
+        "per_class": {"0": {"clean": 1.0, "robust": 0.5}, "1": {"clean": 0.5, "robust": 0.25}},
+        "n_samples": 40, "threat": {"norm": "linf", "eps": 0.1}, "suite": ["apgd-ce", "apgd-t"], "elapsed_s": 1.5}))
+    (folder / "curve.json").write_text(json.dumps({"eps": [0.0, 0.05, 0.1], "robust_accuracy": [clean, 0.5, worst]}))
+    (folder / "masking.json").write_text(json.dumps({"verdict": verdict, "checks": [
+        {"name": "iterative-beats-single-step", "status": verdict, "evidence": {"fgsm": 0.4, "pgd": 0.3},
+         "advice": "nothing to do"}]}))
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 1, 8, 8)).astype(np.float32)
+    np.savez(folder / "examples.npz", x=x, x_adv=np.clip(x + 0.1, 0, 1), y=np.array([0, 1, 2, 0]),
+             pred=np.array([0, 1, 2, 0]), pred_adv=np.array([1, 1, 0, 2]), classes=np.array(["0", "1", "2"]),
+             attack=np.array("pgd"))
+
+
+@pytest.fixture
+def suite_run(tmp_path) -> Path:
+    root = tmp_path / "run"
+    write_model_run(root / "models" / "standard", "standard", 0.95, {"fgsm": 0.40, "bim": 0.30, "pgd": 0.25}, 0.20, "WARN")
+    write_model_run(root / "models" / "robust", "robust", 0.90, {"fgsm": 0.75, "bim": 0.72, "pgd": 0.70}, 0.675, "PASS")
+    gradients = root / "gradflow" / "sigmoid"
+    gradients.mkdir(parents=True)
+    (gradients / "gradflow.jsonl").write_text("".join(
+        json.dumps({"step": step, "layer": layer, "numel": 100, "grad_norm": 10.0 ** (-depth)}) + "\n"
+        for step in (0, 5) for depth, layer in enumerate(("3", "2", "1"))))
+    (gradients / "diagnosis.json").write_text(json.dumps({"gradient_findings": [
+        {"kind": "vanishing", "layer": "3", "evidence": {"ratio": 0.01}, "advice": "use ReLU"}]}))
+    (root / "run.json").write_text(json.dumps({"command": "demo", "dataset": "digits",
+                                               "threat": {"norm": "linf", "eps": 0.1}}))
+    return root
+
+
+def test_summary_holds_the_run_numbers(suite_run):
+    build_report(suite_run)
+    summary = json.loads((suite_run / "summary.json").read_text())
+    by_label = {m["label"]: m for m in summary["models"]}
+    assert by_label["standard"]["clean_accuracy"] == 0.95
+    assert by_label["standard"]["attacks"] == {"fgsm": 0.40, "bim": 0.30, "pgd": 0.25}
+    assert by_label["standard"]["robust_accuracy"] == 0.20 and by_label["standard"]["robust_accuracy_source"] == "suite"
+    assert by_label["robust"]["masking_verdict"] == "PASS"
+    assert summary["gradients"][0]["kinds"] == ["vanishing"]
+
+
+def test_html_headline_table_shows_clean_per_attack_and_worst_case(suite_run):
+    html = build_report(suite_run).read_text()
+    headline = re.search(r'<table id="headline">(.*?)</table>', html, re.S).group(1)
+    rows = re.findall(r"<tr>(.*?)</tr>", headline, re.S)
+    assert "FGSM" in rows[0] and rows[0].index("FGSM") < rows[0].index("BIM") < rows[0].index("PGD")
+    cells = {re.findall(r"<td>(.*?)</td>", row)[0]: re.sub(r"<[^>]+>", " ", row) for row in rows[1:]}
+    assert set(cells) == {"standard", "robust"}
+    for expected in ("95.0%", "40.0%", "30.0%", "25.0%", "20.0%", "WARN"):
+        assert expected in cells["standard"]
+    assert "67.5%" in cells["robust"] and "PASS" in cells["robust"]
+
+
+def test_html_is_self_contained(suite_run):
+    html = build_report(suite_run).read_text()
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    sources = re.findall(r'<img[^>]*src="([^"]+)"', html)
+    assert len(sources) >= 6 and all(s.startswith("data:image/png;base64,") for s in sources)
+    for source in sources:  # every inline image decodes to a PNG
+        assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    for section in ("Adversarial examples", "Per-class robustness", "Gradient-masking checklist", "Gradient health",
+                    "Training curves", "Run configuration"):
+        assert section in html
+    assert "iterative-beats-single-step" in html and "use ReLU" in html
+
+
+def test_plots_and_markdown_written(suite_run):
+    build_report(suite_run)
+    names = {p.name for p in (suite_run / "plots").glob("*.png")}
+    assert {"accuracy_vs_eps.png", "per_attack.png", "gradient_flow.png", "examples_0.png", "per_class_0.png"} <= names
+    markdown = (suite_run / "report.md").read_text()
+    assert "| standard | standard | 95.0% | 40.0% | 30.0% | 25.0% | 20.0% | WARN |" in markdown
+
+
+def test_report_of_a_partial_run_says_what_is_missing(tmp_path):
+    run = tmp_path / "partial"
+    write_model_run(run, "only", 0.9, {"fgsm": 0.5}, 0.4, "PASS")
+    (run / "masking.json").unlink()
+    (run / "curve.json").unlink()
+    html = build_report(run).read_text()
+    assert "Masking checklist not run" in html and "No accuracy-vs-eps curve" in html
+    assert read_run(run).models[0].label == "only"
+
+
+def test_missing_or_corrupt_run_directory_is_a_checkpoint_error(tmp_path, suite_run):
+    with pytest.raises(CheckpointError, match="no run directory"):
+        build_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no gradguard results"):
+        build_report(tmp_path / "empty")
+    (suite_run / "models" / "standard" / "attacks.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="attacks.json.*not valid JSON"):
+        build_report(suite_run)

@@ -327,3 +327,16 @@ def test_failed_atomic_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         io.atomic_write_bytes(tmp_path / "model.safetensors", b"x" * 100)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dataloader_input_trains_and_validates(digits):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(digits.x_train, digits.y_train), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    val = DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=200)
+    model = tiny_mlp()
+    history = Trainer(model, "fgsm-rs", threat=THREAT, epochs=2, optimizer="adam", lr=3e-3, progress=False,
+                      val_max_samples=300).fit(loader, val)
+    assert history[-1]["val_clean_acc"] > 0.7 and history[-1]["val_robust_acc"] is not None
+    assert all("guard" in m for m in history)

@@ -19,7 +19,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/gradguard demo
 
+# The report test opens report.html in headless Chromium; install Debian's chromium when it is missing
+# (as root, or through passwordless sudo). Without it that one test is skipped with a loud message.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -n")
+
 test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "WARNING: chromium is missing and could not be installed; the HTML report screenshot test will be SKIPPED"
 	$(PY) -m pytest -q
 
 clean:

@@ -234,7 +234,8 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                batch_size: int, optimizer: str, lr: float | None, clip_grad_norm: float | None,
                clip_grad_value: float | None, l2: float, train_samples: int | None, val_samples: int,
                val_attack: str | None, monitor_every: int | None, seed: int, device, label: str,
-               extra: dict | None = None, order: int = 0) -> dict:
+               extra: dict | None = None, order: int = 0, method_kwargs: dict | None = None,
+               schedule: str = "constant", eps_warmup_epochs: float = 0.0) -> dict:
     """Train one model into ``run_dir`` (a fresh folder) with gradguard.train.Trainer; returns the manifest."""
     import torch
 
@@ -258,6 +259,7 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                       batch_size=batch_size, optimizer=optimizer, lr=lr, clip_grad_norm=clip_grad_norm,
                       clip_grad_value=clip_grad_value, l2=l2, run_dir=run_dir, seed=seed, monitor=monitor,
                       val_attack=val_attack, val_max_samples=val_samples or 1000, device=device,
+                      method_kwargs=method_kwargs, schedule=schedule, eps_warmup_epochs=eps_warmup_epochs,
                       metadata={"dataset": dataset.name}, progress=sys.stderr.isatty())
     started = time.perf_counter()
     with (monitor if monitor is not None else contextlib.nullcontext()):
@@ -265,7 +267,8 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
     manifest = write_manifest(
         run_dir, kind="model", command="train", label=label, order=order, dataset=dataset.name,
         classes=dataset.classes, input_shape=list(dataset.input_shape), model=model_name, model_kwargs=model_kwargs,
-        method=method, threat=threat.to_dict() if threat is not None else None, epochs=epochs, seed=seed,
+        method=method, method_kwargs=method_kwargs or {}, threat=threat.to_dict() if threat is not None else None,
+        epochs=epochs, seed=seed,
         n_train=int(y.shape[0]), train_seconds=round(time.perf_counter() - started, 2), **(extra or {}))
     if monitor is not None:
         atomic_write_json(run_dir / "diagnosis.json",
@@ -473,7 +476,8 @@ def cmd_train(args) -> tuple[dict, str]:
             train_samples=args.train_samples, val_samples=args.samples,
             val_attack=None if args.val_attack == "none" or threat is None else args.val_attack,
             monitor_every=args.monitor_every if args.monitor else None, seed=args.seed, device=device,
-            label=out.name, extra={"data_root": args.data_root})
+            label=out.name, extra={"data_root": args.data_root}, method_kwargs=_key_values(args.method_arg, "method-arg"),
+            schedule=args.schedule, eps_warmup_epochs=args.eps_warmup_epochs)
     history = manifest.pop("history")
     last = history[-1] if history else {}
     rows = [[r.get("epoch"), r.get("train_loss"), r.get("train_clean_acc"), r.get("val_clean_acc"),
@@ -652,15 +656,22 @@ def _model_kwargs(args) -> dict:
         value = getattr(args, key, None)
         if value is not None:
             kwargs[key] = value
-    for item in args.model_arg or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"model-arg: expected KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except ValueError:
-            kwargs[key] = value
+    kwargs.update(_key_values(args.model_arg, "model-arg"))
     return kwargs
+
+
+def _key_values(items: Sequence[str] | None, argument: str) -> dict:
+    """KEY=VALUE strings -> dict; values are parsed as JSON when they can be (numbers, true/false, lists)."""
+    result = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{argument}: expected KEY=VALUE, got {item!r}")
+        try:
+            result[key] = json.loads(value)
+        except ValueError:
+            result[key] = value
+    return result
 
 
 # ================================================================================================
@@ -714,6 +725,11 @@ def _data_options(parser: argparse.ArgumentParser, *, dataset_default: str | Non
     group.add_argument("--samples", type=positive_int, default=samples_default, help=samples_help)
 
 
+def add_command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose description and examples keep their line breaks."""
+    return commands.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def build_parser() -> OneLineParser:
     common = _common_options()
     parser = OneLineParser(prog="gradguard", description="Attack, harden and diagnose PyTorch models through their "
@@ -721,10 +737,13 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    demo = commands.add_parser("demo", parents=[common], help="the end-to-end tour: train, attack, evaluate, diagnose, "
+    demo = add_command(commands, "demo", parents=[common], help="the end-to-end tour: train, attack, evaluate, diagnose, "
                                "report", description="Train a standard and a PGD-trained model, attack both with FGSM, "
                                "BIM and PGD, run the evaluation suite and the masking checklist, compare gradient flow "
                                "in a deep sigmoid vs ReLU MLP, and write OUT/report.html.")
+    demo.epilog = ("examples:\n  gradguard demo                      # digits, about two minutes on 2 CPU cores\n"
+                   "  gradguard demo --quick --out /tmp/d  # seconds: a smoke test\n"
+                   "  gradguard demo --dataset fashion-mnist --out runs/demo-fmnist")
     demo.add_argument("--out", default="runs/demo", help="run directory to create (default runs/demo; an earlier demo "
                       "there is replaced)")
     demo.add_argument("--quick", action="store_true", help="tiny settings (seconds): for tests and smoke checks")
@@ -734,9 +753,12 @@ def build_parser() -> OneLineParser:
     _threat_options(demo, "perturbation budget (default 0.1 for linf)")
     demo.set_defaults(handler=cmd_demo)
 
-    train = commands.add_parser("train", parents=[common], help="train a model (standard or adversarial) into a new run "
+    train = add_command(commands, "train", parents=[common], help="train a model (standard or adversarial) into a new run "
                                 "directory", description="Train a zoo model with gradguard.train.Trainer and save "
                                 "config.json, metrics.jsonl, model.safetensors + model.json and checkpoints to --out.")
+    train.epilog = ("examples:\n  gradguard train --out runs/std --epochs 20\n"
+                    "  gradguard train --out runs/pgd --method pgd --eps 0.1 --clip-grad-norm 1.0 --l2 5e-4\n"
+                    "  gradguard train --out runs/sig --depth 8 --activation sigmoid --init normal --monitor")
     train.add_argument("--out", required=True, help="run directory to create (must not exist unless --force)")
     train.add_argument("--force", action="store_true", help="replace --out if it exists")
     train.add_argument("--model", default="mlp", help="zoo model: see `gradguard list models` (default mlp)")
@@ -746,9 +768,15 @@ def build_parser() -> OneLineParser:
     train.add_argument("--init", help="mlp: default, he, xavier, normal")
     train.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="any other model keyword (repeatable)")
     train.add_argument("--method", default="standard", help="standard | fgsm | fgsm-rs | pgd | trades (default standard)")
-    train.add_argument("--epochs", type=positive_int, default=10)
-    train.add_argument("--batch-size", type=positive_int, default=128)
-    train.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
+    train.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
+                       help="method option, e.g. beta=6.0 for trades or steps=10 for pgd (repeatable)")
+    train.add_argument("--epochs", type=positive_int, default=10, help="training epochs (default 10)")
+    train.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
+    train.add_argument("--optimizer", choices=["sgd", "adam"], default="adam", help="optimiser (default adam)")
+    train.add_argument("--schedule", choices=["constant", "cyclic", "piecewise"], default="constant",
+                       help="learning-rate schedule (default constant)")
+    train.add_argument("--eps-warmup-epochs", type=non_negative_float, default=0.0,
+                       help="ramp eps linearly from 0 over this many epochs (default 0)")
     train.add_argument("--lr", type=non_negative_float, help="learning rate (default 1e-3 adam, 0.1 sgd)")
     train.add_argument("--clip-grad-norm", type=non_negative_float, help="clip the global gradient norm to this value")
     train.add_argument("--clip-grad-value", type=non_negative_float, help="clip each gradient element to ±value")
@@ -763,50 +791,57 @@ def build_parser() -> OneLineParser:
     _threat_options(train, "training / validation budget (default 0.1 for linf; needed by adversarial methods)")
     train.set_defaults(handler=cmd_train)
 
-    attack = commands.add_parser("attack", parents=[common], help="attack a trained model (FGSM, BIM, PGD, ...)",
+    attack = add_command(commands, "attack", parents=[common], help="attack a trained model (FGSM, BIM, PGD, ...)",
                                  description="Run single attacks on the run's test split; write attacks.json and "
                                  "examples.npz (images for the report) into RUN_DIR.")
+    attack.epilog = ("examples:\n  gradguard attack runs/pgd\n"
+                     "  gradguard attack runs/pgd --attack pgd --steps 100 --eps 0.2 --samples 500 --json")
     attack.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with model.safetensors")
     attack.add_argument("--attack", default="fgsm,bim,pgd", help="comma-separated names, see `gradguard list attacks` "
                         "(default fgsm,bim,pgd)")
     attack.add_argument("--steps", type=positive_int, help="iterations for iterative attacks (default: each attack's)")
-    attack.add_argument("--batch-size", type=positive_int, default=256)
+    attack.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
     _data_options(attack, dataset_default=None, samples_default=1000, samples_help="test samples (default 1000)")
     _threat_options(attack, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
     attack.set_defaults(handler=cmd_attack)
 
-    evaluate = commands.add_parser("evaluate", parents=[common], help="robust accuracy with an attack suite",
+    evaluate = add_command(commands, "evaluate", parents=[common], help="robust accuracy with an attack suite",
                                    description="Clean, per-attack and worst-case robust accuracy with an attack suite "
                                    "(gradguard.evaluation.evaluate); optionally an accuracy-vs-eps curve. Writes "
                                    "robustness.json (and curve.json) into RUN_DIR.")
-    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.epilog = ("examples:\n  gradguard evaluate runs/pgd\n"
+                       "  gradguard evaluate runs/pgd --suite quick --curve 0,0.05,0.1,0.2 --samples 500")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with model.safetensors")
     evaluate.add_argument("--suite", default="standard", help="quick | standard | comma-separated attack names "
                           "(default standard)")
     evaluate.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1")
     evaluate.add_argument("--curve-suite", default="quick", help="suite for the curve (default quick)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=256)
+    evaluate.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
     _data_options(evaluate, dataset_default=None, samples_default=1000, samples_help="test samples (default 1000)")
     _threat_options(evaluate, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
-    diagnose = commands.add_parser("diagnose", parents=[common], help="gradient-masking checklist and gradient health",
+    diagnose = add_command(commands, "diagnose", parents=[common], help="gradient-masking checklist and gradient health",
                                    description="Run the gradient-masking checklist (masking.json), read gradient "
                                    "findings from gradflow.jsonl (recorded by `train --monitor`) and optionally the "
                                    "curvature; writes diagnosis.json into RUN_DIR.")
-    diagnose.add_argument("run_dir", metavar="RUN_DIR")
+    diagnose.epilog = "examples:\n  gradguard diagnose runs/pgd\n  gradguard diagnose runs/sig --curvature --json"
+    diagnose.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with model.safetensors")
     diagnose.add_argument("--curvature", action="store_true", help="also estimate the top Hessian eigenvalue")
     _data_options(diagnose, dataset_default=None, samples_default=200, samples_help="test samples (default 200)")
     _threat_options(diagnose, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
     diagnose.set_defaults(handler=cmd_diagnose)
 
-    report = commands.add_parser("report", parents=[common], help="(re)build report.html from a run directory",
+    report = add_command(commands, "report", parents=[common], help="(re)build report.html from a run directory",
                                  description="Rebuild RUN_DIR/report.html (self-contained), report.md, summary.json "
                                  "and plots/ from the files in RUN_DIR.")
-    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.epilog = "examples:\n  gradguard report runs/demo\n  gradguard report runs/pgd --json"
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (a model run or a demo run)")
     report.set_defaults(handler=cmd_report)
 
-    listing = commands.add_parser("list", parents=[common], help="list attacks, methods, models and datasets")
-    listing.add_argument("what", nargs="?", choices=["attacks", "methods", "models", "datasets", "suites"])
+    listing = add_command(commands, "list", parents=[common], help="list attacks, methods, models and datasets")
+    listing.add_argument("what", nargs="?", choices=["attacks", "methods", "models", "datasets", "suites"],
+                         help="one catalogue (default: all)")
     listing.set_defaults(handler=cmd_list)
     return parser
 

@@ -16,3 +16,7 @@ __all__ += ["GradientMonitor", "Finding"]
 from .train import Trainer  # noqa: E402  (after __version__: models.save reads it)
 
 __all__ += ["Trainer", "build_model", "list_models"]
+from .data import Dataset, list_datasets, load_dataset  # noqa: E402
+from .report import build_report  # noqa: E402  (after __version__: the report footer reads it)
+
+__all__ += ["Dataset", "load_dataset", "list_datasets", "build_report"]

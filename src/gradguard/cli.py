@@ -582,7 +582,8 @@ DEMO_SETTINGS = {
     True: dict(epochs=3, at_epochs=3, batch_size=64, samples=64, suite="quick", curve=[0, 0.1, 0.2],
                masking_samples=32, grad_epochs=1, grad_depth=6, train_samples=512),
 }
-DEMO_FMNIST = dict(train_samples=10000, samples=500)
+# real 28x28 data with the fmnist-cnn: a 10k-image training subset and 5 epochs keep the full demo in minutes
+DEMO_FMNIST = dict(epochs=5, at_epochs=5, train_samples=10000, samples=500)
 
 
 def cmd_demo(args) -> tuple[dict, str]:

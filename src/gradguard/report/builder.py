@@ -127,8 +127,11 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
             order = list(dict.fromkeys([n for n in suite if n in per_attack] + list(per_attack)))
             rows = [[escape(name), percent(per_attack[name])] for name in order]
             rows.append(["<b>worst case</b>", f"<b>{percent(m.robustness.get('robust_accuracy'))}</b>"])
+            note = (f"<p><small>Note: {escape(str(m.robustness['fallback']))}.</small></p>"
+                    if m.robustness.get("fallback") else "")
             out.append(f"<h3>{escape(m.label)}: evaluation suite ({m.robustness.get('n_samples', '?')} samples, "
-                       f"{_fmt(m.robustness.get('elapsed_s'))} s)</h3>" + table(["attack", "accuracy"], rows, numeric_from=1))
+                       f"{_fmt(m.robustness.get('elapsed_s'))} s)</h3>" + table(["attack", "accuracy"], rows, numeric_from=1)
+                       + note)
     return "".join(out)
 
 

@@ -87,7 +87,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/train_fmnist")
     parser.add_argument("--tag", default=None, help="result file name (default: the method)")
+    parser.add_argument("--evaluate-run", default=None,
+                        help="skip training: evaluate the model saved in this run directory, update <out>/<tag>.json")
     args = parser.parse_args()
+    if args.evaluate_run:
+        evaluate_saved(args)
+        return
 
     torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = load_fashion_mnist()
@@ -130,6 +135,29 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, default=str), flush=True)
+
+
+def evaluate_saved(args) -> None:
+    """Re-evaluate a finished run (e.g. once the standard suite is available) and merge into its result file."""
+    from gradguard.models import load
+
+    torch.set_num_threads(args.threads)
+    _, _, x_test, y_test = load_fashion_mnist()
+    x_eval, y_eval = x_test[:args.n_eval], y_test[:args.n_eval]
+    threat = Linf(args.eps)
+    model = load(args.evaluate_run).eval()
+    path = Path(args.out) / f"{args.tag or args.method}.json"
+    result = json.loads(path.read_text()) if path.is_file() else {"run_dir": args.evaluate_run}
+    result["clean_acc"] = accuracy(model, x_eval, y_eval)
+    result["n_eval"] = len(y_eval)
+    started = time.perf_counter()
+    result["pgd20_acc"] = pgd_accuracy(model, x_eval, y_eval, threat)
+    result["pgd20_s"] = round(time.perf_counter() - started, 1)
+    if args.suite != "none":
+        result["suite"] = standard_suite(model, x_eval, y_eval, threat, args.suite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, default=str), flush=True)
 
 

@@ -260,30 +260,34 @@ def test_monitor_leaves_model_untouched():
 
 def test_monitor_does_no_work_on_non_sampled_steps(monkeypatch):
     model = _small_model()
-    calls = {"hooks": 0, "work": []}
+    calls: list[tuple[int, str]] = []
     monitor = GradientMonitor(model, every=5)
-    for hook in ("_layer_pre_hook", "_activation_hook", "_raw_gradient_hook"):
-        original = getattr(monitor, hook)
+    for name in ("_layer_pre_hook", "_activation_hook", "_raw_gradient_hook", "_enter_layer", "_record_activation",
+                 "_record_raw_gradient", "_read_gradients", "_finish_sample"):
+        original = getattr(monitor, name)
 
-        def counting_hook(*args, _original=original):
-            calls["hooks"] += 1
+        def counting(*args, _original=original, _name=name):
+            calls.append((monitor.step_count, _name))
             return _original(*args)
 
-        monkeypatch.setattr(monitor, hook, counting_hook)
-    for work in ("_enter_layer", "_record_activation", "_record_raw_gradient", "_read_gradients", "_finish_sample"):
-        original = getattr(monitor, work)
+        monkeypatch.setattr(monitor, name, counting)
+    def model_hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
-        def counting_work(*args, _original=original, _name=work):
-            calls["work"].append((monitor.step_count, _name))
-            return _original(*args)
-
-        monkeypatch.setattr(monitor, work, counting_work)
     with monitor:
-        _train_steps(model, 10, monitor)
-    # Hooks fire every step: 3 layer pre-hooks (Linear, BatchNorm, Linear) + 2 activation hooks + 6 parameters.
-    assert calls["hooks"] == (3 + 2 + 6) * 10
-    assert {step for step, _ in calls["work"]} == {0, 5}
-    assert sum(1 for step, name in calls["work"] if name == "_finish_sample") == 2
+        _train_steps(model, 8, monitor)
+        hooks_on_step_8 = model_hooks()  # step 8 is not sampled
+        _train_steps(model, 2, monitor)
+        hooks_on_step_10 = model_hooks()  # step 10 is sampled: armed before it begins
+    # Only steps 0 and 5 ran anything; on the others the model carried no hooks at all.
+    assert {step for step, _ in calls} == {0, 5}
+    for step in (0, 5):
+        hooks = [name for s, name in calls if s == step and name.endswith("_hook")]
+        # 3 layer pre-hooks (Linear, BatchNorm, Linear) + 2 activation hooks + 6 parameter gradient hooks
+        assert len(hooks) == 3 + 2 + 6
+        assert [name for s, name in calls if s == step].count("_finish_sample") == 1
+    assert hooks_on_step_8 == 0 and hooks_on_step_10 == 3 + 2
+    assert model_hooks() == 0 and monitor.step_count == 10
 
 
 def test_optimizer_hooks_count_steps_and_manual_step_is_harmless():

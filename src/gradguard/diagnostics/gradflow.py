@@ -127,7 +127,7 @@ class _LayerState:
     """Per-layer scratch space for the sampled step in progress."""
 
     __slots__ = ("name", "index", "module", "params", "snapshot", "ever_positive", "activation", "saturated",
-                 "elements", "raw_squares")
+                 "elements")
 
     def __init__(self, name: str, index: int, module: nn.Module, params: list[nn.Parameter]):
         self.name, self.index, self.module, self.params = name, index, module, params
@@ -137,9 +137,33 @@ class _LayerState:
         self.snapshot: list[Tensor] | None = None
         self.ever_positive: Tensor | None = None
         self.activation: str | None = None
-        self.saturated = 0
+        self.saturated: Tensor | int = 0
         self.elements = 0
-        self.raw_squares: dict[int, Tensor] = {}  # id(param) -> ‖grad‖² right after backward (before clipping)
+
+
+def _norms(tensors: list[Tensor], order: float = 2.0) -> list[Tensor]:
+    """Per-tensor norms in one fused call where torch has it (as clip_grad_norm_ does)."""
+    if not tensors:
+        return []
+    if hasattr(torch, "_foreach_norm"):
+        return list(torch._foreach_norm(tensors, order))
+    return [torch.linalg.vector_norm(t, order) for t in tensors]
+
+
+def _differences(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+    if not a:
+        return []
+    if hasattr(torch, "_foreach_sub"):
+        return list(torch._foreach_sub(a, b))
+    return [x - y for x, y in zip(a, b)]
+
+
+def _spread(positions: list[int], values: list[Tensor], count: int) -> list[Tensor | None]:
+    """Place ``values`` at ``positions`` of a list of ``count`` slots (None elsewhere)."""
+    out: list[Tensor | None] = [None] * count
+    for position, value in zip(positions, values):
+        out[position] = value
+    return out
 
 
 class GradientMonitor:
@@ -148,13 +172,17 @@ class GradientMonitor:
     Args:
         model: the model being trained; it is never modified (hooks are removed on ``detach``).
         every: sample one training step in ``every`` (steps 0, every, 2·every, ...).
-        path: optional ``gradflow.jsonl``; every record is appended as one JSON line when its step ends.
+        path: optional ``gradflow.jsonl``; the records of each sampled step are appended as JSON lines.
         optimizer: optional; when given, steps are counted automatically through its step hooks
             (explicit ``step()`` calls then do nothing, so a Trainer calling ``step()`` too is harmless).
         append: append to an existing ``path`` (resumed runs) instead of starting it afresh.
 
     Use as ``with GradientMonitor(model, every=10) as monitor: ...`` (calling ``monitor.step()`` after each
     optimiser step, or passing ``optimizer=``), or hand it to ``Trainer(monitor=...)``.
+
+    The model's hooks are registered only for the sampled steps: ``step()`` arms them when the next step is
+    sampled and the end of that step removes them, so the other steps run the model exactly as without the
+    monitor (the optimiser's step hooks, when used, only count).
     """
 
     def __init__(self, model: nn.Module, every: int = 10, path: str | os.PathLike | None = None,
@@ -172,19 +200,22 @@ class GradientMonitor:
         self.append = append
         self.records: list[dict] = []
         self.step_count = 0  # training steps completed while attached
-        self.sampling = False  # is the step in progress sampled?
+        self.sampling = False  # is the step in progress sampled (model hooks armed)?
+        self.attached = False
         self._layers = self._find_layers(model)
         self._by_module = {id(state.module): state for state in self._layers}
-        self._param_owner = {id(p): state for state in self._layers for p in state.params}
-        self._handles: list[Any] = []
+        self._params = [p for state in self._layers for p in state.params]
+        self._param_position = {id(p): i for i, p in enumerate(self._params)}
+        owner = [state.index for state in self._layers for _ in state.params]
+        self._positions = [[i for i, o in enumerate(owner) if o == layer] for layer in range(len(self._layers))]
+        self._activations = [m for m in model.modules() if isinstance(m, RELU_TYPES + SIGMOID_TYPES + TANH_TYPES)]
+        self._optimizer_handles: list[Any] = []
+        self._sample_handles: list[Any] = []
         self._file = None
-        self._current: _LayerState | None = None  # last parameterised layer run in this sampled forward
-        self._grads_read = False
-        self._grad_stats: dict[str, tuple[float | None, float | None, bool]] = {}
+        self._reset_sample()
         self._loss: float | None = None
         self._warned_no_grad = False
 
-    # -- attach / detach ------------------------------------------------------------------------
     @staticmethod
     def _find_layers(model: nn.Module) -> list[_LayerState]:
         layers = []
@@ -200,37 +231,33 @@ class GradientMonitor:
     def layer_names(self) -> list[str]:
         return [state.name for state in self._layers]
 
+    # -- attach / detach ------------------------------------------------------------------------
     def attach(self) -> "GradientMonitor":
-        """Register the hooks (idempotent) and open ``path``; sampling starts with the next step."""
-        if self._handles:
+        """Start watching (idempotent): open ``path``, hook the optimiser, arm the model if this step is sampled."""
+        if self.attached:
             return self
-        for state in self._layers:
-            self._handles.append(state.module.register_forward_pre_hook(self._layer_pre_hook))
-            for param in state.params:
-                self._handles.append(param.register_post_accumulate_grad_hook(self._raw_gradient_hook))
-        for module in self.model.modules():
-            if isinstance(module, RELU_TYPES + SIGMOID_TYPES + TANH_TYPES):
-                self._handles.append(module.register_forward_hook(self._activation_hook))
+        self.attached = True
         if self.optimizer is not None:
-            self._handles.append(self.optimizer.register_step_pre_hook(self._optimizer_pre_hook))
-            self._handles.append(self.optimizer.register_step_post_hook(self._optimizer_post_hook))
+            self._optimizer_handles = [self.optimizer.register_step_pre_hook(self._optimizer_pre_hook),
+                                       self.optimizer.register_step_post_hook(self._optimizer_post_hook)]
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a" if self.append else "w", encoding="utf-8")
-        self.sampling = self.step_count % self.every == 0
+        if self.step_count % self.every == 0:
+            self._arm()
         return self
 
     def detach(self) -> None:
         """Remove every hook and close the file; records stay available."""
-        for handle in self._handles:
+        self._disarm()
+        for handle in self._optimizer_handles:
             handle.remove()
-        self._handles.clear()
+        self._optimizer_handles = []
         if self._file is not None:
             self._file.close()
             self._file = None
-        self.sampling = False
-        for state in self._layers:
-            state.reset()
+        self.attached = False
+        self._reset_sample()
 
     def __enter__(self) -> "GradientMonitor":
         return self.attach()
@@ -238,31 +265,49 @@ class GradientMonitor:
     def __exit__(self, *exc_info) -> None:
         self.detach()
 
-    # -- hooks: on non-sampled steps each returns after one flag check ---------------------------
+    def _arm(self) -> None:
+        """Register the model hooks for one sampled step."""
+        handles = [state.module.register_forward_pre_hook(self._layer_pre_hook) for state in self._layers]
+        handles += [module.register_forward_hook(self._activation_hook) for module in self._activations]
+        handles += [param.register_post_accumulate_grad_hook(self._raw_gradient_hook) for param in self._params]
+        self._sample_handles = handles
+        self.sampling = True
+
+    def _disarm(self) -> None:
+        for handle in self._sample_handles:
+            handle.remove()
+        self._sample_handles = []
+        self.sampling = False
+
+    # -- hooks (armed on sampled steps only; each also checks the flag) --------------------------
     def _layer_pre_hook(self, module: nn.Module, inputs: Any) -> None:
-        if not self.sampling:
-            return
-        self._enter_layer(module)
+        if self.sampling:
+            self._enter_layer(module)
 
     def _activation_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not self.sampling:
-            return
-        self._record_activation(module, output)
+        if self.sampling:
+            self._record_activation(module, output)
 
     def _raw_gradient_hook(self, param: Tensor) -> None:
-        if not self.sampling:
-            return
-        self._record_raw_gradient(param)
+        if self.sampling:
+            self._record_raw_gradient(param)
 
     def _optimizer_pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.sampling:
-            return
-        self._read_gradients()
+        if self.sampling:
+            self._read_gradients()
 
     def _optimizer_post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._end_step()
 
     # -- the work, on sampled steps only ----------------------------------------------------------
+    def _reset_sample(self) -> None:
+        for state in self._layers:
+            state.reset()
+        self._current: _LayerState | None = None  # last parameterised layer run in this sampled forward
+        self._raw_norms: dict[int, Tensor] = {}  # param position -> ‖grad‖ right after backward (pre-clipping)
+        self._grad_norms: list[Tensor] | None = None  # per param, as the optimiser is about to use them
+        self._grad_maxima: list[Tensor] | None = None
+
     def _enter_layer(self, module: nn.Module) -> None:
         """Remember the layer for the activation that follows; snapshot weights before the optimiser step."""
         state = self._by_module[id(module)]
@@ -281,8 +326,11 @@ class GradientMonitor:
             return
         out = output.detach()
         if isinstance(module, RELU_TYPES):
-            unit_dim = -1 if out.dim() == 3 and isinstance(state.module, nn.Linear) else 1
-            positive = (out > 0).movedim(unit_dim, 0).reshape(out.shape[unit_dim], -1).any(dim=1)
+            if out.dim() == 2:
+                positive = (out > 0).any(dim=0)
+            else:  # a unit is a channel (dim 1), or a feature (last dim) for Linear on sequences
+                unit_dim = -1 if out.dim() == 3 and isinstance(state.module, nn.Linear) else 1
+                positive = (out > 0).movedim(unit_dim, 0).reshape(out.shape[unit_dim], -1).any(dim=1)
             state.ever_positive = positive if state.ever_positive is None else state.ever_positive | positive
             state.activation = "relu"
         else:
@@ -292,67 +340,93 @@ class GradientMonitor:
             else:
                 saturated = out.abs() > TANH_LIMIT
                 state.activation = "tanh"
-            state.saturated += int(saturated.sum())
+            state.saturated = state.saturated + saturated.sum()
             state.elements += out.numel()
 
     def _record_raw_gradient(self, param: Tensor) -> None:
         """The accumulated gradient straight after backward, before any clipping (kept as evidence)."""
-        state = self._param_owner.get(id(param))
-        if state is None or param.grad is None:
-            return
-        grad = param.grad.detach()
-        state.raw_squares[id(param)] = grad.double().pow(2).sum()
+        position = self._param_position.get(id(param))
+        if position is not None and param.grad is not None:
+            self._raw_norms[position] = torch.linalg.vector_norm(param.grad.detach())
 
     def _read_gradients(self) -> None:
-        """Gradient norm and max |g| per layer, as the optimiser is about to use them."""
-        self._grads_read = True
-        for state in self._layers:
-            grads = [p.grad.detach() for p in state.params if p.grad is not None]
-            if not grads:
-                self._grad_stats[state.name] = (None, None, True)
-                continue
-            squares = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
-            largest = torch.stack([g.abs().max() for g in grads]).max()
-            finite = bool(torch.isfinite(squares)) and bool(torch.isfinite(largest))
-            self._grad_stats[state.name] = (float(squares.sqrt()), float(largest), finite)
+        """Per-parameter gradient norm and max |g|, as the optimiser is about to use them."""
+        grads = [p.grad.detach() if p.grad is not None else None for p in self._params]
+        present = [g for g in grads if g is not None]
+        norms, maxima = iter(_norms(present)), iter(_norms(present, math.inf))
+        self._grad_norms = [next(norms) if g is not None else None for g in grads]
+        self._grad_maxima = [next(maxima) if g is not None else None for g in grads]
 
     def _finish_sample(self) -> None:
-        if not self._grads_read:
+        if self._grad_norms is None:
             self._read_gradients()
-        if all(stats[0] is None for stats in self._grad_stats.values()) and not self._warned_no_grad:
+        if all(n is None for n in self._grad_norms) and not self._warned_no_grad:
             self._warned_no_grad = True
             warnings.warn("GradientMonitor: no parameter has a .grad at step(); call monitor.step() after "
-                          "optimizer.step() and before optimizer.zero_grad()", RuntimeWarning, stacklevel=3)
-        records = [self._layer_record(state) for state in self._layers]
+                          "optimizer.step() and before optimizer.zero_grad()", RuntimeWarning, stacklevel=4)
+        records = self._layer_records()
         self.records.extend(records)
         if self._file is not None:
             self._file.write("".join(json.dumps(record) + "\n" for record in records))
             self._file.flush()
 
-    def _layer_record(self, state: _LayerState) -> dict:
-        grad_norm, grad_max, finite = self._grad_stats.get(state.name, (None, None, True))
-        raw_norm = float(torch.stack(list(state.raw_squares.values())).sum().sqrt()) if state.raw_squares else None
-        with torch.no_grad():
-            weight_sq = sum(float(p.detach().double().pow(2).sum()) for p in state.params)
-            update_ratio = None
-            if state.snapshot is not None:
-                delta_sq = sum(float((p.detach() - old).double().pow(2).sum()) for p, old in zip(state.params, state.snapshot))
-                old_sq = sum(float(old.double().pow(2).sum()) for old in state.snapshot)
-                update_ratio = math.sqrt(delta_sq) / math.sqrt(old_sq) if old_sq > 0 else None
-        record = {
-            "step": self.step_count, "layer": state.name, "index": state.index, "type": type(state.module).__name__,
-            "numel": sum(p.numel() for p in state.params),
-            "grad_norm": _finite_or_none(grad_norm), "grad_max": _finite_or_none(grad_max), "grad_finite": finite,
-            "raw_grad_norm": _finite_or_none(raw_norm),
-            "weight_norm": _finite_or_none(math.sqrt(weight_sq)), "weight_finite": math.isfinite(weight_sq),
-            "update_ratio": _finite_or_none(update_ratio), "activation": state.activation,
-            "dead_fraction": None, "saturated_fraction": None, "loss": self._loss,
+    def _layer_records(self) -> list[dict]:
+        """One record per layer for the sampled step; all tensor results are read back in one sync."""
+        count = len(self._params)
+        olds = [old for state in self._layers for old in (state.snapshot or [None] * len(state.params))]
+        armed = [i for i, old in enumerate(olds) if old is not None]
+        per_param = {
+            "grad_norm": self._grad_norms, "grad_max": self._grad_maxima,
+            "raw_grad_norm": [self._raw_norms.get(i) for i in range(count)],
+            "weight_norm": _norms([p.detach() for p in self._params]),
+            "old_norm": _spread(armed, _norms([olds[i] for i in armed]), count),
+            "delta_norm": _spread(armed, _norms(_differences([self._params[i].detach() for i in armed],
+                                                             [olds[i] for i in armed])), count),
         }
-        if state.ever_positive is not None:
-            record["dead_fraction"] = float((~state.ever_positive).float().mean())
-        if state.elements:
-            record["saturated_fraction"] = state.saturated / state.elements
-        return record
+        tensors, where = [], {}
+        for key, values in per_param.items():
+            for i, value in enumerate(values):
+                if value is not None:
+                    where[key, i] = len(tensors)
+                    tensors.append(value)
+        for state in self._layers:
+            if state.ever_positive is not None:
+                where["dead_fraction", state.index] = len(tensors)
+                tensors.append((~state.ever_positive).float().mean())
+            if state.elements:
+                where["saturated", state.index] = len(tensors)
+                tensors.append(torch.as_tensor(state.saturated))
+        numbers = torch.stack(tensors).tolist() if tensors else []
+
+        def combined(key: str, layer: int, reduce: str) -> float | None:
+            values = [numbers[where[key, i]] for i in self._positions[layer] if (key, i) in where]
+            if not values:
+                return None
+            if reduce == "max":
+                return math.nan if any(math.isnan(v) for v in values) else max(values)
+            return math.sqrt(sum(v * v for v in values))
+
+        records = []
+        for state in self._layers:
+            layer = state.index
+            stats = {key: combined(key, layer, "max" if key == "grad_max" else "rss") for key in per_param}
+            grad_norm, grad_max, old_norm, delta_norm = (stats["grad_norm"], stats["grad_max"], stats["old_norm"],
+                                                         stats["delta_norm"])
+            finite = grad_norm is None or (math.isfinite(grad_norm) and math.isfinite(grad_max))
+            update_ratio = delta_norm / old_norm if delta_norm is not None and old_norm else None
+            saturated = numbers[where["saturated", layer]] / state.elements if ("saturated", layer) in where else None
+            records.append({
+                "step": self.step_count, "layer": state.name, "index": layer, "type": type(state.module).__name__,
+                "numel": sum(p.numel() for p in state.params),
+                "grad_norm": _finite_or_none(grad_norm), "grad_max": _finite_or_none(grad_max), "grad_finite": finite,
+                "raw_grad_norm": _finite_or_none(stats["raw_grad_norm"]),
+                "weight_norm": _finite_or_none(stats["weight_norm"]),
+                "weight_finite": stats["weight_norm"] is not None and math.isfinite(stats["weight_norm"]),
+                "update_ratio": _finite_or_none(update_ratio), "activation": state.activation,
+                "dead_fraction": numbers[where["dead_fraction", layer]] if ("dead_fraction", layer) in where else None,
+                "saturated_fraction": saturated, "loss": self._loss,
+            })
+        return records
 
     # -- public ----------------------------------------------------------------------------------
     def step(self, loss: float | Tensor | None = None) -> None:
@@ -364,21 +438,19 @@ class GradientMonitor:
         if loss is not None:
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
             self._loss = value if math.isfinite(value) else None
-        if self.optimizer is not None and self._handles:
+        if self.optimizer is not None and self.attached:
             return
         self._end_step()
 
     def _end_step(self) -> None:
         if self.sampling:
             self._finish_sample()
-            for state in self._layers:
-                state.reset()
-            self._grad_stats.clear()
-            self._grads_read = False
-            self._current = None
+            self._disarm()
+            self._reset_sample()
         self.step_count += 1
         self._loss = None
-        self.sampling = bool(self._handles) and self.step_count % self.every == 0
+        if self.attached and self.step_count % self.every == 0:
+            self._arm()
 
     def findings(self) -> list[Finding]:
         """Diagnose the records so far (see ``findings_from_records``)."""
@@ -392,7 +464,7 @@ class GradientMonitor:
 
     def __repr__(self) -> str:
         return (f"GradientMonitor(layers={len(self._layers)}, every={self.every}, steps={self.step_count}, "
-                f"records={len(self.records)}, attached={bool(self._handles)})")
+                f"records={len(self.records)}, attached={self.attached})")
 
 
 # ------------------------------------------------------------------------------------------------

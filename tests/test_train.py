@@ -173,6 +173,17 @@ def test_catastrophic_overfitting_guard_rolls_back_and_recovers(digits, tmp_path
     assert event["epoch"] == 3 and "rolled back" in event["action"] and "1.0·eps" in event["action"]
 
 
+def test_guard_rules_sudden_and_slow_collapse():
+    from gradguard.train import GuardSettings
+
+    rules = GuardSettings()
+    assert rules.collapsed(0.70, 0.74, reference=0.68) is None  # healthy: PGD a little below FGSM
+    assert "last good" in rules.collapsed(0.15, 0.40, reference=0.60)  # PGD fell below 30 % of the last epoch
+    assert "while FGSM" in rules.collapsed(0.01, 0.90, reference=None)  # the classic collapse, first epoch
+    assert "exceeds PGD" in rules.collapsed(0.68, 0.86, reference=0.70)  # slow drift: FGSM-only robustness
+    assert GuardSettings(max_gap=None).collapsed(0.68, 0.86, reference=0.70) is None
+
+
 def test_guard_escalates_to_pgd2_then_gives_up():
     method = FastFGSM(THREAT)
     assert "1.0" in method.make_safer() and "PGD-2" in method.make_safer()

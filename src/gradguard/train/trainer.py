@@ -47,14 +47,29 @@ RESUME_KEYS = ("model", "method", "threat", "epochs", "batch_size", "optimizer",
 class GuardSettings:
     """Catastrophic-overfitting detector (Wong et al. 2020, Sec. 5): after every epoch, PGD and FGSM accuracy
     on a fixed training batch. A collapse is PGD accuracy below ``ratio`` × the last good epoch's (when that
-    was at least ``min_reference``), or PGD accuracy < ``floor`` while FGSM accuracy > ``fgsm_high``."""
+    was at least ``min_reference``), or PGD accuracy < ``floor`` while FGSM accuracy > ``fgsm_high`` (the sudden
+    kind), or FGSM accuracy above PGD accuracy by more than ``max_gap`` (the slow kind: the model learns to defeat
+    the single-step attack while multi-step robustness falls; Andriushchenko & Flammarion 2020). None disables
+    a rule."""
 
     samples: int = 256
     pgd_steps: int = 10
-    ratio: float = 0.3
+    ratio: float | None = 0.3
     min_reference: float = 0.1
-    floor: float = 0.05
+    floor: float | None = 0.05
     fgsm_high: float = 0.5
+    max_gap: float | None = 0.12
+
+    def collapsed(self, pgd_acc: float, fgsm_acc: float, reference: float | None) -> str | None:
+        """The rule that fired (as text), or None."""
+        if self.ratio is not None and reference is not None and reference >= self.min_reference \
+                and pgd_acc < self.ratio * reference:
+            return f"PGD accuracy {pgd_acc:.3f} < {self.ratio:g} × last good {reference:.3f}"
+        if self.floor is not None and pgd_acc < self.floor and fgsm_acc > self.fgsm_high:
+            return f"PGD accuracy {pgd_acc:.3f} < {self.floor:g} while FGSM accuracy {fgsm_acc:.3f} > {self.fgsm_high:g}"
+        if self.max_gap is not None and fgsm_acc - pgd_acc > self.max_gap:
+            return f"FGSM accuracy {fgsm_acc:.3f} exceeds PGD accuracy {pgd_acc:.3f} by more than {self.max_gap:g}"
+        return None
 
 
 class Trainer:
@@ -459,11 +474,10 @@ class Trainer:
         """PGD and FGSM accuracy of the current model on the fixed training batch; decide collapse."""
         pgd_acc, fgsm_acc = self.measure_guard_accuracies(*self.guard_batch)
         reference = self._guard_reference()
-        settings = self.guard
-        collapsed = ((reference is not None and reference >= settings.min_reference and pgd_acc < settings.ratio * reference)
-                     or (pgd_acc < settings.floor and fgsm_acc > settings.fgsm_high))
-        collapsed = distributed.broadcast_flag(bool(collapsed))
-        return {"pgd_acc": pgd_acc, "fgsm_acc": fgsm_acc, "reference": reference, "collapsed": collapsed}
+        rule = self.guard.collapsed(pgd_acc, fgsm_acc, reference)
+        collapsed = distributed.broadcast_flag(rule is not None)
+        return {"pgd_acc": pgd_acc, "fgsm_acc": fgsm_acc, "reference": reference, "collapsed": collapsed,
+                "rule": rule}
 
     def measure_guard_accuracies(self, x: Tensor, y: Tensor) -> tuple[float, float]:
         """(PGD accuracy, FGSM accuracy) on (x, y) — the guard's probe; override to inject measurements."""
@@ -496,7 +510,7 @@ class Trainer:
         self.events.append(event)
         if self.is_main:
             warnings.warn(f"gradguard.Trainer: {event['event']} at epoch {event['epoch']} "
-                          f"(PGD acc {event['pgd_acc']:.3f}, FGSM acc {event['fgsm_acc']:.3f}): {event['action']}",
+                          f"({event.get('rule')}): {event['action']}",
                           stacklevel=3)
             if self.run_dir is not None:
                 with open(self.run_dir / "events.jsonl", "a") as handle:

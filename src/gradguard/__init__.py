@@ -20,3 +20,6 @@ from .data import Dataset, list_datasets, load_dataset  # noqa: E402
 from .report import build_report  # noqa: E402  (after __version__: the report footer reads it)
 
 __all__ += ["Dataset", "load_dataset", "list_datasets", "build_report"]
+from .evaluation import RobustnessCurve, RobustnessReport, evaluate, evaluate_curve  # noqa: E402
+
+__all__ += ["evaluate", "evaluate_curve", "RobustnessReport", "RobustnessCurve"]

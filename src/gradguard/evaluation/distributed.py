@@ -1,0 +1,78 @@
+"""Sharding an evaluation over torch.distributed ranks so the numbers equal a single process's.
+
+Every rank holds the full evaluation set. Work is cut into the same global batches a single process would use,
+and batch ``b`` goes to rank ``b % world_size``; each batch is attacked with a seed derived from its global
+index. After every stage the per-sample results are summed across ranks (a rank writes zeros where it did not
+work, and adding zeros is exact), so every rank ends with the identical, complete per-sample result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's rank among ``world_size`` processes (``world_size == 1``: no communication)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def owns(self, batch_index: int) -> bool:
+        return batch_index % self.world_size == self.rank
+
+    def sum(self, values: Tensor) -> Tensor:
+        """Sum ``values`` over all ranks (a copy; no-op in one process). gloo has no bool/int8 sums: widen them."""
+        if not self.active:
+            return values
+        dtype = values.dtype
+        wide = values.to(torch.int64) if dtype in (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32) else values.clone()
+        dist.all_reduce(wide, op=dist.ReduceOp.SUM)
+        return wide.to(dtype) if dtype != torch.bool else wide > 0
+
+    def max(self, value: float) -> float:
+        if not self.active:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor)
+
+
+def resolve_shard(distributed: bool | None) -> Shard:
+    """``None`` (auto): shard when a process group with more than one rank is initialised; ``False``: never."""
+    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+        if distributed is True:
+            raise InputError("distributed: True needs an initialised torch.distributed process group; "
+                             "launch with torchrun and call torch.distributed.init_process_group first")
+        return Shard()
+    return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def check_same_data(shard: Shard, x: Tensor, y: Tensor) -> None:
+    """Every rank must pass the full, identical evaluation set (evaluate shards it itself)."""
+    if not shard.active:
+        return
+    fingerprint = torch.tensor([float(x.shape[0]), float(x.double().sum()), float((x.double() ** 2).sum()),
+                                float(y.double().sum())], dtype=torch.float64)
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise InputError("data: differs between ranks; give every rank the full evaluation set (no "
+                         "DistributedSampler) — evaluate() shards the samples across ranks itself")
+
+
+def batch_seed(seed: int | None, stage: int, batch_index: int) -> int | None:
+    """The seed of one attack stage on one global batch: independent of how batches are spread over ranks."""
+    if seed is None:
+        return None
+    return (int(seed) * 1_000_003 + stage * 10_007 + batch_index) % (2 ** 62)

@@ -1,0 +1,145 @@
+"""The gradient-masking checklist: masked models FAIL, an honest model PASSes, every check carries evidence."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradguard import L2, Linf
+from gradguard.diagnostics import Check, MaskingReport, check_masking
+from gradguard.errors import ConfigError, InputError
+
+N_SAMPLES = 120
+
+
+class Rounding(nn.Module):
+    """Quantises the input: x -> round(k·x)/k. Its gradient is zero almost everywhere (shattered gradients)."""
+
+    def __init__(self, levels: int = 4):
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, x):
+        return torch.round(x * self.levels) / self.levels
+
+
+class ScaledLogits(nn.Module):
+    """Multiplies the logits by 1e4: the softmax saturates and the cross-entropy gradient underflows to zero."""
+
+    def __init__(self, base: nn.Module, scale: float = 1e4):
+        super().__init__()
+        self.base, self.scale = base, scale
+
+    def forward(self, x):
+        return self.base(x) * self.scale
+
+
+class AlwaysDropout(nn.Module):
+    """Dropout that ignores eval mode: a randomised model."""
+
+    def forward(self, x):
+        return nn.functional.dropout(x, 0.3, training=True)
+
+
+def square_available() -> bool:
+    try:
+        from gradguard.attacks import Square  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def test_data(digits):
+    return digits.x_test, digits.y_test
+
+
+@pytest.fixture(scope="module")
+def honest_report(digits_mlp, test_data):
+    return check_masking(digits_mlp, test_data, Linf(eps=0.1), n_samples=N_SAMPLES, seed=0)
+
+
+def test_honest_mlp_passes_every_check(honest_report):
+    statuses = {c.name: c.status for c in honest_report.checks}
+    expected_black_box = "PASS" if square_available() else "WARN"  # WARN only while Square is not installed
+    assert statuses.pop("black_box_not_stronger") == expected_black_box
+    assert set(statuses.values()) == {"PASS"}, honest_report.summary()
+    assert honest_report.verdict in ("PASS", "WARN")
+    if square_available():
+        assert honest_report.verdict == "PASS"
+
+
+def test_honest_mlp_evidence_holds_the_measured_numbers(honest_report):
+    sweep = honest_report.check("accuracy_decreases_with_eps").evidence
+    assert sweep["pgd_accuracy"] == sorted(sweep["pgd_accuracy"], reverse=True)
+    assert sweep["pgd_accuracy"][-1] <= 0.05  # at 4·eps the honest model is broken
+    iterative = honest_report.check("iterative_beats_single_step").evidence
+    assert iterative["pgd_accuracy"] <= iterative["fgsm_accuracy"]
+    assert honest_report.check("unbounded_attack_succeeds").evidence["pgd_accuracy"] == 0.0
+    assert honest_report.check("gradients_nonzero").evidence["fraction_zero_or_nonfinite"] == 0.0
+    assert honest_report.settings["n_correct"] <= honest_report.n_samples == N_SAMPLES
+
+
+def test_rounding_input_layer_fails(digits_mlp, test_data):
+    masked = nn.Sequential(Rounding(4), digits_mlp)
+    report = check_masking(masked, test_data, Linf(eps=0.1), n_samples=N_SAMPLES, seed=0)
+    assert report.verdict == "FAIL"
+    assert report.check("gradients_nonzero").status == "FAIL"
+    assert report.check("gradients_nonzero").evidence["fraction_zero_or_nonfinite"] == 1.0
+    assert report.check("loss_rises_along_path").status == "FAIL"
+    assert report.check("random_noise_not_stronger").status == "FAIL"
+
+
+def test_saturated_softmax_fails_under_l2(digits_mlp, test_data):
+    report = check_masking(ScaledLogits(digits_mlp), test_data, L2(eps=1.0), n_samples=N_SAMPLES, seed=0)
+    assert report.verdict == "FAIL"
+    assert report.check("gradients_nonzero").status == "FAIL"
+    assert report.check("unbounded_attack_succeeds").status == "FAIL"
+    assert report.check("unbounded_attack_succeeds").evidence["pgd_accuracy"] > 0.1
+
+
+def test_random_model_fails_determinism(digits_mlp, test_data):
+    randomised = nn.Sequential(nn.Flatten(), AlwaysDropout(), *list(digits_mlp.children())[1:])
+    report = check_masking(randomised, test_data, Linf(eps=0.1), n_samples=40, seed=0, steps=5,
+                           square_queries=50, noise_draws=2)
+    check = report.check("deterministic")
+    assert check.status == "FAIL"
+    assert check.evidence["max_relative_logit_change"] > 1e-3
+
+
+def test_checklist_leaves_the_model_untouched(digits_mlp, test_data):
+    model = nn.Sequential(nn.Linear(64, 10)).train()
+    model[0].weight.requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    flat = nn.Sequential(nn.Flatten(), model)
+    check_masking(flat, test_data, Linf(eps=0.1), n_samples=20, steps=3, square_queries=20, noise_draws=2)
+    assert model.training and flat.training
+    assert [p.requires_grad for p in model.parameters()] == [False, True]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_report_json_round_trip(honest_report, tmp_path):
+    path = tmp_path / "masking.json"
+    text = honest_report.to_json(path)
+    again = MaskingReport.from_json(path)
+    assert again.to_json() == text == MaskingReport.from_json(text).to_json()
+    assert again.verdict == honest_report.verdict
+    assert all(isinstance(c, Check) and c.advice for c in again.checks)
+
+
+def test_verdict_is_the_worst_status():
+    report = MaskingReport(checks=[Check("a", "PASS", {}, "ok"), Check("b", "WARN", {}, "hm")], n_samples=1,
+                           threat={}, elapsed_s=0.0)
+    assert report.verdict == "WARN"
+    report.checks.append(Check("c", "FAIL", {}, "bad"))
+    assert report.verdict == "FAIL"
+
+
+def test_bad_arguments_raise_clear_errors(digits_mlp, test_data):
+    with pytest.raises(ConfigError, match="n_samples"):
+        check_masking(digits_mlp, test_data, Linf(eps=0.1), n_samples=0)
+    with pytest.raises(InputError, match="threat"):
+        check_masking(digits_mlp, test_data, 0.1)
+    with pytest.raises(InputError, match="model"):
+        check_masking("not a model", test_data, Linf(eps=0.1))

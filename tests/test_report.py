@@ -117,3 +117,24 @@ def test_missing_or_corrupt_run_directory_is_a_checkpoint_error(tmp_path, suite_
     (suite_run / "models" / "standard" / "attacks.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="attacks.json.*not valid JSON"):
         build_report(suite_run)
+
+
+def test_worst_case_combines_suite_and_single_attacks_per_sample(tmp_path):
+    run = tmp_path / "run"
+    write_model_run(run, "m", 1.0, {"fgsm": 0.75, "pgd": 0.75}, 0.75, "PASS")
+    attacks = json.loads((run / "attacks.json").read_text())
+    attacks["labels"] = [0, 1, 2, 0]
+    attacks["results"]["fgsm"]["correct"] = [1, 0, 1, 1]
+    attacks["results"]["pgd"]["correct"] = [1, 1, 1, 0]
+    (run / "attacks.json").write_text(json.dumps(attacks))
+    robustness = json.loads((run / "robustness.json").read_text())
+    robustness["samples"] = {"label": [0, 1, 2, 0], "robust": [1, 1, 0, 1]}
+    (run / "robustness.json").write_text(json.dumps(robustness))
+    build_report(run)
+    model = json.loads((run / "summary.json").read_text())["models"][0]
+    assert model["robust_accuracy"] == 0.25  # only sample 0 survives the suite, FGSM and PGD
+    assert model["robust_accuracy_source"] == "suite + single attacks, per sample"
+    robustness["samples"]["label"] = [2, 2, 2, 2]  # other samples: no per-sample combination, the lowest bound
+    (run / "robustness.json").write_text(json.dumps(robustness))
+    build_report(run)
+    assert json.loads((run / "summary.json").read_text())["models"][0]["robust_accuracy"] == 0.75

@@ -311,12 +311,13 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
             "mean_distance": float(distance.mean()), "max_distance": float(distance.max()),
             "n_grad": round(n_grad / max(1, len(y)), 2), "elapsed_s": round(time.perf_counter() - started, 3),
             "threat": threat.to_dict(), "params": _attack_params(attack),
+            "correct": correct.int().tolist(),  # per sample, for the worst case across commands
         }
         last_adv = (name, x_adv_all, pred_adv_all)
     payload = {"threat": threat.to_dict(), "n_samples": int(len(y)), "dataset": dataset.name,
-               "clean_accuracy": float((clean_pred == y).float().mean()), "results": results}
+               "clean_accuracy": float((clean_pred == y).float().mean()), "labels": y.tolist(), "results": results}
     previous = read_json(run_dir / "attacks.json")
-    if previous and previous.get("threat") == payload["threat"] and previous.get("n_samples") == payload["n_samples"]:
+    if previous and previous.get("threat") == payload["threat"] and previous.get("labels") == payload["labels"]:
         payload["results"] = {**previous.get("results", {}), **results}
     name, x_adv_all, pred_adv_all = last_adv
     shown = torch.nonzero(clean_pred == y).squeeze(1)[:EXAMPLES_SHOWN]
@@ -333,53 +334,45 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
 def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int | None, batch_size: int,
                   curve: list[float] | None, curve_suite, seed: int, device) -> dict:
     """gradguard.evaluation.evaluate (+ evaluate_curve) on the test split; write robustness.json (+ curve.json)."""
+    from .evaluation import evaluate, evaluate_curve
     from .io import atomic_write_json
 
     x, y = test_split(dataset, samples)
     x, y = x.to(device), y.to(device)
-    try:
-        from .evaluation import evaluate, evaluate_curve
-    except ImportError:  # FALLBACK until gradguard.evaluation lands: FGSM + PGD worst case, marked in the files
-        robustness = _fallback_robustness(model, x, y, threat, batch_size, seed)
-        curve_data = ({"eps": curve, "robust_accuracy": [_fallback_robustness(model, x, y, threat.with_eps(e), batch_size,
-                       seed)["robust_accuracy"] for e in curve], "fallback": robustness["fallback"]} if curve else None)
-    else:
-        report = evaluate(model, (x, y), threat, suite=suite, batch_size=batch_size, seed=seed,
-                          progress=sys.stderr.isatty())
-        robustness = json.loads(report.to_json())
-        curve_data = None
-        if curve:
-            curve_data = json.loads(evaluate_curve(model, (x, y), threat, curve, suite=curve_suite,
-                                                   batch_size=batch_size, seed=seed).to_json())
-    robustness = _with_class_names(robustness, dataset.classes)
+    suite, note = runnable_suite(suite, threat)
+    curve_suite, curve_note = runnable_suite(curve_suite, threat)
+    report = evaluate(model, (x, y), threat, suite=suite, batch_size=batch_size, seed=seed,
+                      progress=sys.stderr.isatty())
+    robustness = _with_class_names(report.to_dict(), dataset.classes)
+    if note:
+        robustness["fallback"] = note
     atomic_write_json(run_dir / "robustness.json", robustness)
-    if curve_data is not None:
+    curve_data = None
+    if curve:
+        curve_data = evaluate_curve(model, (x, y), threat, curve, suite=curve_suite, batch_size=batch_size,
+                                    seed=seed, progress=sys.stderr.isatty()).to_dict()
+        if curve_note:
+            curve_data["fallback"] = curve_note
         atomic_write_json(run_dir / "curve.json", curve_data)
     return {"robustness": robustness, "curve": curve_data}
 
 
-def _fallback_robustness(model, x, y, threat, batch_size: int, seed: int) -> dict:
-    """Stand-in for gradguard.evaluation.evaluate while it has not landed: FGSM then PGD-40, per-sample worst case."""
-    import torch
+def runnable_suite(suite, threat) -> tuple[Any, str | None]:
+    """The suite itself when all its attacks are installed; else (a named suite only) the "classic" FGSM + PGD-40
+    suite and a note saying so, which goes into robustness.json and the report."""
+    from .evaluation import resolve_suite
 
-    from .attacks import FGSM, PGD
-
-    started = time.perf_counter()
-    with torch.no_grad():
-        clean = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(y), batch_size)]) == y
-    robust, per_attack = clean.clone(), {}
-    for name, attack in (("fgsm", FGSM(model, threat)), ("pgd", PGD(model, threat, steps=40, seed=seed))):
-        correct = torch.cat([attack.run(x[i:i + batch_size], y[i:i + batch_size]).correct
-                             for i in range(0, len(y), batch_size)])
-        per_attack[name] = float((correct & clean).float().mean())
-        robust &= correct
-    classes = sorted(set(y.tolist()))
-    per_class = {str(c): {"clean": float(clean[y == c].float().mean()), "robust": float(robust[y == c].float().mean())}
-                 for c in classes}
-    return {"clean_accuracy": float(clean.float().mean()), "robust_accuracy": float(robust.float().mean()),
-            "per_attack": per_attack, "per_class": per_class, "n_samples": int(len(y)), "threat": threat.to_dict(),
-            "suite": ["fgsm", "pgd"], "elapsed_s": round(time.perf_counter() - started, 3),
-            "fallback": "gradguard.evaluation not available: FGSM + PGD-40 worst case"}
+    try:
+        for spec in resolve_suite(suite):
+            spec.supports(threat)  # imports the attack class
+    except ConfigError as error:
+        if not isinstance(suite, str) or "not available" not in str(error):
+            raise
+        note = (f"suite {suite!r} needs attacks that are not installed ({_one_line(error)}); "
+                "ran the 'classic' suite (FGSM, PGD-40) instead, which overestimates robustness")
+        log(f"[gradguard] warning: {note}")
+        return "classic", note
+    return suite, None
 
 
 def diagnose_into(run_dir: Path, model, dataset, threat, *, samples: int, curvature: bool, seed: int, device) -> dict:

@@ -61,18 +61,18 @@ def _headline(summary: dict) -> str:
     rows = []
     for m in summary["models"]:
         worst = percent(m["robust_accuracy"])
-        if m["robust_accuracy_source"] == "suite":
-            worst += f" <small>({escape(', '.join(m.get('suite_names') or []) or 'suite')})</small>"
-        elif m["robust_accuracy_source"] == "attacks":
-            worst += " <small>(min over attacks)</small>"
+        if m["robust_accuracy_source"]:
+            worst += f" <small>({escape(m['robust_accuracy_source'])})</small>"
         rows.append([escape(m["label"]), escape(str(m.get("method") or "—")), percent(m["clean_accuracy"])]
                     + [percent(m["attacks"].get(a)) for a in attacks]
                     + [worst, badge(m["masking_verdict"]) if m["masking_verdict"] else "not checked"])
     cards = "".join(f'<div class="card"><div class="k">{escape(m["label"])}: clean → worst case</div>'
                     f'<div class="v">{percent(m["clean_accuracy"])} → {percent(m["robust_accuracy"])}</div></div>'
                     for m in summary["models"])
-    note = ("<p><small>Robust accuracy = accuracy on adversarial inputs inside the threat model. "
-            "Worst case counts a sample robust only if every attack of the suite failed on it.</small></p>")
+    suites = sorted({", ".join(m.get("suite_names") or []) for m in summary["models"] if m.get("suite_names")})
+    note = ("<p><small>Robust accuracy = accuracy on adversarial inputs inside the threat model. The worst case "
+            "counts a sample robust only if every attack run on it failed (the evaluation suite"
+            + (f": {escape('; '.join(suites))}" if suites else "") + ", and the single attacks above).</small></p>")
     return f'<div class="cards">{cards}</div>' + table(headers, rows, table_id="headline", numeric_from=2) + note
 
 

@@ -4,8 +4,9 @@
 
 For each demo model (healthy and sick), several seeds, it trains on digits with a GradientMonitor sampling
 every other step and prints the statistics each threshold in gradguard/diagnostics/gradflow.py looks at:
-first/last gradient-RMS ratio (start and recent), total-gradient growth and jump, max dead and saturated
-fractions, and the smallest per-layer update ratio relative to the median — plus the findings raised.
+first/last gradient-RMS ratio (start and recent), total-gradient growth and jump, the largest raw (pre-clipping)
+layer gradient norm, max dead and saturated fractions, the smallest per-layer update ratio relative to the
+median — plus, as ground truth, dead units over all training inputs and test accuracy, and the findings raised.
 The output table is copied into docs/diagnose.md.
 """
 from __future__ import annotations
@@ -53,22 +54,23 @@ def small_cnn() -> nn.Module:
 DEMOS = {
     "sigmoid-12 (default init), SGD": (lambda: mlp(12, 64, nn.Sigmoid), "sgd", 0.1, None, "vanishing"),
     "sigmoid-12 (default init), Adam": (lambda: mlp(12, 64, nn.Sigmoid), "adam", 1e-3, None, "vanishing"),
-    "relu-12 He init, SGD": (lambda: mlp(12, 64, nn.ReLU, init="he"), "sgd", 0.05, None, None),
+    "relu-12 He init, SGD": (lambda: mlp(12, 64, nn.ReLU, init="he"), "sgd", 0.01, None, None),
     "relu-12 He init, Adam": (lambda: mlp(12, 64, nn.ReLU, init="he"), "adam", 1e-3, None, None),
     "relu-12 + BatchNorm, Adam": (lambda: mlp(12, 64, nn.ReLU, norm=True), "adam", 1e-3, None, None),
     "mlp 64-128-10 relu, Adam": (lambda: mlp(2, 128, nn.ReLU), "adam", 1e-2, None, None),
     "small cnn relu, Adam": (small_cnn, "adam", 1e-3, None, None),
     "tanh-4 default init, SGD": (lambda: mlp(4, 64, nn.Tanh), "sgd", 0.1, None, None),
+    "relu-4, SGD lr=1 (too high)": (lambda: mlp(4, 64, nn.ReLU), "sgd", 1.0, None, "not exploding (units die)"),
     "relu-4, SGD lr=2 (huge)": (lambda: mlp(4, 64, nn.ReLU), "sgd", 2.0, None, "exploding"),
     "relu-4, SGD lr=2 + clip_grad_norm 1": (lambda: mlp(4, 64, nn.ReLU), "sgd", 2.0, 1.0, "not exploding"),
-    "relu-4, SGD lr=2 + clip_grad_norm 0.3": (lambda: mlp(4, 64, nn.ReLU), "sgd", 2.0, 0.3, None),
+    "relu-4, SGD lr=2 + clip_grad_norm 0.3": (lambda: mlp(4, 64, nn.ReLU), "sgd", 2.0, 0.3, "not exploding"),
     "relu-4 bias -5": (lambda: mlp(4, 64, nn.ReLU, bias=-5.0), "adam", 1e-3, None, "dead"),
     "tanh-4 N(0,1) init": (lambda: mlp(4, 64, nn.Tanh, init="normal"), "sgd", 0.1, None, "saturated"),
 }
 
 
 def run_demo(builder, optimiser_name: str, lr: float, clip: float | None, seed: int, epochs: int, data,
-             every: int = 2) -> list[dict]:
+             every: int = 2) -> tuple[nn.Module, list[dict]]:
     torch.manual_seed(seed)
     model = builder()
     if optimiser_name == "sgd":
@@ -86,7 +88,23 @@ def run_demo(builder, optimiser_name: str, lr: float, clip: float | None, seed: 
                 if clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), clip)
                 optimiser.step()
-    return monitor.records
+    return model, monitor.records
+
+
+def whole_data_check(model: nn.Module, data) -> dict:
+    """Test accuracy, and the largest fraction of a layer's ReLU units never positive over ALL training inputs."""
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
+             for m in model.modules() if isinstance(m, nn.ReLU)]
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
+        outputs.clear()
+        model(data.x_train)
+    for hook in hooks:
+        hook.remove()
+    dead = [float((~(out > 0).movedim(1, 0).reshape(out.shape[1], -1).any(1)).float().mean()) for out in outputs]
+    return {"test_accuracy": accuracy, "dead_all_inputs_max": max(dead, default=None)}
 
 
 def statistics_of(records: list[dict]) -> dict:
@@ -145,15 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     data = load_dataset("digits")
-    columns = ["ratio_start", "ratio_recent", "growth", "jump", "nonfinite", "dead_recent_max",
-               "saturated_recent_max", "min_update_relative"]
+    columns = ["ratio_start", "ratio_recent", "growth", "jump", "raw_grad_max", "nonfinite", "dead_recent_max",
+               "dead_all_inputs_max", "saturated_recent_max", "min_update_relative", "test_accuracy"]
     print("| demo | expected | seed | " + " | ".join(columns) + " | findings |")
     print("|" + "---|" * (len(columns) + 4))
     began = time.perf_counter()
     for name, (builder, optimiser, lr, clip, expected) in DEMOS.items():
         for seed in range(args.seeds):
-            records = run_demo(builder, optimiser, lr, clip, seed, args.epochs, data)
-            stats = statistics_of(records)
+            model, records = run_demo(builder, optimiser, lr, clip, seed, args.epochs, data)
+            stats = statistics_of(records) | whole_data_check(model, data)
+            stats["raw_grad_max"] = max((r["raw_grad_norm"] for r in records if r.get("raw_grad_norm") is not None),
+                                        default=None)
             kinds = sorted({f.kind for f in gradflow.findings_from_records(records)})
             print(f"| {name} | {expected or 'healthy'} | {seed} | " + " | ".join(fmt(stats.get(c)) for c in columns)
                   + f" | {', '.join(kinds) or 'none'} |", flush=True)

@@ -99,8 +99,8 @@ def hessian_power_iteration(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: 
 
     Parameters are those with ``requires_grad=True``. ``batch_size`` splits (x, y) so memory stays bounded;
     the Hessian-vector products are summed over the batches (exactly the full-data Hessian). Stops after
-    ``iters`` products, when the Rayleigh quotient changes by at most ``tol`` (relative), or once
-    ``time_limit`` seconds have passed (then ``converged`` is False).
+    ``iters`` products, when the Rayleigh quotient changes by at most ``tol`` (relative; ``tol=0`` runs all
+    ``iters``), or once ``time_limit`` seconds have passed (then ``converged`` is False).
     """
     _check_data(model, x, y)
     iters = positive_int(iters, "iters")
@@ -140,7 +140,7 @@ def hessian_power_iteration(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: 
             if norm == 0:  # the Hessian annihilates the vector: a zero eigenvalue, nothing left to iterate
                 converged = True
                 break
-            if iteration > 1 and abs(value - previous) <= tol * max(abs(value), 1e-12):
+            if tol > 0 and iteration > 1 and abs(value - previous) <= tol * max(abs(value), 1e-12):
                 converged = True
                 break
             if time_limit is not None and time.perf_counter() - began > time_limit:

@@ -10,7 +10,8 @@ parameterised module ("layer"):
   ``dead_fraction`` (ReLU units never positive over the sampled batch) and ``saturated_fraction``
   (sigmoid/tanh outputs where the local derivative is below 5 % of its maximum).
 
-On the other steps each hook only checks a flag. ``findings()`` turns the records into ``Finding`` objects
+The model's hooks are registered just before a sampled step and removed after it, so the other steps run
+exactly as without the monitor (only ``step()``, or the optimiser's step hook, counts). ``findings()`` turns the records into ``Finding`` objects
 (vanishing, exploding, dead, saturated, stalled) with the numbers behind them and the usual fix. Thresholds
 are module constants, measured on the demo models in ``bench/diagnostics_calibration.py``; the measured
 values are listed in docs/diagnose.md.
@@ -37,26 +38,28 @@ from ..errors import ConfigError, DataError, InputError
 # ------------------------------------------------------------------------------------------------
 # Vanishing: first-layer gradient RMS / last-layer gradient RMS (median of recent samples). Measured: healthy
 # demo nets (ReLU + He, ReLU + BatchNorm, 12 layers; small MLP and CNN; tanh-4) 0.19-3.4; the 12-layer
-# sigmoid MLP ~2e-10. Three orders of magnitude leave > 100x margin on both sides.
+# sigmoid MLPs <= 5.1e-10. Three orders of magnitude leave > 100x margin on both sides.
 VANISHING_RATIO = 1e-3
 # Vanishing over time: the first/last ratio fell by this factor from the start of training to recently.
-# Measured: healthy demo runs change it by at most ~2x.
+# Measured: healthy demo runs change it by at most ~3x.
 VANISHING_DROP = 1e3
 # Exploding: the model's total (applied) gradient norm peaked at this factor above its start (median of the
 # first samples), or one sample exceeded the median of the samples before it by this factor. Measured:
-# healthy and clipped runs grow <= ~90x and jump <= ~90x; SGD at lr=2 without clipping grows 3e4-2e14.
+# healthy runs grow <= 31x and jump <= 7.9x; SGD at lr=2 without clipping grows 2.8e4-2e14x (1e3 is near
+# the geometric middle). SGD at lr=1 grows 43-754x before its ReLUs die (reported as "dead").
 EXPLODING_GROWTH = 1e3
 EXPLODING_JUMP = 1e3
 # Dead: fraction of a ReLU layer's units never positive over the sampled batch. Measured: healthy demo nets
-# 0.15-0.48 (a 2048->64 Adam-trained layer of the small CNN holds the high end); a bias of -5 kills 1.0.
+# <= 0.48 (the small CNN's 2048->64 layer under Adam; it still reaches 95 % accuracy); bias -5 or a
+# diverged run: 1.0; SGD lr=2 with clipping at 0.3: 0.73-0.77 (really dead over all inputs, 58-82 % accuracy).
 DEAD_FRACTION = 0.7
 # Saturated: fraction of sigmoid/tanh outputs whose derivative is below SATURATION_DERIVATIVE of its maximum.
-# Measured: default-init sigmoid-12 0.0, tanh-4 0.07-0.10; tanh-4 with N(0, 1) weights 0.80.
+# Measured: default-init sigmoid-12 0.0, tanh-4 0.10-0.22; tanh-4 with N(0, 1) weights 0.79-0.81.
 SATURATED_FRACTION = 0.4
 SATURATION_DERIVATIVE = 0.05
 # Stalled: a layer's update ratio ‖Δθ‖/‖θ‖ is below this fraction of the median over all layers. Measured:
-# healthy demo runs (SGD and Adam) keep every layer >= 0.07 of the median (BatchNorm's own weights are the
-# low end); the sigmoid-12 MLP puts its first layer at 5e-7 (SGD) and 2e-3 (Adam) of it.
+# healthy demo runs (SGD and Adam) keep every layer >= 0.074 of the median (BatchNorm's own weights are the
+# low end); the sigmoid-12 MLP puts its first layer at <= 5.1e-7 (SGD) and <= 3.5e-3 (Adam) of it.
 STALLED_FACTOR = 1e-2
 # How many of the latest samples form "recent" (medians resist one noisy batch) and the earliest "start".
 RECENT_SAMPLES = 5
@@ -126,15 +129,13 @@ class Finding:
 class _LayerState:
     """Per-layer scratch space for the sampled step in progress."""
 
-    __slots__ = ("name", "index", "module", "params", "snapshot", "ever_positive", "activation", "saturated",
-                 "elements")
+    __slots__ = ("name", "index", "module", "params", "ever_positive", "activation", "saturated", "elements")
 
     def __init__(self, name: str, index: int, module: nn.Module, params: list[nn.Parameter]):
         self.name, self.index, self.module, self.params = name, index, module, params
         self.reset()
 
     def reset(self) -> None:
-        self.snapshot: list[Tensor] | None = None
         self.ever_positive: Tensor | None = None
         self.activation: str | None = None
         self.saturated: Tensor | int = 0
@@ -148,6 +149,12 @@ def _norms(tensors: list[Tensor], order: float = 2.0) -> list[Tensor]:
     if hasattr(torch, "_foreach_norm"):
         return list(torch._foreach_norm(tensors, order))
     return [torch.linalg.vector_norm(t, order) for t in tensors]
+
+
+def _copies(tensors: list[Tensor]) -> list[Tensor]:
+    if hasattr(torch, "_foreach_mul"):
+        return list(torch._foreach_mul(tensors, 1.0))  # one fused call; returns new tensors
+    return [t.clone() for t in tensors]
 
 
 def _differences(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
@@ -304,6 +311,7 @@ class GradientMonitor:
         for state in self._layers:
             state.reset()
         self._current: _LayerState | None = None  # last parameterised layer run in this sampled forward
+        self._snapshot: list[Tensor] | None = None  # all parameters at the first training forward of the step
         self._raw_norms: dict[int, Tensor] = {}  # param position -> ‖grad‖ right after backward (pre-clipping)
         self._grad_norms: list[Tensor] | None = None  # per param, as the optimiser is about to use them
         self._grad_maxima: list[Tensor] | None = None
@@ -317,8 +325,8 @@ class GradientMonitor:
             self._current = None
             return
         self._current = state
-        if state.snapshot is None:
-            state.snapshot = [p.detach().clone() for p in state.params]
+        if self._snapshot is None:  # weights as the forward saw them = before this step's optimiser update
+            self._snapshot = _copies([p.detach() for p in self._params])
 
     def _record_activation(self, module: nn.Module, output: Any) -> None:
         state = self._current
@@ -373,7 +381,7 @@ class GradientMonitor:
     def _layer_records(self) -> list[dict]:
         """One record per layer for the sampled step; all tensor results are read back in one sync."""
         count = len(self._params)
-        olds = [old for state in self._layers for old in (state.snapshot or [None] * len(state.params))]
+        olds = self._snapshot or [None] * count
         armed = [i for i, old in enumerate(olds) if old is not None]
         per_param = {
             "grad_norm": self._grad_norms, "grad_max": self._grad_maxima,

@@ -39,6 +39,12 @@ def _checked(records: Iterable[dict]) -> list[dict]:
     return records
 
 
+def _labels(records: list[dict], layers: list[str]) -> list[str]:
+    """Layer names, with the module type when the name alone is a bare index (nn.Sequential)."""
+    types = {r["layer"]: r.get("type") for r in records}
+    return [f"{name} {types[name]}" if name.isdigit() and types.get(name) else name for name in layers]
+
+
 def _per_layer(records: list[dict], key: str) -> tuple[list[str], list[float | None]]:
     """Median of ``key`` per layer over the samples where it is known, in depth order."""
     layers = _layer_order(records)
@@ -60,7 +66,7 @@ def plot_gradient_flow(records: Iterable[dict], path: str | os.PathLike) -> Path
     axes.bar(positions, [n if n and n > 0 else math.nan for n in norms], color="#4c72b0", label="‖g‖₂ per layer")
     axes.plot(positions, [m if m and m > 0 else math.nan for m in maxima], "o-", color="#dd8452", label="max |g|")
     axes.set_yscale("log")
-    axes.set_xticks(list(positions), layers, rotation=60, ha="right", fontsize=8)
+    axes.set_xticks(list(positions), _labels(records, layers), rotation=60, ha="right", fontsize=8)
     axes.set_xlabel("layer (input → output)")
     axes.set_ylabel("gradient (median over sampled steps)")
     axes.set_title("Gradient flow")
@@ -85,7 +91,7 @@ def plot_norm_heatmap(records: Iterable[dict], path: str | os.PathLike, key: str
     axes = figure.add_subplot()
     image = axes.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
                         extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
-    axes.set_yticks(range(len(layers)), layers, fontsize=8)
+    axes.set_yticks(range(len(layers)), _labels(records, layers), fontsize=8)
     axes.set_xlabel("training step")
     axes.set_title(f"log10 {key} per layer over time")
     figure.colorbar(image, ax=axes, label=f"log10 {key}")
@@ -110,7 +116,7 @@ def plot_activation_health(records: Iterable[dict], path: str | os.PathLike) -> 
     if all(d is None for d in dead) and all(s is None for s in saturated):
         axes.text(0.5, 0.5, "no ReLU / sigmoid / tanh modules observed", transform=axes.transAxes, ha="center")
     axes.set_ylim(0, 1.05)
-    axes.set_xticks(positions, layers, rotation=60, ha="right", fontsize=8)
+    axes.set_xticks(positions, _labels(records, layers), rotation=60, ha="right", fontsize=8)
     axes.set_ylabel("fraction (median over sampled steps)")
     axes.set_title("Activation health")
     axes.legend(fontsize=8)

@@ -81,8 +81,9 @@ class AttackSpec:
         if self.instance is not None:
             return True
         entry = ATTACKS[self.name]
-        norms = getattr(entry.attack_class(), "supported_norms", None) or entry.norms
-        return threat.norm in norms
+        if threat.norm not in entry.norms:
+            return False
+        return threat.norm in (getattr(entry.attack_class(), "supported_norms", None) or entry.norms)
 
     def build(self, model: nn.Module, threat: ThreatModel, seed: int | None) -> Attack:
         if self.instance is not None:

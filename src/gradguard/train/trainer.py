@@ -456,11 +456,10 @@ class Trainer:
     def _final_evaluation(self) -> dict | None:
         if self.final_suite is None or self.val_data is None or self.threat is None:
             return None
-        result = None
-        if self.is_main:
-            x, y = self._first_samples(self.val_data, 10 ** 9)
-            result = final_evaluation(self.model, (x, y), self.threat, self.final_suite, seed=self.seed,
-                                      run_dir=self.run_dir)
+        # Every rank calls evaluate with the full data (it shards the work itself); rank 0 writes the file.
+        x, y = self._first_samples(self.val_data, 10 ** 9)
+        result = final_evaluation(self.model, (x, y), self.threat, self.final_suite, seed=self.seed,
+                                  run_dir=self.run_dir if self.is_main else None)
         distributed.barrier()
         return result
 
@@ -662,21 +661,28 @@ def final_evaluation(model: nn.Module, data: tuple[Tensor, Tensor], threat: Thre
                      run_dir: Path | None = None) -> dict:
     """Evaluate with ``gradguard.evaluation.evaluate`` (writes robustness.json into ``run_dir``); if the evaluation
     package is not available, fall back to PGD-50 with 5 restarts and say so in the result."""
+    note = "gradguard.evaluation.evaluate not available"
     try:
         from ..evaluation import evaluate
     except ImportError:
         evaluate = None
     if evaluate is not None:
-        report = evaluate(model, data, threat, suite=suite, seed=seed)
-        if run_dir is not None:
-            report.to_json(run_dir / "robustness.json")
-        return {"suite": suite, "clean_acc": report.clean_accuracy, "robust_acc": report.robust_accuracy,
-                "per_attack": report.per_attack, "n_samples": report.n_samples}
+        try:
+            report = evaluate(model, data, threat, suite=suite, seed=seed)
+        except ConfigError as error:  # e.g. a suite attack missing from this installation
+            note = f"suite {suite!r} could not run: {error}"
+            warnings.warn(f"final_suite: {note}; falling back to PGD-50 x 5 restarts", stacklevel=2)
+        else:
+            if run_dir is not None:
+                report.to_json(run_dir / "robustness.json")
+            return {"suite": suite, "attacks_run": list(report.suite), "clean_acc": report.clean_accuracy,
+                    "robust_acc": report.robust_accuracy, "per_attack": report.per_attack,
+                    "n_samples": report.n_samples}
     x, y = data
     with model_guard(model), torch.no_grad():
         clean = float((model(x).argmax(1) == y).float().mean())
     result = PGD(model, threat, steps=50, restarts=5, seed=seed).run(x, y)
-    return {"suite": "pgd-50x5 (fallback: gradguard.evaluation.evaluate not available)", "clean_acc": clean,
+    return {"suite": f"pgd-50x5 (fallback: {note})", "clean_acc": clean,
             "robust_acc": result.accuracy, "n_samples": int(y.shape[0])}
 
 

@@ -334,11 +334,9 @@ class GradientMonitor:
             return
         out = output.detach()
         if isinstance(module, RELU_TYPES):
-            if out.dim() == 2:
-                positive = (out > 0).any(dim=0)
-            else:  # a unit is a channel (dim 1), or a feature (last dim) for Linear on sequences
-                unit_dim = -1 if out.dim() == 3 and isinstance(state.module, nn.Linear) else 1
-                positive = (out > 0).movedim(unit_dim, 0).reshape(out.shape[unit_dim], -1).any(dim=1)
+            # A unit is a feature (Linear; last dim on sequences) or a channel (dim 1, convolutions).
+            unit_dim = out.dim() - 1 if out.dim() == 3 and isinstance(state.module, nn.Linear) else 1
+            positive = out.amax(dim=[d for d in range(out.dim()) if d != unit_dim]) > 0  # one reduction, no copy
             state.ever_positive = positive if state.ever_positive is None else state.ever_positive | positive
             state.activation = "relu"
         else:

@@ -1,0 +1,143 @@
+"""Evaluation strength and cost on real Fashion-MNIST (L∞, eps = 0.1), CPU.
+
+For one small CNN (fmnist-cnn of Wong & Kolter 2018) trained here with a given method — "standard", "fgsm-rs"
+(fast FGSM with random start) or "pgd" (PGD-AT) — on a training subset for a few epochs, measure on the first
+``--n-eval`` test samples, in one process, one after the other:
+
+  * gradguard's "standard" suite (APGD-CE 100 → APGD-T 100 × 9 targets → Square 5000, on survivors);
+  * PGD-100 with 5 restarts (gradguard PGD, Madry step 2.5·eps/100, random starts);
+  * APGD-T-100 alone (9 target classes);
+  * torchattacks' AutoAttack (standard version: APGD-CE, APGD-T, FAB-T, Square 5000), when importable
+    (`pip install --no-deps torchattacks`, a benchmark-only tool, never a gradguard dependency).
+
+Robust accuracy is always re-computed here from the model's predictions on the returned points (and, for
+torchattacks, after checking the points lie in the eps-ball and the box). Trained models are cached in
+bench/out/evaluation/<method>/ so a second run only re-measures. Writes bench/out/evaluation/<method>.json;
+``--table`` prints the markdown table of every JSON written so far.
+
+    python bench/evaluation.py --method standard
+    python bench/evaluation.py --method fgsm-rs
+    python bench/evaluation.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_fashion_mnist  # noqa: E402
+
+from gradguard import Linf, evaluate  # noqa: E402
+from gradguard.models import build_model, load, save  # noqa: E402
+from gradguard.train import Trainer  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out" / "evaluation"
+EPS = 0.1
+TRAINING = {  # method -> Trainer settings (short runs on a subset: this benchmark measures evaluation, not training)
+    "standard": {"epochs": 3},
+    "fgsm-rs": {"epochs": 5, "eps_warmup_epochs": 1},
+    "pgd": {"epochs": 3, "eps_warmup_epochs": 1, "method_kwargs": {"steps": 5}},
+}
+
+
+def trained_model(method: str, train_samples: int, x_train: torch.Tensor, y_train: torch.Tensor):
+    run_dir = OUT / method
+    if (run_dir / "model.safetensors").exists():
+        return load(run_dir).eval(), "cached"
+    torch.manual_seed(0)
+    model = build_model("fmnist-cnn")
+    settings = TRAINING[method]
+    started = time.perf_counter()
+    Trainer(model, method, threat=Linf(EPS) if method != "standard" else None, optimizer="adam", lr=1e-3,
+            batch_size=128, progress=False, val_attack=None, seed=0, **settings).fit(
+        (x_train[:train_samples], y_train[:train_samples]))
+    save(model.eval(), run_dir / "model.safetensors", method=method, dataset="fashion-mnist")
+    return model, f"trained in {time.perf_counter() - started:.0f} s"
+
+
+def run_gradguard(model, x, y, suite) -> dict:
+    started = time.perf_counter()
+    report = evaluate(model, (x, y), Linf(EPS), suite, batch_size=500, seed=0)
+    return {"robust_accuracy": report.robust_accuracy, "clean_accuracy": report.clean_accuracy,
+            "per_attack": report.per_attack, "time_s": round(time.perf_counter() - started, 1)}
+
+
+def run_torchattacks(model, x, y) -> dict:
+    import torchattacks
+
+    started = time.perf_counter()
+    attack = torchattacks.AutoAttack(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0)
+    x_adv = torch.cat([attack(x[i:i + 500], y[i:i + 500]) for i in range(0, len(y), 500)])
+    elapsed = time.perf_counter() - started
+    inside = bool(Linf(EPS).contains(x_adv, x, tol=1e-5).all())
+    with torch.no_grad():
+        accuracy = float((model(x_adv).argmax(1) == y).float().mean())
+    return {"robust_accuracy": accuracy, "time_s": round(elapsed, 1), "points_inside_ball": inside,
+            "version": torchattacks.__version__}
+
+
+def measure(args) -> dict:
+    torch.set_num_threads(args.threads)
+    x_train, y_train, x_test, y_test = load_fashion_mnist()
+    model, provenance = trained_model(args.method, args.train_samples, x_train, y_train)
+    x, y = x_test[:args.n_eval], y_test[:args.n_eval]
+    rows = {}
+    evaluations = [("gradguard standard suite", "standard"),
+                   ("PGD-100 x 5 restarts", [{"name": "pgd", "steps": 100, "restarts": 5}]),
+                   ("APGD-T-100 (9 targets)", [{"name": "apgd-t", "steps": 100}])]
+    for label, suite in evaluations:
+        rows[label] = run_gradguard(model, x, y, suite)
+        print(f"{label:<32} {100 * rows[label]['robust_accuracy']:6.2f} %  {rows[label]['time_s']:7.1f} s", flush=True)
+    if not args.skip_torchattacks:
+        try:
+            rows["torchattacks AutoAttack"] = run_torchattacks(model, x, y)
+            r = rows["torchattacks AutoAttack"]
+            print(f"{'torchattacks AutoAttack':<32} {100 * r['robust_accuracy']:6.2f} %  {r['time_s']:7.1f} s", flush=True)
+        except ImportError:
+            print("torchattacks not installed: skipped (pip install --no-deps torchattacks)")
+    result = {"method": args.method, "model": provenance, "n_eval": len(y), "eps": EPS,
+              "clean_accuracy": rows["gradguard standard suite"]["clean_accuracy"], "rows": rows,
+              "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+              "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{args.method}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table() -> str:
+    lines = ["| model | clean | evaluation | robust acc. | wall time | time vs torchattacks AA |",
+             "|---|---|---|---|---|---|"]
+    for path in sorted(OUT.glob("*.json")):
+        result = json.loads(path.read_text())
+        reference = result["rows"].get("torchattacks AutoAttack", {}).get("time_s")
+        for label, row in result["rows"].items():
+            ratio = f"{row['time_s'] / reference:.2f}x" if reference else "n/a"
+            lines.append(f"| {result['method']} | {100 * result['clean_accuracy']:.1f} % | {label} | "
+                         f"{100 * row['robust_accuracy']:.1f} % | {row['time_s']:.0f} s | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", choices=sorted(TRAINING), default="standard")
+    parser.add_argument("--n-eval", type=int, default=1000)
+    parser.add_argument("--train-samples", type=int, default=20000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-torchattacks", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the results so far")
+    args = parser.parse_args()
+    if args.table:
+        print(table())
+        return
+    measure(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -157,6 +157,35 @@ def test_layer_with_tiny_learning_rate_is_flagged_stalled(digits):
     assert stalled[0].evidence["relative"] < gradflow.STALLED_FACTOR
 
 
+def _records(grad_norms: dict[str, list[float]], numel: int = 100) -> list[dict]:
+    """Synthetic records: one per layer and sample, with the given gradient norms (layers in dict order)."""
+    records = []
+    for index, (layer, norms) in enumerate(grad_norms.items()):
+        for step, norm in enumerate(norms):
+            records.append({"step": step * 10, "layer": layer, "index": index, "numel": numel, "grad_norm": norm,
+                            "grad_max": norm, "grad_finite": True, "weight_finite": True, "update_ratio": 1e-3})
+    return records
+
+
+def test_vanishing_also_fires_when_the_depth_ratio_collapses_over_time():
+    # first/last starts at 10 and ends at 5e-3: above the level threshold, but a 2000x fall
+    falling = _records({"first": [10.0] * 3 + [0.005] * 5, "last": [1.0] * 8})
+    vanishing = [f for f in findings_from_records(falling) if f.kind == "vanishing"]
+    assert vanishing and vanishing[0].evidence["grad_ratio_first_last"] == pytest.approx(0.005)
+    assert vanishing[0].evidence["grad_ratio_first_last_at_start"] == pytest.approx(10.0)
+    steady = _records({"first": [10.0] * 3 + [0.5] * 5, "last": [1.0] * 8})  # a 20x fall is normal
+    assert "vanishing" not in kinds(findings_from_records(steady))
+
+
+def test_exploding_jump_fires_but_a_converged_model_recovering_does_not():
+    jump = _records({"a": [1.0] * 6 + [3e3, 3e3], "b": [1.0] * 8})
+    exploding = [f for f in findings_from_records(jump) if f.kind == "exploding"]
+    assert exploding and exploding[0].evidence["largest_jump"] >= gradflow.EXPLODING_JUMP
+    # gradient decays to 1e-6 as the model converges, then a hard batch brings it back to 0.5: below the start
+    recovering = _records({"a": [1.0, 1.0, 1.0, 1e-3, 1e-6, 1e-6, 1e-6, 0.5], "b": [1.0, 1.0, 1.0] + [1e-6] * 5})
+    assert "exploding" not in kinds(findings_from_records(recovering))
+
+
 # ------------------------------------------------------------------------------------------------
 # Exact numbers
 # ------------------------------------------------------------------------------------------------
@@ -205,15 +234,30 @@ def test_dead_and_saturated_fractions_match_constructed_layers():
 
 
 def test_forwards_without_parameter_gradients_do_not_count_as_activations():
+    from gradguard.attacks.base import model_guard
+
     model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():  # units 0, 1 fire for positive inputs, unit 2 only for negative ones
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+        model[0].bias.zero_()
     with GradientMonitor(model, every=1) as monitor:
         with torch.no_grad():
-            model(-torch.ones(4, 2) * 100)  # evaluation pass: would make units look dead
-        model(torch.rand(4, 2)).sum().backward()
+            model(-torch.ones(4, 2))  # an evaluation pass: would wake unit 2 up
+        with model_guard(model):  # an attack's forward: frozen weights, gradient w.r.t. the input only
+            x = -torch.ones(4, 2, requires_grad=True)
+            torch.autograd.grad(model(x).sum(), x)
+        model(torch.rand(4, 2)).sum().backward()  # the training forward: unit 2 stays silent
         monitor.step()
-    assert monitor.records[0]["dead_fraction"] is not None
-    reference = nn.functional.relu(model[0](torch.rand(4, 2)))  # same weights: not all units can be dead
-    assert monitor.records[0]["dead_fraction"] < 1.0 or bool((reference <= 0).all())
+    assert monitor.records[0]["dead_fraction"] == pytest.approx(1 / 3)
+
+
+def test_monitor_handed_to_a_loop_without_attach_attaches_itself():
+    model = _small_model()
+    monitor = GradientMonitor(model, every=2)
+    _train_steps(model, 5, monitor)
+    assert monitor.attached and sorted({r["step"] for r in monitor.records}) == [2, 4]
+    monitor.detach()
+    assert not monitor.attached
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ parameterised module ("layer"):
   (sigmoid/tanh outputs where the local derivative is below 5 % of its maximum).
 
 The model's hooks are registered just before a sampled step and removed after it, so the other steps run
-exactly as without the monitor (only ``step()``, or the optimiser's step hook, counts). ``findings()`` turns the records into ``Finding`` objects
-(vanishing, exploding, dead, saturated, stalled) with the numbers behind them and the usual fix. Thresholds
-are module constants, measured on the demo models in ``bench/diagnostics_calibration.py``; the measured
-values are listed in docs/diagnose.md.
+exactly as without the monitor (only ``step()``, or the optimiser's step hook, counts). ``findings()`` turns
+the records into ``Finding`` objects (vanishing, exploding, dead, saturated, stalled) with the numbers behind
+them and the usual fix. Thresholds are module constants, measured on the demo models in
+``bench/diagnostics_calibration.py``; the measured values are listed in docs/diagnose.md.
 """
 from __future__ import annotations
 
@@ -185,7 +185,8 @@ class GradientMonitor:
         append: append to an existing ``path`` (resumed runs) instead of starting it afresh.
 
     Use as ``with GradientMonitor(model, every=10) as monitor: ...`` (calling ``monitor.step()`` after each
-    optimiser step, or passing ``optimizer=``), or hand it to ``Trainer(monitor=...)``.
+    optimiser step, or passing ``optimizer=``), or hand it to ``Trainer(monitor=...)``. A monitor that was
+    never attached attaches itself at its first ``step()`` (recording from the next sampled step on).
 
     The model's hooks are registered only for the sampled steps: ``step()`` arms them when the next step is
     sampled and the end of that step removes them, so the other steps run the model exactly as without the
@@ -209,6 +210,7 @@ class GradientMonitor:
         self.step_count = 0  # training steps completed while attached
         self.sampling = False  # is the step in progress sampled (model hooks armed)?
         self.attached = False
+        self._ever_attached = False
         self._layers = self._find_layers(model)
         self._by_module = {id(state.module): state for state in self._layers}
         self._params = [p for state in self._layers for p in state.params]
@@ -243,7 +245,7 @@ class GradientMonitor:
         """Start watching (idempotent): open ``path``, hook the optimiser, arm the model if this step is sampled."""
         if self.attached:
             return self
-        self.attached = True
+        self.attached = self._ever_attached = True
         if self.optimizer is not None:
             self._optimizer_handles = [self.optimizer.register_step_pre_hook(self._optimizer_pre_hook),
                                        self.optimizer.register_step_post_hook(self._optimizer_post_hook)]
@@ -446,6 +448,11 @@ class GradientMonitor:
             self._loss = value if math.isfinite(value) else None
         if self.optimizer is not None and self.attached:
             return
+        if not self.attached and not self._ever_attached:
+            # Handed to a loop (e.g. Trainer(monitor=...)) without `with`/attach(): start watching now, so
+            # the next sampled step is recorded instead of nothing at all. The step ending now was not watched.
+            self.attach()
+            self._disarm()
         self._end_step()
 
     def _end_step(self) -> None:

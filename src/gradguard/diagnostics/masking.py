@@ -35,11 +35,11 @@ PGD_WORSE_THAN_FGSM = (0.01, 0.05)      # PGD accuracy minus FGSM accuracy
 NOT_MONOTONE = (0.02, 0.05)             # largest rise of PGD accuracy when eps grows
 UNBOUNDED_ACCURACY = (0.02, 0.10)       # PGD accuracy when the ball covers the whole box
 NOT_CONVERGED = (0.05, 0.15)            # accuracy drop when steps and restarts are doubled
-BLACK_BOX_ONLY = (0.01, 0.03)           # samples Square breaks but PGD does not
-NOISE_ONLY = (0.005, 0.02)              # samples random noise breaks but PGD does not
+SQUARE_STRONGER = (0.02, 0.05)          # PGD accuracy minus Square accuracy
+NOISE_ONLY = (0.01, 0.03)               # samples random noise breaks but PGD does not
 ZERO_GRADIENTS = (0.10, 0.50)           # samples with a zero or non-finite input gradient
 LOSS_FLAT = (0.10, 0.50)                # samples whose loss does not rise along the attack path
-NON_DETERMINISM = (0.0, 1e-4)           # largest relative logit change between two identical forward passes
+NON_DETERMINISM = (1e-6, 1e-4)          # largest relative logit change between two identical forward passes
 
 EPS_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -301,7 +301,7 @@ class _Probe:
 
     def black_box(self, x: Tensor, y: Tensor, pgd_correct: Tensor, queries: int) -> Check:
         try:
-            from ..attacks import Square
+            from ..attacks.square import Square
         except ImportError:
             return Check("black_box_not_stronger", WARN, {"square": "not available"},
                          "the Square attack is not available in this installation: this check did not run")
@@ -310,7 +310,8 @@ class _Probe:
                          "not applicable to this norm (Square supports linf and l2)")
         square_correct = self.correct_after(lambda: Square(self.model, self.threat, queries=queries, seed=self.seed), x, y)
         only = _mean(pgd_correct & ~square_correct)
-        status = _grade(only, BLACK_BOX_ONLY)
+        # Both attacks are heuristics: each misses a few samples the other breaks, so compare success rates.
+        status = _grade(_mean(pgd_correct) - _mean(square_correct), SQUARE_STRONGER)
         return Check("black_box_not_stronger", status,
                      {"square_accuracy": _mean(square_correct), "pgd_accuracy": _mean(pgd_correct),
                       "fraction_broken_only_by_square": only, "queries": queries},

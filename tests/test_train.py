@@ -3,13 +3,10 @@ the catastrophic-overfitting guard rolls back, and a killed run resumes to ident
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import warnings
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,10 +3,15 @@ from .base import Attack, AttackResult, BestIterate, Iterate, input_gradient, mo
 from .bim import BIM
 from .fgsm import FGSM
 from .losses import cross_entropy, dlr, margin
+from .apgd import APGD, APGDT, apgd_checkpoints
+from .cw import CW
+from .deepfool import DeepFool
 from .mifgsm import MIFGSM
 from .pgd import PGD
+from .square import Square, square_p_schedule
 
 __all__ = [
     "Attack", "AttackResult", "BestIterate", "Iterate", "input_gradient", "model_guard",
     "FGSM", "BIM", "PGD", "MIFGSM", "cross_entropy", "dlr", "margin",
+    "APGD", "APGDT", "CW", "DeepFool", "Square", "apgd_checkpoints", "square_p_schedule",
 ]

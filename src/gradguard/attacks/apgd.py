@@ -1,0 +1,218 @@
+"""APGD and APGD-T — Auto-PGD (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial robustness with an
+ensemble of diverse parameter-free attacks").
+
+PGD with a budget-aware step size: the step starts at 2·eps and is halved at fixed checkpoints whenever the loss
+stopped climbing, each time restarting from the best point found; a momentum term (alpha = 0.75) smooths the walk.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..threat import ThreatModel
+from .base import Attack, BestIterate, Iterate, check_logits, positive_float, positive_int
+
+MOMENTUM = 0.75
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations w_j = ceil(p_j · steps) at which APGD may halve its step (duplicates dropped).
+
+    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), kept while p_j <= 1.
+    Exact fractions, so that 0.22 + 0.19 is 0.41 and not 0.41000000000000003 (whose ceil would be off by one).
+    For steps = 100 this is [0, 22, 41, 57, 70, 80, 87, 93, 99].
+    """
+    steps = positive_int(steps, "steps")
+    fractions = [Fraction(0), Fraction(22, 100)]
+    while True:
+        following = fractions[-1] + max(fractions[-1] - fractions[-2] - Fraction(3, 100), Fraction(6, 100))
+        if following > 1:
+            break
+        fractions.append(following)
+    points: list[int] = []
+    for p in fractions:
+        w = math.ceil(p * steps)
+        if w <= steps and (not points or w > points[-1]):
+            points.append(w)
+    return points
+
+
+def targeted_dlr(logits: Tensor, pairs: Tensor, targeted: bool = False) -> Tensor:
+    """The paper's targeted DLR loss (to maximise): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2).
+
+    ``pairs`` is (batch, 2): true class y, target class t. With fewer than 4 classes the denominator does not
+    exist and the numerator alone, z_t − z_y, is used.
+    """
+    true_logit = logits.gather(1, pairs[:, :1]).squeeze(1)
+    target_logit = logits.gather(1, pairs[:, 1:]).squeeze(1)
+    if logits.shape[1] < 4:
+        return target_logit - true_logit
+    top = logits.sort(dim=1, descending=True).values
+    scale = top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12
+    return (target_logit - true_logit) / scale
+
+
+class APGD(Attack):
+    """Auto-PGD: PGD with momentum and a step size that adapts to the budget (Croce & Hein, ICML 2020).
+
+    Defaults (the paper's): 100 steps, initial step 2·eps, momentum alpha = 0.75, rho = 0.75, checkpoints from
+    ``apgd_checkpoints``; loss "ce" (APGD-CE) or "dlr" (APGD-DLR; "margin" and callables work too); a uniform
+    random start in the ball. At a checkpoint the step is halved, and the walk restarts from the best point, when
+    (1) fewer than rho of the steps since the last checkpoint increased the loss, or (2) the step was not halved at
+    the last checkpoint and the best loss has not improved since.
+
+    Norms: L∞ and L2 as in the paper; L1 uses the threat model's sparse steepest-ascent step and exact L1
+    projection (a plain composition, not the separate APGD-L1 of Croce & Hein 2021).
+    Samples that succeed stop being worked on (``early_stop=True``); per sample the best point is returned.
+    """
+
+    name = "apgd"
+    supported_norms = ("linf", "l2", "l1")
+
+    def __init__(self, model: nn.Module, threat: ThreatModel, *, loss="ce", steps: int = 100, rho: float = 0.75,
+                 initial_step: float = 2.0, **kwargs) -> None:
+        super().__init__(model, threat, loss=loss, **kwargs)
+        _check_norm(self, threat)
+        self.steps = positive_int(steps, "steps")
+        self.rho = positive_float(rho, "rho")
+        if self.rho > 1:
+            raise ConfigError(f"rho: a fraction of steps in (0, 1], got {rho!r}; the paper uses 0.75")
+        self.initial_step = positive_float(initial_step, "initial_step")  # in units of eps
+        self.checkpoints = apgd_checkpoints(self.steps)
+
+    def _perturb(self, x: Tensor, labels: Tensor) -> Iterate:
+        return self._apgd(x, labels, labels)
+
+    def _apgd(self, x: Tensor, labels: Tensor, success_labels: Tensor) -> Iterate:
+        """One APGD run. ``labels`` go to the objective, ``success_labels`` decide success (they differ for APGD-T)."""
+        x_adv = self._random_start(x)
+        grad, logits, objective = self._gradient(x_adv, labels)
+        best = BestIterate(x_adv)
+        success = self._succeeded(logits, success_labels)
+        best.update(x_adv, logits, objective, success, None)
+        n = x.shape[0]
+        state = {
+            "x": x, "labels": labels, "success_labels": success_labels, "x_adv": x_adv, "x_prev": x_adv, "grad": grad,
+            "step": torch.full((n,), self.initial_step * self.threat.eps, device=x.device, dtype=x.dtype),
+            "loss_prev": objective, "loss_best": objective, "x_best": x_adv, "grad_best": grad,
+            "increases": torch.zeros(n, device=x.device, dtype=x.dtype),
+            "loss_best_at_check": objective, "halved_at_check": torch.ones(n, dtype=torch.bool, device=x.device),
+        }
+        index: Tensor | None = None  # original positions of the samples still worked on; None = all
+        checkpoints = set(self.checkpoints[1:])
+        last_checkpoint = 0
+        for iteration in range(1, self.steps + 1):
+            if self.early_stop and bool(success.any()):
+                keep = ~success
+                if not bool(keep.any()):
+                    break
+                index = keep.nonzero().squeeze(1) if index is None else index[keep]
+                state = {key: value[keep] for key, value in state.items()}
+            s = state
+            x_new = self._momentum_step(s, first=iteration == 1)
+            s["x_prev"], s["x_adv"] = s["x_adv"], x_new
+            s["grad"], logits, objective = self._gradient(x_new, s["labels"])
+            success = self._succeeded(logits, s["success_labels"])
+            best.update(x_new, logits, objective, success, index)
+            s["increases"] = s["increases"] + (objective > s["loss_prev"]).to(x.dtype)
+            s["loss_prev"] = objective
+            improved = objective > s["loss_best"]
+            s["x_best"] = torch.where(_expand(improved, x_new), x_new, s["x_best"])
+            s["grad_best"] = torch.where(_expand(improved, x_new), s["grad"], s["grad_best"])
+            s["loss_best"] = torch.where(improved, objective, s["loss_best"])
+            if iteration in checkpoints:
+                self._checkpoint(s, iteration - last_checkpoint)
+                last_checkpoint = iteration
+        return Iterate(best.x_adv, best.logits, best.objective)
+
+    def _momentum_step(self, s: dict, first: bool) -> Tensor:
+        """z = Π(x_k + η·step(∇)); x_{k+1} = Π(x_k + α(z − x_k) + (1 − α)(x_k − x_{k−1})); plain step at k = 0."""
+        x_adv = s["x_adv"]
+        z = self.threat.project(x_adv + self.threat.ascent_step(s["grad"], s["step"], x_adv), s["x"])
+        if first:
+            return z
+        moved = x_adv + MOMENTUM * (z - x_adv) + (1 - MOMENTUM) * (x_adv - s["x_prev"])
+        return self.threat.project(moved, s["x"])
+
+    def _checkpoint(self, s: dict, interval: int) -> None:
+        """Halve the step and go back to the best point where condition 1 or condition 2 of the paper holds."""
+        too_few_increases = s["increases"] < self.rho * interval
+        stalled = ~s["halved_at_check"] & (s["loss_best"] <= s["loss_best_at_check"])
+        halve = too_few_increases | stalled
+        s["step"] = torch.where(halve, s["step"] / 2, s["step"])
+        back = _expand(halve, s["x_adv"])
+        s["x_adv"] = torch.where(back, s["x_best"], s["x_adv"])
+        s["x_prev"] = torch.where(back, s["x_best"], s["x_prev"])  # restart without momentum
+        s["grad"] = torch.where(back, s["grad_best"], s["grad"])
+        s["halved_at_check"] = halve
+        s["loss_best_at_check"] = s["loss_best"]
+        s["increases"] = torch.zeros_like(s["increases"])
+
+
+class APGDT(APGD):
+    """APGD-T: targeted APGD with the targeted DLR loss against each of the top ``n_target_classes`` non-true
+    classes by clean logits, in turn (Croce & Hein, ICML 2020; AutoAttack's "apgd-t").
+
+    Success is misclassification: an untargeted attack overall, which the per-target runs only steer.
+    Defaults (the paper's): 9 target classes, 100 steps per target class, the APGD step-size schedule;
+    ``restarts`` are per target class. Loss: −(z_y − z_t)/(z_π1 − (z_π3 + z_π4)/2) (z_t − z_y with < 4 classes).
+    The returned ``loss`` is that targeted DLR for the best target found.
+    """
+
+    name = "apgd-t"
+
+    def __init__(self, model: nn.Module, threat: ThreatModel, *, steps: int = 100, n_target_classes: int = 9,
+                 restarts: int = 1, **kwargs) -> None:
+        if kwargs.get("targeted"):
+            raise ConfigError("targeted: APGDT is untargeted overall (it picks its own targets); "
+                              "use APGD(..., targeted=True, loss='dlr') to aim at given classes")
+        if "loss" in kwargs:
+            raise ConfigError("loss: APGDT always uses the targeted DLR loss; use APGD(loss=...) for another loss")
+        super().__init__(model, threat, steps=steps, restarts=1, **kwargs)
+        self.objective = targeted_dlr
+        self.loss = "targeted-dlr"
+        self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
+        self.target_restarts = positive_int(restarts, "restarts")
+
+    def _perturb(self, x: Tensor, labels: Tensor) -> Iterate:
+        clean_logits = self._clean_logits(x)
+        others = clean_logits.scatter(1, labels[:, None], float("-inf")).argsort(dim=1, descending=True)
+        n_targets = min(self.n_target_classes, clean_logits.shape[1] - 1)
+        best = BestIterate(x)
+        for rank in range(n_targets):
+            for _ in range(self.target_restarts):
+                index = None
+                if self.early_stop and best.logits is not None:
+                    index = (~best.success).nonzero().squeeze(1)
+                    if index.numel() == 0:
+                        return Iterate(best.x_adv, best.logits, best.objective)
+                pick = slice(None) if index is None else index
+                pairs = torch.stack([labels[pick], others[pick, rank]], dim=1)
+                found = self._apgd(x[pick], pairs, labels[pick])
+                best.update(found.x_adv, found.logits, found.objective,
+                            self._succeeded(found.logits, labels[pick]), index)
+        return Iterate(best.x_adv, best.logits, best.objective)
+
+    @torch.no_grad()
+    def _clean_logits(self, x: Tensor) -> Tensor:
+        self._n_forward += x.shape[0]
+        return check_logits(self.model(x), x.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"APGDT(threat={self.threat!r}, steps={self.steps}, n_target_classes={self.n_target_classes}, "
+                f"restarts={self.target_restarts})")
+
+
+def _check_norm(attack: Attack, threat: ThreatModel) -> None:
+    norms = type(attack).supported_norms
+    if threat.norm not in norms:
+        raise ConfigError(f"threat: {type(attack).__name__} supports the norms {norms}, got a {threat.norm!r} "
+                          f"threat model; use one of " + ", ".join(n.capitalize() if n != "linf" else "Linf" for n in norms))
+
+
+def _expand(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.reshape((-1,) + (1,) * (like.dim() - 1))

@@ -42,7 +42,7 @@ OUT = Path(__file__).resolve().parent / "out" / "evaluation"
 EPS = 0.1
 TRAINING = {  # method -> (training samples, Trainer settings): short runs, this benchmark measures evaluation
     "standard": (20000, {"epochs": 3}),
-    "fgsm-rs": (10000, {"epochs": 4, "eps_warmup_epochs": 1}),
+    "fgsm-rs": (6000, {"epochs": 3, "eps_warmup_epochs": 1}),
     "pgd": (6000, {"epochs": 3, "eps_warmup_epochs": 1, "method_kwargs": {"steps": 3}}),
 }
 
@@ -89,26 +89,34 @@ def measure(args) -> dict:
     x_train, y_train, x_test, y_test = load_fashion_mnist()
     model, provenance = trained_model(args.method, args.train_samples, x_train, y_train)
     x, y = x_test[:args.n_eval], y_test[:args.n_eval]
-    rows = {}
-    evaluations = [("gradguard standard suite", "standard"),
-                   ("PGD-100 x 5 restarts", [{"name": "pgd", "steps": 100, "restarts": 5}]),
-                   ("APGD-T-100 (9 targets)", [{"name": "apgd-t", "steps": 100}])]
-    for label, suite in evaluations:
+    result_path = OUT / f"{args.method}.json"
+    previous = json.loads(result_path.read_text()) if result_path.exists() else {}
+    rows = dict(previous.get("rows", {}))
+    evaluations = {"standard": ("gradguard standard suite", "standard"),
+                   "pgd": ("PGD-100 x 5 restarts", [{"name": "pgd", "steps": 100, "restarts": 5}]),
+                   "apgd-t": ("APGD-T-100 (9 targets)", [{"name": "apgd-t", "steps": 100}])}
+    for key in args.rows:
+        if key not in evaluations:
+            continue
+        label, suite = evaluations[key]
         rows[label] = run_gradguard(model, x, y, suite)
+        rows[label]["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
         print(f"{label:<32} {100 * rows[label]['robust_accuracy']:6.2f} %  {rows[label]['time_s']:7.1f} s", flush=True)
-    if not args.skip_torchattacks:
+    if "torchattacks" in args.rows:
         try:
             rows["torchattacks AutoAttack"] = run_torchattacks(model, x, y)
             r = rows["torchattacks AutoAttack"]
+            r["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
             print(f"{'torchattacks AutoAttack':<32} {100 * r['robust_accuracy']:6.2f} %  {r['time_s']:7.1f} s", flush=True)
-        except ImportError:
+        except ImportError:  # noqa: PERF203
             print("torchattacks not installed: skipped (pip install --no-deps torchattacks)")
-    result = {"method": args.method, "model": provenance, "n_eval": len(y), "eps": EPS,
-              "clean_accuracy": rows["gradguard standard suite"]["clean_accuracy"], "rows": rows,
-              "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-              "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
+    if previous.get("n_eval", len(y)) != len(y):
+        rows = {k: v for k, v in rows.items() if k in args.rows}  # never mix sample counts in one table
+    clean = next((r["clean_accuracy"] for r in rows.values() if "clean_accuracy" in r), None)
+    result = {"method": args.method, "model": provenance, "n_eval": len(y), "eps": EPS, "clean_accuracy": clean,
+              "rows": rows, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.method}.json").write_text(json.dumps(result, indent=1))
+    result_path.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -131,7 +139,9 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=1000)
     parser.add_argument("--train-samples", type=int, default=None, help="default: per method, see TRAINING")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-torchattacks", action="store_true")
+    parser.add_argument("--rows", nargs="+", default=["standard", "torchattacks", "pgd", "apgd-t"],
+                        help="which evaluations to run (results merge into the method's JSON): "
+                             "standard torchattacks pgd apgd-t")
     parser.add_argument("--train-only", action="store_true", help="train (and cache) the model, measure nothing")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the results so far")
     args = parser.parse_args()

@@ -33,14 +33,6 @@ class Recorder(Attack):
         return Iterate(x.clone())
 
 
-def apgd_available() -> bool:
-    try:
-        from gradguard.attacks import APGD  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def data(digits):
     return digits.x_test[:200], digits.y_test[:200]
@@ -169,12 +161,22 @@ def test_named_suites_have_the_autoattack_composition():
     assert [s.label for s in resolve_suite(["pgd", {"name": "pgd", "steps": 3}])] == ["pgd", "pgd#2"]
 
 
-@pytest.mark.skipif(not apgd_available(), reason="stream A's APGD has not landed in gradguard.attacks yet")
 def test_quick_suite_is_at_least_as_strong_as_pgd(digits_mlp, data):
     quick = evaluate(digits_mlp, data, THREAT, "quick", batch_size=100)
     pgd = evaluate(digits_mlp, data, THREAT, [{"name": "pgd", "steps": 20}], batch_size=100)
     assert quick.suite == ["apgd-ce"]
     assert quick.robust_accuracy <= pgd.robust_accuracy + 0.01
+
+
+def test_standard_composition_runs_on_survivors_and_beats_its_first_attack(digits_mlp, data):
+    x, y = data[0][:80], data[1][:80]
+    suite = [{"name": "apgd-ce", "steps": 20}, {"name": "apgd-t", "steps": 10, "n_target_classes": 3},
+             {"name": "square", "queries": 200}]  # the "standard" composition at small budgets
+    result = evaluate(digits_mlp, (x, y), THREAT, suite, batch_size=40)
+    assert result.suite == ["apgd-ce", "apgd-t", "square"]
+    assert result.robust_accuracy <= result.per_attack["apgd-ce"] <= result.clean_accuracy
+    first_only = evaluate(digits_mlp, (x, y), THREAT, suite[:1], batch_size=40)
+    assert result.per_attack["apgd-ce"] == first_only.robust_accuracy  # same seeds, same first stage
 
 
 def test_curve_is_non_increasing_and_reuses_work(digits_mlp, data, tmp_path):

@@ -67,7 +67,7 @@ def binary_linear(w: torch.Tensor, b: float) -> nn.Module:
 # Invariants, for every attack x supported norm x random shapes / eps
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,norm", SUPPORTED)
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(
     batch=st.integers(1, 4), channels=st.integers(1, 2), side=st.integers(3, 6), classes=st.integers(2, 6),
     eps=st.floats(0.0, 2.0), seed=st.integers(0, 1000), targeted=st.booleans(), restarts=st.integers(1, 2),
@@ -248,7 +248,7 @@ def test_apgd_reaches_the_closed_form_optimum_on_a_linear_model(linear_problem, 
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_batch(digits):
-    return digits.x_test[:150], digits.y_test[:150]
+    return digits.x_test[:100], digits.y_test[:100]
 
 
 @pytest.mark.parametrize("threat", [Linf(eps=0.1), L2(eps=0.8)], ids=["linf", "l2"])
@@ -277,7 +277,7 @@ def test_apgd_dlr_runs_and_lowers_accuracy(digits_mlp, digits_batch):
 
 @pytest.mark.parametrize("threat", [Linf(eps=0.3), L2(eps=3.0)], ids=["linf", "l2"])
 def test_square_breaks_an_undefended_model_without_gradients(digits_mlp, digits_batch, threat):
-    x, y = digits_batch[0][:60], digits_batch[1][:60]
+    x, y = digits_batch[0][:50], digits_batch[1][:50]
     result = Square(digits_mlp, threat, queries=300, seed=0).run(x, y)
     assert result.accuracy <= 0.1, result.accuracy
     assert result.n_grad == 0

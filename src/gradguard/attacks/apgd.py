@@ -120,14 +120,23 @@ class APGD(Attack):
             best.update(x_new, logits, objective, success, index)
             s["increases"] = s["increases"] + (objective > s["loss_prev"]).to(x.dtype)
             s["loss_prev"] = objective
-            improved = objective > s["loss_best"]
-            s["x_best"] = torch.where(_expand(improved, x_new), x_new, s["x_best"])
-            s["grad_best"] = torch.where(_expand(improved, x_new), s["grad"], s["grad_best"])
-            s["loss_best"] = torch.where(improved, objective, s["loss_best"])
+            self._track_best(s, x_new, objective)
             if iteration in checkpoints:
                 self._checkpoint(s, iteration - last_checkpoint)
                 last_checkpoint = iteration
         return Iterate(best.x_adv, best.logits, best.objective)
+
+    @staticmethod
+    def _track_best(s: dict, x_new: Tensor, objective: Tensor) -> None:
+        """The restart point: per sample the highest-loss iterate and its gradient (no copy when all or none improve)."""
+        improved = objective > s["loss_best"]
+        if bool(improved.all()):
+            s["x_best"], s["grad_best"] = x_new, s["grad"]
+        elif bool(improved.any()):
+            mask = _expand(improved, x_new)
+            s["x_best"] = torch.where(mask, x_new, s["x_best"])
+            s["grad_best"] = torch.where(mask, s["grad"], s["grad_best"])
+        s["loss_best"] = torch.where(improved, objective, s["loss_best"])
 
     def _momentum_step(self, s: dict, first: bool) -> Tensor:
         """z = Π(x_k + η·step(∇)); x_{k+1} = Π(x_k + α(z − x_k) + (1 − α)(x_k − x_{k−1})); plain step at k = 0."""
@@ -135,7 +144,8 @@ class APGD(Attack):
         z = self.threat.project(x_adv + self.threat.ascent_step(s["grad"], s["step"], x_adv), s["x"])
         if first:
             return z
-        moved = x_adv + MOMENTUM * (z - x_adv) + (1 - MOMENTUM) * (x_adv - s["x_prev"])
+        # x + α(z − x) + (1 − α)(x − x_prev) = α·z + (2 − 2α)·x − (1 − α)·x_prev, in place on the fresh z
+        moved = z.mul_(MOMENTUM).add_(x_adv, alpha=2 - 2 * MOMENTUM).add_(s["x_prev"], alpha=-(1 - MOMENTUM))
         return self.threat.project(moved, s["x"])
 
     def _checkpoint(self, s: dict, interval: int) -> None:

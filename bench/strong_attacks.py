@@ -1,6 +1,7 @@
 """Strong attacks on a Fashion-MNIST CNN: strength at equal budget and the cost of APGD's bookkeeping.
 
-    python bench/strong_attacks.py --samples 500 --epochs 2
+    python bench/strong_attacks.py --samples 300 --epochs 2
+    python bench/strong_attacks.py --timing-only --samples 200 --steps 50   # part 2 only, untrained CNN
 
 1. Robust accuracy at eps = 0.1 (L∞) of PGD vs APGD-CE vs APGD-DLR vs APGD-T vs Square on a fast-FGSM-trained
    CNN (lower = stronger attack), each with the budget in the table.
@@ -33,8 +34,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/out/strong_attacks.json")
+    parser.add_argument("--timing-only", action="store_true", help="part 2 only, on an untrained CNN and random inputs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.timing_only:
+        torch.manual_seed(0)
+        model = fmnist_cnn().eval()
+        x, y = torch.rand(args.samples, 1, 28, 28), torch.randint(0, 10, (args.samples,))
+        timing = apgd_vs_pgd_timing(model, x, y, Linf(eps=0.1), args.steps, args.repeats)
+        print(json.dumps({"command": " ".join(sys.argv), "timing_median_s": timing,
+                          "apgd_over_pgd": timing["apgd"] / timing["pgd"]}, indent=2))
+        return
 
     x_train, y_train, x_test, y_test = load_fashion_mnist()
     torch.manual_seed(0)
@@ -59,9 +69,7 @@ def main() -> None:
                           "seconds": round(time.perf_counter() - t0, 2)}
         print(name, strength[name], flush=True)
 
-    pgd_full = PGD(model, threat, steps=steps, seed=0, early_stop=False)
-    apgd_full = APGD(model, threat, steps=steps, seed=0, early_stop=False)
-    timing = interleaved_medians({"pgd": lambda: pgd_full(x, y), "apgd": lambda: apgd_full(x, y)}, args.repeats)
+    timing = apgd_vs_pgd_timing(model, x, y, threat, steps, args.repeats)
     print("timing", timing, "apgd/pgd", timing["apgd"] / timing["pgd"], flush=True)
 
     n_min = min(100, args.samples)
@@ -82,6 +90,13 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+
+
+def apgd_vs_pgd_timing(model, x, y, threat, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds of PGD and APGD with the same steps and no early stop (the same gradient count), interleaved."""
+    pgd_full = PGD(model, threat, steps=steps, seed=0, early_stop=False)
+    apgd_full = APGD(model, threat, steps=steps, seed=0, early_stop=False)
+    return interleaved_medians({"pgd": lambda: pgd_full(x, y), "apgd": lambda: apgd_full(x, y)}, repeats)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,15 @@ def measure(args) -> dict:
     x, y = x_test[:args.n_eval], y_test[:args.n_eval]
     result_path = OUT / f"{args.method}.json"
     previous = json.loads(result_path.read_text()) if result_path.exists() else {}
-    rows = dict(previous.get("rows", {}))
+    rows = dict(previous.get("rows", {})) if previous.get("n_eval") == len(y) else {}  # never mix sample counts
+
+    def save(rows: dict) -> None:
+        clean = next((r["clean_accuracy"] for r in rows.values() if "clean_accuracy" in r), None)
+        result = {"method": args.method, "model": provenance, "n_eval": len(y), "eps": EPS, "clean_accuracy": clean,
+                  "rows": rows, "threads": args.threads, "torch": torch.__version__,
+                  "python": platform.python_version()}
+        OUT.mkdir(parents=True, exist_ok=True)
+        result_path.write_text(json.dumps(result, indent=1))
     evaluations = {"standard": ("gradguard standard suite", "standard"),
                    "pgd": ("PGD-100 x 5 restarts", [{"name": "pgd", "steps": 100, "restarts": 5}]),
                    "apgd-t": ("APGD-T-100 (9 targets)", [{"name": "apgd-t", "steps": 100}])}
@@ -102,33 +110,29 @@ def measure(args) -> dict:
         rows[label] = run_gradguard(model, x, y, suite)
         rows[label]["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
         print(f"{label:<32} {100 * rows[label]['robust_accuracy']:6.2f} %  {rows[label]['time_s']:7.1f} s", flush=True)
+        save(rows)  # after every row: a run cut short by a time limit keeps what it measured
     if "torchattacks" in args.rows:
         try:
             rows["torchattacks AutoAttack"] = run_torchattacks(model, x, y)
             r = rows["torchattacks AutoAttack"]
             r["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
             print(f"{'torchattacks AutoAttack':<32} {100 * r['robust_accuracy']:6.2f} %  {r['time_s']:7.1f} s", flush=True)
+            save(rows)
         except ImportError:  # noqa: PERF203
             print("torchattacks not installed: skipped (pip install --no-deps torchattacks)")
-    if previous.get("n_eval", len(y)) != len(y):
-        rows = {k: v for k, v in rows.items() if k in args.rows}  # never mix sample counts in one table
-    clean = next((r["clean_accuracy"] for r in rows.values() if "clean_accuracy" in r), None)
-    result = {"method": args.method, "model": provenance, "n_eval": len(y), "eps": EPS, "clean_accuracy": clean,
-              "rows": rows, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
-    OUT.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(result, indent=1))
-    return result
+    return json.loads(result_path.read_text())
 
 
 def table() -> str:
-    lines = ["| model | clean | evaluation | robust acc. | wall time | time vs torchattacks AA |",
+    lines = ["| model (samples) | clean | evaluation | robust acc. | wall time | time vs torchattacks AA |",
              "|---|---|---|---|---|---|"]
     for path in sorted(OUT.glob("*.json")):
         result = json.loads(path.read_text())
         reference = result["rows"].get("torchattacks AutoAttack", {}).get("time_s")
         for label, row in result["rows"].items():
             ratio = f"{row['time_s'] / reference:.2f}x" if reference else "n/a"
-            lines.append(f"| {result['method']} | {100 * result['clean_accuracy']:.1f} % | {label} | "
+            clean = f"{100 * result['clean_accuracy']:.1f} %" if result["clean_accuracy"] is not None else "?"
+            lines.append(f"| {result['method']} ({result['n_eval']}) | {clean} | {label} | "
                          f"{100 * row['robust_accuracy']:.1f} % | {row['time_s']:.0f} s | {ratio} |")
     return "\n".join(lines)
 

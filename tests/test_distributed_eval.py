@@ -55,6 +55,9 @@ SCRIPT = textwrap.dedent("""
         json.dump({"report": result, "curve": curve_result, "world_size": report.world_size,
                    "seen": recorder.seen, "x_adv": hashlib.sha256(report.x_adv.numpy().tobytes()).hexdigest()},
                   handle)
+    if torch.distributed.is_initialized():  # a clean shutdown: no gloo thread left running at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 """)
 
 

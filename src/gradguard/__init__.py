@@ -1,25 +1,26 @@
 """gradguard: attack, harden and diagnose PyTorch models through their gradients."""
-from .errors import (BoundsError, CheckpointError, ConfigError, DataError, GradguardError, InputError,
-                     ModelOutputError, ShapeError)
-from .diagnostics import Finding, GradientMonitor
-from .models import Normalized, build_model, list_models
-from .threat import L1, L2, Linf, ThreatModel, make_threat
+__version__ = "0.1.0"  # first: models.save and the report footer read it while the package is importing
 
-__version__ = "0.1.0"
+from . import attacks  # noqa: E402  (gradguard.attacks.FGSM, PGD, APGD, ...)
+from .data import Dataset, list_datasets, load_dataset  # noqa: E402
+from .diagnostics import Finding, GradientMonitor, check_masking  # noqa: E402
+from .errors import (BoundsError, CheckpointError, ConfigError, DataError, GradguardError,  # noqa: E402
+                     InputError, ModelOutputError, ShapeError)
+from .evaluation import RobustnessCurve, RobustnessReport, evaluate, evaluate_curve  # noqa: E402
+from .models import Normalized, build_model, list_models  # noqa: E402
+from .report import build_report  # noqa: E402
+from .threat import L1, L2, Linf, ThreatModel, make_threat  # noqa: E402
+from .train import Trainer  # noqa: E402
 
 __all__ = [
-    "Linf", "L2", "L1", "ThreatModel", "make_threat", "Normalized",
+    # threat models and attacks
+    "Linf", "L2", "L1", "ThreatModel", "make_threat", "Normalized", "attacks",
+    # evaluation and diagnostics
+    "evaluate", "evaluate_curve", "RobustnessReport", "RobustnessCurve", "check_masking",
+    "GradientMonitor", "Finding",
+    # training, models, data, reports
+    "Trainer", "build_model", "list_models", "Dataset", "load_dataset", "list_datasets", "build_report",
+    # errors
     "GradguardError", "InputError", "ShapeError", "BoundsError", "ModelOutputError", "ConfigError",
     "DataError", "CheckpointError",
 ]
-__all__ += ["GradientMonitor", "Finding"]
-from .train import Trainer  # noqa: E402  (after __version__: models.save reads it)
-
-__all__ += ["Trainer", "build_model", "list_models"]
-from .data import Dataset, list_datasets, load_dataset  # noqa: E402
-from .report import build_report  # noqa: E402  (after __version__: the report footer reads it)
-
-__all__ += ["Dataset", "load_dataset", "list_datasets", "build_report"]
-from .evaluation import RobustnessCurve, RobustnessReport, evaluate, evaluate_curve  # noqa: E402
-
-__all__ += ["evaluate", "evaluate_curve", "RobustnessReport", "RobustnessCurve"]

@@ -366,15 +366,19 @@ def check_inputs(x: Any, threat: ThreatModel, argument: str = "x") -> Tensor:
     if x.dim() < 2:
         raise ShapeError(f"{argument}: expected shape (batch, ...) with at least 2 dims, got {tuple(x.shape)}; "
                          f"add a batch dimension with {argument}.unsqueeze(0)")
-    if not bool(torch.isfinite(x).all()):
-        raise BoundsError(f"{argument}: contains NaN or inf; clean the data before attacking")
+    x = x.detach()
+    if x.numel() == 0:
+        return x
     lo, hi = threat.bounds
-    if x.numel() and (float(x.min()) < lo - BOUNDS_TOLERANCE or float(x.max()) > hi + BOUNDS_TOLERANCE):
+    smallest, largest = (float(v) for v in torch.aminmax(x))  # one pass; NaN and inf propagate into these
+    if not (math.isfinite(smallest) and math.isfinite(largest)):
+        raise BoundsError(f"{argument}: contains NaN or inf; clean the data before attacking")
+    if smallest < lo - BOUNDS_TOLERANCE or largest > hi + BOUNDS_TOLERANCE:
         raise BoundsError(
-            f"{argument}: values span [{float(x.min()):.4g}, {float(x.max()):.4g}] but the threat model's bounds are "
+            f"{argument}: values span [{smallest:.4g}, {largest:.4g}] but the threat model's bounds are "
             f"{threat.bounds}; scale the data into the bounds (normalisation belongs inside the model: Normalized)"
         )
-    return x.detach().clamp(lo, hi)
+    return x if lo <= smallest and largest <= hi else x.clamp(lo, hi)  # clamp only float dust at the edges
 
 
 def as_labels(y: Any, batch: int, argument: str = "y") -> Tensor:

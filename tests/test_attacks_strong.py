@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from model_checks import assert_same_state, model_state
+
 from gradguard import L1, L2, ConfigError, Linf
 from gradguard.attacks import APGD, APGDT, CW, PGD, DeepFool, Square, apgd_checkpoints, square_p_schedule
 from gradguard.attacks.apgd import targeted_dlr
@@ -26,25 +28,6 @@ ATTACKS = {
 }
 SUPPORTED = [(name, norm) for name, (_, norms, _) in sorted(ATTACKS.items()) for norm in norms]
 UNSUPPORTED = [(name, norm) for name, (_, norms, _) in sorted(ATTACKS.items()) for norm in NORMS if norm not in norms]
-
-
-def model_state(model: nn.Module):
-    """Everything an attack must leave alone."""
-    return (
-        [m.training for m in model.modules()],
-        [p.requires_grad for p in model.parameters()],
-        [p.detach().clone() for p in model.parameters()],
-        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-    )
-
-
-def assert_same_state(before, after):
-    assert before[0] == after[0], "train/eval modes changed"
-    assert before[1] == after[1], "requires_grad flags changed"
-    for a, b in zip(before[2], after[2]):
-        assert torch.equal(a, b), "parameters changed"
-    for a, b in zip(before[3], after[3]):
-        assert (a is None and b is None) or torch.equal(a, b), ".grad changed"
 
 
 def small_cnn(channels: int, classes: int, side: int) -> nn.Module:

@@ -126,7 +126,7 @@ def test_bad_bounds_raise_config_error_naming_bounds(bounds):
 
 
 def test_threat_round_trips_through_dict():
-    for threat in (Linf(eps=0.1), L2(eps=1.5, bounds=(-1, 1)), L1(eps=3.0)):
+    for threat in (Linf(eps=0.1), L2(eps=1.5, bounds=(-1, 1)), L1(eps=3.0), L1(eps=2.0, sparsity=0.2)):
         assert threat_from_dict(threat.to_dict()) == threat
     assert make_threat("l2", 0.5) == L2(eps=0.5)
     with pytest.raises(ConfigError, match="norm"):

@@ -178,6 +178,9 @@ class L1(ThreatModel):
         if not 0 < self.sparsity <= 1:
             raise ConfigError(f"sparsity: must be in (0, 1], got {self.sparsity!r}")
 
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "sparsity": self.sparsity}
+
     def _norm(self, flat: Tensor) -> Tensor:
         return flat.abs().sum(dim=1)
 
@@ -234,7 +237,8 @@ def threat_from_dict(spec: dict) -> ThreatModel:
     norm = str(spec.get("norm", "")).lower()
     if norm not in kinds:
         raise ConfigError(f"norm: unknown threat norm {spec.get('norm')!r}; choose one of {sorted(kinds)}")
-    return kinds[norm](eps=spec["eps"], bounds=tuple(spec.get("bounds", (0.0, 1.0))))
+    extra = {"sparsity": spec["sparsity"]} if norm == "l1" and "sparsity" in spec else {}
+    return kinds[norm](eps=spec["eps"], bounds=tuple(spec.get("bounds", (0.0, 1.0))), **extra)
 
 
 def make_threat(norm: str, eps: float, bounds: tuple[float, float] = (0.0, 1.0)) -> ThreatModel:

@@ -1,0 +1,24 @@
+"""Assertions shared by the attack tests: an attack must leave the model exactly as it found it."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def model_state(model: nn.Module):
+    """Everything an attack must leave alone: modes, requires_grad flags, parameters, .grad fields."""
+    return (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        [p.detach().clone() for p in model.parameters()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    )
+
+
+def assert_same_state(before, after) -> None:
+    assert before[0] == after[0], "train/eval modes changed"
+    assert before[1] == after[1], "requires_grad flags changed"
+    for a, b in zip(before[2], after[2]):
+        assert torch.equal(a, b), "parameters changed"
+    for a, b in zip(before[3], after[3]):
+        assert (a is None and b is None) or torch.equal(a, b), ".grad changed"

@@ -31,8 +31,21 @@ NOT_BROKEN = -1  # broken_by value of a sample no attack broke (robust, or miscl
 # ------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------
+
+class _JsonResult:
+    """``to_json`` for the result classes: JSON text of ``to_dict()``, written atomically when a path is given."""
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            _atomic_write(Path(path), text)
+        return text
+
 @dataclass
-class RobustnessReport:
+class RobustnessReport(_JsonResult):
     """What ``evaluate`` measured.
 
     ``robust_accuracy`` is the per-sample worst case over the whole suite. ``per_attack[label]`` is the accuracy
@@ -75,13 +88,6 @@ class RobustnessReport:
                         "robust": self.robust.int().tolist(), "broken_by": self.broken_by.tolist(),
                         "prediction_adv": self.predictions_adv.tolist()},
         }
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The report as JSON text; also written (atomically) to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            _atomic_write(Path(path), text)
-        return text
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "RobustnessReport":
@@ -297,7 +303,7 @@ def per_class_table(y: Tensor, clean_correct: Tensor, robust: Tensor) -> dict[st
 # evaluate_curve
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class RobustnessCurve:
+class RobustnessCurve(_JsonResult):
     """Robust accuracy against eps (ascending). ``per_attack[i]`` is the cascade table at ``eps[i]``."""
 
     eps: list[float]
@@ -316,12 +322,6 @@ class RobustnessCurve:
                 "n_samples": self.n_samples, "threat": self.threat, "suite": self.suite,
                 "per_attack": self.per_attack, "attacked": self.attacked, "elapsed_s": self.elapsed_s,
                 "seed": self.seed}
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            _atomic_write(Path(path), text)
-        return text
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "RobustnessCurve":

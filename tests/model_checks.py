@@ -22,3 +22,18 @@ def assert_same_state(before, after) -> None:
         assert torch.equal(a, b), "parameters changed"
     for a, b in zip(before[3], after[3]):
         assert (a is None and b is None) or torch.equal(a, b), ".grad changed"
+
+
+class ExplodingModel(nn.Module):
+    """Raises on the third forward pass, in the middle of an attack."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.linear = nn.Linear(16, classes)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("boom")
+        return self.linear(x.flatten(1))

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from model_checks import assert_same_state, model_state
+from model_checks import ExplodingModel, assert_same_state, model_state
 
 from gradguard import L1, L2, Linf, Normalized
 from gradguard.attacks import BIM, FGSM, MIFGSM, PGD
@@ -61,21 +61,6 @@ def test_attack_stays_in_ball_and_bounds_and_leaves_model_untouched(
     assert bool(threat.contains(result.x_adv, x, tol=1e-6).all())
     assert_same_state(before, model_state(model))
     assert result.success.shape == (batch,) and result.logits.shape == (batch, classes)
-
-
-class ExplodingModel(nn.Module):
-    """Raises on the third forward pass, in the middle of an attack."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(16, 3)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == 3:
-            raise RuntimeError("boom")
-        return self.linear(x.flatten(1))
 
 
 @pytest.mark.parametrize("name", ["pgd", "bim", "mifgsm"])

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from model_checks import assert_same_state, model_state
+from model_checks import ExplodingModel, assert_same_state, model_state
 
 from gradguard import L1, L2, ConfigError, Linf
 from gradguard.attacks import APGD, APGDT, CW, PGD, DeepFool, Square, apgd_checkpoints, square_p_schedule
@@ -87,24 +87,9 @@ def test_strong_attack_on_flat_inputs_stays_in_ball(name, norm):
     assert bool(threat.contains(adversarial, x, tol=1e-6).all())
 
 
-class ExplodingModel(nn.Module):
-    """Raises on the third forward pass, in the middle of an attack."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(16, 5)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.calls == 3:
-            raise RuntimeError("boom")
-        return self.linear(x.flatten(1))
-
-
 @pytest.mark.parametrize("name,norm", [(n, norms[0] if n != "cw" else "l2") for n, (_, norms, _) in sorted(ATTACKS.items())])
 def test_model_restored_after_an_exception(name, norm):
-    model = ExplodingModel().train()
+    model = ExplodingModel(classes=5).train()
     model.linear.weight.grad = torch.ones_like(model.linear.weight)
     model.linear.bias.requires_grad_(False)
     before = model_state(model)

@@ -156,6 +156,9 @@ def test_named_suites_have_the_autoattack_composition():
     assert [s["name"] for s in get_suite("standard")] == ["apgd-ce", "apgd-t", "square"]
     assert get_suite("standard")[1]["n_target_classes"] == 9 and get_suite("standard")[2]["queries"] == 5000
     assert [s["name"] for s in get_suite("quick")] == ["apgd-ce"] and get_suite("quick")[0]["steps"] == 100
+    fast = get_suite("fast")
+    assert [s["name"] for s in fast] == ["apgd-ce", "apgd-t", "square"]
+    assert fast[1]["n_target_classes"] == 3 and fast[2]["queries"] == 1000 and fast[1]["steps"] == 100
     get_suite("quick")[0]["steps"] = 1  # a copy: the registry is not changed
     assert SUITES["quick"][0]["steps"] == 100
     assert [s.label for s in resolve_suite(["pgd", {"name": "pgd", "steps": 3}])] == ["pgd", "pgd#2"]

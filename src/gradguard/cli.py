@@ -769,7 +769,7 @@ def build_parser() -> OneLineParser:
     demo.add_argument("--quick", action="store_true", help="tiny settings (seconds): for tests and smoke checks")
     demo.add_argument("--epochs", type=positive_int, help="override the training epochs of both models")
     demo.add_argument("--force", action="store_true", help="replace OUT even if it is not a demo run")
-    demo.add_argument("--suite", help="evaluation suite: quick | standard | classic | attack names (default standard; "
+    demo.add_argument("--suite", help="evaluation suite: quick | fast | standard | classic | attack names (default standard; "
                       "quick with --quick)")
     _data_options(demo, dataset_default="digits", samples_default=None, samples_help="unused by demo")
     _threat_options(demo, "perturbation budget (default 0.1 for linf)")
@@ -834,7 +834,7 @@ def build_parser() -> OneLineParser:
     evaluate.epilog = ("examples:\n  gradguard evaluate runs/pgd\n"
                        "  gradguard evaluate runs/pgd --suite quick --curve 0,0.05,0.1,0.2 --samples 500")
     evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with model.safetensors")
-    evaluate.add_argument("--suite", default="standard", help="quick | standard | comma-separated attack names "
+    evaluate.add_argument("--suite", default="standard", help="quick | fast | standard | classic | comma-separated attack names "
                           "(default standard)")
     evaluate.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1")
     evaluate.add_argument("--curve-suite", default="quick", help="suite for the curve (default quick)")

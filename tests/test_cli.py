@@ -248,6 +248,51 @@ def test_failure_during_training_leaves_no_half_written_run(tmp_path, capsys, mo
     assert not (tmp_path / "run").exists() and not leftovers(tmp_path)
 
 
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from gradguard.train import Trainer
+
+    settings = ["--epochs", "3", "--train-samples", "300", "--samples", "60", "--method", "fgsm-rs", "--eps", "0.1",
+                "--seed", "4"]
+    assert main(["train", "--out", str(tmp_path / "straight"), *settings]) == 0
+    end_of_epoch = Trainer._end_of_epoch
+
+    def ctrl_c_after_epoch_2(self, epoch, metrics, step_log):
+        end_of_epoch(self, epoch, metrics, step_log)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_end_of_epoch", ctrl_c_after_epoch_2)
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--out", out, *settings)
+    assert code == 130 and "--resume" in err
+    assert not out.exists() and leftovers(tmp_path) == [".run.partial"]
+    monkeypatch.undo()
+
+    code, _, err = run_cli(capsys, "train", "--out", out, *settings)  # a new run must not silently replace it
+    assert_one_line_error(code, err, "--resume", "--force")
+    trained_epochs = []
+    train_epoch = Trainer._train_epoch
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda self, epoch: trained_epochs.append(epoch) or
+                        train_epoch(self, epoch))
+    code, _, err = run_cli(capsys, "train", "--out", out, *settings, "--resume")
+    assert code == 0, err
+    assert trained_epochs == [2]  # zero-based: only the third epoch ran, the run did not start over
+    assert not leftovers(tmp_path)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    resumed, straight = load_file(out / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[key], straight[key]) for key in straight)
+
+
+def test_resume_without_an_interrupted_run_is_refused(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--out", tmp_path / "run", "--epochs", "1", "--resume")
+    assert_one_line_error(code, err, "resume:", "no interrupted run")
+    assert not leftovers(tmp_path)
+
+
 def test_existing_output_needs_force(trained_run, capsys):
     code, _, err = run_cli(capsys, "train", "--out", trained_run, "--epochs", "1")
     assert_one_line_error(code, err, "already exists")

@@ -91,20 +91,40 @@ def resolve_device(name: str | None) -> "Any":
     return device
 
 
+class KeptPartialRun(KeyboardInterrupt):
+    """Ctrl-C during a resumable command whose finished epochs were kept for ``--resume``."""
+
+
 @contextlib.contextmanager
-def staged_run_dir(out: str | Path, *, replace: bool = False) -> Iterator[Path]:
+def staged_run_dir(out: str | Path, *, replace: bool = False, resumable: bool = False,
+                   resume: bool = False) -> Iterator[Path]:
     """Build a new run directory in a temporary sibling folder and rename it to ``out`` only on success.
 
     On any error (or Ctrl-C) the temporary folder is removed, so ``out`` is either complete or untouched.
+    ``resumable`` (training) stages in ``.<name>.partial`` instead and keeps that folder when it already holds a
+    checkpoint, so that ``resume=True`` (``--resume``) continues the run; ``out`` itself still appears only complete.
     """
     out = Path(out)
     if out.exists() and not replace:
         raise ConfigError(f"out: {str(out)!r} already exists; choose another --out or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {str(out)!r} exists and is not a directory; choose another --out")
+    partial = out.parent / f".{out.name}.partial"
+    if resume and not partial.is_dir():
+        raise ConfigError(f"resume: no interrupted run of {str(out)!r} to continue (looked for {str(partial)!r}); "
+                          "run without --resume to start one")
+    if resumable and partial.exists() and not resume:
+        if not replace:
+            raise ConfigError(f"out: an interrupted run of {str(out)!r} is kept in {str(partial)!r}; continue it "
+                              "with --resume, or pass --force to start over")
+        shutil.rmtree(partial)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        if resumable:
+            partial.mkdir(exist_ok=True)
+            staging = partial
+        else:
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as error:
         raise ConfigError(f"out: cannot create a run directory next to {str(out)!r} ({error.strerror or error}); "
                           "choose a writable --out") from None
@@ -117,9 +137,22 @@ def staged_run_dir(out: str | Path, *, replace: bool = False) -> Iterator[Path]:
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as error:
+        if not (resumable and _holds_checkpoint(staging)):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        hint = f"the finished epochs are kept in {str(staging)!r}; add --resume to the same command to continue"
+        if isinstance(error, GradguardError):
+            raise type(error)(f"{_one_line(error)}; {hint}") from error
+        if isinstance(error, KeyboardInterrupt):
+            raise KeptPartialRun(hint) from None
         raise
+
+
+def _holds_checkpoint(run_dir: Path) -> bool:
+    from .train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir / "checkpoint") is not None
 
 
 @contextlib.contextmanager
@@ -247,8 +280,11 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                clip_grad_value: float | None, l2: float, train_samples: int | None, val_samples: int,
                val_attack: str | None, monitor_every: int | None, seed: int, device, label: str,
                extra: dict | None = None, order: int = 0, method_kwargs: dict | None = None,
-               schedule: str = "constant", eps_warmup_epochs: float = 0.0) -> dict:
-    """Train one model into ``run_dir`` (a fresh folder) with gradguard.train.Trainer; returns the manifest."""
+               schedule: str = "constant", eps_warmup_epochs: float = 0.0, resume: bool = False) -> dict:
+    """Train one model into ``run_dir`` with gradguard.train.Trainer; returns the manifest.
+
+    ``run_dir`` is a fresh folder, or with ``resume`` one holding the checkpoints of an interrupted run with the same
+    settings (the Trainer refuses different ones)."""
     import torch
 
     from .io import atomic_write_json
@@ -272,7 +308,7 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                       clip_grad_value=clip_grad_value, l2=l2, run_dir=run_dir, seed=seed, monitor=monitor,
                       val_attack=val_attack, val_max_samples=val_samples or 1000, device=device,
                       method_kwargs=method_kwargs, schedule=schedule, eps_warmup_epochs=eps_warmup_epochs,
-                      metadata={"dataset": dataset.name}, progress=sys.stderr.isatty())
+                      metadata={"dataset": dataset.name}, progress=sys.stderr.isatty(), resume=resume)
     started = time.perf_counter()
     with (monitor if monitor is not None else contextlib.nullcontext()):
         history = trainer.fit((x, y), val)
@@ -473,7 +509,7 @@ def cmd_train(args) -> tuple[dict, str]:
     threat = make_threat_from(args.norm, args.eps) if needs_threat else None
     model_kwargs = _model_kwargs(args)
     out = Path(args.out)
-    with staged_run_dir(out, replace=args.force) as staging:
+    with staged_run_dir(out, replace=args.force, resumable=True, resume=args.resume) as staging:
         manifest = train_into(
             staging, dataset, model_name=args.model, model_kwargs=model_kwargs, method=args.method, threat=threat,
             epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -482,7 +518,7 @@ def cmd_train(args) -> tuple[dict, str]:
             val_attack=None if args.val_attack == "none" or threat is None else args.val_attack,
             monitor_every=args.monitor_every if args.monitor else None, seed=args.seed, device=device,
             label=out.name, extra={"data_root": args.data_root}, method_kwargs=_key_values(args.method_arg, "method-arg"),
-            schedule=args.schedule, eps_warmup_epochs=args.eps_warmup_epochs)
+            schedule=args.schedule, eps_warmup_epochs=args.eps_warmup_epochs, resume=args.resume)
     history = manifest.pop("history")
     last = history[-1] if history else {}
     rows = [[r.get("epoch"), r.get("train_loss"), r.get("train_clean_acc"), r.get("val_clean_acc"),
@@ -806,6 +842,8 @@ def build_parser() -> OneLineParser:
     train.add_argument("--train-samples", type=positive_int, help="use only the first N training samples")
     train.add_argument("--val-attack", choices=["pgd", "fgsm", "none"], default="pgd",
                        help="per-epoch validation attack when a threat is set (default pgd: PGD-10)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run of --out from its last finished epoch (same settings)")
     train.add_argument("--monitor", action="store_true", help="record gradient flow (gradflow.jsonl) with GradientMonitor")
     train.add_argument("--monitor-every", type=positive_int, default=10, help="monitor every N steps (default 10)")
     _data_options(train, dataset_default="digits", samples_default=500,
@@ -921,6 +959,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GradguardError as error:
         print(f"gradguard: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+    except KeptPartialRun as interrupted:
+        print(f"gradguard: interrupted; {interrupted}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("gradguard: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130

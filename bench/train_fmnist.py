@@ -95,7 +95,11 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="result file name (default: the method)")
     parser.add_argument("--evaluate-run", default=None,
                         help="skip training: evaluate the model saved in this run directory, update <out>/<tag>.json")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of every result in --out")
     args = parser.parse_args()
+    if args.table:
+        print(results_table(Path(args.out)))
+        return
     if args.evaluate_run:
         evaluate_saved(args)
         return
@@ -142,6 +146,25 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, default=str), flush=True)
+
+
+def results_table(folder: Path) -> str:
+    """One markdown row per result file: method, settings, test images, clean / PGD-20 / suite, training time."""
+    lines = ["| result | method | width × epochs | threads | train s | test images | clean | PGD-20 | standard suite |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(folder.glob("*.json")):
+        r = json.loads(path.read_text())
+        options = ", ".join(f"{k}={v}" for k, v in (r.get("method_options") or {}).items())
+        suite = (r.get("suite") or {}).get("robust_acc")
+        lines.append(f"| {path.stem} | {r.get('method')}{f' ({options})' if options else ''} | "
+                     f"{r.get('width', 1)} × {r.get('epochs')} | {r.get('threads')} | {r.get('train_wall_s')} | "
+                     f"{r.get('n_eval')} | {_percent(r.get('clean_acc'))} | {_percent(r.get('pgd20_acc'))} | "
+                     f"{_percent(suite)} |")
+    return "\n".join(lines)
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
 
 
 def evaluate_saved(args) -> None:

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from gradguard import CheckpointError, ConfigError, Linf
 from gradguard.attacks import PGD
 from gradguard.models import build_model, load
-from gradguard.train import METHODS, FastFGSM, Trainer, get_method
+from gradguard.train import METHODS, FastFGSM, FGSMAT, Trainer, get_method
 
 EPS = 0.2
 THREAT = Linf(EPS)
@@ -168,6 +168,19 @@ def test_catastrophic_overfitting_guard_rolls_back_and_recovers(digits, tmp_path
     assert history[2]["lr"] == pytest.approx(0.025)
     event = json.loads((tmp_path / "events.jsonl").read_text())
     assert event["epoch"] == 3 and "rolled back" in event["action"] and "1.0·eps" in event["action"]
+
+
+def test_guard_watches_classic_fgsm_training_and_adds_a_random_start(digits):
+    method = FGSMAT(THREAT)
+    script = [(0.30, 0.35), (0.01, 0.90), (0.32, 0.36)]  # epoch 2 collapses; its re-run is fine
+    trainer = ScriptedGuardTrainer(tiny_mlp(), method, threat=THREAT, epochs=2, batch_size=128, lr=0.05,
+                                   progress=False, val_attack=None, script=script)
+    assert trainer.co_guard  # "auto" covers both single-step methods
+    with pytest.warns(UserWarning, match="catastrophic_overfitting at epoch 2"):
+        trainer.fit((digits.x_train[:256], digits.y_train[:256]))
+    assert method.random_start and len(trainer.restored) == 1 and not trainer.script
+    assert "random start" in trainer.events[0]["action"] and trainer.events[0]["method"]["random_start"] is True
+    assert method.make_safer() is None  # nothing safer left for FGSM-AT
 
 
 def test_guard_rules_sudden_and_slow_collapse():

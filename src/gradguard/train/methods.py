@@ -90,22 +90,32 @@ class FGSMAT(TrainingMethod):
     """FGSM adversarial training (Goodfellow, Shlens & Szegedy 2015): each step attacks the current model with
     FGSM (no random start, step = eps) and minimises L = w·CE(x) + (1 − w)·CE(x_fgsm).
 
-    ``clean_weight`` w = 0.5 is the paper's α; w = 0 trains on adversarial examples only.
+    ``clean_weight`` w = 0.5 is the paper's α; w = 0 trains on adversarial examples only. Like fast FGSM it can
+    overfit catastrophically; the Trainer's guard then calls ``make_safer``, which adds a uniform random start
+    in the ball (Wong, Rice & Kolter 2020) and keeps the step at eps.
     """
 
     name = "fgsm"
 
-    def __init__(self, threat: ThreatModel | None = None, *, clean_weight: float = 0.5) -> None:
+    def __init__(self, threat: ThreatModel | None = None, *, clean_weight: float = 0.5,
+                 random_start: bool = False) -> None:
         super().__init__(threat)
         self.clean_weight = positive_float(clean_weight, "clean_weight", allow_zero=True)
         if self.clean_weight > 1:
             raise ConfigError(f"clean_weight: must lie in [0, 1], got {clean_weight!r}")
+        self.random_start = bool(random_start)
 
     def state_dict(self):
-        return {"clean_weight": self.clean_weight}
+        return {"clean_weight": self.clean_weight, "random_start": self.random_start}
+
+    def make_safer(self) -> str | None:
+        if self.random_start:
+            return None
+        self.random_start = True
+        return "FGSM from a uniform random start in the ball (step eps)"
 
     def compute(self, model, attack_model, x, y, threat):
-        x_adv = _attack(FGSM(attack_model, threat), x, y, threat)
+        x_adv = _attack(FGSM(attack_model, threat, random_start=self.random_start), x, y, threat)
         if self.clean_weight == 0:
             logits_adv = model(x_adv)
             return MethodOutput(F.cross_entropy(logits_adv, y), logits_adv=logits_adv)

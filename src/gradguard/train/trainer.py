@@ -92,7 +92,7 @@ class Trainer:
         val_attack: "pgd" (PGD-10) or "fgsm" for the per-epoch validation robust accuracy, or None.
         val_max_samples: validation subset size per epoch (the first N samples).
         final_suite: e.g. "standard": evaluate the final model with gradguard.evaluation.evaluate.
-        co_guard: catastrophic-overfitting guard; "auto" enables it for "fgsm-rs" only.
+        co_guard: catastrophic-overfitting guard; "auto" enables it for the single-step methods "fgsm" and "fgsm-rs".
         method_kwargs: options for a method given by name (e.g. {"beta": 6.0} for TRADES).
         metadata: extra fields for model.json (e.g. {"dataset": "fashion-mnist"}).
         on_epoch_end: callback(metrics_dict) after each epoch's checkpoint is written.
@@ -177,7 +177,7 @@ class Trainer:
         self.final_suite = final_suite
         if co_guard not in ("auto", True, False):
             raise ConfigError(f"co_guard: expected 'auto', True or False, got {co_guard!r}")
-        self.co_guard = (self.method.name == "fgsm-rs") if co_guard == "auto" else bool(co_guard)
+        self.co_guard = (self.method.name in ("fgsm", "fgsm-rs")) if co_guard == "auto" else bool(co_guard)
         if self.co_guard and threat is None:
             raise ConfigError("co_guard: needs a threat model to measure PGD accuracy against")
         self.guard = guard or GuardSettings()

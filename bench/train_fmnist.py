@@ -10,6 +10,7 @@ catastrophic-overfitting guard, Adam, one-cycle LR peaking at 5e-3, eps warm-up 
 
     python bench/train_fmnist.py                      # the recipe, evaluated on all 10k test images
     python bench/train_fmnist.py --evaluate-run bench/out/train_fmnist/<run> --tag <tag> --n-eval 10000
+    torchrun --nproc_per_node=2 bench/train_fmnist.py --evaluate-run <run> --tag <tag> --threads 1   # sharded
     python bench/train_fmnist.py --method pgd --epochs 10 --method-option steps=7
     python bench/train_fmnist.py --method trades --epochs 10 --method-option beta=3 --method-option steps=5
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -172,6 +174,10 @@ def evaluate_saved(args) -> None:
     from gradguard.models import load
 
     torch.set_num_threads(args.threads)
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: evaluate() shards the suite across ranks
+        torch.distributed.init_process_group("gloo")
+        rank = torch.distributed.get_rank()
     _, _, x_test, y_test = load_fashion_mnist()
     x_eval, y_eval = x_test[:args.n_eval], y_test[:args.n_eval]
     threat = Linf(args.eps)
@@ -186,6 +192,9 @@ def evaluate_saved(args) -> None:
     result["pgd20_s"] = round(time.perf_counter() - started, 1)
     if args.suite != "none":
         result["suite"] = standard_suite(model, x_eval, y_eval, threat, args.suite)
+        result["suite"]["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank != 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, default=str), flush=True)

@@ -4,59 +4,30 @@ Fashion-MNIST comes from Debian's package: `apt-get install -y dataset-fashion-m
 """
 from __future__ import annotations
 
-import gzip
-import os
 import statistics
-import struct
 import time
-from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-FMNIST_DIRS = [os.environ.get("GRADGUARD_DATA", ""), "/usr/share/datasets/fashion-mnist"]
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = struct.unpack(">" + "I" * dims, data[4:4 + 4 * dims])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+from gradguard.data import load_dataset
+from gradguard.errors import DataError
+from gradguard.models import build_model
 
 
 def load_fashion_mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test): images (N, 1, 28, 28) in [0, 1], labels int64."""
-    try:  # the library's own loader, when present
-        from gradguard.data import load_dataset
-
+    """(x_train, y_train, x_test, y_test): images (N, 1, 28, 28) in [0, 1], labels int64, via gradguard.data."""
+    try:
         data = load_dataset("fashion-mnist")
-        return data.x_train, data.y_train, data.x_test, data.y_test
-    except Exception:  # noqa: BLE001 - fall back to reading the IDX files directly
-        pass
-    for folder in filter(None, FMNIST_DIRS):
-        root = Path(folder)
-        if (root / "train-images-idx3-ubyte.gz").exists():
-            def images(name):
-                return torch.from_numpy(_read_idx(root / name).copy()).float().div_(255).unsqueeze(1)
-
-            def labels(name):
-                return torch.from_numpy(_read_idx(root / name).astype(np.int64))
-
-            return (images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
-                    images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
-    raise SystemExit("Fashion-MNIST not found: run `apt-get install -y dataset-fashion-mnist` or set GRADGUARD_DATA")
+    except DataError as error:
+        raise SystemExit(f"{error}\n(install it with `apt-get install -y dataset-fashion-mnist`)") from None
+    return data.x_train, data.y_train, data.x_test, data.y_test
 
 
 def fmnist_cnn() -> nn.Module:
-    """Conv16-4x4/s2 -> Conv32-4x4/s2 -> FC100 -> FC10 (Wong & Kolter 2018's small Fashion-MNIST CNN)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 100), nn.ReLU(), nn.Linear(100, 10),
-    )
+    """Conv16-4x4/s2 -> Conv32-4x4/s2 -> FC100 -> FC10 (Wong & Kolter 2018's small Fashion-MNIST CNN), from the zoo."""
+    return build_model("fmnist-cnn")
 
 
 def train_quick(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, eps: float = 0.0,

@@ -20,29 +20,16 @@ import time
 import torch
 from torch import nn
 
+from gradguard import models
 from gradguard.data import load_dataset
 from gradguard.diagnostics import gradflow
 from gradguard.diagnostics.gradflow import GradientMonitor
 
 
-def mlp(depth: int, width: int, activation: type[nn.Module], *, init: str = "default", bias: float | None = None,
-        norm: bool = False) -> nn.Module:
-    """Flatten -> depth-1 hidden (Linear [+BatchNorm] + activation) -> Linear head: `depth` Linear layers."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    features = 64
-    for _ in range(depth - 1):
-        linear = nn.Linear(features, width)
-        if init == "he":
-            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-            nn.init.zeros_(linear.bias)
-        elif init == "normal":
-            nn.init.normal_(linear.weight, std=1.0)
-        if bias is not None:
-            nn.init.constant_(linear.bias, bias)
-        layers += [linear] + ([nn.BatchNorm1d(width)] if norm else []) + [activation()]
-        features = width
-    layers.append(nn.Linear(features, 10))
-    return nn.Sequential(*layers)
+def mlp(linears: int, width: int, activation: type[nn.Module], **kwargs) -> nn.Module:
+    """The zoo MLP on 8×8 digits with `linears` Linear layers in all (the zoo's depth counts hidden ones)."""
+    return models.mlp(depth=linears - 1, width=width, activation=activation.__name__.lower(), input_shape=(1, 8, 8),
+                      **kwargs)
 
 
 def small_cnn() -> nn.Module:
@@ -65,7 +52,7 @@ DEMOS = {
     "relu-4, SGD lr=2 + clip_grad_norm 1": (lambda: mlp(4, 64, nn.ReLU), "sgd", 2.0, 1.0, "not exploding"),
     "relu-4, SGD lr=2 + clip_grad_norm 0.3": (lambda: mlp(4, 64, nn.ReLU), "sgd", 2.0, 0.3, "not exploding"),
     "relu-4 bias -5": (lambda: mlp(4, 64, nn.ReLU, bias=-5.0), "adam", 1e-3, None, "dead"),
-    "tanh-4 N(0,1) init": (lambda: mlp(4, 64, nn.Tanh, init="normal"), "sgd", 0.1, None, "saturated"),
+    "tanh-4 N(0,1) init": (lambda: mlp(4, 64, nn.Tanh, init="large"), "sgd", 0.1, None, "saturated"),
 }
 
 

@@ -25,15 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmnist_cnn, load_fashion_mnist  # noqa: E402
 
 from gradguard.data import load_dataset  # noqa: E402
+from gradguard.models import build_model  # noqa: E402
 from gradguard.diagnostics import GradientMonitor  # noqa: E402
 
 
 def deep_relu_mlp(depth: int = 12, width: int = 64) -> nn.Module:
-    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(64, width), nn.ReLU()]
-    for _ in range(depth - 2):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
+    """`depth` Linear layers of `width` with ReLU between, on 8×8 digits (the zoo MLP counts hidden layers)."""
+    return build_model("mlp", depth=depth - 1, width=width, input_shape=(1, 8, 8))
 
 
 def train_steps(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], every: int | None) -> float:

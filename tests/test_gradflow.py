@@ -9,28 +9,15 @@ import torch
 from torch import nn
 
 from gradguard.diagnostics import Finding, GradientMonitor, findings_from_records, load_gradflow
+from gradguard import models
 from gradguard.diagnostics import gradflow
 from gradguard.errors import ConfigError, DataError, InputError
 
 
-def mlp(depth: int, activation: type[nn.Module], *, width: int = 64, init: str = "default",
-        bias: float | None = None, norm: bool = False) -> nn.Sequential:
-    """Flatten -> (depth - 1) x [Linear (+BatchNorm) + activation] -> Linear: `depth` Linear layers."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    features = 64
-    for _ in range(depth - 1):
-        linear = nn.Linear(features, width)
-        if init == "he":
-            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-            nn.init.zeros_(linear.bias)
-        elif init == "normal":
-            nn.init.normal_(linear.weight, std=1.0)
-        if bias is not None:
-            nn.init.constant_(linear.bias, bias)
-        layers += [linear] + ([nn.BatchNorm1d(width)] if norm else []) + [activation()]
-        features = width
-    layers.append(nn.Linear(features, 10))
-    return nn.Sequential(*layers)
+def mlp(linears: int, activation: type[nn.Module], *, width: int = 64, **kwargs) -> nn.Module:
+    """The zoo MLP on 8×8 digits with `linears` Linear layers in all (the zoo's depth counts hidden ones)."""
+    return models.mlp(depth=linears - 1, width=width, activation=activation.__name__.lower(), input_shape=(1, 8, 8),
+                      **kwargs)
 
 
 def train_monitored(model: nn.Module, digits, *, optimizer: str = "sgd", lr: float = 0.1, clip: float | None = None,
@@ -135,7 +122,7 @@ def test_healthy_relu_mlp_has_no_findings(digits):
 
 def test_tanh_net_with_large_init_is_flagged_saturated(digits):
     torch.manual_seed(0)
-    monitor = train_monitored(mlp(4, nn.Tanh, init="normal"), digits, epochs=1)
+    monitor = train_monitored(mlp(4, nn.Tanh, init="large"), digits, epochs=1)
     saturated = [f for f in monitor.findings() if f.kind == "saturated"]
     assert saturated and all(f.evidence["saturated_fraction"] >= gradflow.SATURATED_FRACTION for f in saturated)
     torch.manual_seed(0)

@@ -47,6 +47,16 @@ def test_he_init_has_zero_bias_and_variance_two_over_fan_in():
     assert first.weight.var().item() == pytest.approx(2 / 400, rel=0.05)
 
 
+def test_mlp_norm_bias_and_large_init_build_the_diagnostics_cases():
+    torch.manual_seed(0)
+    model = build_model("mlp", depth=2, width=500, norm=True, bias=-5.0, init="large", input_shape=(1, 20, 20))
+    kinds = [type(m) for m in model]
+    assert kinds == [nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert torch.all(model[1].bias == -5.0) and torch.all(model[4].bias == -5.0)
+    assert not torch.all(model[7].bias == -5.0)  # the head keeps its own bias
+    assert model[1].weight.std().item() == pytest.approx(1.0, rel=0.02)
+
+
 @pytest.mark.parametrize("kwargs", [{"name": "resnet999"}, {"name": "mlp", "activation": "swishy"},
                                     {"name": "mlp", "init": "magic"}, {"name": "mlp", "depth": 0},
                                     {"name": "mlp", "colour": "red"}, {"name": "mlp", "mean": 0.5}])

@@ -823,7 +823,7 @@ def build_parser() -> OneLineParser:
     train.add_argument("--depth", type=positive_int, help="mlp: hidden layers")
     train.add_argument("--width", type=positive_int, help="mlp: hidden units per layer")
     train.add_argument("--activation", help="mlp: relu, sigmoid, tanh, gelu, leaky_relu, elu")
-    train.add_argument("--init", help="mlp: default, he, xavier, normal")
+    train.add_argument("--init", help="mlp: default, he, xavier, normal (N(0, 0.01²)), large (N(0, 1))")
     train.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="any other model keyword (repeatable)")
     train.add_argument("--method", default="standard", help="standard | fgsm | fgsm-rs | pgd | trades (default standard)")
     train.add_argument("--method-arg", action="append", metavar="KEY=VALUE",

@@ -37,7 +37,7 @@ class Normalized(nn.Module):
 # ------------------------------------------------------------------------------------------------
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
                "leaky_relu": nn.LeakyReLU, "elu": nn.ELU}
-INITS = ("default", "he", "xavier", "normal")
+INITS = ("default", "he", "xavier", "normal", "large")
 
 
 def _flat_size(module: nn.Module, input_shape: Sequence[int]) -> int:
@@ -47,8 +47,9 @@ def _flat_size(module: nn.Module, input_shape: Sequence[int]) -> int:
 
 def _initialise(model: nn.Module, init: str, activation: str) -> None:
     """Weight init for Linear/Conv layers: "default" (PyTorch's), "he" (Kaiming normal, He et al. 2015),
-    "xavier" (Glorot normal, Glorot & Bengio 2010) or "normal" (N(0, 0.01²), the classic too-small init
-    that makes deep sigmoid nets vanish). Biases start at zero except for "default"."""
+    "xavier" (Glorot normal, Glorot & Bengio 2010), "normal" (N(0, 0.01²), the classic too-small init
+    that makes deep sigmoid nets vanish) or "large" (N(0, 1): saturates tanh, blows up deep ReLU nets).
+    Biases start at zero except for "default" and "large" (which keep PyTorch's)."""
     if init == "default":
         return
     for module in model.modules():
@@ -60,8 +61,8 @@ def _initialise(model: nn.Module, init: str, activation: str) -> None:
                 gain = nn.init.calculate_gain(activation) if activation in ("relu", "tanh", "sigmoid") else 1.0
                 nn.init.xavier_normal_(module.weight, gain=gain)
             else:
-                nn.init.normal_(module.weight, std=0.01)
-            if module.bias is not None:
+                nn.init.normal_(module.weight, std=1.0 if init == "large" else 0.01)
+            if module.bias is not None and init != "large":
                 nn.init.zeros_(module.bias)
 
 
@@ -73,9 +74,12 @@ def _check_choice(value: str, choices, argument: str) -> str:
     return value
 
 
-def mlp(*, depth: int = 3, width: int = 128, activation: str = "relu", init: str = "default",
-        input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
-    """Fully connected net: Flatten → ``depth`` hidden layers of ``width`` units with ``activation`` → logits."""
+def mlp(*, depth: int = 3, width: int = 128, activation: str = "relu", init: str = "default", norm: bool = False,
+        bias: float | None = None, input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10) -> nn.Module:
+    """Fully connected net: Flatten → ``depth`` hidden layers of ``width`` units with ``activation`` → logits.
+
+    ``norm`` puts a BatchNorm1d between each hidden Linear and its activation. ``bias`` sets every hidden bias
+    to that constant after ``init`` (e.g. -5 starts a ReLU net with dead units: a diagnostics test case)."""
     from .attacks.base import positive_int
 
     positive_int(depth, "depth"), positive_int(width, "width")
@@ -83,11 +87,15 @@ def mlp(*, depth: int = 3, width: int = 128, activation: str = "relu", init: str
     layers: list[nn.Module] = [nn.Flatten()]
     fan_in = int(torch.tensor(input_shape).prod())
     for _ in range(depth):
-        layers += [nn.Linear(fan_in, width), ACTIVATIONS[activation]()]
+        layers += [nn.Linear(fan_in, width)] + ([nn.BatchNorm1d(width)] if norm else []) + [ACTIVATIONS[activation]()]
         fan_in = width
     layers.append(nn.Linear(fan_in, num_classes))
     model = nn.Sequential(*layers)
     _initialise(model, init, activation)
+    if bias is not None:
+        for layer in layers[1:-1]:
+            if isinstance(layer, nn.Linear):
+                nn.init.constant_(layer.bias, float(bias))
     return model
 
 

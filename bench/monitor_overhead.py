@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmnist_cnn, load_fashion_mnist  # noqa: E402
 
 from gradguard.data import load_dataset  # noqa: E402
-from gradguard.models import build_model  # noqa: E402
 from gradguard.diagnostics import GradientMonitor  # noqa: E402
+from gradguard.models import build_model  # noqa: E402
 
 
 def deep_relu_mlp(depth: int = 12, width: int = 64) -> nn.Module:

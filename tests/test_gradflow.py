@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard.diagnostics import Finding, GradientMonitor, findings_from_records, load_gradflow
 from gradguard import models
+from gradguard.diagnostics import Finding, GradientMonitor, findings_from_records, load_gradflow
 from gradguard.diagnostics import gradflow
 from gradguard.errors import ConfigError, DataError, InputError
 

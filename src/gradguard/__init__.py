@@ -4,8 +4,16 @@ __version__ = "0.1.0"  # first: models.save and the report footer read it while 
 from . import attacks  # noqa: E402  (gradguard.attacks.FGSM, PGD, APGD, ...)
 from .data import Dataset, list_datasets, load_dataset  # noqa: E402
 from .diagnostics import Finding, GradientMonitor, check_masking  # noqa: E402
-from .errors import (BoundsError, CheckpointError, ConfigError, DataError, GradguardError,  # noqa: E402
-                     InputError, ModelOutputError, ShapeError)
+from .errors import (  # noqa: E402
+                     BoundsError,
+                     CheckpointError,
+                     ConfigError,
+                     DataError,
+                     GradguardError,
+                     InputError,
+                     ModelOutputError,
+                     ShapeError,
+)
 from .evaluation import RobustnessCurve, RobustnessReport, evaluate, evaluate_curve  # noqa: E402
 from .models import Normalized, build_model, list_models  # noqa: E402
 from .report import build_report  # noqa: E402

@@ -1,11 +1,11 @@
 """Adversarial attacks. Each takes a model and a ``ThreatModel``; ``attack(x, y)`` returns adversarial inputs."""
+from .apgd import APGD, APGDT, apgd_checkpoints
 from .base import Attack, AttackResult, BestIterate, Iterate, input_gradient, model_guard
 from .bim import BIM
-from .fgsm import FGSM
-from .losses import cross_entropy, dlr, margin
-from .apgd import APGD, APGDT, apgd_checkpoints
 from .cw import CW
 from .deepfool import DeepFool
+from .fgsm import FGSM
+from .losses import cross_entropy, dlr, margin
 from .mifgsm import MIFGSM
 from .pgd import PGD
 from .square import Square, square_p_schedule

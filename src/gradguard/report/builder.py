@@ -10,7 +10,7 @@ import numpy as np
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import plots
 from .html import badge, evidence_text, missing, page, percent, png_tag, table
-from .rundir import ModelRun, RunData, read_run
+from .rundir import RunData, read_run
 from .summary import layer_series, ordered_attacks, summarize
 
 REPORT_HTML, REPORT_MD, SUMMARY_JSON, PLOTS_DIR = "report.html", "report.md", "summary.json", "plots"

@@ -1,6 +1,6 @@
 """Hardening: adversarial training with one loop and pluggable methods (see docs/train.md)."""
 from .checkpoint import latest_checkpoint, read_checkpoint
-from .methods import FGSMAT, METHODS, TRADES, FastFGSM, MethodOutput, PGDAT, Standard, TrainingMethod, get_method
+from .methods import FGSMAT, METHODS, PGDAT, TRADES, FastFGSM, MethodOutput, Standard, TrainingMethod, get_method
 from .trainer import GuardSettings, Trainer, final_evaluation
 
 __all__ = [

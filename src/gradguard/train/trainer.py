@@ -25,11 +25,18 @@ from ..attacks import FGSM, PGD
 from ..attacks.base import as_labels, check_inputs, model_guard, positive_float, positive_int
 from ..errors import CheckpointError, ConfigError, InputError
 from ..io import atomic_write_json, atomic_write_text
-from ..models import model_spec, save as save_model, state_tensors, unwrap
+from ..models import model_spec, state_tensors, unwrap
+from ..models import save as save_model
 from ..threat import Linf, ThreatModel
 from . import distributed
-from .checkpoint import (capture_rng, flatten_optimizer, latest_checkpoint, restore_rng, save_checkpoint,
-                         unflatten_optimizer)
+from .checkpoint import (
+    capture_rng,
+    flatten_optimizer,
+    latest_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    unflatten_optimizer,
+)
 from .methods import TrainingMethod, get_method
 
 OPTIMIZERS = ("sgd", "adam")

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from gradguard import models
-from gradguard.diagnostics import Finding, GradientMonitor, findings_from_records, load_gradflow
-from gradguard.diagnostics import gradflow
+from gradguard.diagnostics import Finding, GradientMonitor, findings_from_records, gradflow, load_gradflow
 from gradguard.errors import ConfigError, DataError, InputError
 
 
@@ -276,9 +275,9 @@ def test_monitor_leaves_model_untouched():
     with GradientMonitor(watched, every=2) as monitor:
         _train_steps(watched, 6, monitor)
     # Bit-identical training: same parameters, buffers, gradients and modes as without the monitor.
-    for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
+    for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    for a, b in zip(plain.parameters(), watched.parameters()):
+    for a, b in zip(plain.parameters(), watched.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
     assert [m.training for m in plain.modules()] == [m.training for m in watched.modules()]
     assert [p.requires_grad for p in watched.parameters()] == flags
@@ -396,3 +395,36 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
 
 def test_no_records_means_no_findings():
     assert findings_from_records([]) == []
+
+
+def _diagnostics_imports() -> dict[str, set[str]]:
+    """Sibling modules each diagnostics module imports, at any level (function-level imports count too)."""
+    import ast
+    from pathlib import Path
+
+    import gradguard.diagnostics as package
+
+    folder = Path(package.__file__).parent
+    modules = {path.stem for path in folder.glob("*.py")} - {"__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in modules:
+        tree = ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gradguard.diagnostics."):
+                targets.add(node.module.rsplit(".", 1)[1])
+        graph[name] = targets & modules
+    return graph
+
+
+def test_diagnostics_imports_go_one_way():
+    graph = _diagnostics_imports()
+    assert "health" in graph["plots"] and "gradflow" not in graph["plots"]
+
+    def reaches(start: str, goal: str, seen: frozenset = frozenset()) -> bool:
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in graph[start])
+
+    circles = [name for name in graph if reaches(name, name)]
+    assert not circles, f"import circle through {circles}: {graph}"

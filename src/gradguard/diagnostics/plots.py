@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import InputError
-from .gradflow import DEAD_FRACTION, SATURATED_FRACTION, _layer_order
+from .health import DEAD_FRACTION, SATURATED_FRACTION, layer_order
 
 
 def _figure(width: float, height: float):
@@ -47,7 +47,7 @@ def _labels(records: list[dict], layers: list[str]) -> list[str]:
 
 def _per_layer(records: list[dict], key: str) -> tuple[list[str], list[float | None]]:
     """Median of ``key`` per layer over the samples where it is known, in depth order."""
-    layers = _layer_order(records)
+    layers = layer_order(records)
     values = []
     for layer in layers:
         known = [r[key] for r in records if r["layer"] == layer and r.get(key) is not None]
@@ -78,7 +78,7 @@ def plot_gradient_flow(records: Iterable[dict], path: str | os.PathLike) -> Path
 def plot_norm_heatmap(records: Iterable[dict], path: str | os.PathLike, key: str = "grad_norm") -> Path:
     """Heat map of log10(``key``) per layer (rows, input at top) and sampled step (columns)."""
     records = _checked(records)
-    layers = _layer_order(records)
+    layers = layer_order(records)
     steps = sorted({r["step"] for r in records})
     column = {step: i for i, step in enumerate(steps)}
     row = {layer: i for i, layer in enumerate(layers)}

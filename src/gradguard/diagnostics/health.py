@@ -1,0 +1,49 @@
+"""Gradient health in numbers: the calibrated thresholds and the depth order of a run's layers.
+
+Both the findings (``gradflow``) and the plots (``plots``) read these, so they live apart from either and the
+imports go one way: gradflow -> plots -> health, gradflow -> health.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+# ------------------------------------------------------------------------------------------------
+# Thresholds. Each is set from measurements on the demo models (bench/diagnostics_calibration.py);
+# the measured values are in docs/diagnose.md, next to why the threshold sits where it does.
+# ------------------------------------------------------------------------------------------------
+# Vanishing: first-layer gradient RMS / last-layer gradient RMS (median of recent samples). Measured: healthy
+# demo nets (ReLU + He, ReLU + BatchNorm, 12 layers; small MLP and CNN; tanh-4) 0.19-3.4; the 12-layer
+# sigmoid MLPs <= 5.1e-10. Three orders of magnitude leave > 100x margin on both sides.
+VANISHING_RATIO = 1e-3
+# Vanishing over time: the first/last ratio fell by this factor from the start of training to recently.
+# Measured: healthy demo runs change it by at most ~3x.
+VANISHING_DROP = 1e3
+# Exploding: the model's total (applied) gradient norm peaked at this factor above its start (median of the
+# first samples), or one sample exceeded the median of the samples before it by this factor. Measured:
+# healthy runs grow <= 31x and jump <= 7.9x; SGD at lr=2 without clipping grows 2.8e4-2e14x (1e3 is near
+# the geometric middle). SGD at lr=1 grows 43-754x before its ReLUs die (reported as "dead").
+EXPLODING_GROWTH = 1e3
+EXPLODING_JUMP = 1e3
+# Dead: fraction of a ReLU layer's units never positive over the sampled batch. Measured: healthy demo nets
+# <= 0.48 (the small CNN's 2048->64 layer under Adam; it still reaches 95 % accuracy); bias -5 or a
+# diverged run: 1.0; SGD lr=2 with clipping at 0.3: 0.73-0.77 (really dead over all inputs, 58-82 % accuracy).
+DEAD_FRACTION = 0.7
+# Saturated: fraction of sigmoid/tanh outputs whose derivative is below SATURATION_DERIVATIVE of its maximum.
+# Measured: default-init sigmoid-12 0.0, tanh-4 0.10-0.22; tanh-4 with N(0, 1) weights 0.79-0.81.
+SATURATED_FRACTION = 0.4
+SATURATION_DERIVATIVE = 0.05
+# Stalled: a layer's update ratio ‖Δθ‖/‖θ‖ is below this fraction of the median over all layers. Measured:
+# healthy demo runs (SGD and Adam) keep every layer >= 0.074 of the median (BatchNorm's own weights are the
+# low end); the sigmoid-12 MLP puts its first layer at <= 5.1e-7 (SGD) and <= 3.5e-3 (Adam) of it.
+STALLED_FACTOR = 1e-2
+# How many of the latest samples form "recent" (medians resist one noisy batch) and the earliest "start".
+RECENT_SAMPLES = 5
+START_SAMPLES = 3
+
+
+def layer_order(records: Iterable[dict]) -> list[str]:
+    """Layer names of gradient-health records in depth order (their ``index``; first seen when absent)."""
+    index: dict[str, int] = {}
+    for record in records:
+        index.setdefault(record["layer"], record.get("index", len(index)))
+    return sorted(index, key=lambda layer: index[layer])

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from gradguard import CheckpointError, ConfigError, Linf
 from gradguard.attacks import PGD
 from gradguard.models import build_model, load
-from gradguard.train import METHODS, FastFGSM, FGSMAT, Trainer, get_method
+from gradguard.train import FGSMAT, METHODS, FastFGSM, Trainer, get_method
 
 EPS = 0.2
 THREAT = Linf(EPS)
@@ -84,8 +84,8 @@ def test_objective_is_exactly_weighted_loss_plus_l2(digits):
     objective = a * loss + r * sum((w * w).sum() for w in weights)
     assert history[0]["train_objective"] == pytest.approx(objective.item(), rel=1e-6)
     assert history[0]["train_loss"] == pytest.approx(loss.item(), rel=1e-6)
-    names, params = zip(*reference.named_parameters())
-    loss_grads = dict(zip(names, torch.autograd.grad(loss, params, retain_graph=True)))
+    names, params = zip(*reference.named_parameters(), strict=True)
+    loss_grads = dict(zip(names, torch.autograd.grad(loss, params, retain_graph=True), strict=True))
     objective.backward()
     trained = dict(model.named_parameters())
     for name, p in reference.named_parameters():
@@ -224,7 +224,7 @@ def test_run_directory_contents_and_loadable_model(digits, tmp_path):
 def test_same_seed_gives_identical_training(digits):
     a, _ = train("fgsm-rs", digits, epochs=1)
     b, _ = train("fgsm-rs", digits, epochs=1)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_eps_warmup_and_cyclic_schedule(digits, tmp_path):
@@ -235,7 +235,7 @@ def test_eps_warmup_and_cyclic_schedule(digits, tmp_path):
     peak = lrs.index(max(lrs))
     assert max(lrs) == pytest.approx(0.1, rel=0.05) and 0.3 < peak / len(lrs) < 0.5
     assert lrs[0] < 0.01 and lrs[-1] < 1e-9
-    assert all(b >= a for a, b in zip(eps, eps[1:])) and eps[0] < 0.01 and eps[-1] == EPS
+    assert all(b >= a for a, b in zip(eps, eps[1:], strict=False)) and eps[0] < 0.01 and eps[-1] == EPS
     assert eps[len(eps) // 2 - 1] == pytest.approx(EPS)  # warm-up done after 2 of 4 epochs
 
 

@@ -25,7 +25,7 @@ import statistics
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -143,13 +143,13 @@ def _differences(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
         return []
     if hasattr(torch, "_foreach_sub"):
         return list(torch._foreach_sub(a, b))
-    return [x - y for x, y in zip(a, b)]
+    return [x - y for x, y in zip(a, b, strict=True)]
 
 
 def _spread(positions: list[int], values: list[Tensor], count: int) -> list[Tensor | None]:
     """Place ``values`` at ``positions`` of a list of ``count`` slots (None elsewhere)."""
     out: list[Tensor | None] = [None] * count
-    for position, value in zip(positions, values):
+    for position, value in zip(positions, values, strict=True):
         out[position] = value
     return out
 
@@ -201,14 +201,14 @@ class GradientMonitor:
         self._activations = [m for m in model.modules() if isinstance(m, RELU_TYPES + SIGMOID_TYPES + TANH_TYPES)]
         self._optimizer_handles: list[Any] = []
         self._sample_handles: list[Any] = []
-        self._file = None
+        self._file: IO[str] | None = None
         self._reset_sample()
         self._loss: float | None = None
         self._warned_no_grad = False
 
     @staticmethod
     def _find_layers(model: nn.Module) -> list[_LayerState]:
-        layers = []
+        layers: list[_LayerState] = []
         for name, module in model.named_modules():
             params = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if params:
@@ -296,8 +296,8 @@ class GradientMonitor:
         self._current: _LayerState | None = None  # last parameterised layer run in this sampled forward
         self._snapshot: list[Tensor] | None = None  # all parameters at the first training forward of the step
         self._raw_norms: dict[int, Tensor] = {}  # param position -> ‖grad‖ right after backward (pre-clipping)
-        self._grad_norms: list[Tensor] | None = None  # per param, as the optimiser is about to use them
-        self._grad_maxima: list[Tensor] | None = None
+        # Per param: gradient norm and max |g| as the optimiser is about to use them (None: no .grad).
+        self._gradients: tuple[list[Tensor | None], list[Tensor | None]] | None = None
 
     def _enter_layer(self, module: nn.Module) -> None:
         """Remember the layer for the activation that follows; snapshot weights before the optimiser step."""
@@ -338,41 +338,41 @@ class GradientMonitor:
         if position is not None and param.grad is not None:
             self._raw_norms[position] = torch.linalg.vector_norm(param.grad.detach())
 
-    def _read_gradients(self) -> None:
+    def _read_gradients(self) -> tuple[list[Tensor | None], list[Tensor | None]]:
         """Per-parameter gradient norm and max |g|, as the optimiser is about to use them."""
         grads = [p.grad.detach() if p.grad is not None else None for p in self._params]
         present = [g for g in grads if g is not None]
         norms, maxima = iter(_norms(present)), iter(_norms(present, math.inf))
-        self._grad_norms = [next(norms) if g is not None else None for g in grads]
-        self._grad_maxima = [next(maxima) if g is not None else None for g in grads]
+        self._gradients = ([next(norms) if g is not None else None for g in grads],
+                           [next(maxima) if g is not None else None for g in grads])
+        return self._gradients
 
     def _finish_sample(self) -> None:
-        if self._grad_norms is None:
-            self._read_gradients()
-        if all(n is None for n in self._grad_norms) and not self._warned_no_grad:
+        grad_norms, grad_maxima = self._gradients or self._read_gradients()
+        if all(n is None for n in grad_norms) and not self._warned_no_grad:
             self._warned_no_grad = True
             warnings.warn("GradientMonitor: no parameter has a .grad at step(); call monitor.step() after "
                           "optimizer.step() and before optimizer.zero_grad()", RuntimeWarning, stacklevel=4)
-        records = self._layer_records()
+        records = self._layer_records(grad_norms, grad_maxima)
         self.records.extend(records)
         if self._file is not None:
             self._file.write("".join(json.dumps(record) + "\n" for record in records))
             self._file.flush()
 
-    def _layer_records(self) -> list[dict]:
+    def _layer_records(self, grad_norms: list[Tensor | None], grad_maxima: list[Tensor | None]) -> list[dict]:
         """One record per layer for the sampled step; all tensor results are read back in one sync."""
         count = len(self._params)
-        olds = self._snapshot or [None] * count
-        armed = [i for i, old in enumerate(olds) if old is not None]
-        per_param = {
-            "grad_norm": self._grad_norms, "grad_max": self._grad_maxima,
+        olds = self._snapshot or []  # empty when no training forward ran in this sampled step
+        armed = list(range(len(olds)))
+        per_param: dict[str, list[Tensor | None]] = {
+            "grad_norm": grad_norms, "grad_max": grad_maxima,
             "raw_grad_norm": [self._raw_norms.get(i) for i in range(count)],
-            "weight_norm": _norms([p.detach() for p in self._params]),
-            "old_norm": _spread(armed, _norms([olds[i] for i in armed]), count),
-            "delta_norm": _spread(armed, _norms(_differences([self._params[i].detach() for i in armed],
-                                                             [olds[i] for i in armed])), count),
+            "weight_norm": list(_norms([p.detach() for p in self._params])),
+            "old_norm": _spread(armed, _norms(olds), count),
+            "delta_norm": _spread(armed, _norms(_differences([self._params[i].detach() for i in armed], olds)), count),
         }
-        tensors, where = [], {}
+        tensors: list[Tensor] = []
+        where: dict[tuple[str, int], int] = {}
         for key, values in per_param.items():
             for i, value in enumerate(values):
                 if value is not None:
@@ -401,7 +401,9 @@ class GradientMonitor:
             stats = {key: combined(key, layer, "max" if key == "grad_max" else "rss") for key in per_param}
             grad_norm, grad_max, old_norm, delta_norm = (stats["grad_norm"], stats["grad_max"], stats["old_norm"],
                                                          stats["delta_norm"])
-            finite = grad_norm is None or (math.isfinite(grad_norm) and math.isfinite(grad_max))
+            # grad_max is known exactly when grad_norm is (both come from the same .grad fields).
+            finite = grad_norm is None or (math.isfinite(grad_norm)
+                                           and grad_max is not None and math.isfinite(grad_max))
             update_ratio = delta_norm / old_norm if delta_norm is not None and old_norm else None
             saturated = numbers[where["saturated", layer]] / state.elements if ("saturated", layer) in where else None
             records.append({
@@ -515,7 +517,7 @@ def _median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
-def _rms(record: dict) -> float | None:
+def _rms(record: dict | None) -> float | None:
     if record is None or record.get("grad_norm") is None:
         return None
     return record["grad_norm"] / math.sqrt(max(int(record.get("numel") or 1), 1))
@@ -554,13 +556,13 @@ def _exploding(table: dict, steps: list[int], layers: list[str]) -> list[Finding
     if growth < EXPLODING_GROWTH and jump < EXPLODING_JUMP:
         return []
     # Blame the layer whose own gradient grew the most.
-    layer_growth = {}
+    layer_growth: dict[str, float] = {}
     for layer in layers:
         series = _series(table, steps, layer, "grad_norm")
         if len(series) >= 2:
             first = _median(v for _, v in series[:START_SAMPLES])
             layer_growth[layer] = max(v for _, v in series) / first if first > 0 else math.inf
-    worst = max(layer_growth, key=layer_growth.get) if layer_growth else layers[0]
+    worst = max(layer_growth, key=lambda layer: layer_growth[layer]) if layer_growth else layers[0]
     evidence = {"start_grad_norm": start, "peak_grad_norm": peak, "peak_step": peak_step, "growth": growth,
                 "largest_jump": jump, "jump_step": jump_step, "layer_growth": layer_growth.get(worst),
                 "growth_threshold": EXPLODING_GROWTH, "jump_threshold": EXPLODING_JUMP}
@@ -617,8 +619,8 @@ def _vanishing(table: dict, steps: list[int], layers: list[str]) -> list[Finding
 
 def _median_rms(table: dict, steps: list[int], layer: str) -> float | None:
     values = [_rms(table.get((s, layer))) for s in steps]
-    values = [v for v in values if v is not None]
-    return _median(values) if values else None
+    known = [v for v in values if v is not None]
+    return _median(known) if known else None
 
 
 def _stalled(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:

@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -81,12 +81,21 @@ def _summed_loss(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> Ten
     return values.sum()
 
 
+def _total(terms: Iterable[Tensor]) -> Tensor:
+    """Sum of one or more tensors, added left to right (as ``sum`` does, but typed as a Tensor)."""
+    iterator = iter(terms)
+    total = next(iterator)
+    for term in iterator:
+        total = total + term
+    return total
+
+
 def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return sum((u * v).sum() for u, v in zip(a, b))
+    return _total((u * v).sum() for u, v in zip(a, b, strict=True))
 
 
 def _normalise(vectors: list[Tensor]) -> tuple[list[Tensor], float]:
-    norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in vectors)))
+    norm = float(torch.sqrt(_total((v.double() ** 2).sum() for v in vectors)))
     if norm == 0 or not math.isfinite(norm):
         return vectors, norm
     return [v / norm for v in vectors], norm
@@ -112,7 +121,7 @@ def hessian_power_iteration(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: 
         raise InputError("model: no parameter has requires_grad=True, so the parameter Hessian is empty")
     loss_fn = loss_fn or per_sample_cross_entropy
     batch_size = positive_int(batch_size, "batch_size") if batch_size is not None else x.shape[0]
-    chunks = list(zip(x.split(batch_size), y.split(batch_size)))
+    chunks = list(zip(x.split(batch_size), y.split(batch_size), strict=True))
     total = x.shape[0]
     began = time.perf_counter()
     with _eval_mode(model), torch.enable_grad():
@@ -126,7 +135,7 @@ def hessian_power_iteration(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: 
             result = [torch.zeros_like(p) for p in params]
             for xb, yb in chunks:
                 grads = torch.autograd.grad(_summed_loss(model, xb, yb, loss_fn) / total, params, create_graph=True)
-                for acc, part in zip(result, torch.autograd.grad(grads, params, grad_outputs=vector)):
+                for acc, part in zip(result, torch.autograd.grad(grads, params, grad_outputs=vector), strict=True):
                     acc.add_(part)
             return result
 
@@ -178,12 +187,13 @@ def input_curvature(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 1e-3, 
     batch_size = positive_int(batch_size, "batch_size") if batch_size is not None else x.shape[0]
     parts = []
     with _eval_mode(model), torch.enable_grad():
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
             parts.append(_input_curvature_batch(model, xb.detach(), yb, h, method, loss_fn))
     return torch.cat(parts)
 
 
-def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
+                    create_graph: bool = False) -> tuple[Tensor, Tensor]:
     x = x.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(_summed_loss(model, x, y, loss_fn), x, create_graph=create_graph)
     return grad, x

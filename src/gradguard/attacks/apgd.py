@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -203,6 +204,8 @@ class APGDT(APGD):
                 pick = slice(None) if index is None else index
                 pairs = torch.stack([labels[pick], others[pick, rank]], dim=1)
                 found = self._apgd(x[pick], pairs, labels[pick])
+                # _apgd evaluates every point it returns, so its logits and objective are known.
+                assert found.logits is not None and found.objective is not None
                 best.update(found.x_adv, found.logits, found.objective,
                             self._succeeded(found.logits, labels[pick]), index)
         return Iterate(best.x_adv, best.logits, best.objective)
@@ -217,8 +220,15 @@ class APGDT(APGD):
                 f"restarts={self.target_restarts})")
 
 
-def _check_norm(attack: Attack, threat: ThreatModel) -> None:
-    norms = type(attack).supported_norms
+class _NormLimited(Protocol):
+    """An attack that works under some norms only (its class lists them)."""
+
+    @property
+    def supported_norms(self) -> tuple[str, ...]: ...
+
+
+def _check_norm(attack: _NormLimited, threat: ThreatModel) -> None:
+    norms = attack.supported_norms
     if threat.norm not in norms:
         raise ConfigError(f"threat: {type(attack).__name__} supports the norms {norms}, got a {threat.norm!r} "
                           f"threat model; use one of " + ", ".join(n.capitalize() if n != "linf" else "Linf" for n in norms))

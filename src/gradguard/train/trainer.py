@@ -8,14 +8,16 @@ the optimiser step. Weight decay is never hidden inside the optimiser, so the ob
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
+import operator
 import random
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, Sized
 
 import numpy as np
 import torch
@@ -230,8 +232,8 @@ class Trainer:
             self.global_step = epoch * self.steps_per_epoch
             train_stats, step_log = self._train_epoch(epoch)
             metrics = {"epoch": epoch + 1, **train_stats}
-            if self.co_guard:
-                probe = self._probe_overfitting()
+            if self.guard_batch is not None:  # set exactly when the guard (co_guard) is on
+                probe = self._probe_overfitting(self.guard_batch)
                 metrics["guard"] = probe
                 if probe["collapsed"]:
                     action = self._handle_collapse(epoch, probe, last_good)
@@ -290,7 +292,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", clean=f"{totals[3] / totals[4]:.3f}",
-                                robust=f"{totals[5] / max(totals[6], 1):.3f}" if totals[6] else "-")
+                                robust=f"{totals[5] / totals[6]:.3f}" if totals[6] else "-")
         if bar is not None:
             bar.close()
         totals = distributed.all_reduce_sum(totals)
@@ -309,7 +311,10 @@ class Trainer:
 
     def l2_penalty(self) -> Tensor:
         """‖θ‖² over the regularised parameters (see ``l2_exclude``)."""
-        return sum((p * p).sum() for p in self.regularised_parameters())
+        squares = [(p * p).sum() for p in self.regularised_parameters()]
+        if not squares:  # every parameter is excluded
+            return torch.zeros((), device=self.device)
+        return functools.reduce(operator.add, squares)  # summed left to right, as sum() does
 
     def regularised_parameters(self) -> list[nn.Parameter]:
         excluded: set[int] = set()
@@ -412,8 +417,8 @@ class Trainer:
         from torch.utils.data import DataLoader, DistributedSampler
 
         loader = self.train_data
-        sampler = DistributedSampler(loader.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
-                                     seed=self.seed)
+        sampler: DistributedSampler[int] = DistributedSampler(loader.dataset, num_replicas=self.world_size,
+                                                              rank=self.rank, shuffle=True, seed=self.seed)
         sampler.set_epoch(epoch)
         per_process = max(1, (loader.batch_size or self.batch_size) // self.world_size)
         return DataLoader(loader.dataset, batch_size=per_process, sampler=sampler, num_workers=loader.num_workers,
@@ -421,9 +426,12 @@ class Trainer:
 
     def _first_samples(self, data, limit: int) -> tuple[Tensor, Tensor]:
         if isinstance(data, torch.utils.data.DataLoader):
-            xs, ys, count = [], [], 0
+            xs: list[Tensor] = []
+            ys: list[Tensor] = []
+            count = 0
             for x, y in data:
-                xs.append(x), ys.append(y)
+                xs.append(x)
+                ys.append(y)
                 count += y.shape[0]
                 if count >= limit:
                     break
@@ -447,14 +455,14 @@ class Trainer:
                 counts[1] += float(attack.run(xb, yb).correct.sum())
             counts[2] += yb.shape[0]
         counts = distributed.all_reduce_sum(counts)
-        result = {"val_clean_acc": float(counts[0] / counts[2])}
+        result: dict[str, float | str] = {"val_clean_acc": float(counts[0] / counts[2])}
         if attack is not None:
             result["val_robust_acc"] = float(counts[1] / counts[2])
             result["val_attack"] = "pgd-10" if self.val_attack == "pgd" else "fgsm"
         return result
 
     def _val_attack_instance(self):
-        if self.val_attack is None or self.threat.eps == 0:
+        if self.val_attack is None or self.threat is None or self.threat.eps == 0:  # no threat: no val_attack
             return None
         if self.val_attack == "pgd":
             return PGD(self.model, self.threat, steps=10, seed=self.seed)
@@ -476,9 +484,9 @@ class Trainer:
     def _guard_batch(self) -> tuple[Tensor, Tensor]:
         return self._first_samples(self.train_data, self.guard.samples)
 
-    def _probe_overfitting(self) -> dict:
+    def _probe_overfitting(self, batch: tuple[Tensor, Tensor]) -> dict:
         """PGD and FGSM accuracy of the current model on the fixed training batch; decide collapse."""
-        pgd_acc, fgsm_acc = self.measure_guard_accuracies(*self.guard_batch)
+        pgd_acc, fgsm_acc = self.measure_guard_accuracies(*batch)
         reference = self._guard_reference()
         rule = self.guard.collapsed(pgd_acc, fgsm_acc, reference)
         collapsed = distributed.broadcast_flag(rule is not None)
@@ -487,6 +495,8 @@ class Trainer:
 
     def measure_guard_accuracies(self, x: Tensor, y: Tensor) -> tuple[float, float]:
         """(PGD accuracy, FGSM accuracy) on (x, y) — the guard's probe; override to inject measurements."""
+        if self.threat is None:
+            raise ConfigError("threat: the overfitting guard attacks the model, so it needs a threat model")
         pgd = PGD(self.model, self.threat, steps=self.guard.pgd_steps, seed=self.seed)
         fgsm = FGSM(self.model, self.threat)
         return pgd.run(x, y).accuracy, fgsm.run(x, y).accuracy
@@ -554,9 +564,11 @@ class Trainer:
     @staticmethod
     def _n_samples(data) -> int | None:
         if isinstance(data, torch.utils.data.DataLoader):
+            if not isinstance(data.dataset, Sized):  # an iterable dataset has no length
+                return None
             try:
                 return len(data.dataset)
-            except TypeError:
+            except TypeError:  # a __len__ that refuses, e.g. a chain of iterable datasets
                 return None
         return int(data[1].shape[0])
 
@@ -576,7 +588,7 @@ class Trainer:
             distributed.barrier()
             return 0
         tensors, state = found
-        self._check_resume_config()
+        self._check_resume_config(self.run_dir)
         model_state = {key[len("model."):]: value for key, value in tensors.items() if key.startswith("model.")}
         unwrap(self.model).load_state_dict(model_state)
         self.optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
@@ -585,13 +597,13 @@ class Trainer:
         self.history, self.events = state["history"], state.get("events", [])
         self.lr_scale = state["lr_scale"]
         if self.is_main:
-            self._truncate_steps_log(state["epoch"] * self.steps_per_epoch)
+            self._truncate_steps_log(self.run_dir, state["epoch"] * self.steps_per_epoch)
             self._write_metrics()
         distributed.barrier()
         return int(state["epoch"])
 
-    def _check_resume_config(self) -> None:
-        path = self.run_dir / "config.json"
+    def _check_resume_config(self, run_dir: Path) -> None:
+        path = run_dir / "config.json"
         try:
             stored = json.loads(path.read_text())
         except (OSError, ValueError) as error:
@@ -601,7 +613,7 @@ class Trainer:
         if stored.get("method", {}).get("name") != current["method"]["name"]:
             different.append("method")
         if different:
-            raise ConfigError(f"resume: the run in {str(self.run_dir)!r} used different settings for {different}; "
+            raise ConfigError(f"resume: the run in {str(run_dir)!r} used different settings for {different}; "
                               "resume with the same settings or start a new run_dir")
 
     def _end_of_epoch(self, epoch: int, metrics: dict, step_log: list[dict]) -> None:
@@ -610,12 +622,12 @@ class Trainer:
                 handle.writelines(json.dumps(record) + "\n" for record in step_log)
             self._write_metrics()
             save_model(self.model, self.run_dir, **self._model_metadata(epoch))
-            self._save_checkpoint(epoch)
+            self._save_checkpoint(self.run_dir, epoch)
         distributed.barrier()
         if self.on_epoch_end is not None:
             self.on_epoch_end(metrics)
 
-    def _save_checkpoint(self, epoch: int) -> None:
+    def _save_checkpoint(self, run_dir: Path, epoch: int) -> None:
         optimizer_tensors, optimizer_meta = flatten_optimizer(self.optimizer.state_dict())
         rng_tensors, rng_meta = capture_rng()
         tensors = {f"model.{key}": value for key, value in state_tensors(self.model).items()}
@@ -623,7 +635,7 @@ class Trainer:
         tensors.update(rng_tensors)
         state = {"epoch": epoch, "optimizer": optimizer_meta, "rng": rng_meta, "method": self.method.state_dict(),
                  "history": self.history, "events": self.events, "lr_scale": self.lr_scale}
-        save_checkpoint(self.run_dir / "checkpoint", epoch, tensors, state)
+        save_checkpoint(run_dir / "checkpoint", epoch, tensors, state)
 
     def _model_metadata(self, epoch: int) -> dict:
         return {"dataset": self.metadata.get("dataset"), "threat": self.config["threat"],
@@ -635,8 +647,8 @@ class Trainer:
             atomic_write_text(self.run_dir / "metrics.jsonl",
                               "".join(json.dumps(record, default=str) + "\n" for record in self.history))
 
-    def _truncate_steps_log(self, steps_done: int) -> None:
-        path = self.run_dir / "steps.jsonl"
+    def _truncate_steps_log(self, run_dir: Path, steps_done: int) -> None:
+        path = run_dir / "steps.jsonl"
         if not path.is_file():
             return
         kept = []
@@ -672,8 +684,8 @@ def final_evaluation(model: nn.Module, data: tuple[Tensor, Tensor], threat: Thre
     try:
         from ..evaluation import evaluate
     except ImportError:
-        evaluate = None
-    if evaluate is not None:
+        pass
+    else:
         try:
             report = evaluate(model, data, threat, suite=suite, seed=seed)
         except ConfigError as error:  # e.g. a suite attack missing from this installation

@@ -96,7 +96,7 @@ def whole_data_check(model: nn.Module, data) -> dict:
 
 def statistics_of(records: list[dict]) -> dict:
     steps = sorted({r["step"] for r in records})
-    layers = gradflow._layer_order(records)
+    layers = gradflow.layer_order(records)
     table = {(r["step"], r["layer"]): r for r in records}
     ratios = gradflow._depth_ratios(table, steps, layers[0], layers[-1])
     out = {"nonfinite": any(r.get("grad_finite") is False or r.get("weight_finite") is False for r in records)}

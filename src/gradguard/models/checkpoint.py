@@ -151,7 +151,7 @@ def fit_state_dict(model: nn.Module, tensors: dict[str, Tensor], path, *, argume
     tensors = strip_wrapper_prefixes(tensors, set(expected))
     problems = mismatch_report(expected, tensors, strict=strict)
     if problems:
-        raise CheckpointError(f"{argument}: weights in {str(path)!r} do not fit the model: {problems}; pass weights "
+        raise CheckpointError(f"{argument}: the tensors in {str(path)!r} do not fit the model: {problems}; pass weights "
                               "saved from this architecture (or the model kwargs they were trained with)")
     try:
         unwrap(model).load_state_dict(tensors, strict=strict)

@@ -34,7 +34,8 @@ def _initialise(model: nn.Module, init: str, activation: str) -> None:
                 else:
                     nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
             elif init == "xavier":
-                gain = nn.init.calculate_gain(activation) if activation in ("relu", "tanh", "sigmoid") else 1.0  # type: ignore[arg-type]
+                known = activation in ("relu", "tanh", "sigmoid")
+                gain = nn.init.calculate_gain(activation) if known else 1.0  # type: ignore[arg-type]
                 nn.init.xavier_normal_(module.weight, gain=gain)
             else:
                 nn.init.normal_(module.weight, std=1.0 if init == "large" else 0.01)

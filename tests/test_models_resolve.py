@@ -45,6 +45,10 @@ def not_a_model():
     return [1, 2]
 
 
+def head(activation):
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 3), activation)
+
+
 NUMBER = 3
 '''
 SHAPE = (3, 4, 4)
@@ -98,11 +102,33 @@ def test_factory_with_pth_state_dict_loads_through_common_wrappers(user_module, 
     assert len(source["weights_sha256"]) == 64
 
 
-def test_class_with_kwargs_is_built_with_them_and_recorded(user_module):
+def test_class_with_kwargs_is_built_with_them_and_recorded(user_module, tmp_path):
     model = resolve(f"{user_module}:Net", width=2, num_classes=5)
     assert model.conv.out_channels == 2 and model(torch.rand(1, *SHAPE)).shape == (1, 5)
     assert model_source(model) == {"spec": f"{user_module}:Net", "kwargs": {"width": 2, "num_classes": 5},
-                                   "weights": None, "weights_sha256": None, "mean": None, "std": None}
+                                   "weights": None, "weights_sha256": None, "mean": None, "std": None,
+                                   "module_file": str(tmp_path / f"{user_module}.py")}
+
+
+def test_kwargs_json_cannot_hold_leave_the_model_unrecorded(user_module):
+    model = resolve(f"{user_module}:head", activation=nn.Tanh())
+    assert isinstance(model[2], nn.Tanh) and model_source(model) is None
+
+
+def test_loading_a_run_without_the_users_module_says_where_it_was(user_module, tmp_path, monkeypatch):
+    save(resolve(f"{user_module}:Net"), tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "run").mkdir()
+    for name in ("model.safetensors", "model.json"):
+        (elsewhere / "run" / name).write_bytes((tmp_path / "run" / name).read_bytes())
+    (tmp_path / f"{user_module}.py").unlink()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    sys.modules.pop(user_module, None)
+    with pytest.raises(ConfigError, match=f"model: no module '{user_module}'.*PYTHONPATH.*when recorded it was "
+                                          f".*{user_module}.py.*needed to rebuild the model saved in"):
+        load(elsewhere / "run")
 
 
 def test_module_is_found_on_pythonpath_from_another_directory(user_module, tmp_path, monkeypatch):
@@ -124,6 +150,7 @@ def test_safetensors_weights_load_into_a_callable(user_module, tmp_path, inputs)
     (0.5, 0.25, (0.5, 0.25)),
     ((0.1, 0.2, 0.3), (0.5, 0.25, 0.2), ([0.1, 0.2, 0.3], [0.5, 0.25, 0.2])),
     ("0.1,0.2,0.3", 0.25, ([0.1, 0.2, 0.3], 0.25)),
+    (torch.tensor([0.1, 0.2, 0.3]), torch.tensor(0.25), ([0.1, 0.2, 0.3], 0.25)),
 ])
 def test_mean_std_wrap_in_normalized_and_match_manual_normalisation(user_module, tmp_path, inputs, mean, std,
                                                                     recorded):
@@ -136,7 +163,8 @@ def test_mean_std_wrap_in_normalized_and_match_manual_normalisation(user_module,
         assert torch.allclose(model(inputs), reference((inputs - mean_t) / std_t), atol=1e-6)
         assert not torch.allclose(model(inputs), reference(inputs), atol=1e-3)
     source = model_source(model)
-    assert (source["mean"], source["std"]) == recorded
+    assert source["mean"] == pytest.approx(recorded[0]) and source["std"] == pytest.approx(recorded[1])
+    assert isinstance(source["mean"], type(recorded[0]))  # one value stays one value; per channel stays a list
 
 
 def test_save_then_load_rebuilds_a_callable_model_without_its_original_weights(user_module, tmp_path, inputs):
@@ -251,7 +279,7 @@ def _error_line(error: pytest.ExceptionInfo) -> str:
 
 @pytest.mark.parametrize("spec, kwargs, argument, fix", [
     ("nosuchmodule_xyz:Net", {}, "model: no module 'nosuchmodule_xyz'", "PYTHONPATH"),
-    ("{m}:Nett", {}, "model: module '{m}' .* has no 'Nett'", r"choose one of \['Net', 'broken', 'make_net'"),
+    ("{m}:Nett", {}, "model: module '{m}' .* has no 'Nett'", r"choose one of \['Net', 'broken', 'head', 'make_net', 'not_a_model'\]$"),
     ("{m}:broken", {}, r"model: {m}:broken\(\) raised ValueError: needs a GPU", "fix the factory"),
     ("{m}:not_a_model", {}, "model: {m}:not_a_model returned a list, not a torch.nn.Module", "return the model"),
     ("{m}:NUMBER", {}, "model: {m}:NUMBER is a int, not a callable", "factory function or an nn.Module class"),

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 Stats = Union[float, Sequence[float], str]
 SPEC_ATTRIBUTE = "gradguard_spec"
 SOURCE_ATTRIBUTE = "gradguard_source"
-SOURCE_KEYS = ("spec", "kwargs", "weights", "weights_sha256", "mean", "std")
+SOURCE_KEYS = ("spec", "kwargs", "weights", "weights_sha256", "mean", "std", "module_file")
 
 
 class Normalized(nn.Module):
@@ -119,10 +119,14 @@ def _collapse(values: list[float], raw: Stats) -> float | list[float]:
 
 
 def _is_sequence(value) -> bool:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
     return isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value)
 
 
 def _stat_values(value: Stats, argument: str) -> list[float]:
+    if hasattr(value, "tolist"):  # a tensor or numpy array
+        value = value.tolist()
     items: list = (value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple))
                    else [value])
     try:

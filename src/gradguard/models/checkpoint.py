@@ -151,8 +151,10 @@ def fit_state_dict(model: nn.Module, tensors: dict[str, Tensor], path, *, argume
     tensors = strip_wrapper_prefixes(tensors, set(expected))
     problems = mismatch_report(expected, tensors, strict=strict)
     if problems:
-        raise CheckpointError(f"{argument}: the tensors in {str(path)!r} do not fit the model: {problems}; pass weights "
-                              "saved from this architecture (or the model kwargs they were trained with)")
+        hint = ("pass weights saved from this architecture (or the model kwargs they were trained with)"
+                if not {"mean", "std"} <= set(tensors) - set(expected) else
+                "these come from a Normalized gradguard model: pass its run directory as the model instead")
+        raise CheckpointError(f"{argument}: the tensors in {str(path)!r} do not fit the model: {problems}; {hint}")
     try:
         unwrap(model).load_state_dict(tensors, strict=strict)
     except RuntimeError as error:

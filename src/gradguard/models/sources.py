@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from .base import Normalized, Stats, make_source, model_source, normalise, parse_stats, record, unwrap
-from .checkpoint import fit_state_dict, load, read_state_dict
+from .checkpoint import WEIGHTS_FILE, fit_state_dict, load, read_state_dict
 from .zoo import MODELS, build_model, list_models
 
 CALLABLE_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -63,8 +63,13 @@ def resolve_source(source: dict, *, with_weights: bool = True, map_location: str
     weights = source.get("weights") if with_weights else None
     if weights is not None:
         _check_recorded_weights(Path(weights), source.get("weights_sha256"))
-    return resolve(source["spec"], weights, mean=source.get("mean"), std=source.get("std"),
-                   map_location=map_location, **kwargs)
+    try:
+        return resolve(source["spec"], weights, mean=source.get("mean"), std=source.get("std"),
+                       map_location=map_location, **kwargs)
+    except ConfigError as error:
+        if source.get("module_file") and "no module" in str(error):
+            raise ConfigError(f"{error} (when recorded it was {source['module_file']})") from None
+        raise
 
 
 def describe_source(source: dict | None) -> str:
@@ -102,10 +107,10 @@ def _base_model(spec, kwargs: dict) -> nn.Module:
                           f"got {type(spec).__name__}")
     text = os.fspath(spec)
     path = Path(text)
+    if text in MODELS and not (path / WEIGHTS_FILE).is_file():  # a zoo name, unless a run directory has that name
+        return build_model(text, **kwargs)
     if path.exists():
         return _from_path(path, kwargs)
-    if text in MODELS:
-        return build_model(text, **kwargs)
     if text.split(":", 1)[0] in HUBS and ":" in text:
         return _from_hub(text, kwargs)
     if CALLABLE_SPEC.match(text):
@@ -136,7 +141,8 @@ def _no_kwargs(kwargs: dict, what: str) -> None:
 def _from_callable(text: str, kwargs: dict) -> nn.Module:
     module_name, attribute = text.split(":", 1)
     factory = import_callable(module_name, attribute)
-    return record(call_factory(factory, text, kwargs), source=make_source(text, kwargs))
+    module_file = getattr(sys.modules.get(module_name), "__file__", None)
+    return record(call_factory(factory, text, kwargs), source=make_source(text, kwargs, module_file=module_file))
 
 
 def _from_hub(text: str, kwargs: dict) -> nn.Module:

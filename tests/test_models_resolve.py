@@ -285,13 +285,14 @@ def _error_line(error: pytest.ExceptionInfo) -> str:
     ("{m}:NUMBER", {}, "model: {m}:NUMBER is a int, not a callable", "factory function or an nn.Module class"),
     ("{m}:Net", {"depth": 3}, "model_kwargs: {m}:Net cannot take depth=3", r"its parameters are \(width=4"),
     ("resnet-9000", {}, "model: unknown model 'resnet-9000'", "package.module:callable"),
+    ("src/{m}.py:Net", {}, "model: 'src/{m}.py:Net' names a file", "{m}:Net — and run from 'src'"),
 ])
 def test_bad_model_specs_raise_one_line_naming_argument_and_fix(user_module, spec, kwargs, argument, fix):
     with pytest.raises(ConfigError) as error:
         resolve(spec.format(m=user_module), **kwargs)
     message = _error_line(error)
     assert re.search(argument.format(m=user_module), message), message
-    assert re.search(fix, message), message
+    assert re.search(fix.format(m=user_module), message), message
 
 
 def test_pickled_checkpoint_gets_one_line_on_how_to_resave(user_module, tmp_path):

@@ -113,6 +113,11 @@ def _base_model(spec, kwargs: dict) -> nn.Module:
         return _from_path(path, kwargs)
     if text.split(":", 1)[0] in HUBS and ":" in text:
         return _from_hub(text, kwargs)
+    if text.rpartition(":")[0].endswith(".py"):
+        module = Path(text.rpartition(":")[0])
+        raise ConfigError(f"model: {text!r} names a file; write the module name instead — "
+                          f"{module.stem}:{text.rpartition(':')[2]} — and run from {str(module.parent)!r} or put it on "
+                          "PYTHONPATH")
     if CALLABLE_SPEC.match(text):
         return _from_callable(text, kwargs)
     if text.endswith(".safetensors") or os.sep in text:

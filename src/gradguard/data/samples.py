@@ -152,7 +152,7 @@ class SampleSet(TorchDataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        x, y = self.get_batch([index])
+        x, y = self.get_batch([int(index)])
         return x[0], int(y[0])
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, int]]:

@@ -313,3 +313,23 @@ def test_list_datasets_names_every_source():
 def test_unknown_split_is_a_data_error():
     with pytest.raises(DataError, match="split: expected 'train' or 'test'"):
         open_split("digits", "validation")
+
+
+def test_memmap_rows_are_read_exactly_in_any_order(tmp_path):
+    from gradguard.data.samples import read_rows
+
+    array = np.arange(40 * 6, dtype=">i4").reshape(40, 2, 3)  # big-endian, to check bytes land as stored
+    np.save(tmp_path / "a.npy", array)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    for rows in ([3, 4, 5, 6], [39, 0, 7, 7, 8, 1], [], list(range(40))[::-1]):
+        assert np.array_equal(read_rows(mapped, np.array(rows, dtype=np.int64)), array[rows])
+
+
+def test_npy_file_cut_after_open_is_a_data_error_when_read(tmp_path):
+    name = make_npy(tmp_path / "d", np.zeros((64, 8, 8), np.uint8), np.zeros(64, int), x_test=np.zeros((64, 8, 8),
+                    np.uint8), y_test=np.zeros(64, int))
+    test = open_split(name, "test")
+    path = tmp_path / "d" / "x_test.npy"
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(DataError, match="x_test.npy' ended early"):
+        test.get_batch([60])

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .samples import ImageTransform, SampleSet, to_unit_images
+from .samples import ImageTransform, SampleSet, read_rows, to_unit_images
 
 PIXELS = 3 * 32 * 32
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -79,7 +79,7 @@ class CifarSampleSet(SampleSet):
         file_of_row = np.searchsorted(self._offsets, rows, side="right") - 1
         for file_index in np.unique(file_of_row):
             chosen = file_of_row == file_index
-            records[chosen] = maps[file_index][rows[chosen] - self._offsets[file_index]]
+            records[chosen] = read_rows(maps[file_index], rows[chosen] - self._offsets[file_index])
         labels = records[:, self.form.label_offset].astype(np.int64)
         if labels.size and labels.max() >= self.form.num_classes:
             bad = self.files[int(file_of_row[int(np.argmax(labels))])]

@@ -254,10 +254,45 @@ class ArraySampleSet(SampleSet):
         if self.split_rows is not None:
             rows = self.split_rows[rows]
         images, labels = self._open()
-        x = to_unit_images(images[rows], self.layout, self.source)
+        x = to_unit_images(read_rows(images, rows), self.layout, self.source)
         if self.transform:
             x = self.transform(x, self.source)
         return x, torch.from_numpy(np.asarray(labels[rows], dtype=np.int64))
+
+
+def read_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``; for a C-ordered ``np.memmap``, read with positioned file reads, one per run of
+    consecutive rows, instead of page faults.
+
+    Why: a memory map's touched pages count in the process's RSS, and recent kernels map whole large folios
+    per fault, so 256 random rows of a 500 MB file mapped 300 MB. Reads copy just the rows into the batch.
+    """
+    filename, offset = getattr(array, "filename", None), getattr(array, "offset", None)
+    if filename is None or offset is None or not array.flags.c_contiguous or len(rows) == 0:
+        return np.asarray(array[rows])
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    row_bytes = out[:1].nbytes
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    run_starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)  # a new run wherever rows are not consecutive
+    run_ends = np.append(run_starts[1:], len(rows))
+    buffer = np.empty_like(out)
+    flat = buffer.reshape(-1).view(np.uint8).data
+    with open(filename, "rb", buffering=0) as handle:
+        for start, stop in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
+            handle.seek(offset + int(ordered[start]) * row_bytes)
+            _read_exactly(handle, flat[start * row_bytes:stop * row_bytes], filename)
+    out[order] = buffer
+    return out
+
+
+def _read_exactly(handle: Any, target: memoryview, filename: str | Path) -> None:
+    done = 0
+    while done < len(target):
+        count = handle.readinto(target[done:])
+        if not count:
+            raise DataError(f"data: {str(filename)!r} ended early (truncated while being read); re-create the file")
+        done += count
 
 
 def _load(source: np.ndarray | Path) -> np.ndarray:

@@ -63,7 +63,8 @@ def test_cifar10_found_inside_a_parent_root_and_loaded_whole(tmp_path):
 
 def test_cifar100_reads_the_fine_label_and_its_names(tmp_path):
     rng = np.random.default_rng(0)
-    pixels, coarse, fine = rng.integers(0, 256, (5, 3, 32, 32), np.uint8), rng.integers(0, 20, 5), rng.integers(0, 100, 5)
+    pixels = rng.integers(0, 256, (5, 3, 32, 32), np.uint8)
+    coarse, fine = rng.integers(0, 20, 5), rng.integers(0, 100, 5)
     for name in ("train.bin", "test.bin"):
         write_cifar_batch(tmp_path / name, np.stack([coarse, fine], axis=1), pixels)
     (tmp_path / "fine_label_names.txt").write_text("\n".join(f"fine{i}" for i in range(100)))
@@ -333,3 +334,13 @@ def test_npy_file_cut_after_open_is_a_data_error_when_read(tmp_path):
     path.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(DataError, match="x_test.npy' ended early"):
         test.get_batch([60])
+
+
+def test_targets_are_the_labels_get_batch_returns(sample_set):
+    assert torch.equal(sample_set.targets(), sample_set.get_batch(range(len(sample_set)))[1])
+
+
+def test_sources_with_their_own_split_refuse_split_options(tmp_path):
+    make_cifar10(tmp_path)
+    with pytest.raises(ConfigError, match="test_fraction.*own train/test split"):
+        open_split("cifar10", "test", tmp_path, test_fraction=0.5)

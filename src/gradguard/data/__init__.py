@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .arrays import DEFAULT_TEST_FRACTION, open_digits, open_npy, open_npz
 from .cifar import CIFAR10_CLASSES, open_cifar
 from .folders import IMAGE_SUFFIXES, open_folder, read_image
@@ -89,12 +89,15 @@ def open_split(name: str, split: str = "test", root: str | os.PathLike | None = 
     if not isinstance(name, str) or not name:
         raise DataError(f"name: expected a dataset name such as 'digits', got {name!r}; choose one of {list_datasets()}")
     key = name.lower().replace("_", "-")
+    if kwargs and key in ("fashion-mnist", "fmnist", "mnist", "cifar10", "cifar-10", "cifar100", "cifar-100"):
+        raise ConfigError(f"{sorted(kwargs)}: {name} ships its own train/test split and takes no such option; "
+                          "remove it")
     if key == "digits":
         return open_digits(split, transform, **kwargs)
     if key in ("fashion-mnist", "fmnist", "mnist"):
-        return open_idx("mnist" if key == "mnist" else "fashion-mnist", split, root, transform, **kwargs)
+        return open_idx("mnist" if key == "mnist" else "fashion-mnist", split, root, transform)
     if key.replace("-", "") in ("cifar10", "cifar100"):
-        return open_cifar(key.replace("-", ""), split, root, transform, **kwargs)
+        return open_cifar(key.replace("-", ""), split, root, transform)
     for prefix, opener in (("npz:", open_npz), ("npy:", open_npy), ("folder:", open_folder)):
         if name.startswith(prefix):
             return opener(Path(name[len(prefix):]).expanduser(), split, transform, **kwargs)

@@ -20,6 +20,7 @@ from ..errors import DataError
 from .samples import ImageTransform, SampleSet, read_rows, to_unit_images
 
 PIXELS = 3 * 32 * 32
+LABEL_CHUNK = 2048  # records per read when only the labels are wanted
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -72,6 +73,15 @@ class CifarSampleSet(SampleSet):
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    def targets(self) -> Tensor:
+        """Labels only: read in chunks of records, so the pass never holds a whole batch file."""
+        labels = []
+        for records in self.record_maps:
+            for start in range(0, len(records), LABEL_CHUNK):
+                chunk = read_rows(records, np.arange(start, min(start + LABEL_CHUNK, len(records))))
+                labels.append(chunk[:, self.form.label_offset])
+        return torch.from_numpy(np.concatenate(labels).astype(np.int64))
 
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         maps = self.record_maps

@@ -164,6 +164,10 @@ class SampleSet(TorchDataset):
         """Samples ``index`` as (x float32 (B, C, H, W), y int64 (B,)), read with one vectorised access."""
         return self._read(self._rows(index))
 
+    def targets(self) -> Tensor:
+        """Every sample's label, int64 (N,), without decoding images (for per-class sampling)."""
+        raise NotImplementedError
+
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -196,6 +200,9 @@ class TensorSampleSet(SampleSet):
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def targets(self) -> Tensor:
+        return self.y.clone()
 
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         index = torch.from_numpy(rows)
@@ -249,6 +256,10 @@ class ArraySampleSet(SampleSet):
 
     def __len__(self) -> int:
         return len(self.split_rows) if self.split_rows is not None else len(self.labels)
+
+    def targets(self) -> Tensor:
+        labels = self.labels if self.split_rows is None else self.labels[self.split_rows]
+        return torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         if self.split_rows is not None:

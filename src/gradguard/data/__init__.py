@@ -47,7 +47,7 @@ __all__ = [
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # read at call time by idx_search_path: patch it here
 DATA_ENV = "GRADGUARD_DATA"
 SPLITS = ("train", "test")
-READ_CHUNK = 4096  # samples per get_batch when load_dataset fills its tensors
+READ_CHUNK_BYTES = 32 * 1024 * 1024  # per get_batch when load_dataset fills its tensors: small temporaries
 
 
 @dataclass
@@ -118,8 +118,9 @@ def load_dataset(name: str = "digits", root: str | os.PathLike | None = None, *,
     return Dataset(train.name, *read_all(train), *read_all(test), train.classes)
 
 
-def read_all(samples: SampleSet, chunk: int = READ_CHUNK) -> tuple[Tensor, Tensor]:
-    """Every sample of a ``SampleSet`` as (x, y) tensors, read ``chunk`` samples at a time."""
+def read_all(samples: SampleSet, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Every sample of a ``SampleSet`` as (x, y) tensors, read ``chunk`` samples (default: 32 MB) at a time."""
+    chunk = chunk or max(1, READ_CHUNK_BYTES // (4 * int(np.prod(samples.input_shape))))
     x = torch.empty((len(samples), *samples.input_shape), dtype=torch.float32)
     y = torch.empty(len(samples), dtype=torch.int64)
     for start in range(0, len(samples), chunk):

@@ -287,13 +287,15 @@ def read_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     ordered = rows[order]
     run_starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)  # a new run wherever rows are not consecutive
     run_ends = np.append(run_starts[1:], len(rows))
-    buffer = np.empty_like(out)
+    in_order = bool(np.all(order[1:] > order[:-1]))
+    buffer = out if in_order else np.empty_like(out)  # a sequential batch is read straight into place
     flat = buffer.reshape(-1).view(np.uint8).data
     with open(filename, "rb", buffering=0) as handle:
         for start, stop in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
             handle.seek(offset + int(ordered[start]) * row_bytes)
             _read_exactly(handle, flat[start * row_bytes:stop * row_bytes], filename)
-    out[order] = buffer
+    if not in_order:
+        out[order] = buffer
     return out
 
 

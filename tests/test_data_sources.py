@@ -344,3 +344,26 @@ def test_sources_with_their_own_split_refuse_split_options(tmp_path):
     make_cifar10(tmp_path)
     with pytest.raises(ConfigError, match="test_fraction.*own train/test split"):
         open_split("cifar10", "test", tmp_path, test_fraction=0.5)
+
+
+def _resident_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
+def test_a_pass_over_an_npy_split_does_not_grow_resident_memory_by_the_file(tmp_path):
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(2000, 3, 32, 32))
+    x[:] = 0.5  # 24.6 MB on disk (and in the page cache)
+    x.flush()
+    del x
+    np.save(tmp_path / "y.npy", np.zeros(2000, np.int64))
+    samples = open_split(f"npy:{tmp_path}", "train", test_fraction=0.5)
+    samples.get_batch(range(100))  # warm up the allocator
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = _resident_mb("VmRSS")
+    for start in range(0, len(samples), 100):
+        samples.get_batch(range(start, min(start + 100, len(samples))))
+    assert _resident_mb("VmHWM") - before < 8.0  # the half read is 12.3 MB; a batch is 1.2 MB

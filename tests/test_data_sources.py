@@ -344,6 +344,8 @@ def test_sources_with_their_own_split_refuse_split_options(tmp_path):
     make_cifar10(tmp_path)
     with pytest.raises(ConfigError, match="test_fraction.*own train/test split"):
         open_split("cifar10", "test", tmp_path, test_fraction=0.5)
+    with pytest.raises(ConfigError, match="'shuffle'.*unknown dataset option"):
+        load_dataset("digits", shuffle=True)
 
 
 def _resident_mb(key: str) -> float:

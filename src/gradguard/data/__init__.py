@@ -47,6 +47,7 @@ __all__ = [
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # read at call time by idx_search_path: patch it here
 DATA_ENV = "GRADGUARD_DATA"
 SPLITS = ("train", "test")
+SPLIT_OPTIONS = ("test_fraction", "split_seed")  # for sources without a test split of their own
 READ_CHUNK_BYTES = 32 * 1024 * 1024  # per get_batch when load_dataset fills its tensors: small temporaries
 
 
@@ -88,6 +89,10 @@ def open_split(name: str, split: str = "test", root: str | os.PathLike | None = 
     transform = ImageTransform.of(resize, center_crop)
     if not isinstance(name, str) or not name:
         raise DataError(f"name: expected a dataset name such as 'digits', got {name!r}; choose one of {list_datasets()}")
+    unknown = sorted(set(kwargs) - set(SPLIT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"{unknown}: unknown dataset option(s); the options are resize, center_crop and, for "
+                          f"data without a test split, {', '.join(SPLIT_OPTIONS)}")
     key = name.lower().replace("_", "-")
     if kwargs and key in ("fashion-mnist", "fmnist", "mnist", "cifar10", "cifar-10", "cifar100", "cifar-100"):
         raise ConfigError(f"{sorted(kwargs)}: {name} ships its own train/test split and takes no such option; "

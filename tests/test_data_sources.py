@@ -369,3 +369,10 @@ def test_a_pass_over_an_npy_split_does_not_grow_resident_memory_by_the_file(tmp_
     for start in range(0, len(samples), 100):
         samples.get_batch(range(start, min(start + 100, len(samples))))
     assert _resident_mb("VmHWM") - before < 8.0  # the half read is 12.3 MB; a batch is 1.2 MB
+
+
+def test_cifar_parent_holding_only_the_python_version_is_refused(tmp_path):
+    (tmp_path / "cifar-100-python").mkdir()
+    (tmp_path / "cifar-100-python" / "train").write_bytes(b"\x80\x04pickled")
+    with pytest.raises(DataError, match="cifar-100-python' is the pickled Python version.*cifar-100-binary"):
+        open_split("cifar100", "train", tmp_path)

@@ -54,10 +54,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager[
     if key not in _AUTOCAST_CHECKED:
         _AUTOCAST_CHECKED[key] = _autocast_works(device.type, dtype)
     if not _AUTOCAST_CHECKED[key]:
-        name = {v: k for k, v in AMP_DTYPES.items()}[dtype]
-        raise ConfigError(f"amp: {name!r} autocast is not supported on {device.type} by torch {torch.__version__}; "
-                          "use amp='bf16' or amp=None there")
+        raise ConfigError(f"amp: {_amp_name(dtype)!r} autocast is not supported on {device.type} by torch "
+                          f"{torch.__version__}; use amp='bf16' or amp=None there")
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _amp_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in AMP_DTYPES.items()}.get(dtype, str(dtype))
 
 
 def _autocast_works(device_type: str, dtype: torch.dtype) -> bool:
@@ -121,7 +124,7 @@ def to_layout(x: Tensor, channels_last: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
-def full_precision(logits: Tensor) -> Tensor:
+def upcast_logits(logits: Tensor) -> Tensor:
     """Low-precision (fp16/bf16) logits cast up to float32; anything else unchanged."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
@@ -165,8 +168,8 @@ def check_logits(logits: Any, batch: int, argument: str = "model", amp: torch.dt
     if not bool(torch.isfinite(logits).all()):
         if amp is not None:
             raise ModelOutputError(
-                f"{argument}: the model returned NaN or inf logits under amp={amp}; its activations overflow in "
-                "low precision: use amp='bf16' (fp16 overflows above 65504) or amp=None"
+                f"{argument}: the model returned NaN or inf logits under amp={_amp_name(amp)!r}; its activations "
+                "overflow in low precision: use amp='bf16' (fp16 overflows above 65504) or amp=None"
             )
         raise ModelOutputError(
             f"{argument}: the model returned NaN or inf logits; check its weights and input normalisation"
@@ -180,7 +183,7 @@ def forward_logits(model: nn.Module, x: Tensor, amp: torch.dtype | None = None) 
         return check_logits(model(x), x.shape[0])
     with autocast(x.device, amp):
         logits = model(x)
-    return full_precision(check_logits(logits, x.shape[0], amp=amp))
+    return upcast_logits(check_logits(logits, x.shape[0], amp=amp))
 
 
 def input_gradient(model: nn.Module, x: Tensor, labels: Tensor, objective: Objective, targeted: bool,
@@ -205,7 +208,7 @@ def input_gradient(model: nn.Module, x: Tensor, labels: Tensor, objective: Objec
         x_leaf = x.detach().requires_grad_(True)
         with autocast(x.device, amp):
             logits = model(x_leaf)
-        logits = full_precision(check_logits(logits, x.shape[0], amp=amp))
+        logits = upcast_logits(check_logits(logits, x.shape[0], amp=amp))
         values = objective(logits, labels, targeted)
         (grad,) = torch.autograd.grad(values.sum() * scale if scale != 1.0 else values.sum(), x_leaf)
     if scale != 1.0:
@@ -466,7 +469,8 @@ class Attack:
         return logits, objective
 
     @torch.no_grad()
-    def _confirm_claims(self, x_adv: Tensor, labels: Tensor, logits: Tensor, objective: Tensor) -> tuple[Tensor, Tensor]:
+    def _confirm_claims(self, x_adv: Tensor, labels: Tensor, logits: Tensor,
+                        objective: Tensor) -> tuple[Tensor, Tensor]:
         """Under amp: rows whose low-precision logits claim a success get float32 logits and objective instead.
 
         So every decision taken on a success — early stop, the best iterate — rests on a full-precision logit;

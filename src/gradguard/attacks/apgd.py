@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .base import Attack, BestIterate, Iterate, check_logits, positive_float, positive_int
+from .base import Attack, BestIterate, Iterate, positive_float, positive_int
 
 MOMENTUM = 0.75
 
@@ -213,7 +213,7 @@ class APGDT(APGD):
     @torch.no_grad()
     def _clean_logits(self, x: Tensor) -> Tensor:
         self._n_forward += x.shape[0]
-        return check_logits(self.model(x), x.shape[0])
+        return self._forward(x)
 
     def __repr__(self) -> str:
         return (f"APGDT(threat={self.threat!r}, steps={self.steps}, n_target_classes={self.n_target_classes}, "

@@ -2,24 +2,131 @@
 
 An attack subclass implements one method, ``_perturb(x, labels) -> Iterate``, for one restart on one batch.
 Everything else — argument checks, eval mode, targets, restarts, early stop, keeping the per-sample best
-point, budget counting — lives here once.
+point, budget counting, mixed precision and memory layout — lives here once.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, ContextManager, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import BoundsError, ConfigError, InputError, ModelOutputError, ShapeError
 from ..threat import ThreatModel
-from .losses import LossSpec, resolve_objective
+from .losses import LossSpec, Objective, resolve_objective
 
 TARGET_POLICIES = ("random", "least-likely")
 BOUNDS_TOLERANCE = 1e-6
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+# fp16 has 5 exponent bits: small input gradients underflow to zero unless the loss is scaled up first.
+FP16_LOSS_SCALE = 2.0 ** 10
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices, memory layout and mixed precision
+# ------------------------------------------------------------------------------------------------
+def resolve_amp(amp: str | None) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` ("bf16", "fp16" or None for full precision)."""
+    if amp is None:
+        return None
+    if not isinstance(amp, str) or amp.lower() not in AMP_DTYPES:
+        raise ConfigError(f"amp: expected one of {tuple(AMP_DTYPES)} or None (full precision), got {amp!r}")
+    return AMP_DTYPES[amp.lower()]
+
+
+_AUTOCAST_CHECKED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager[Any]:
+    """``torch.autocast`` for ``device``'s type at ``dtype``; a no-op for ``dtype=None``.
+
+    Raises ConfigError where torch would silently disable autocast (an unsupported device or dtype), so a
+    requested ``amp`` never quietly runs in full precision.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    key = (device.type, dtype)
+    if key not in _AUTOCAST_CHECKED:
+        _AUTOCAST_CHECKED[key] = _autocast_works(device.type, dtype)
+    if not _AUTOCAST_CHECKED[key]:
+        raise ConfigError(f"amp: {_amp_name(dtype)!r} autocast is not supported on {device.type} by torch "
+                          f"{torch.__version__}; use amp='bf16' or amp=None there")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _amp_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in AMP_DTYPES.items()}.get(dtype, str(dtype))
+
+
+def _autocast_works(device_type: str, dtype: torch.dtype) -> bool:
+    if not torch.amp.is_autocast_available(device_type):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns, then disables autocast, for an unsupported dtype
+        try:
+            with torch.autocast(device_type=device_type, dtype=dtype):
+                pass
+        except (UserWarning, RuntimeError):
+            return False
+    return True
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a ``torch.device``."""
+    if isinstance(device, torch.device):
+        spec = str(device)
+    elif device is None:
+        spec = "auto"
+    elif isinstance(device, str):
+        spec = device.strip().lower()
+    else:
+        raise ConfigError(f"device: expected one of {DEVICES} (or 'cuda:N'), got {device!r}")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.split(":")[0] not in DEVICES[1:]:
+        raise ConfigError(f"device: expected one of {DEVICES} (or 'cuda:N'), got {device!r}")
+    try:
+        resolved = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"device: cannot parse {device!r}; use 'cuda', 'cuda:0' or 'cpu'") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {device!r} requested but this torch sees no CUDA device; use 'cpu' or 'auto'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                              "exist; use a smaller index")
+    return resolved
+
+
+def prepare_model(model: nn.Module, device: str | torch.device | None = "auto", *,
+                  channels_last: bool = False) -> nn.Module:
+    """Move ``model`` to ``device`` (see ``resolve_device``) and, with ``channels_last``, to the NHWC memory
+    layout that tensor-core convolutions prefer. Changes ``model`` in place and returns it.
+
+    This is the one place that changes a model's storage; attacks never do. Values are unchanged, so results
+    agree with the default layout up to float rounding. Pair it with ``Attack(..., channels_last=True)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    model.to(resolve_device(device))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
+
+
+def to_layout(x: Tensor, channels_last: bool) -> Tensor:
+    """``x`` in the channels_last layout when asked for and ``x`` is a 4-D image batch; else ``x`` as is."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def upcast_logits(logits: Tensor) -> Tensor:
+    """Low-precision (fp16/bf16) logits cast up to float32; anything else unchanged."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,7 +153,7 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(requires_grad)
 
 
-def check_logits(logits: Any, batch: int, argument: str = "model") -> Tensor:
+def check_logits(logits: Any, batch: int, argument: str = "model", amp: torch.dtype | None = None) -> Tensor:
     """Raise ModelOutputError unless ``logits`` is a finite (batch, classes) float tensor."""
     if not isinstance(logits, Tensor):
         raise ModelOutputError(
@@ -59,23 +166,56 @@ def check_logits(logits: Any, batch: int, argument: str = "model") -> Tensor:
             "flatten or wrap the model's output"
         )
     if not bool(torch.isfinite(logits).all()):
+        if amp is not None:
+            raise ModelOutputError(
+                f"{argument}: the model returned NaN or inf logits under amp={_amp_name(amp)!r}; its activations "
+                "overflow in low precision: use amp='bf16' (fp16 overflows above 65504) or amp=None"
+            )
         raise ModelOutputError(
             f"{argument}: the model returned NaN or inf logits; check its weights and input normalisation"
         )
     return logits
 
 
-def input_gradient(model: nn.Module, x: Tensor, labels: Tensor, objective, targeted: bool) -> tuple[Tensor, Tensor, Tensor]:
+def forward_logits(model: nn.Module, x: Tensor, amp: torch.dtype | None = None) -> Tensor:
+    """Checked logits of ``model`` at ``x``, under autocast at ``amp`` when given (then cast up to float32)."""
+    if amp is None:
+        return check_logits(model(x), x.shape[0])
+    with autocast(x.device, amp):
+        logits = model(x)
+    return upcast_logits(check_logits(logits, x.shape[0], amp=amp))
+
+
+def input_gradient(model: nn.Module, x: Tensor, labels: Tensor, objective: Objective, targeted: bool,
+                   amp: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The one gradient primitive: (d objective / d x, logits, per-sample objective) in one pass.
 
     Gradients are taken w.r.t. the input only (``torch.autograd.grad``), never accumulated into parameters.
+    With ``amp`` (torch.bfloat16 or torch.float16) the model's forward and backward run under autocast; the
+    logits are cast up to float32 before the objective, and the gradient comes back in ``x``'s dtype. fp16 scales
+    the loss against gradient underflow and falls back to full precision if the scaled gradient overflows.
     """
+    if amp is None:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            logits = model(x)
+            check_logits(logits, x.shape[0])
+            values = objective(logits, labels, targeted)
+            (grad,) = torch.autograd.grad(values.sum(), x)
+        return grad, logits.detach(), values.detach()
+    scale = FP16_LOSS_SCALE if amp == torch.float16 else 1.0
     with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        logits = model(x)
-        check_logits(logits, x.shape[0])
+        x_leaf = x.detach().requires_grad_(True)
+        with autocast(x.device, amp):
+            logits = model(x_leaf)
+        logits = upcast_logits(check_logits(logits, x.shape[0], amp=amp))
         values = objective(logits, labels, targeted)
-        (grad,) = torch.autograd.grad(values.sum(), x)
+        (grad,) = torch.autograd.grad(values.sum() * scale if scale != 1.0 else values.sum(), x_leaf)
+    if scale != 1.0:
+        grad = grad / scale
+        if not bool(torch.isfinite(grad).all()):
+            full_grad, _, _ = input_gradient(model, x, labels, objective, targeted, amp=None)
+            grad = full_grad
     return grad, logits.detach(), values.detach()
 
 
@@ -184,12 +324,19 @@ class Attack:
         early_stop: stop working on samples once they succeed (the returned point then is the first
             successful one). Turn off to maximise the loss, e.g. for adversarial training.
         seed: fixes random starts and random targets; None uses torch's global RNG.
+        amp: None (full precision), "bf16" or "fp16": the gradient primitive and the forward-only queries run
+            under ``torch.autocast``; the adversarial points stay in ``x``'s dtype, and every success ``run``
+            reports is re-checked by a full-precision forward pass (a low-precision logit never counts a sample
+            as broken). bf16 is the safe choice; fp16 scales the loss against gradient underflow.
+        channels_last: run on 4-D image batches in the channels_last (NHWC) layout, faster for convolutions on
+            GPUs when the model is in that layout too (``prepare_model``). Returned points keep ``x``'s layout.
 
     ``attack(x, y)`` returns the adversarial tensor; ``attack.run(x, y)`` returns an ``AttackResult``.
     """
 
     name: ClassVar[str] = "attack"
     uses_random_start: ClassVar[bool] = False
+    supported_norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
 
     def __init__(
         self,
@@ -202,6 +349,8 @@ class Attack:
         restarts: int = 1,
         early_stop: bool = True,
         seed: int | None = None,
+        amp: str | None = None,
+        channels_last: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -220,6 +369,9 @@ class Attack:
         self.restarts = positive_int(restarts, "restarts")
         self.early_stop = bool(early_stop)
         self.seed = seed
+        self.amp = None if amp is None else str(amp).lower()
+        self.amp_dtype = resolve_amp(amp)
+        self.channels_last = bool(channels_last)
         self.generator: torch.Generator | None = None
         self._n_grad = 0
         self._n_forward = 0
@@ -239,8 +391,19 @@ class Attack:
 
     def _run(self, x: Tensor, y: Tensor, target: Tensor | None, scored: bool) -> AttackResult:
         x, y = self.validate_inputs(x, y)
+        if not (self.channels_last and x.dim() == 4):
+            return self._attack_batch(x, y, target, scored)
+        restore = x.is_contiguous()
+        result = self._attack_batch(to_layout(x, True), y, target, scored)
+        if restore:
+            result.x_adv = result.x_adv.contiguous()  # hand back the caller's layout
+        return result
+
+    def _attack_batch(self, x: Tensor, y: Tensor, target: Tensor | None, scored: bool) -> AttackResult:
+        """Restarts, per-sample best and the full-precision re-check around ``_perturb``, on validated inputs."""
         self._n_grad = self._n_forward = 0
         self.generator = self._make_generator(x.device)
+        autocast(x.device, self.amp_dtype)  # an unsupported amp fails here, before any work
         with model_guard(self.model):
             if x.shape[0] == 0:
                 return self._empty_result(x, y)
@@ -260,8 +423,11 @@ class Attack:
                 found = self._perturb(xs, ls)
                 logits, objective = found.logits, found.objective
                 if logits is None or objective is None:
-                    logits, objective = self._evaluate(found.x_adv, ls)
+                    logits, objective = self._evaluate(found.x_adv, ls, full_precision=True)
+                elif self.amp_dtype is not None:  # the full-precision re-check of what run() reports
+                    logits = self._full_precision_logits(found.x_adv)
                 best.update(found.x_adv, logits, objective, self._succeeded(logits, ls), index)
+        assert best.logits is not None  # the first restart always offers every sample
         return AttackResult(
             x_adv=best.x_adv,
             success=best.success,
@@ -282,14 +448,59 @@ class Attack:
     def _gradient(self, x_adv: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(gradient of the objective w.r.t. ``x_adv``, logits, objective); counts the budget."""
         self._n_grad += x_adv.shape[0]
-        return input_gradient(self.model, x_adv, labels, self.objective, self.targeted)
+        grad, logits, objective = input_gradient(self.model, x_adv, labels, self.objective, self.targeted,
+                                                 amp=self.amp_dtype)
+        if self.amp_dtype is not None:
+            logits, objective = self._confirm_claims(x_adv, labels, logits, objective)
+        return grad, logits, objective
 
     @torch.no_grad()
-    def _evaluate(self, x_adv: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(logits, objective) at ``x_adv`` without gradients; counts the budget."""
+    def _evaluate(self, x_adv: Tensor, labels: Tensor, full_precision: bool = False) -> tuple[Tensor, Tensor]:
+        """(logits, objective) at ``x_adv`` without gradients; counts the budget.
+
+        Runs under the attack's ``amp`` unless ``full_precision`` (the re-check of what ``run`` reports).
+        """
         self._n_forward += x_adv.shape[0]
-        logits = check_logits(self.model(x_adv), x_adv.shape[0])
-        return logits, self.objective(logits, labels, self.targeted)
+        amp = None if full_precision else self.amp_dtype
+        logits = forward_logits(self.model, x_adv, amp)
+        objective = self.objective(logits, labels, self.targeted)
+        if amp is not None:
+            logits, objective = self._confirm_claims(x_adv, labels, logits, objective)
+        return logits, objective
+
+    @torch.no_grad()
+    def _confirm_claims(self, x_adv: Tensor, labels: Tensor, logits: Tensor,
+                        objective: Tensor) -> tuple[Tensor, Tensor]:
+        """Under amp: rows whose low-precision logits claim a success get float32 logits and objective instead.
+
+        So every decision taken on a success — early stop, the best iterate — rests on a full-precision logit;
+        a low-precision false alarm leaves the sample in play. Costs one forward pass on the claiming rows only.
+        """
+        claimed = self._claims_success(logits, labels)
+        if not bool(claimed.any()):
+            return logits, objective
+        rows = claimed.nonzero().squeeze(1)
+        exact = self._full_precision_logits(x_adv[rows])
+        logits, objective = logits.clone(), objective.clone()
+        logits[rows] = exact
+        objective[rows] = self.objective(exact, labels[rows], self.targeted).to(objective.dtype)
+        return logits, objective
+
+    def _claims_success(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if labels.dim() == 2:  # (true class, target) pairs: a targeted objective steering an untargeted attack
+            return logits.argmax(dim=1) != labels[:, 0]
+        return self._succeeded(logits, labels)
+
+    @torch.no_grad()
+    def _full_precision_logits(self, x_adv: Tensor) -> Tensor:
+        """Checked float32 logits at ``x_adv`` with autocast off; counts the budget."""
+        self._n_forward += x_adv.shape[0]
+        return forward_logits(self.model, x_adv, None)
+
+    @torch.no_grad()
+    def _forward(self, x: Tensor) -> Tensor:
+        """Checked logits at ``x`` under the attack's ``amp``, for subclasses' own queries (budget not counted)."""
+        return forward_logits(self.model, x, self.amp_dtype)
 
     def _succeeded(self, logits: Tensor, labels: Tensor) -> Tensor:
         predictions = logits.argmax(dim=1)
@@ -348,7 +559,9 @@ class Attack:
                             y, None, 0, 0)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(threat={self.threat!r}, loss={self.loss!r}, targeted={self.targeted}, restarts={self.restarts})"
+        extra = f", amp={self.amp!r}" if self.amp is not None else ""
+        return (f"{type(self).__name__}(threat={self.threat!r}, loss={self.loss!r}, targeted={self.targeted}, "
+                f"restarts={self.restarts}{extra})")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..threat import ThreatModel
 from .apgd import _check_norm, _expand
-from .base import Attack, Iterate, check_logits, input_gradient, positive_float, positive_int
+from .base import Attack, Iterate, input_gradient, positive_float, positive_int
 
 _TINY = 1e-8
 PUSH = 1e-4  # the reference implementation's extra push past the linearised boundary
@@ -53,7 +53,7 @@ class DeepFool(Attack):
     def _perturb(self, x: Tensor, labels: Tensor) -> Iterate:
         with torch.no_grad():
             self._n_forward += x.shape[0]
-            clean_logits = check_logits(self.model(x), x.shape[0])
+            clean_logits = self._forward(x)
         n_others = min(self.candidates, clean_logits.shape[1]) - 1
         others = clean_logits.scatter(1, labels[:, None], float("-inf")).argsort(dim=1, descending=True)[:, :n_others]
         total = torch.zeros_like(x)
@@ -78,7 +78,8 @@ class DeepFool(Attack):
         repeated = x_adv.repeat_interleave(k, dim=0)
         pairs = torch.stack([labels.repeat_interleave(k), others.reshape(-1)], dim=1)
         self._n_grad += repeated.shape[0]
-        grad, logits, values = input_gradient(self.model, repeated, pairs, logit_difference, False)
+        grad, logits, values = input_gradient(self.model, repeated, pairs, logit_difference, False,
+                                              amp=self.amp_dtype)
         return values.reshape(n, k), grad.reshape((n, k) + x_adv.shape[1:]), logits[::k]
 
     def _step_to_closest_boundary(self, differences: Tensor, gradients: Tensor) -> Tensor:

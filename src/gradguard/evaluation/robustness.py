@@ -26,7 +26,7 @@ from ..threat import ThreatModel, threat_from_dict
 from .distributed import Shard, batch_seed, check_same_stream, resolve_shard
 from .journal import FORMAT as JOURNAL_FORMAT
 from .journal import JournalWriter, model_fingerprint, own_file, read_journals, remove_journals
-from .stream import Block, BlockSource, collect
+from .stream import Block, BlockSource, collect, release_freed_memory
 from .suites import AttackSpec, resolve_suite
 
 NOT_BROKEN = -1  # broken_by value of a sample no attack broke (robust, or misclassified when clean)
@@ -196,6 +196,7 @@ def evaluate(
                 outcomes.append(outcome)
                 if writer is not None:
                     writer.append(outcome.to_record())
+                release_freed_memory()
         finally:
             if writer is not None:
                 writer.close()
@@ -480,6 +481,7 @@ def evaluate_curve(
                 check_same_stream(shard, source.n, block.fingerprint())
             if block is not None and shard.owns(index):
                 tallies.append(_curve_block(cascade, block, threat, eps_list))
+                release_freed_memory()
     total = _sum_tallies(shard.gather(tallies), len(eps_list))
     n = total["n"]
     if n == 0:

@@ -186,7 +186,8 @@ def evaluate(
                 block = read() if index == 0 or (shard.owns(index) and index not in finished) else None
                 if index == 0:
                     assert block is not None
-                    check_same_stream(shard, source.n, block.fingerprint())
+                    if shard.active:
+                        check_same_stream(shard, source.n, block.fingerprint())
                     if journal is not None:
                         header = _journal_header(model, specs, threat, seed, source, block)
                         finished, writer = _open_journal(Path(journal), header, resume, shard)
@@ -476,7 +477,7 @@ def evaluate_curve(
     with model_guard(model):
         for index, read in _progress_blocks(source, progress, shard):
             block = read() if index == 0 or shard.owns(index) else None
-            if index == 0:
+            if index == 0 and shard.active:
                 assert block is not None
                 check_same_stream(shard, source.n, block.fingerprint())
             if block is not None and shard.owns(index):

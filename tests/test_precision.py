@@ -178,3 +178,24 @@ def test_evaluate_suite_with_amp_matches_float32():
     exact = evaluate(model, (x, y), Linf(eps=0.02), suite, seed=0)
     mixed = evaluate(model, (x, y), Linf(eps=0.02), [{**suite[0], "amp": "bf16"}], seed=0)
     assert abs(exact.robust_accuracy - mixed.robust_accuracy) <= 2 / 16
+
+
+def test_evaluate_amp_applies_to_every_named_attack_and_a_false_alarm_breaks_nothing():
+    """``evaluate(amp=...)`` sets every named attack's precision (a spec's own key wins); on a model whose bf16 logits
+    flip the decision, no sample is reported broken because every success is re-checked in float32."""
+    from gradguard.evaluation import evaluate, resolve_suite
+
+    specs = resolve_suite(["fgsm", {"name": "pgd", "amp": "fp16"}], amp="bf16")
+    assert [s.kwargs["amp"] for s in specs] == ["bf16", "fp16"]
+    model = bf16_false_alarm_model()
+    x = torch.full((6, 2), 0.5)
+    y = model(x).argmax(1)
+    report = evaluate(model, (x, y), Linf(eps=1e-5), ["fgsm", {"name": "pgd", "steps": 3}], amp="bf16")
+    assert report.clean_accuracy == 1.0 and report.robust_accuracy == 1.0
+
+
+def test_evaluate_rejects_an_unknown_amp_before_any_work():
+    from gradguard.evaluation import evaluate
+
+    with pytest.raises(ConfigError, match="amp"):
+        evaluate(conv_model(), images(4), Linf(eps=0.01), "quick", amp="int8")

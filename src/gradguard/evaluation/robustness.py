@@ -141,6 +141,7 @@ def evaluate(
     distributed: bool | None = None,
     journal: str | Path | None = None,
     resume: bool = False,
+    amp: str | None = None,
 ) -> RobustnessReport:
     """Clean and worst-case robust accuracy of ``model`` under ``threat`` against an attack ``suite``.
 
@@ -164,13 +165,15 @@ def evaluate(
         resume: skip the blocks the journal(s) at ``journal`` already hold and end with the report an
             uninterrupted run gives. A journal from another model, suite, threat, seed, batch size, sample cap or
             data is refused with a ``ConfigError``.
+        amp: "bf16" or "fp16" runs every named attack's gradients and queries under autocast (GPU speed); every
+            success is re-checked by a full-precision forward pass, so low precision never breaks a sample by itself.
 
     The model's mode, parameters, ``requires_grad`` flags and ``.grad`` fields are left as they were.
     """
     started = time.perf_counter()
     _check_model(model)
     _check_threat(threat)
-    specs = resolve_suite(suite)
+    specs = resolve_suite(suite, amp=amp)
     source = BlockSource(data, threat, batch_size, max_samples)
     shard = resolve_shard(distributed)
     _check_journal_arguments(journal, resume, return_adversarial)
@@ -457,6 +460,7 @@ def evaluate_curve(
     progress: bool = False,
     max_samples: int | None = None,
     distributed: bool | None = None,
+    amp: str | None = None,
 ) -> RobustnessCurve:
     """Worst-case robust accuracy at each eps in ``eps_values`` (sorted ascending in the result).
 
@@ -469,7 +473,7 @@ def evaluate_curve(
     _check_model(model)
     _check_threat(threat)
     eps_list = _eps_values(eps_values)
-    specs = resolve_suite(suite)
+    specs = resolve_suite(suite, amp=amp)
     source = BlockSource(data, threat, batch_size, max_samples)
     shard = resolve_shard(distributed)
     cascade = _Cascade(model, specs, seed)

@@ -336,7 +336,7 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys):
 
 def test_yaml_config_needs_pyyaml(tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text("epochs: 1\n")
+    config.write_text("learning_speed: 1\n")
     try:
         import yaml  # noqa: F401
     except ImportError:
@@ -344,4 +344,4 @@ def test_yaml_config_needs_pyyaml(tmp_path, capsys):
         assert_one_line_error(code, err, "PyYAML is not installed", "pip install pyyaml")
     else:
         code, _, _ = run_cli(capsys, "list", "--config", config)
-        assert code != 0  # "epochs" is not an option of `list`: the YAML was parsed and validated
+        assert code != 0  # "learning_speed" is no command's option: the YAML was parsed and validated

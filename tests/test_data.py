@@ -214,3 +214,32 @@ def test_image_folder_errors(tmp_path):
         load_dataset(f"folder:{tmp_path / 'one'}")
     with pytest.raises(GradguardError, match="no directory"):
         load_dataset(f"folder:{tmp_path / 'missing'}")
+
+
+# ------------------------------------------------------------------------------------------------ MNIST (IDX)
+def test_mnist_reads_idx_files_from_root_with_digit_classes(tmp_path, no_system_fashion):
+    arrays = make_fashion_folder(tmp_path / "mnist", seed=5)
+    dataset = load_dataset("mnist", root=tmp_path / "mnist")
+    assert dataset.name == "mnist" and dataset.classes == [str(i) for i in range(10)]
+    assert torch.equal(dataset.x_test[:, 0], torch.tensor(arrays["x_test"].astype(np.float32) / 255.0))
+    assert dataset.y_train.tolist() == arrays["y_train"].tolist()
+
+
+def test_mnist_prefers_the_mnist_subfolder_of_gradguard_data(tmp_path, monkeypatch, no_system_fashion):
+    make_fashion_folder(tmp_path / "data", seed=1)  # e.g. Fashion-MNIST files at the top level
+    arrays = make_fashion_folder(tmp_path / "data" / "mnist", seed=2)
+    monkeypatch.setenv("GRADGUARD_DATA", str(tmp_path / "data"))
+    assert load_dataset("mnist").y_test.tolist() == arrays["y_test"].tolist()
+
+
+def test_mnist_missing_names_the_folders_searched(tmp_path, no_system_fashion):
+    with pytest.raises(DataError, match=r"mnist: IDX files not found in .*no-system-datasets/mnist"):
+        load_dataset("mnist")
+
+
+def test_open_split_reads_one_idx_split_without_the_other(tmp_path, no_system_fashion):
+    arrays = make_fashion_folder(tmp_path / "fm")
+    (tmp_path / "fm" / "train-images-idx3-ubyte.gz").write_bytes(b"broken")  # never read for the test split
+    test = data_module.open_split("fashion-mnist", "test", tmp_path / "fm")
+    x, y = test.get_batch([5, 0])
+    assert x.shape == (2, 1, 5, 5) and y.tolist() == [arrays["y_test"][5], arrays["y_test"][0]]

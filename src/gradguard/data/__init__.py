@@ -1,0 +1,125 @@
+"""Named datasets in pixel space [0, 1] shaped (N, C, H, W): in memory (``load_dataset``) or streamed (``open_split``).
+
+Names accepted by both:
+
+* ``"digits"`` — the embedded default (scikit-learn's bundled 8x8 digits), fixed 75/25 split.
+* ``"mnist"`` / ``"fashion-mnist"`` — the four IDX files (gzip or raw) of LeCun et al. (1998) / Xiao et al.
+  (2017), looked up in ``root``, then ``$GRADGUARD_DATA/<name>/``, ``$GRADGUARD_DATA``, then
+  ``/usr/share/datasets/<name>`` (Debian's ``dataset-fashion-mnist`` package installs the latter).
+* ``"cifar10"`` / ``"cifar100"`` — the official *binary* archives' folder (``cifar-10-batches-bin``,
+  ``cifar-100-binary``) given by ``root``, memory-mapped; the pickled Python version is refused.
+* ``"npz:PATH"`` — a NumPy ``.npz`` with ``x``, ``y`` and optionally ``x_test``, ``y_test``, ``classes``
+  (read with ``allow_pickle=False``, into memory).
+* ``"npy:DIR"`` — ``x.npy``, ``y.npy`` and optionally ``x_test.npy``, ``y_test.npy``, ``classes.txt``,
+  memory-mapped; uint8 0..255 or float 0..1, NCHW, NHWC or (N, H, W).
+* ``"folder:PATH"`` — one subfolder per class (or ``train/`` and ``test/`` holding them), decoded on access;
+  ``resize`` / ``center_crop`` bring photos of mixed sizes to one shape.
+
+Sources without a test split get a seeded split (``test_fraction=0.25``, ``split_seed=0``). Missing, corrupt or
+truncated files raise ``DataError`` with a message that says how to fix it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import DataError
+from .arrays import DEFAULT_TEST_FRACTION, open_digits, open_npy, open_npz
+from .cifar import CIFAR10_CLASSES, open_cifar
+from .folders import IMAGE_SUFFIXES, open_folder, read_image
+from .idx import FASHION_MNIST_CLASSES, fashion_mnist_search_path, idx_search_path, open_idx, read_idx
+from .idx import IDX_FILES as FASHION_MNIST_FILES
+from .samples import ArraySampleSet, ImageTransform, SampleSet, TensorSampleSet
+
+__all__ = [
+    "Dataset", "SampleSet", "ArraySampleSet", "TensorSampleSet", "ImageTransform", "load_dataset", "open_split",
+    "list_datasets", "read_idx", "read_image", "fashion_mnist_search_path", "idx_search_path",
+    "FASHION_MNIST_CLASSES", "FASHION_MNIST_FILES", "CIFAR10_CLASSES", "IMAGE_SUFFIXES", "DEFAULT_TEST_FRACTION",
+    "SYSTEM_DATA_DIR", "DATA_ENV", "SPLITS",
+]
+
+SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # read at call time by idx_search_path: patch it here
+DATA_ENV = "GRADGUARD_DATA"
+SPLITS = ("train", "test")
+READ_CHUNK = 4096  # samples per get_batch when load_dataset fills its tensors
+
+
+@dataclass
+class Dataset:
+    """Train and test tensors in pixel space [0, 1], images shaped (N, C, H, W), labels int64."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    classes: list[str]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def list_datasets() -> list[str]:
+    """Names (and name patterns) accepted by ``load_dataset`` and ``open_split``."""
+    return ["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "npz:PATH", "npy:DIR", "folder:PATH"]
+
+
+def open_split(name: str, split: str = "test", root: str | os.PathLike | None = None, *, resize: Any = None,
+               center_crop: Any = None, **kwargs: Any) -> SampleSet:
+    """One split ("train" or "test") of a dataset as a ``SampleSet``, read batch by batch, never whole.
+
+    ``root`` is the folder of the IDX files or CIFAR batches (the CLI's ``--data-root``); ``resize`` (``H`` or
+    ``(H, W)``) and ``center_crop`` are applied as samples are read; ``kwargs`` (``test_fraction``,
+    ``split_seed``) shape the seeded split of sources that ship without one.
+    """
+    if split not in SPLITS:
+        raise DataError(f"split: expected 'train' or 'test', got {split!r}")
+    transform = ImageTransform.of(resize, center_crop)
+    if not isinstance(name, str) or not name:
+        raise DataError(f"name: expected a dataset name such as 'digits', got {name!r}; choose one of {list_datasets()}")
+    key = name.lower().replace("_", "-")
+    if key == "digits":
+        return open_digits(split, transform, **kwargs)
+    if key in ("fashion-mnist", "fmnist", "mnist"):
+        return open_idx("mnist" if key == "mnist" else "fashion-mnist", split, root, transform, **kwargs)
+    if key.replace("-", "") in ("cifar10", "cifar100"):
+        return open_cifar(key.replace("-", ""), split, root, transform, **kwargs)
+    for prefix, opener in (("npz:", open_npz), ("npy:", open_npy), ("folder:", open_folder)):
+        if name.startswith(prefix):
+            return opener(Path(name[len(prefix):]).expanduser(), split, transform, **kwargs)
+    raise DataError(f"name: unknown dataset {name!r}; choose one of {list_datasets()}")
+
+
+def load_dataset(name: str = "digits", root: str | os.PathLike | None = None, *, resize: Any = None,
+                 center_crop: Any = None, **kwargs: Any) -> Dataset:
+    """Both splits of a dataset as in-memory tensors (for training); the same samples ``open_split`` streams.
+
+    Arguments as for ``open_split``.
+    """
+    train, test = (open_split(name, split, root, resize=resize, center_crop=center_crop, **kwargs)
+                   for split in SPLITS)
+    if train.input_shape != test.input_shape:
+        raise DataError(f"{name}: test images {test.input_shape} differ from train images {train.input_shape}; "
+                        "pass resize= / center_crop= (--resize / --center-crop) to bring them to one size")
+    return Dataset(train.name, *read_all(train), *read_all(test), train.classes)
+
+
+def read_all(samples: SampleSet, chunk: int = READ_CHUNK) -> tuple[Tensor, Tensor]:
+    """Every sample of a ``SampleSet`` as (x, y) tensors, read ``chunk`` samples at a time."""
+    x = torch.empty((len(samples), *samples.input_shape), dtype=torch.float32)
+    y = torch.empty(len(samples), dtype=torch.int64)
+    for start in range(0, len(samples), chunk):
+        stop = min(start + chunk, len(samples))
+        x[start:stop], y[start:stop] = samples.get_batch(np.arange(start, stop))
+    return x, y

@@ -119,9 +119,10 @@ def _grade(value: float, thresholds: tuple[float, float]) -> str:
 def check_masking(model: nn.Module, data: Any, threat: ThreatModel, *, n_samples: int = 200, seed: int = 0,
                   steps: int = 20, square_queries: int = 1000, noise_draws: int = 20,
                   batch_size: int = 256) -> MaskingReport:
-    """Run the gradient-masking checklist on ``n_samples`` samples drawn (with ``seed``) from ``data``.
+    """Run the gradient-masking checklist on the first ``n_samples`` samples of ``data``.
 
-    ``data`` is an ``(x, y)`` pair or a DataLoader, as for ``evaluate``. The white-box reference is PGD with
+    ``data`` is any form ``evaluate`` takes (tensors, a map-style Dataset, a DataLoader); only the first
+    ``n_samples`` samples are read and held (a shuffled loader gives a random subset). ``seed`` fixes the attacks. The white-box reference is PGD with
     ``steps`` steps (CE loss, random start); Square uses ``square_queries`` queries; random noise draws
     ``noise_draws`` uniform points per sample from the ball. The model is left untouched.
     """
@@ -133,10 +134,7 @@ def check_masking(model: nn.Module, data: Any, threat: ThreatModel, *, n_samples
     _check_threat(threat)
     n_samples, steps = positive_int(n_samples, "n_samples"), positive_int(steps, "steps")
     square_queries, noise_draws = positive_int(square_queries, "square_queries"), positive_int(noise_draws, "noise_draws")
-    x, y = collect_data(data, threat)
-    generator = torch.Generator().manual_seed(int(seed))
-    chosen = torch.randperm(x.shape[0], generator=generator)[:n_samples].sort().values
-    x, y = x[chosen], y[chosen]
+    x, y = collect_data(data, threat, max_samples=n_samples)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     x, y = x.to(device), y.to(device)
@@ -170,7 +168,7 @@ class _Probe:
     def correct_after(self, make_attack: Callable[[], Attack], x: Tensor, y: Tensor) -> Tensor:
         """Per sample: still correct at the attack's point (projected and re-scored by the model)."""
         out = []
-        for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size)):
+        for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True):
             attack = make_attack()
             out.append(self.predict(attack.threat.project(attack.run(xb, yb).x_adv, xb)) == yb)
         return torch.cat(out)
@@ -217,7 +215,7 @@ class _Probe:
 
     def gradients(self, x: Tensor, y: Tensor) -> Check:
         grads = torch.cat([input_gradient(self.model, xb, yb, cross_entropy, False)[0]
-                           for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size))])
+                           for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)])
         flat = grads.reshape(grads.shape[0], -1)
         finite = torch.isfinite(flat).all(dim=1)
         nonzero = finite & (flat.abs().amax(dim=1) > 1e-20)
@@ -234,7 +232,7 @@ class _Probe:
         """Steepest ascent on CE from the clean input, no early stop: does the loss go up?"""
         step = 2.5 * self.threat.eps / self.steps
         rises, curves = [], []
-        for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size)):
+        for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True):
             x_adv, losses = xb.clone(), []
             for _ in range(self.steps):
                 grad, _, loss = input_gradient(self.model, x_adv, yb, cross_entropy, False)
@@ -270,8 +268,8 @@ class _Probe:
     def monotone_in_eps(self, x: Tensor, y: Tensor, pgd_acc: float) -> Check:
         eps_values = [m * self.threat.eps for m in EPS_MULTIPLIERS]
         accuracies = [pgd_acc if m == 1.0 else _mean(self.correct_after(self.pgd(self.threat.with_eps(e)), x, y))
-                      for m, e in zip(EPS_MULTIPLIERS, eps_values)]
-        rise = max([0.0] + [b - a for a, b in zip(accuracies, accuracies[1:])])
+                      for m, e in zip(EPS_MULTIPLIERS, eps_values, strict=True)]
+        rise = max([0.0] + [b - a for a, b in zip(accuracies[:-1], accuracies[1:], strict=True)])
         status = _grade(rise, NOT_MONOTONE)
         return Check("accuracy_decreases_with_eps", status,
                      {"eps": eps_values, "pgd_accuracy": accuracies, "largest_rise": rise},

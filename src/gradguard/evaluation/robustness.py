@@ -11,18 +11,22 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import as_labels, check_inputs, check_labels, check_logits, model_guard, positive_int
+from ..attacks.base import check_labels, check_logits, model_guard
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
 from ..threat import ThreatModel, threat_from_dict
-from .distributed import Shard, batch_seed, check_same_data, resolve_shard
+from .distributed import Shard, batch_seed, check_same_stream, resolve_shard
+from .journal import FORMAT as JOURNAL_FORMAT
+from .journal import JournalWriter, model_fingerprint, own_file, read_journals, remove_journals
+from .stream import Block, BlockSource, collect
 from .suites import AttackSpec, resolve_suite
 
 NOT_BROKEN = -1  # broken_by value of a sample no attack broke (robust, or misclassified when clean)
@@ -135,159 +139,245 @@ def evaluate(
     progress: bool = False,
     max_samples: int | None = None,
     distributed: bool | None = None,
+    journal: str | Path | None = None,
+    resume: bool = False,
 ) -> RobustnessReport:
     """Clean and worst-case robust accuracy of ``model`` under ``threat`` against an attack ``suite``.
 
+    The data is streamed: it is cut into blocks of ``batch_size`` samples and the whole cascade (clean prediction,
+    then each attack on the samples still robust) runs on one block before the next is read, so memory is set by
+    ``batch_size``, not by the dataset; only small per-sample results are kept.
+
     Args:
-        data: an ``(x, y)`` pair of tensors or an iterable of ``(x, y)`` batches (a DataLoader); the samples are
-            held in memory (on their own device) for the cascade — use ``max_samples`` to cap them.
+        data: an ``(x, y)`` pair of tensors, a map-style ``Dataset`` (read with ``get_batch`` when it has one) or
+            any iterable of ``(x, y)`` batches (a DataLoader); ``max_samples`` caps it. Results do not depend on
+            the form nor on a loader's own batch size.
         suite: "quick" (APGD-CE), "standard" (APGD-CE → APGD-T → Square, AutoAttack's budgets) or a list of
             specs: attack names, dicts ``{"name": ..., **kwargs}``, or ``Attack`` objects. Attacks that do not
             support the threat's norm are skipped and listed in ``report.skipped``.
-        seed: fixes every random start and restart (each attack on each batch gets a seed derived from it);
+        seed: fixes every random start and restart (each attack on each block gets a seed derived from it);
             None uses torch's global RNG.
-        distributed: None shards the work over ranks when torch.distributed is initialised with several
-            processes (every rank must pass the full data; every rank gets the full report); False never does.
+        distributed: None shards the blocks over ranks when torch.distributed is initialised with several
+            processes (every rank passes the same data; every rank gets the full report); False never does.
+        journal: a file to which each finished block is appended (one JSON line, fsync'd). Without ``resume`` an
+            existing journal there is replaced; under torchrun each rank writes ``PATH.rank{r}``.
+        resume: skip the blocks the journal(s) at ``journal`` already hold and end with the report an
+            uninterrupted run gives. A journal from another model, suite, threat, seed, batch size, sample cap or
+            data is refused with a ``ConfigError``.
 
     The model's mode, parameters, ``requires_grad`` flags and ``.grad`` fields are left as they were.
     """
     started = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     _check_threat(threat)
-    batch_size = positive_int(batch_size, "batch_size")
     specs = resolve_suite(suite)
-    x, y = collect_data(data, threat, max_samples)
+    source = BlockSource(data, threat, batch_size, max_samples)
     shard = resolve_shard(distributed)
-    check_same_data(shard, x, y)
-    runner = _Cascade(model, threat, batch_size, seed, progress, shard)
+    _check_journal_arguments(journal, resume, return_adversarial)
+    cascade = _Cascade(model, specs, seed)
+    finished: dict[int, _BlockOutcome] = {}
+    outcomes: list[_BlockOutcome] = []
+    writer: JournalWriter | None = None
+    n_blocks = 0
     with model_guard(model):
-        clean_pred = runner.predict(x)
-        check_labels(y, runner.num_classes, "data")
-        clean_correct = clean_pred == y
-        stage = runner.run(specs, x, y, clean_correct, clean_pred, keep_adversarial=return_adversarial)
-    return _report(stage, specs, threat, x, y, clean_correct, time.perf_counter() - started, seed, shard)
+        try:
+            for index, read in _progress_blocks(source, progress, shard):
+                n_blocks = index + 1
+                block = read() if index == 0 or (shard.owns(index) and index not in finished) else None
+                if index == 0:
+                    assert block is not None
+                    check_same_stream(shard, source.n, block.fingerprint())
+                    if journal is not None:
+                        header = _journal_header(model, specs, threat, seed, source, block)
+                        finished, writer = _open_journal(Path(journal), header, resume, shard)
+                if block is None or not shard.owns(index) or index in finished:
+                    continue
+                outcome = cascade.run_block(block, threat, keep_adversarial=return_adversarial)
+                outcomes.append(outcome)
+                if writer is not None:
+                    writer.append(outcome.to_record())
+        finally:
+            if writer is not None:
+                writer.close()
+    outcomes = shard.gather(outcomes) + [o for o in finished.values() if o.index < n_blocks]
+    return _report(outcomes, n_blocks, specs, threat, time.perf_counter() - started, seed, shard, return_adversarial)
 
 
 @dataclass
-class _StageResult:
+class _BlockOutcome:
+    """The small per-sample results of one block (``x_adv`` only when asked for), and its attack times."""
+
+    index: int
+    labels: Tensor
+    clean_pred: Tensor
+    broken_by: Tensor
+    predictions_adv: Tensor
+    time_s: dict[str, float]
+    survivors: dict[str, int]
+    x_adv: Tensor | None = None
+
+    def to_record(self) -> dict:
+        return {"block": self.index, "label": self.labels.tolist(), "clean_pred": self.clean_pred.tolist(),
+                "broken_by": self.broken_by.tolist(), "prediction_adv": self.predictions_adv.tolist(),
+                "survivors": self.survivors, "time_s": self.time_s}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "_BlockOutcome":
+        def ints(key: str) -> Tensor:
+            return torch.tensor(record[key], dtype=torch.int64)
+
+        return cls(index=int(record["block"]), labels=ints("label"), clean_pred=ints("clean_pred"),
+                   broken_by=ints("broken_by"), predictions_adv=ints("prediction_adv"),
+                   time_s=dict(record["time_s"]), survivors=dict(record["survivors"]))
+
+
+@dataclass
+class _CascadeResult:
     robust: Tensor
     broken_by: Tensor
     predictions_adv: Tensor
     x_adv: Tensor | None
-    per_attack: dict[str, float]
-    attack_time_s: dict[str, float]
-    skipped: list[dict]
-    ran: list[AttackSpec]
+    time_s: dict[str, float]
+    survivors: dict[str, int]
 
 
 class _Cascade:
-    """Runs the attacks of a suite one after the other on the samples still robust, batch by batch."""
+    """Runs the attacks of a suite one after the other on the samples of one block still robust."""
 
-    def __init__(self, model: nn.Module, threat: ThreatModel, batch_size: int, seed: int | None, progress: bool,
-                 shard: Shard) -> None:
-        self.model, self.threat, self.batch_size = model, threat, batch_size
-        self.seed, self.progress, self.shard = seed, progress, shard
+    def __init__(self, model: nn.Module, specs: list[AttackSpec], seed: int | None) -> None:
+        self.model, self.specs, self.seed = model, specs, seed
         parameter = next(model.parameters(), None)
         self.device = parameter.device if parameter is not None else torch.device("cpu")
-        self.num_classes = 0
 
     @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        """Clean predictions, each batch on its owning rank, then shared."""
-        predictions = torch.zeros(x.shape[0], dtype=torch.int64)
-        for b, index in enumerate(self._batches(torch.arange(x.shape[0]))):
-            if self.shard.owns(b):
-                logits = check_logits(self.model(x[index].to(self.device)), index.numel())
-                self.num_classes = logits.shape[1]
-                predictions[index] = logits.argmax(1).cpu()
-        self.num_classes = int(self.shard.max(float(self.num_classes)))
-        return self.shard.sum(predictions).to(x.device)
+    def predict(self, x: Tensor, y: Tensor) -> Tensor:
+        """Clean predictions of one block (and a check that its labels fit the model's classes)."""
+        logits = check_logits(self.model(x), x.shape[0])
+        check_labels(y, logits.shape[1], "data")
+        return logits.argmax(1)
 
-    def run(self, specs: list[AttackSpec], x: Tensor, y: Tensor, active: Tensor, clean_pred: Tensor,
-            *, keep_adversarial: bool, stage_offset: int = 0) -> _StageResult:
-        """Attack the ``active`` samples with each spec in turn; a sample leaves the cascade once broken."""
-        n = x.shape[0]
-        robust = active.clone()
-        broken_by = torch.full((n,), NOT_BROKEN, dtype=torch.int64, device=x.device)
-        predictions_adv = clean_pred.clone()
+    def run_block(self, block: Block, threat: ThreatModel, *, keep_adversarial: bool) -> _BlockOutcome:
+        x, y = block.x.to(self.device), block.y.to(self.device)
+        clean_pred = self.predict(x, y)
+        result = self.run(x, y, clean_pred == y, clean_pred, threat, block.index, 0, keep_adversarial)
+        return _BlockOutcome(block.index, y.cpu(), clean_pred.cpu(), result.broken_by.cpu(),
+                             result.predictions_adv.cpu(), result.time_s, result.survivors,
+                             None if result.x_adv is None else result.x_adv.cpu())
+
+    def run(self, x: Tensor, y: Tensor, robust: Tensor, predictions: Tensor, threat: ThreatModel, block_index: int,
+            stage_offset: int, keep_adversarial: bool) -> _CascadeResult:
+        """Attack the ``robust`` samples with each spec in turn; a sample leaves the cascade once broken."""
+        robust = robust.clone()
+        broken_by = torch.full_like(y, NOT_BROKEN)
+        predictions_adv = predictions.clone()
         x_adv = x.clone() if keep_adversarial else None
-        per_attack, times, skipped, ran = {}, {}, [], []
-        for k, spec in enumerate(specs):
-            if self.threat.eps == 0:
-                # The ball is the single point x: no attack can change a prediction; the clean result is exact.
-                per_attack[spec.label] = float(robust.float().mean()) if n else float("nan")
-                times[spec.label] = 0.0
-                ran.append(spec)
-                continue
-            if not spec.supports(self.threat):
-                skipped.append({"label": spec.label, "reason": f"does not support the {self.threat.norm} norm"})
+        times: dict[str, float] = {}
+        survivors: dict[str, int] = {}
+        for k, spec in enumerate(self.specs):
+            if threat.eps > 0 and not spec.supports(threat):
                 continue
             started = time.perf_counter()
-            broken, pred, points = self._attack_stage(spec, stage_offset + k, x, y, robust, keep_adversarial)
-            predictions_adv = torch.where(broken, pred, predictions_adv)
-            if x_adv is not None:
-                x_adv[broken] = points[broken]
-            broken_by[broken] = k
-            robust &= ~broken
-            per_attack[spec.label] = float(robust.float().mean()) if n else float("nan")
-            times[spec.label] = round(time.perf_counter() - started, 3)
-            ran.append(spec)
-        return _StageResult(robust, broken_by, predictions_adv, x_adv, per_attack, times, skipped, ran)
-
-    def _attack_stage(self, spec: AttackSpec, stage: int, x: Tensor, y: Tensor, robust: Tensor,
-                      keep_adversarial: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        n = x.shape[0]
-        broken = torch.zeros(n, dtype=torch.bool, device=x.device)
-        pred = torch.zeros(n, dtype=torch.int64, device=x.device)
-        points = torch.zeros_like(x) if keep_adversarial else None  # zeros elsewhere: the cross-rank sum is exact
-        batches = self._batches(robust.nonzero().squeeze(1))
-        bar = self._progress_bar(spec.label, len(batches))
-        for b, index in enumerate(batches):
-            if not self.shard.owns(b):
-                continue
-            xb, yb = x[index].to(self.device), y[index].to(self.device)
-            attack = spec.build(self.model, self.threat, batch_seed(self.seed, stage, b))
-            candidate = self.threat.project(attack.run(xb, yb).x_adv.detach(), xb)
-            with torch.no_grad():
-                predicted = check_logits(self.model(candidate), index.numel()).argmax(1)
-            success = predicted != yb
-            broken[index] = success.to(x.device)
-            pred[index] = predicted.to(x.device)
-            if points is not None:
-                points[index] = candidate.to(x.device, x.dtype)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        broken, pred = self.shard.sum(broken), self.shard.sum(pred)
-        if points is not None:
-            points = self.shard.sum(points)
-        return broken, pred, points
-
-    def _batches(self, index: Tensor) -> list[Tensor]:
-        return list(index.split(self.batch_size)) if index.numel() else []
-
-    def _progress_bar(self, label: str, total: int):
-        if not self.progress or self.shard.rank != 0 or total == 0:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=label, leave=False)
+            index = robust.nonzero().squeeze(1)
+            # eps = 0: the ball is the single point x, no attack can change a prediction; the clean result is exact.
+            if threat.eps > 0 and index.numel():
+                xb, yb = x[index], y[index]
+                attack = spec.build(self.model, threat, batch_seed(self.seed, stage_offset + k, block_index))
+                candidate = threat.project(attack.run(xb, yb).x_adv.detach(), xb)
+                with torch.no_grad():
+                    predicted = check_logits(self.model(candidate), index.numel()).argmax(1)
+                success = predicted != yb
+                hit = index[success]
+                broken_by[hit], predictions_adv[hit], robust[hit] = k, predicted[success], False
+                if x_adv is not None:
+                    x_adv[hit] = candidate[success].to(x_adv.dtype)
+            times[spec.label] = time.perf_counter() - started
+            survivors[spec.label] = int(robust.sum())
+        return _CascadeResult(robust, broken_by, predictions_adv, x_adv, times, survivors)
 
 
-def _report(stage: _StageResult, specs: list[AttackSpec], threat: ThreatModel, x: Tensor, y: Tensor,
-            clean_correct: Tensor, elapsed: float, seed: int | None, shard: Shard) -> RobustnessReport:
-    n = y.shape[0]
+def _skipped(specs: list[AttackSpec], threat: ThreatModel) -> list[dict]:
+    if threat.eps == 0:
+        return []
+    return [{"label": s.label, "reason": f"does not support the {threat.norm} norm"}
+            for s in specs if not s.supports(threat)]
+
+
+def _report(outcomes: list[_BlockOutcome], n_blocks: int, specs: list[AttackSpec], threat: ThreatModel,
+            elapsed: float, seed: int | None, shard: Shard, keep_adversarial: bool) -> RobustnessReport:
+    outcomes = _complete(outcomes, n_blocks)
+    labels = torch.cat([o.labels for o in outcomes])
+    clean_correct = torch.cat([o.clean_pred for o in outcomes]) == labels
+    broken_by = torch.cat([o.broken_by for o in outcomes])
+    robust = clean_correct & (broken_by == NOT_BROKEN)
+    skipped = _skipped(specs, threat)
+    ran = [(k, s) for k, s in enumerate(specs) if s.label not in {item["label"] for item in skipped}]
+    per_attack = {s.label: _mean(clean_correct & ((broken_by == NOT_BROKEN) | (broken_by > k))) for k, s in ran}
+    times = {s.label: round(sum(o.time_s.get(s.label, 0.0) for o in outcomes), 3) for _, s in ran}
+    x_adv = torch.cat([o.x_adv for o in outcomes if o.x_adv is not None]) if keep_adversarial else None
     return RobustnessReport(
-        clean_accuracy=_mean(clean_correct), robust_accuracy=_mean(stage.robust),
-        per_attack=stage.per_attack, per_class=per_class_table(y, clean_correct, stage.robust),
-        n_samples=n, threat=threat.to_dict(), suite=[s.label for s in stage.ran], elapsed_s=round(elapsed, 3),
-        robust=stage.robust.cpu(), clean_correct=clean_correct.cpu(), broken_by=stage.broken_by.cpu(),
-        predictions_adv=stage.predictions_adv.cpu(), labels=y.cpu(), x_adv=stage.x_adv,
-        attacks=[s.to_dict() for s in specs], skipped=stage.skipped, attack_time_s=stage.attack_time_s, seed=seed,
+        clean_accuracy=_mean(clean_correct), robust_accuracy=_mean(robust),
+        per_attack=per_attack, per_class=per_class_table(labels, clean_correct, robust),
+        n_samples=int(labels.shape[0]), threat=threat.to_dict(), suite=[s.label for _, s in ran],
+        elapsed_s=round(elapsed, 3), robust=robust, clean_correct=clean_correct, broken_by=broken_by,
+        predictions_adv=torch.cat([o.predictions_adv for o in outcomes]), labels=labels, x_adv=x_adv,
+        attacks=[s.to_dict() for s in specs], skipped=skipped, attack_time_s=times, seed=seed,
         world_size=shard.world_size,
     )
+
+
+def _complete(outcomes: list[_BlockOutcome], n_blocks: int) -> list[_BlockOutcome]:
+    """The outcomes in block order; every block of the stream must be there exactly once."""
+    if n_blocks == 0:
+        raise InputError("data: the loader yielded no batches; pass a non-empty dataset")
+    by_index = {o.index: o for o in outcomes}
+    missing = sorted(set(range(n_blocks)) - set(by_index))
+    if missing:
+        raise InputError(f"data: blocks {missing[:5]} were not evaluated; every rank must pass the same data")
+    return [by_index[i] for i in range(n_blocks)]
+
+
+def _progress_blocks(source: BlockSource, progress: bool, shard: Shard) -> Iterator[tuple[int, Callable[[], Block]]]:
+    if not progress or shard.rank != 0:
+        return source.blocks()
+    from tqdm.auto import tqdm
+
+    total = None if source.n is None else math.ceil(source.n / source.batch_size)
+    return iter(tqdm(source.blocks(), total=total, desc="blocks", leave=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# The journal
+# ------------------------------------------------------------------------------------------------
+def _check_journal_arguments(journal: str | Path | None, resume: bool, return_adversarial: bool) -> None:
+    if resume and journal is None:
+        raise ConfigError("resume: True needs journal=PATH, the journal of the run to resume")
+    if resume and return_adversarial:
+        raise ConfigError("resume: the journal holds per-sample outcomes, not adversarial points; "
+                          "pass return_adversarial=False to resume, or drop resume to run again")
+
+
+def _journal_header(model: nn.Module, specs: list[AttackSpec], threat: ThreatModel, seed: int | None,
+                    source: BlockSource, first: Block) -> dict:
+    from .. import __version__
+
+    suite = [{"label": s.label, "name": s.name, "instance": type(s.instance).__name__} if s.instance is not None
+             else s.to_dict() for s in specs]
+    return {"journal": "gradguard-evaluate", "format": JOURNAL_FORMAT, "version": __version__,
+            "model": model_fingerprint(model), "suite": suite, "threat": threat.to_dict(), "seed": seed,
+            "batch_size": source.batch_size, "max_samples": source.max_samples,
+            "data": {"n": source.n, "first_block": first.fingerprint()}}
+
+
+def _open_journal(path: Path, header: dict, resume: bool, shard: Shard) -> tuple[dict[int, _BlockOutcome],
+                                                                                    JournalWriter]:
+    """Finished blocks (resume) or a fresh start (the old journals removed), and this rank's writer."""
+    finished: dict[int, _BlockOutcome] = {}
+    if resume:
+        finished = {i: _BlockOutcome.from_record(r) for i, r in read_journals(path, header).items()}
+    elif shard.rank == 0:
+        remove_journals(path)
+    shard.barrier()  # every rank has read (or rank 0 has removed) before any rank writes
+    return finished, JournalWriter(own_file(path, shard.rank, shard.world_size), header)
 
 
 def per_class_table(y: Tensor, clean_correct: Tensor, robust: Tensor) -> dict[str, dict[str, float]]:
@@ -374,33 +464,62 @@ def evaluate_curve(
     model but not of heuristic attacks, so it is never used.) The curve is therefore non-increasing.
     """
     started = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     _check_threat(threat)
     eps_list = _eps_values(eps_values)
-    batch_size = positive_int(batch_size, "batch_size")
     specs = resolve_suite(suite)
-    x, y = collect_data(data, threat, max_samples)
+    source = BlockSource(data, threat, batch_size, max_samples)
     shard = resolve_shard(distributed)
-    check_same_data(shard, x, y)
-    robust_curve, tables, attacked = [], [], []
+    cascade = _Cascade(model, specs, seed)
+    tallies: list[dict] = []
     with model_guard(model):
-        runner = _Cascade(model, threat, batch_size, seed, progress, shard)
-        clean_pred = runner.predict(x)
-        check_labels(y, runner.num_classes, "data")
-        robust = clean_pred == y
-        clean_correct = robust.clone()
-        for i, eps in enumerate(eps_list):
-            runner.threat = threat.with_eps(eps)
-            attacked.append(int(robust.sum()))
-            stage = runner.run(specs, x, y, robust, clean_pred, keep_adversarial=False, stage_offset=i * len(specs))
-            robust = stage.robust
-            robust_curve.append(_mean(robust))
-            tables.append(stage.per_attack)
-    return RobustnessCurve(eps=eps_list, robust_accuracy=robust_curve, clean_accuracy=_mean(clean_correct),
-                           n_samples=int(y.shape[0]), threat=threat.to_dict(), suite=[s.label for s in specs],
-                           per_attack=tables, attacked=attacked, elapsed_s=round(time.perf_counter() - started, 3),
-                           seed=seed)
+        for index, read in _progress_blocks(source, progress, shard):
+            block = read() if index == 0 or shard.owns(index) else None
+            if index == 0:
+                assert block is not None
+                check_same_stream(shard, source.n, block.fingerprint())
+            if block is not None and shard.owns(index):
+                tallies.append(_curve_block(cascade, block, threat, eps_list))
+    total = _sum_tallies(shard.gather(tallies), len(eps_list))
+    n = total["n"]
+    if n == 0:
+        raise InputError("data: the loader yielded no batches; pass a non-empty dataset")
+    return RobustnessCurve(eps=eps_list, robust_accuracy=[r / n for r in total["robust"]],
+                           clean_accuracy=total["clean"] / n, n_samples=n, threat=threat.to_dict(),
+                           suite=[s.label for s in specs],
+                           per_attack=[{label: count / n for label, count in table.items()}
+                                       for table in total["survivors"]],
+                           attacked=total["attacked"], elapsed_s=round(time.perf_counter() - started, 3), seed=seed)
+
+
+def _curve_block(cascade: _Cascade, block: Block, threat: ThreatModel, eps_list: list[float]) -> dict:
+    """Counts of one block at every eps: a sample broken at a smaller eps is not attacked at the larger ones."""
+    x, y = block.x.to(cascade.device), block.y.to(cascade.device)
+    clean_pred = cascade.predict(x, y)
+    robust = clean_pred == y
+    tally: dict = {"n": int(y.shape[0]), "clean": int(robust.sum()), "attacked": [], "robust": [], "survivors": []}
+    for i, eps in enumerate(eps_list):
+        tally["attacked"].append(int(robust.sum()))
+        result = cascade.run(x, y, robust, clean_pred, threat.with_eps(eps), block.index, i * len(cascade.specs),
+                             keep_adversarial=False)
+        robust = result.robust
+        tally["robust"].append(int(robust.sum()))
+        tally["survivors"].append(result.survivors)
+    return tally
+
+
+def _sum_tallies(tallies: list[dict], n_eps: int) -> dict:
+    total: dict = {"n": 0, "clean": 0, "attacked": [0] * n_eps, "robust": [0] * n_eps,
+                   "survivors": [{} for _ in range(n_eps)]}
+    for tally in tallies:
+        total["n"] += tally["n"]
+        total["clean"] += tally["clean"]
+        for i in range(n_eps):
+            total["attacked"][i] += tally["attacked"][i]
+            total["robust"][i] += tally["robust"][i]
+            for label, count in tally["survivors"][i].items():
+                total["survivors"][i][label] = total["survivors"][i].get(label, 0) + count
+    return total
 
 
 def _eps_values(eps_values: Iterable[float]) -> list[float]:
@@ -421,41 +540,19 @@ def _check_threat(threat: Any) -> None:
         raise InputError(f"threat: expected a ThreatModel such as Linf(eps=0.1) or L2(eps=1.0), got {type(threat).__name__}")
 
 
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
 def collect_data(data: Any, threat: ThreatModel, max_samples: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` tensors from a pair of tensors or an iterable of ``(x, y)`` batches, checked and capped."""
-    if max_samples is not None:
-        max_samples = positive_int(max_samples, "max_samples")
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        x, y = data
-        if max_samples is not None:
-            x, y = x[:max_samples], y[:max_samples]
-    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Tensor, dict)):
-        xs, ys, count = [], [], 0
-        for batch in data:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise InputError("data: each batch from the loader must be an (x, y) pair; "
-                                 f"got {type(batch).__name__}")
-            xs.append(batch[0])
-            ys.append(batch[1])
-            count += len(batch[1])
-            if max_samples is not None and count >= max_samples:
-                break
-        if not xs:
-            raise InputError("data: the loader yielded no batches; pass a non-empty dataset")
-        x, y = torch.cat(xs), torch.cat(ys)
-        if max_samples is not None:
-            x, y = x[:max_samples], y[:max_samples]
-    else:
-        raise InputError(f"data: expected an (x, y) pair of tensors or a DataLoader yielding (x, y), got {type(data).__name__}")
-    x = check_inputs(x, threat, "data")
-    y = as_labels(y, x.shape[0], "data")
-    if x.shape[0] == 0:
-        raise InputError("data: holds no samples; pass at least one (x, y) pair")
-    return x, y.to(x.device)
+    """``(x, y)`` tensors from any data form ``evaluate`` takes, checked and capped (held in memory: small sets)."""
+    return collect(BlockSource(data, threat, 1024, max_samples))
 
 
 def _mean(mask: Tensor) -> float:
-    return float(mask.float().mean()) if mask.numel() else float("nan")
+    """The fraction of True entries, as an exact count / n (so reports and curves agree to the last digit)."""
+    return int(mask.sum()) / mask.numel() if mask.numel() else float("nan")
 
 
 def _read_json(text_or_path: str | Path) -> dict:

@@ -37,6 +37,7 @@ ATTACKS: dict[str, tuple[str, dict]] = {
     "cw": ("CW", {}), "deepfool": ("DeepFool", {}), "square": ("Square", {}),
 }
 EXAMPLES_SHOWN = 8
+JOURNAL_FILE = "robustness.journal.jsonl"  # evaluate's per-block journal, while an evaluation is unfinished
 
 
 # ================================================================================================
@@ -150,11 +151,14 @@ def _holds_resumable_work(run_dir: Path) -> bool:
     """A training checkpoint or an evaluation journal: work that ``--resume`` can continue."""
     from .train.checkpoint import latest_checkpoint
 
-    journal = run_dir / JOURNAL_FILE
-    return latest_checkpoint(run_dir / "checkpoint") is not None or (journal.is_file() and journal.stat().st_size > 0)
+    return latest_checkpoint(run_dir / "checkpoint") is not None or holds_journal(run_dir)
 
 
-JOURNAL_FILE = "robustness.journal.jsonl"
+def holds_journal(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the journal of an unfinished evaluation (also the per-rank files of torchrun)."""
+    from .evaluation.journal import journal_files
+
+    return any(f.is_file() and f.stat().st_size > 0 for f in journal_files(run_dir / JOURNAL_FILE))
 
 
 def check_writable(run_dir: Path) -> None:
@@ -185,25 +189,44 @@ def one_line(error: BaseException) -> str:
 # ================================================================================================
 # What a command works on: data, threat, model, attacks
 # ================================================================================================
-def load_data(name: str, root: str | None = None):
+def load_data(name: str, root: str | None = None, *, resize: Any = None, center_crop: Any = None):
+    """Both splits of a dataset in memory (``gradguard.data.load_dataset``): for training."""
     from .data import load_dataset
 
-    return load_dataset(name, root=root)
+    return load_dataset(name, root=root, resize=resize, center_crop=center_crop)
+
+
+def open_test_split(name: str, root: str | None = None, *, resize: Any = None, center_crop: Any = None):
+    """The test split as a streamed ``SampleSet`` (``gradguard.data.open_split``): read batch by batch, never whole."""
+    from .data import open_split
+
+    return open_split(name, "test", root, resize=resize, center_crop=center_crop)
+
+
+def test_samples(dataset):
+    """The test split as a ``SampleSet``: an opened split as it is, an in-memory ``Dataset``'s test tensors wrapped."""
+    from .data import SampleSet, TensorSampleSet
+
+    if isinstance(dataset, SampleSet):
+        return dataset
+    return TensorSampleSet(dataset.name, dataset.classes, dataset.x_test, dataset.y_test)
 
 
 def test_split(dataset, samples: int | None):
-    """The first ``samples`` test images and labels (all when None)."""
+    """The first ``samples`` test images and labels (all when None) of an in-memory ``Dataset``."""
     x, y = dataset.x_test, dataset.y_test
     if samples is not None:
         x, y = x[:samples], y[:samples]
     return x, y
 
 
-def iter_batches(data, batch_size: int) -> Iterator[tuple[Any, Any]]:
-    """(x, y) batches of an ``(x, y)`` pair, in order."""
-    x, y = data
-    for start in range(0, len(y), batch_size):
-        yield x[start:start + batch_size], y[start:start + batch_size]
+def iter_batches(samples, batch_size: int, limit: int | None = None) -> Iterator[tuple[Any, Any]]:
+    """(x, y) batches of the first ``limit`` samples (all when None) of a ``SampleSet``, in order."""
+    import numpy as np
+
+    count = len(samples) if limit is None else min(limit, len(samples))
+    for start in range(0, count, batch_size):
+        yield samples.get_batch(np.arange(start, min(start + batch_size, count)))
 
 
 def make_threat_from(norm: str | None, eps: float | None):
@@ -238,39 +261,41 @@ def load_run_model(run_dir: Path, device):
     return load(run_dir, map_location=device).eval()
 
 
-def run_dataset(run_dir: Path, dataset: str | None, data_root: str | None):
-    """The dataset named on the command line, else the run's own (run.json), else digits."""
+def run_dataset(run_dir: Path, dataset: str | None, data_root: str | None, *, resize: Any = None,
+                center_crop: Any = None):
+    """The test split (streamed) of the dataset named on the command line, else the run's own (run.json, with its
+    data root, resize and crop), else digits."""
     manifest = read_manifest(run_dir)
-    return load_data(dataset or manifest.get("dataset") or "digits", data_root or manifest.get("data_root"))
+    if dataset is None:
+        resize = resize if resize is not None else manifest.get("resize")
+        center_crop = center_crop if center_crop is not None else manifest.get("center_crop")
+    return open_test_split(dataset or manifest.get("dataset") or "digits", data_root or manifest.get("data_root"),
+                           resize=resize, center_crop=center_crop)
 
 
 def resolve_model(spec: str, *, weights: str | None = None, kwargs: dict | None = None,
-                  mean: float | Sequence[float] | None = None, std: float | Sequence[float] | None = None,
+                  mean: str | float | Sequence[float] | None = None, std: str | float | Sequence[float] | None = None,
                   device: Any = "cpu"):
     """Any model gradguard.models.resolve accepts (``package.module:callable`` + weights, ``torchvision:NAME``,
     a run directory, a .safetensors file), in eval mode on ``device``."""
-    from . import models
+    from .models import resolve
 
-    resolve = getattr(models, "resolve", None)
-    if resolve is None:
-        raise ConfigError("model: --model SPEC needs gradguard.models.resolve, which this build does not have; "
-                          "pass a RUN_DIR instead")
     return resolve(spec, weights, mean=mean, std=std, map_location=device, **(kwargs or {})).eval()
 
 
-def start_model_run(run_dir: Path, model, *, dataset, data_root: str | None, threat, seed: int, command: str,
-                    label: str) -> dict:
-    """Make ``run_dir`` a model run for a model that gradguard did not train: its weights and the spec it was
-    resolved from (model.safetensors + model.json, so ``load_run_model`` rebuilds it) and run.json."""
-    from . import models
+def start_model_run(run_dir: Path, model, *, dataset, dataset_name: str, data_root: str | None, threat, seed: int,
+                    command: str, label: str, resize: Any = None, center_crop: Any = None) -> dict:
+    """Make ``run_dir`` a model run for a model that gradguard did not train: its weights and the source it was
+    resolved from (model.safetensors + model.json, so ``load_run_model`` rebuilds it) and run.json, which also
+    records the data (name, root, resize, crop) so later commands on the run directory reopen the same split."""
+    from .models import describe_source, model_source, save
 
-    source = models.model_source(model) if hasattr(models, "model_source") else None
-    describe = getattr(models, "describe_source", None)
-    models.save(model, run_dir, dataset=dataset.name)
+    source = model_source(model)
+    save(model, run_dir, dataset=dataset_name)
     return write_manifest(
-        run_dir, kind="model", command=command, label=label, dataset=dataset.name, data_root=data_root,
-        classes=list(dataset.classes), input_shape=list(dataset.input_shape), threat=threat.to_dict(), seed=seed,
-        model_source=source, model_source_text=describe(source) if (describe and source) else None)
+        run_dir, kind="model", command=command, label=label, dataset=dataset_name, data_root=data_root,
+        resize=resize, center_crop=center_crop, classes=list(dataset.classes), input_shape=list(dataset.input_shape),
+        threat=threat.to_dict(), seed=seed, model_source=source, model_source_text=describe_source(source))
 
 
 def available_attacks() -> list[str]:
@@ -306,17 +331,24 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                schedule: str = "constant", eps_warmup_epochs: float = 0.0, resume: bool = False) -> dict:
     """Train one model into ``run_dir`` with gradguard.train.Trainer; returns the manifest (with ``history``).
 
+    ``model_name`` is a zoo name (built for the data's input shape and classes) or any spec
+    ``gradguard.models.resolve`` takes (``package.module:callable``, ``torchvision:NAME``), called with
+    ``model_kwargs``; either way model.json records how to rebuild it.
+
     ``run_dir`` is a fresh folder, or with ``resume`` one holding the checkpoints of an interrupted run with the same
     settings (the Trainer refuses different ones)."""
     import torch
 
     from .io import atomic_write_json
-    from .models import build_model
+    from .models import MODELS, build_model, resolve
     from .train import Trainer
 
     torch.manual_seed(seed)
-    model = build_model(model_name, input_shape=list(dataset.input_shape), num_classes=dataset.num_classes,
-                        **model_kwargs)
+    if model_name in MODELS:  # the zoo takes its input shape and class count from the data
+        model = build_model(model_name, input_shape=list(dataset.input_shape), num_classes=dataset.num_classes,
+                            **model_kwargs)
+    else:  # package.module:callable, torchvision:NAME, ...: the factory's own keywords only
+        model = resolve(model_name, **model_kwargs)
     x, y = dataset.x_train, dataset.y_train
     if train_samples is not None:
         x, y = x[:train_samples], y[:train_samples]
@@ -360,42 +392,44 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
     from .report.rundir import read_json
 
     attacks = [(name, make_attack(name, model, threat, seed=seed, steps=steps)) for name in names]  # validate first
-    data = test_split(dataset, samples)
-    labels, clean_pred = _clean_predictions(model, data, batch_size, device)
+    data = test_samples(dataset)
+    labels, clean_pred = _clean_predictions(model, data, samples, batch_size, device)
     results: dict[str, dict] = {}
     examples: ExamplePicker | None = None
     for name, attack in attacks:
         examples = ExamplePicker(name, clean_pred == labels)
-        results[name] = _run_attack(attack, name, data, labels, clean_pred, threat, batch_size, device, examples)
+        results[name] = _run_attack(attack, name, data, samples, labels, clean_pred, threat, batch_size, device,
+                                    examples)
     group = {"threat": threat.to_dict(), "n_samples": int(len(labels)),
              "clean_accuracy": float((clean_pred == labels).float().mean()), "labels": labels.tolist(),
              "results": results}
     payload = merge_attack_results(read_json(run_dir / "attacks.json"), group, dataset.name)
     assert examples is not None  # names is never empty: make_attack validated at least one
-    buffer = examples.npz_bytes(clean_pred, dataset.classes)
+    buffer = examples.npz_bytes(clean_pred, data.classes)
     atomic_write_json(run_dir / "attacks.json", payload)
     atomic_write_bytes(run_dir / "examples.npz", buffer)
     return payload
 
 
-def _clean_predictions(model, data, batch_size: int, device):
+def _clean_predictions(model, data, samples: int | None, batch_size: int, device):
     import torch
 
     labels, predictions = [], []
     with torch.no_grad():
-        for xb, yb in iter_batches(data, batch_size):
+        for xb, yb in iter_batches(data, batch_size, samples):
             predictions.append(model(xb.to(device)).argmax(1).cpu())
             labels.append(yb.cpu())
     return torch.cat(labels), torch.cat(predictions)
 
 
-def _run_attack(attack, name: str, data, labels, clean_pred, threat, batch_size: int, device,
+def _run_attack(attack, name: str, data, samples: int | None, labels, clean_pred, threat, batch_size: int, device,
                 examples: "ExamplePicker") -> dict:
     import torch
 
     started = time.perf_counter()
     correct, distance, n_grad, offset = [], [], 0, 0
-    for xb, yb in progress(iter_batches(data, batch_size), desc=name, total=-(-len(labels) // batch_size)):
+    batches = iter_batches(data, batch_size, samples)
+    for xb, yb in progress(batches, desc=name, total=-(-len(labels) // batch_size)):
         result = attack.run(xb.to(device), yb.to(device))
         x_adv, pred_adv = result.x_adv.detach().cpu(), result.predictions.cpu()
         correct.append(pred_adv == yb.cpu())
@@ -459,25 +493,35 @@ def merge_attack_results(previous: dict | None, group: dict, dataset: str) -> di
 
 
 def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int | None, batch_size: int,
-                  curve: list[float] | None, curve_suite, seed: int, device) -> dict:
-    """gradguard.evaluation.evaluate (+ evaluate_curve) on the test split; write robustness.json (+ curve.json)."""
+                  curve: list[float] | None, curve_suite, seed: int, device, resume: bool = False) -> dict:
+    """gradguard.evaluation.evaluate (+ evaluate_curve) on the first ``samples`` test samples, streamed batch by
+    batch; write robustness.json (+ curve.json) atomically at the end.
+
+    Each finished batch is journaled to ``run_dir/robustness.journal.jsonl``; after an interruption, ``resume=True``
+    continues from the journal (a journal from another model, suite, threat or data is refused) and ends with the
+    report of an uninterrupted run. The journal is removed once robustness.json is written."""
     from .evaluation import evaluate, evaluate_curve
+    from .evaluation.journal import remove_journals
     from .io import atomic_write_json
 
-    x, y = test_split(dataset, samples)
-    x, y = x.to(device), y.to(device)
+    data = test_samples(dataset)
+    if resume and not holds_journal(run_dir):
+        raise ConfigError(f"resume: no unfinished evaluation in {str(run_dir)!r} (no {JOURNAL_FILE}); run without "
+                          "--resume")
     suite, note = runnable_suite(suite, threat)
     curve_suite, curve_note = runnable_suite(curve_suite, threat)
-    report = evaluate(model, (x, y), threat, suite=suite, batch_size=batch_size, seed=seed,
-                      progress=sys.stderr.isatty())
-    robustness = _with_class_names(report.to_dict(), dataset.classes)
+    model = model.to(device)
+    report = evaluate(model, data, threat, suite=suite, batch_size=batch_size, seed=seed, max_samples=samples,
+                      progress=sys.stderr.isatty(), journal=run_dir / JOURNAL_FILE, resume=resume)
+    robustness = _with_class_names(report.to_dict(), data.classes)
     if note:
         robustness["fallback"] = note
     atomic_write_json(run_dir / "robustness.json", robustness)
+    remove_journals(run_dir / JOURNAL_FILE)
     curve_data = None
     if curve:
-        curve_data = evaluate_curve(model, (x, y), threat, curve, suite=curve_suite, batch_size=batch_size,
-                                    seed=seed, progress=sys.stderr.isatty()).to_dict()
+        curve_data = evaluate_curve(model, data, threat, curve, suite=curve_suite, batch_size=batch_size,
+                                    seed=seed, max_samples=samples, progress=sys.stderr.isatty()).to_dict()
         if curve_note:
             curve_data["fallback"] = curve_note
         atomic_write_json(run_dir / "curve.json", curve_data)
@@ -508,9 +552,8 @@ def diagnose_into(run_dir: Path, model, dataset, threat, *, samples: int, curvat
     from .io import atomic_write_json, atomic_write_text
     from .report.rundir import read_json, read_jsonl
 
-    x, y = test_split(dataset, samples)
-    x, y = x.to(device), y.to(device)
-    masking = check_masking(model, (x, y), threat, n_samples=samples, seed=seed)
+    data = test_samples(dataset)
+    masking = check_masking(model, data, threat, n_samples=samples, seed=seed)
     diagnosis = dict(read_json(run_dir / "diagnosis.json") or {})
     records = read_jsonl(run_dir / "gradflow.jsonl")
     if records:
@@ -520,7 +563,8 @@ def diagnose_into(run_dir: Path, model, dataset, threat, *, samples: int, curvat
     if curvature:
         from .diagnostics.curvature import input_curvature, top_hessian_eigenvalue
 
-        xb, yb = x[:64], y[:64]
+        xb, yb = next(iter_batches(data, min(64, samples)))
+        xb, yb = xb.to(device), yb.to(device)
         diagnosis["curvature"] = {"top_hessian_eigenvalue": float(top_hessian_eigenvalue(model, xb, yb)),
                                   "input_curvature_mean": float(input_curvature(model, xb, yb).mean()),
                                   "n_samples": int(len(yb))}

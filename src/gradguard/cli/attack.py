@@ -14,7 +14,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         description="Run single attacks on the run's test split, batch by batch; add their results to "
         "attacks.json (kept per threat) and write examples.npz (images for the report) into RUN_DIR.",
         examples=["gradguard attack runs/pgd",
-                  "gradguard attack runs/pgd --attack pgd --steps 100 --eps 0.2 --samples 500 --json"])
+                  "gradguard attack runs/pgd --attack pgd --steps 100 --eps 0.2 --samples 500 --json",
+                  "gradguard attack --model torchvision:resnet18 --weights r18.pth --num-classes 10 "
+                  "--dataset folder:photos --resize 32 --out runs/r18"])
     model_source_options(parser)
     parser.add_argument("--attack", default="fgsm,bim,pgd", help="comma-separated names, see `gradguard list attacks` "
                         "(default fgsm,bim,pgd)")

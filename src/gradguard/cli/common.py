@@ -51,10 +51,13 @@ def data_options(parser: argparse.ArgumentParser, *, dataset_default: str | None
                  samples_help: str) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default=dataset_default,
-                       help="digits | fashion-mnist | npz:PATH | folder:PATH" + (
+                       help="digits | mnist | fashion-mnist | cifar10 | cifar100 | npz:PATH | npy:DIR | folder:PATH" + (
                            f" (default {dataset_default})" if dataset_default else " (default: the run's dataset)"))
-    group.add_argument("--data-root", help="folder with the Fashion-MNIST IDX files (else $GRADGUARD_DATA, then "
-                                           "/usr/share/datasets/fashion-mnist)")
+    group.add_argument("--data-root", help="folder with the MNIST / Fashion-MNIST IDX files or the CIFAR binary "
+                       "batches (else $GRADGUARD_DATA, then /usr/share/datasets/NAME)")
+    group.add_argument("--resize", metavar="H[,W]", help="folder: resize each image (the short side to H, or to "
+                       "H x W) as it is read")
+    group.add_argument("--center-crop", metavar="H[,W]", help="folder: then crop the centre H x H (or H x W)")
     group.add_argument("--samples", type=positive_int, default=samples_default, help=samples_help)
 
 

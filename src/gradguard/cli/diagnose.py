@@ -14,7 +14,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         description="Run the gradient-masking checklist (masking.json), read gradient findings from "
         "gradflow.jsonl (recorded by `train --monitor`) and optionally the curvature; writes diagnosis.json "
         "into RUN_DIR.",
-        examples=["gradguard diagnose runs/pgd", "gradguard diagnose runs/sig --curvature --json"])
+        examples=["gradguard diagnose runs/pgd", "gradguard diagnose runs/sig --curvature --json",
+                  "gradguard diagnose --model mymodels:Net --weights net.pth --dataset npy:data/ --out runs/mine-diag"])
     model_source_options(parser)
     parser.add_argument("--curvature", action="store_true", help="also estimate the top Hessian eigenvalue")
     data_options(parser, dataset_default=None, samples_default=200, samples_help="test samples (default 200)")

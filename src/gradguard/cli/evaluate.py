@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from .common import add_command, data_options, format_table, parse_eps_list, positive_int, suite_arg, threat_options
@@ -15,7 +16,11 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "(gradguard.evaluation.evaluate); optionally an accuracy-vs-eps curve. Writes robustness.json (and "
         "curve.json) into RUN_DIR.",
         examples=["gradguard evaluate runs/pgd",
-                  "gradguard evaluate runs/pgd --suite quick --curve 0,0.05,0.1,0.2 --samples 500"])
+                  "gradguard evaluate runs/pgd --suite quick --curve 0,0.05,0.1,0.2 --samples 500",
+                  "gradguard evaluate --model mymodels:Net --weights net.pth --mean 0.49,0.48,0.45 --std 0.25 "
+                  "--dataset cifar10 --data-root ~/data/cifar-10-batches-bin --suite fast --eps 0.03 --out runs/mine",
+                  "gradguard evaluate --model mymodels:Net --weights net.pth ... --out runs/mine --resume"
+                  "   # after Ctrl-C"])
     model_source_options(parser, resumable=True)
     parser.add_argument("--suite", default="standard", help="quick | fast | standard | classic | comma-separated "
                         "attack names (default standard)")
@@ -33,10 +38,18 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
     suite = suite_arg(args.suite)
     curve = parse_eps_list(args.curve) if args.curve else None
-    with open_run(args, "evaluate") as run:
-        result = workflow.evaluate_into(run.dir, run.model, run.dataset, run.threat, suite=suite, samples=args.samples,
-                                        batch_size=args.batch_size, curve=curve,
-                                        curve_suite=suite_arg(args.curve_suite), seed=args.seed, device=run.device)
+    try:
+        with open_run(args, "evaluate") as run:
+            result = workflow.evaluate_into(run.dir, run.model, run.dataset, run.threat, suite=suite,
+                                            samples=args.samples, batch_size=args.batch_size, curve=curve,
+                                            curve_suite=suite_arg(args.curve_suite), seed=args.seed,
+                                            device=run.device, resume=args.resume)
+    except KeyboardInterrupt as interrupted:
+        run_dir = Path(args.run_dir) if args.run_dir else None
+        if isinstance(interrupted, workflow.KeptPartialRun) or run_dir is None or not workflow.holds_journal(run_dir):
+            raise
+        raise workflow.KeptPartialRun(f"the finished batches are journaled in {str(run_dir)!r}; add --resume to "
+                                      "the same command to continue") from None
     robustness = result["robustness"]
     rows = [["clean", robustness.get("clean_accuracy")]] + [
         [name, value] for name, value in (robustness.get("per_attack") or {}).items()]

@@ -54,20 +54,6 @@ def model_source_options(parser: argparse.ArgumentParser, *, resumable: bool = F
                            "(same model, data, suite and threat)")
 
 
-def parse_channels(text: str | None, argument: str) -> float | list[float] | None:
-    """"0.5" -> 0.5; "0.49,0.48,0.45" -> [0.49, 0.48, 0.45]; None stays None."""
-    if text is None:
-        return None
-    values = text if isinstance(text, (list, tuple)) else [v for v in str(text).split(",") if v.strip()]
-    try:
-        numbers = [float(v) for v in values]
-    except ValueError:
-        raise ConfigError(f"{argument}: expected a number or comma-separated numbers per channel, got {text!r}") from None
-    if not numbers:
-        raise ConfigError(f"{argument}: give one value or one per channel")
-    return numbers[0] if len(numbers) == 1 else numbers
-
-
 @contextlib.contextmanager
 def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
     """The run a command works on: RUN_DIR as it is, or a new run at --out built from --model (staged, so that
@@ -83,23 +69,25 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
         run_dir = Path(args.run_dir)
         model = workflow.load_run_model(run_dir, device)
         workflow.check_writable(run_dir)
-        dataset = workflow.run_dataset(run_dir, args.dataset, args.data_root)
+        dataset = workflow.run_dataset(run_dir, args.dataset, args.data_root, resize=args.resize,
+                                       center_crop=args.center_crop)
         yield OpenRun(run_dir, run_dir, model, dataset, workflow.run_threat(run_dir, args.norm, args.eps), device)
         return
     if args.run_dir is not None:
         raise ConfigError(f"model: pass either RUN_DIR ({args.run_dir!r}) or --model SPEC, not both")
     if not args.out:
         raise ConfigError("out: --model makes a new run directory; add --out DIR")
-    model = workflow.resolve_model(args.model, weights=args.weights, kwargs=_factory_kwargs(args),
-                                   mean=parse_channels(args.mean, "mean"), std=parse_channels(args.std, "std"),
-                                   device=device)
-    dataset = workflow.load_data(args.dataset or "digits", args.data_root)
+    model = workflow.resolve_model(args.model, weights=args.weights, kwargs=_factory_kwargs(args), mean=args.mean,
+                                   std=args.std, device=device)
+    dataset_name = args.dataset or "digits"
+    dataset = workflow.open_test_split(dataset_name, args.data_root, resize=args.resize, center_crop=args.center_crop)
     threat = workflow.make_threat_from(args.norm, args.eps)
     out = Path(args.out)
     resume = bool(getattr(args, "resume", False))
     with workflow.staged_run_dir(out, replace=args.force, resumable=hasattr(args, "resume"), resume=resume) as staging:
-        workflow.start_model_run(staging, model, dataset=dataset, data_root=args.data_root, threat=threat,
-                                 seed=args.seed, command=command, label=out.name)
+        workflow.start_model_run(staging, model, dataset=dataset, dataset_name=dataset_name, data_root=args.data_root,
+                                 threat=threat, seed=args.seed, command=command, label=out.name, resize=args.resize,
+                                 center_crop=args.center_crop)
         yield OpenRun(staging, out, model, dataset, threat, device)
 
 

@@ -25,15 +25,19 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "model.safetensors + model.json and checkpoints to --out.",
         examples=["gradguard train --out runs/std --epochs 20",
                   "gradguard train --out runs/pgd --method pgd --eps 0.1 --clip-grad-norm 1.0 --l2 5e-4",
-                  "gradguard train --out runs/sig --depth 8 --activation sigmoid --init normal --monitor"])
+                  "gradguard train --out runs/sig --depth 8 --activation sigmoid --init normal --monitor",
+                  "gradguard train --out runs/mine --model mymodels:Net --model-kwargs width=2 --dataset cifar10 "
+                  "--data-root ~/data/cifar-10-batches-bin --method pgd --eps 0.03"])
     parser.add_argument("--out", required=True, help="run directory to create (must not exist unless --force)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--model", default="mlp", help="zoo model: see `gradguard list models` (default mlp)")
+    parser.add_argument("--model", default="mlp", metavar="SPEC", help="the architecture: a zoo model (see `gradguard "
+                        "list models`; default mlp), or package.module:callable, torchvision:NAME, timm:NAME")
     parser.add_argument("--depth", type=positive_int, help="mlp: hidden layers")
     parser.add_argument("--width", type=positive_int, help="mlp: hidden units per layer")
     parser.add_argument("--activation", help="mlp: relu, sigmoid, tanh, gelu, leaky_relu, elu")
     parser.add_argument("--init", help="mlp: default, he, xavier, normal (N(0, 0.01²)), large (N(0, 1))")
-    parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="any other model keyword (repeatable)")
+    parser.add_argument("--model-arg", "--model-kwargs", dest="model_arg", action="append", metavar="KEY=VALUE",
+                        help="any other model keyword (repeatable)")
     parser.add_argument("--method", default="standard", help="standard | fgsm | fgsm-rs | pgd | trades (default standard)")
     parser.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
                         help="method option, e.g. beta=6.0 for trades or steps=10 for pgd (repeatable)")
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     from .. import workflow
 
     device = workflow.resolve_device(args.device)
-    dataset = workflow.load_data(args.dataset, args.data_root)
+    dataset = workflow.load_data(args.dataset, args.data_root, resize=args.resize, center_crop=args.center_crop)
     needs_threat = args.method != "standard" or args.eps is not None
     threat = workflow.make_threat_from(args.norm, args.eps) if needs_threat else None
     out = Path(args.out)
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             train_samples=args.train_samples, val_samples=args.samples,
             val_attack=None if args.val_attack == "none" or threat is None else args.val_attack,
             monitor_every=args.monitor_every if args.monitor else None, seed=args.seed, device=device,
-            label=out.name, extra={"data_root": args.data_root},
+            label=out.name, extra={"data_root": args.data_root, "resize": args.resize, "center_crop": args.center_crop},
             method_kwargs=key_values(args.method_arg, "method-arg"),
             schedule=args.schedule, eps_warmup_epochs=args.eps_warmup_epochs, resume=args.resume)
     history = manifest.pop("history")

@@ -25,8 +25,7 @@ def summarize(run: RunData, display_path=None) -> dict:
         "command": run.manifest.get("command"),
         "dataset": run.manifest.get("dataset") or next((m.manifest.get("dataset") for m in run.models), None),
         "threat": _common_threat(models) or run.manifest.get("threat"),
-        "model_source": run.manifest.get("model_source_text")
-        or next((m["model_source"] for m in models if m.get("model_source")), None),
+        "model_source": models[0]["model_source"] if len(models) == 1 else None,
         "models": models,
         "gradients": [gradient_summary(g, run.path) for g in (run.gradient_runs + [m for m in run.models if m.gradflow])],
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -43,7 +42,7 @@ def model_summary(model: ModelRun, root) -> dict:
         "label": model.label,
         "path": _relative(model.path, root),
         "architecture": ((model.sidecar or {}).get("model") or {}).get("name"),
-        "model_source": model.manifest.get("model_source_text"),
+        "model_source": model.manifest.get("model_source_text") or _described_source(model),
         "method": _method_name(model),
         "threat": threat,
         "clean_accuracy": clean_accuracy(model),
@@ -117,6 +116,16 @@ def _threat_group_summary(group: dict) -> dict:
     return {"threat": group.get("threat"), "label": threat_label(group.get("threat")),
             "n_samples": group.get("n_samples"), "clean_accuracy": group.get("clean_accuracy"),
             "attacks": _accuracies(group), "robust_accuracy": robust, "robust_accuracy_source": source}
+
+
+def _described_source(model: ModelRun) -> str | None:
+    """One line naming where a model came from, from the source model.json records (None when there is none)."""
+    source = (model.sidecar or {}).get("source")
+    if not isinstance(source, dict):
+        return None
+    from ..models import describe_source
+
+    return describe_source(source)
 
 
 def _common_threat(models: list[dict]) -> dict | None:

@@ -63,7 +63,8 @@ def test_cifar10_found_inside_a_parent_root_and_loaded_whole(tmp_path):
 
 def test_cifar100_reads_the_fine_label_and_its_names(tmp_path):
     rng = np.random.default_rng(0)
-    pixels, coarse, fine = rng.integers(0, 256, (5, 3, 32, 32), np.uint8), rng.integers(0, 20, 5), rng.integers(0, 100, 5)
+    pixels = rng.integers(0, 256, (5, 3, 32, 32), np.uint8)
+    coarse, fine = rng.integers(0, 20, 5), rng.integers(0, 100, 5)
     for name in ("train.bin", "test.bin"):
         write_cifar_batch(tmp_path / name, np.stack([coarse, fine], axis=1), pixels)
     (tmp_path / "fine_label_names.txt").write_text("\n".join(f"fine{i}" for i in range(100)))
@@ -333,3 +334,45 @@ def test_npy_file_cut_after_open_is_a_data_error_when_read(tmp_path):
     path.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(DataError, match="x_test.npy' ended early"):
         test.get_batch([60])
+
+
+def test_targets_are_the_labels_get_batch_returns(sample_set):
+    assert torch.equal(sample_set.targets(), sample_set.get_batch(range(len(sample_set)))[1])
+
+
+def test_sources_with_their_own_split_refuse_split_options(tmp_path):
+    make_cifar10(tmp_path)
+    with pytest.raises(ConfigError, match="test_fraction.*own train/test split"):
+        open_split("cifar10", "test", tmp_path, test_fraction=0.5)
+    with pytest.raises(ConfigError, match="'shuffle'.*unknown dataset option"):
+        load_dataset("digits", shuffle=True)
+
+
+def _resident_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
+def test_a_pass_over_an_npy_split_does_not_grow_resident_memory_by_the_file(tmp_path):
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=(2000, 3, 32, 32))
+    x[:] = 0.5  # 24.6 MB on disk (and in the page cache)
+    x.flush()
+    del x
+    np.save(tmp_path / "y.npy", np.zeros(2000, np.int64))
+    samples = open_split(f"npy:{tmp_path}", "train", test_fraction=0.5)
+    samples.get_batch(range(100))  # warm up the allocator
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = _resident_mb("VmRSS")
+    for start in range(0, len(samples), 100):
+        samples.get_batch(range(start, min(start + 100, len(samples))))
+    assert _resident_mb("VmHWM") - before < 8.0  # the half read is 12.3 MB; a batch is 1.2 MB
+
+
+def test_cifar_parent_holding_only_the_python_version_is_refused(tmp_path):
+    (tmp_path / "cifar-100-python").mkdir()
+    (tmp_path / "cifar-100-python" / "train").write_bytes(b"\x80\x04pickled")
+    with pytest.raises(DataError, match="cifar-100-python' is the pickled Python version.*cifar-100-binary"):
+        open_split("cifar100", "train", tmp_path)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .arrays import DEFAULT_TEST_FRACTION, open_digits, open_npy, open_npz
 from .cifar import CIFAR10_CLASSES, open_cifar
 from .folders import IMAGE_SUFFIXES, open_folder, read_image
@@ -47,7 +47,8 @@ __all__ = [
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # read at call time by idx_search_path: patch it here
 DATA_ENV = "GRADGUARD_DATA"
 SPLITS = ("train", "test")
-READ_CHUNK = 4096  # samples per get_batch when load_dataset fills its tensors
+SPLIT_OPTIONS = ("test_fraction", "split_seed")  # for sources without a test split of their own
+READ_CHUNK_BYTES = 32 * 1024 * 1024  # per get_batch when load_dataset fills its tensors: small temporaries
 
 
 @dataclass
@@ -88,13 +89,20 @@ def open_split(name: str, split: str = "test", root: str | os.PathLike | None = 
     transform = ImageTransform.of(resize, center_crop)
     if not isinstance(name, str) or not name:
         raise DataError(f"name: expected a dataset name such as 'digits', got {name!r}; choose one of {list_datasets()}")
+    unknown = sorted(set(kwargs) - set(SPLIT_OPTIONS))
+    if unknown:
+        raise ConfigError(f"{unknown}: unknown dataset option(s); the options are resize, center_crop and, for "
+                          f"data without a test split, {', '.join(SPLIT_OPTIONS)}")
     key = name.lower().replace("_", "-")
+    if kwargs and key in ("fashion-mnist", "fmnist", "mnist", "cifar10", "cifar-10", "cifar100", "cifar-100"):
+        raise ConfigError(f"{sorted(kwargs)}: {name} ships its own train/test split and takes no such option; "
+                          "remove it")
     if key == "digits":
         return open_digits(split, transform, **kwargs)
     if key in ("fashion-mnist", "fmnist", "mnist"):
-        return open_idx("mnist" if key == "mnist" else "fashion-mnist", split, root, transform, **kwargs)
+        return open_idx("mnist" if key == "mnist" else "fashion-mnist", split, root, transform)
     if key.replace("-", "") in ("cifar10", "cifar100"):
-        return open_cifar(key.replace("-", ""), split, root, transform, **kwargs)
+        return open_cifar(key.replace("-", ""), split, root, transform)
     for prefix, opener in (("npz:", open_npz), ("npy:", open_npy), ("folder:", open_folder)):
         if name.startswith(prefix):
             return opener(Path(name[len(prefix):]).expanduser(), split, transform, **kwargs)
@@ -115,8 +123,9 @@ def load_dataset(name: str = "digits", root: str | os.PathLike | None = None, *,
     return Dataset(train.name, *read_all(train), *read_all(test), train.classes)
 
 
-def read_all(samples: SampleSet, chunk: int = READ_CHUNK) -> tuple[Tensor, Tensor]:
-    """Every sample of a ``SampleSet`` as (x, y) tensors, read ``chunk`` samples at a time."""
+def read_all(samples: SampleSet, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Every sample of a ``SampleSet`` as (x, y) tensors, read ``chunk`` samples (default: 32 MB) at a time."""
+    chunk = chunk or max(1, READ_CHUNK_BYTES // (4 * int(np.prod(samples.input_shape))))
     x = torch.empty((len(samples), *samples.input_shape), dtype=torch.float32)
     y = torch.empty(len(samples), dtype=torch.int64)
     for start in range(0, len(samples), chunk):

@@ -20,6 +20,7 @@ from ..errors import DataError
 from .samples import ImageTransform, SampleSet, read_rows, to_unit_images
 
 PIXELS = 3 * 32 * 32
+LABEL_CHUNK = 2048  # records per read when only the labels are wanted
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -33,13 +34,16 @@ class CifarFormat:
     names_file: str
     folder: str  # the archive's folder name, also looked for inside root
     archive: str
+    pickled_folder: str  # the Python version's folder name, refused with a pointer to the binary one
 
 
 CIFAR10 = CifarFormat("cifar10", {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
                                   "test": ("test_batch.bin",)},
-                      1, 0, 10, "batches.meta.txt", "cifar-10-batches-bin", "cifar-10-binary.tar.gz")
+                      1, 0, 10, "batches.meta.txt", "cifar-10-batches-bin", "cifar-10-binary.tar.gz",
+                      "cifar-10-batches-py")
 CIFAR100 = CifarFormat("cifar100", {"train": ("train.bin",), "test": ("test.bin",)},
-                       2, 1, 100, "fine_label_names.txt", "cifar-100-binary", "cifar-100-binary.tar.gz")
+                       2, 1, 100, "fine_label_names.txt", "cifar-100-binary", "cifar-100-binary.tar.gz",
+                       "cifar-100-python")
 FORMATS = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 PICKLED_MARKERS = ("data_batch_1", "test_batch", "batches.meta", "meta", "train", "test")
 
@@ -72,6 +76,15 @@ class CifarSampleSet(SampleSet):
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    def targets(self) -> Tensor:
+        """Labels only: read in chunks of records, so the pass never holds a whole batch file."""
+        labels = []
+        for records in self.record_maps:
+            for start in range(0, len(records), LABEL_CHUNK):
+                chunk = read_rows(records, np.arange(start, min(start + LABEL_CHUNK, len(records))))
+                labels.append(chunk[:, self.form.label_offset])
+        return torch.from_numpy(np.concatenate(labels).astype(np.int64))
 
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         maps = self.record_maps
@@ -118,6 +131,7 @@ def find_cifar_folder(form: CifarFormat, root: str | os.PathLike | None) -> Path
             return folder
     for folder in candidates:
         _refuse_pickled(form, folder)
+        _refuse_pickled(form, folder / form.pickled_folder)
     where = ", ".join(str(c) for c in candidates) or "nowhere (no root given and GRADGUARD_DATA unset)"
     raise DataError(f"{form.name}: binary batch files not found in {where}; pass --data-root (root=) the folder "
                     f"{form.folder}/ extracted from {form.archive} (holding {form.files['test'][0]})")

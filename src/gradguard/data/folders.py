@@ -38,6 +38,9 @@ class FolderSampleSet(SampleSet):
     def __len__(self) -> int:
         return len(self.files)
 
+    def targets(self) -> Tensor:
+        return torch.from_numpy(self.labels.copy())
+
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         x = torch.stack([self._image(int(row)) for row in rows]) if len(rows) else torch.empty(0, *self.input_shape)
         return x, torch.from_numpy(self.labels[rows])

@@ -164,6 +164,10 @@ class SampleSet(TorchDataset):
         """Samples ``index`` as (x float32 (B, C, H, W), y int64 (B,)), read with one vectorised access."""
         return self._read(self._rows(index))
 
+    def targets(self) -> Tensor:
+        """Every sample's label, int64 (N,), without decoding images (for per-class sampling)."""
+        raise NotImplementedError
+
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -196,6 +200,9 @@ class TensorSampleSet(SampleSet):
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def targets(self) -> Tensor:
+        return self.y.clone()
 
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         index = torch.from_numpy(rows)
@@ -250,6 +257,10 @@ class ArraySampleSet(SampleSet):
     def __len__(self) -> int:
         return len(self.split_rows) if self.split_rows is not None else len(self.labels)
 
+    def targets(self) -> Tensor:
+        labels = self.labels if self.split_rows is None else self.labels[self.split_rows]
+        return torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
     def _read(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
         if self.split_rows is not None:
             rows = self.split_rows[rows]
@@ -276,13 +287,15 @@ def read_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     ordered = rows[order]
     run_starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)  # a new run wherever rows are not consecutive
     run_ends = np.append(run_starts[1:], len(rows))
-    buffer = np.empty_like(out)
+    in_order = bool(np.all(order[1:] > order[:-1]))
+    buffer = out if in_order else np.empty_like(out)  # a sequential batch is read straight into place
     flat = buffer.reshape(-1).view(np.uint8).data
     with open(filename, "rb", buffering=0) as handle:
         for start, stop in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
             handle.seek(offset + int(ordered[start]) * row_bytes)
             _read_exactly(handle, flat[start * row_bytes:stop * row_bytes], filename)
-    out[order] = buffer
+    if not in_order:
+        out[order] = buffer
     return out
 
 

@@ -94,7 +94,7 @@ def test_model_flags_need_model_and_out(user_files, capsys):
     assert code == 1 and "give a RUN_DIR, or --model SPEC" in err
 
 
-def test_interrupted_evaluation_resumes_to_the_uninterrupted_report(user_files, capsys, monkeypatch):
+def test_interrupted_evaluation_resumes_to_the_uninterrupted_report(user_files, capsys):
     from gradguard.evaluation import journal
 
     settings = [*model_flags(user_files), "--suite", "quick", "--samples", "24", "--batch-size", "8", "--seed", "3"]
@@ -109,12 +109,11 @@ def test_interrupted_evaluation_resumes_to_the_uninterrupted_report(user_files, 
         if len(calls) == 2:  # the header, then one finished block
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(journal.JournalWriter, "append", ctrl_c_after_the_first_block)
-    code, _, err = run_cli(capsys, "evaluate", *settings, "--out", runs / "run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(journal.JournalWriter, "append", ctrl_c_after_the_first_block)
+        code, _, err = run_cli(capsys, "evaluate", *settings, "--out", runs / "run")
     assert code == 130 and "--resume" in err
     assert not (runs / "run").exists() and (runs / ".run.partial" / "robustness.journal.jsonl").is_file()
-    monkeypatch.undo()
-    monkeypatch.chdir(user_files["root"])
     code, _, err = run_cli(capsys, "evaluate", *settings, "--out", runs / "run")  # not silently started over
     assert code == 1 and "--resume" in err
     code, _, err = run_cli(capsys, "evaluate", *settings, "--out", runs / "run", "--resume")
@@ -124,3 +123,15 @@ def test_interrupted_evaluation_resumes_to_the_uninterrupted_report(user_files, 
     for key in ("clean_accuracy", "robust_accuracy", "per_attack", "samples"):
         assert resumed[key] == straight[key], key
     assert not (runs / ".run.partial").exists()
+
+    calls.clear()
+    with pytest.MonkeyPatch.context() as patch:  # now in an existing run directory
+        patch.setattr(journal.JournalWriter, "append", ctrl_c_after_the_first_block)
+        code, _, err = run_cli(capsys, "evaluate", runs / "run", "--suite", "quick", "--samples", "24",
+                               "--batch-size", "8", "--seed", "3")
+    assert code == 130 and "journaled" in err and "--resume" in err
+    code, _, err = run_cli(capsys, "evaluate", runs / "run", "--suite", "quick", "--samples", "24", "--batch-size", "8",
+                           "--seed", "3", "--resume")
+    assert code == 0, err
+    assert json.loads((runs / "run" / "robustness.json").read_text())["samples"] == straight["samples"]
+    assert not list((runs / "run").glob("robustness.journal*"))

@@ -109,3 +109,28 @@ def test_every_subcommand_help_has_examples(command, capsys):
     assert len(examples) == 2, f"`gradguard {command} --help` has no examples: section"
     lines = [line.strip() for line in examples[1].splitlines() if line.strip()]
     assert lines and all(line.startswith(f"gradguard {command}") for line in lines)
+
+
+def test_attack_into_streams_batches_and_matches_a_recount(tmp_path):
+    import torch
+
+    from gradguard import workflow
+    from gradguard.attacks import PGD
+    from gradguard.data import open_split
+    from gradguard.models import build_model
+    from gradguard.threat import Linf
+
+    samples = open_split("digits", "test")
+    reads: list[int] = []
+    get_batch = samples.get_batch
+    samples.get_batch = lambda index: reads.append(len(index)) or get_batch(index)  # type: ignore[method-assign]
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=list(samples.input_shape), num_classes=samples.num_classes).eval()
+    payload = workflow.attack_into(tmp_path, model, samples, Linf(0.1), ["pgd"], samples=20, batch_size=8, steps=5,
+                                   seed=0, device="cpu")
+    assert reads and max(reads) <= 8 and payload["n_samples"] == 20  # never more than one batch in memory
+    x, y = get_batch(list(range(20)))
+    adversarial = torch.cat([PGD(model, Linf(0.1), steps=5, seed=0).run(x[i:i + 8], y[i:i + 8]).predictions
+                             for i in range(0, 20, 8)])
+    assert payload["results"]["pgd"]["correct"] == (adversarial == y).int().tolist()
+    assert payload["labels"] == y.tolist()

@@ -21,7 +21,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                   "--dataset cifar10 --data-root ~/data/cifar-10-batches-bin --suite fast --eps 0.03 --out runs/mine",
                   "gradguard evaluate --model mymodels:Net --weights net.pth ... --out runs/mine --resume"
                   "   # after Ctrl-C"])
-    model_source_options(parser, resumable=True)
+    model_source_options(parser)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its journal "
+                        "(in RUN_DIR, or for --out DIR in .DIR.partial); same model, data, suite and threat")
     parser.add_argument("--suite", default="standard", help="quick | fast | standard | classic | comma-separated "
                         "attack names (default standard)")
     parser.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1")

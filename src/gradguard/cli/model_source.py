@@ -31,9 +31,9 @@ class OpenRun:
     device: Any
 
 
-def model_source_options(parser: argparse.ArgumentParser, *, resumable: bool = False) -> None:
+def model_source_options(parser: argparse.ArgumentParser) -> None:
     """RUN_DIR (optional) and the "model source" group: --model SPEC --weights --model-kwargs --mean --std
-    --num-classes --out --force (and --resume for a command that journals its work)."""
+    --num-classes --out --force."""
     parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
                         help="a run directory with model.safetensors (or use --model SPEC with --out DIR)")
     group = parser.add_argument_group("model source (instead of RUN_DIR)")
@@ -49,15 +49,12 @@ def model_source_options(parser: argparse.ArgumentParser, *, resumable: bool = F
     group.add_argument("--num-classes", type=positive_int, help="passed to the factory as num_classes=N")
     group.add_argument("--out", metavar="DIR", help="the new run directory for --model (must not exist unless --force)")
     group.add_argument("--force", action="store_true", help="replace --out if it exists")
-    if resumable:
-        group.add_argument("--resume", action="store_true", help="continue an interrupted run from its journal "
-                           "(same model, data, suite and threat)")
 
 
 @contextlib.contextmanager
 def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
     """The run a command works on: RUN_DIR as it is, or a new run at --out built from --model (staged, so that
-    it appears only complete; for a journaled command an interrupted run is kept for --resume)."""
+    it appears only complete; for a command with --resume an interrupted run is kept for it)."""
     from .. import workflow
 
     device = workflow.resolve_device(args.device)

@@ -12,6 +12,10 @@ The model is tiny (8x8 average pooling, then an MLP 192-32-10) and the suite is 
 is about data movement, not attack cost; labels are the model's own predictions, so every sample is attacked.
 
     PYTHONPATH=src python bench/streaming.py [--n 50000] [--dir /tmp/gradguard-streaming]
+
+Measured 2026-12-02 on the 2-core CI machine under heavy load (load average ~14): stream 187 MB peak growth
+(388 s); collect 4691 MB (114 s); the streaming path before ``malloc_trim`` per block: 2453 MB (glibc heap
+fragmentation, see ``gradguard.evaluation.stream.release_freed_memory``).
 """
 from __future__ import annotations
 

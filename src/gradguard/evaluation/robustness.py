@@ -26,7 +26,7 @@ from ..threat import ThreatModel, threat_from_dict
 from .distributed import Shard, batch_seed, check_same_stream, resolve_shard
 from .journal import FORMAT as JOURNAL_FORMAT
 from .journal import JournalWriter, model_fingerprint, own_file, read_journals, remove_journals
-from .stream import Block, BlockSource, collect
+from .stream import Block, BlockSource, collect, release_freed_memory
 from .suites import AttackSpec, resolve_suite
 
 NOT_BROKEN = -1  # broken_by value of a sample no attack broke (robust, or misclassified when clean)
@@ -186,7 +186,8 @@ def evaluate(
                 block = read() if index == 0 or (shard.owns(index) and index not in finished) else None
                 if index == 0:
                     assert block is not None
-                    check_same_stream(shard, source.n, block.fingerprint())
+                    if shard.active:
+                        check_same_stream(shard, source.n, block.fingerprint())
                     if journal is not None:
                         header = _journal_header(model, specs, threat, seed, source, block)
                         finished, writer = _open_journal(Path(journal), header, resume, shard)
@@ -196,6 +197,7 @@ def evaluate(
                 outcomes.append(outcome)
                 if writer is not None:
                     writer.append(outcome.to_record())
+                release_freed_memory()
         finally:
             if writer is not None:
                 writer.close()
@@ -475,11 +477,12 @@ def evaluate_curve(
     with model_guard(model):
         for index, read in _progress_blocks(source, progress, shard):
             block = read() if index == 0 or shard.owns(index) else None
-            if index == 0:
+            if index == 0 and shard.active:
                 assert block is not None
                 check_same_stream(shard, source.n, block.fingerprint())
             if block is not None and shard.owns(index):
                 tallies.append(_curve_block(cascade, block, threat, eps_list))
+                release_freed_memory()
     total = _sum_tallies(shard.gather(tallies), len(eps_list))
     n = total["n"]
     if n == 0:

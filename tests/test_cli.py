@@ -54,7 +54,7 @@ def test_demo_quick_writes_the_report_and_consistent_numbers(demo_dir):
         assert set(attacks["results"]) == {"fgsm", "bim", "pgd"}
         assert model["clean_accuracy"] == robustness["clean_accuracy"] == attacks["clean_accuracy"]
         # the headline worst case: a sample is robust only if the suite and every single attack failed on it
-        combined = [all(v) for v in zip(robustness["samples"]["robust"], *(r["correct"] for r in attacks["results"].values()))]
+        combined = [all(v) for v in zip(robustness["samples"]["robust"], *(r["correct"] for r in attacks["results"].values()), strict=True)]
         assert model["robust_accuracy"] == pytest.approx(sum(combined) / len(combined))
         assert model["robust_accuracy"] <= min([robustness["robust_accuracy"]]
                                                + [r["robust_accuracy"] for r in attacks["results"].values()]) + 1e-12
@@ -64,7 +64,7 @@ def test_demo_quick_writes_the_report_and_consistent_numbers(demo_dir):
         assert all(r["max_distance"] <= 0.1 + 1e-6 for r in attacks["results"].values())
         curve = json.loads((run / "curve.json").read_text())
         assert curve["robust_accuracy"][0] == pytest.approx(robustness["clean_accuracy"])  # eps = 0: clean
-        assert all(a >= b - 1e-9 for a, b in zip(curve["robust_accuracy"], curve["robust_accuracy"][1:]))
+        assert all(a >= b - 1e-9 for a, b in zip(curve["robust_accuracy"], curve["robust_accuracy"][1:], strict=False))
         assert (run / "model.safetensors").is_file() and (run / "metrics.jsonl").is_file()
     gradients = {g["label"]: g["kinds"] for g in summary["gradients"]}
     assert "vanishing" in gradients["sigmoid-mlp"] and "vanishing" not in gradients["relu-mlp"]
@@ -336,7 +336,7 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys):
 
 def test_yaml_config_needs_pyyaml(tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text("epochs: 1\n")
+    config.write_text("learning_speed: 1\n")
     try:
         import yaml  # noqa: F401
     except ImportError:
@@ -344,4 +344,4 @@ def test_yaml_config_needs_pyyaml(tmp_path, capsys):
         assert_one_line_error(code, err, "PyYAML is not installed", "pip install pyyaml")
     else:
         code, _, _ = run_cli(capsys, "list", "--config", config)
-        assert code != 0  # "epochs" is not an option of `list`: the YAML was parsed and validated
+        assert code != 0  # "learning_speed" is no command's option: the YAML was parsed and validated

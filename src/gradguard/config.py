@@ -1,8 +1,9 @@
 """Configuration files for the CLI: TOML (stdlib ``tomllib``), JSON, and YAML when PyYAML is installed.
 
 A file holds option names as keys (``eps = 0.1``, ``batch_size = 64``; dashes or underscores). Top-level keys
-apply to every command; a table named after a command (``[train]``, ``[evaluate]``) overrides them for that
-command. Command-line flags override the file.
+apply to every command that takes them (``eps`` to train / attack / evaluate / ..., not to ``report``); a table
+named after a command (``[train]``, ``[evaluate]``) overrides them for that command, and every key in it must be
+an option of that command. Command-line flags override the file.
 """
 from __future__ import annotations
 
@@ -43,13 +44,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def options_for(command: str, data: dict[str, Any]) -> dict[str, Any]:
-    """The options a command takes from a parsed config: top-level keys, then its own table; keys normalised."""
-    merged = {key: value for key, value in data.items() if not (key in COMMANDS and isinstance(value, dict))}
+def split_options(command: str, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(top-level keys, the command's own table) of a parsed config, keys normalised to option names.
+
+    The caller applies a top-level key only when the command takes it; a key in the command's table that the
+    command does not take is an error."""
+    shared = {key: value for key, value in data.items() if not (key in COMMANDS and isinstance(value, dict))}
     section = data.get(command)
-    if isinstance(section, dict):
-        merged.update(section)
-    return {str(key).replace("-", "_"): value for key, value in merged.items()}
+    own = section if isinstance(section, dict) else {}
+    return _normalised(shared), _normalised(own)
+
+
+def options_for(command: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys, then the command's own table on top, keys normalised (no check of what the command takes)."""
+    shared, own = split_options(command, data)
+    return {**shared, **own}
+
+
+def _normalised(options: dict[str, Any]) -> dict[str, Any]:
+    return {str(key).replace("-", "_"): value for key, value in options.items()}
 
 
 def _parse_toml(text: str, path: Path) -> Any:

@@ -10,7 +10,7 @@ import numpy as np
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import plots
 from .html import badge, evidence_text, missing, page, percent, png_tag, table
-from .rundir import RunData, read_run
+from .rundir import RunData, attack_groups, read_run, threat_label
 from .summary import layer_series, ordered_attacks, summarize
 
 REPORT_HTML, REPORT_MD, SUMMARY_JSON, PLOTS_DIR = "report.html", "report.md", "summary.json", "plots"
@@ -34,11 +34,11 @@ def build_report(run_dir: str | Path, *, display_path: str | Path | None = None)
         ("training", "Training curves", _training(run, figures)),
         ("config", "Run configuration", _config(run)),
     ]
-    threat = summary.get("threat") or {}
-    subtitle = " · ".join(escape(str(part)) for part in (
-        f"run: {summary['run_dir']}", f"dataset: {summary.get('dataset') or 'unknown'}",
-        f"threat: {threat.get('norm', '?')} eps={threat.get('eps', '?')}" if threat else "threat: not recorded",
-        f"generated {summary['generated_at']}"))
+    parts = [f"run: {summary['run_dir']}", f"dataset: {summary.get('dataset') or 'unknown'}",
+             f"threat: {threat_text(summary)}"]
+    if summary.get("model_source"):
+        parts.append(f"model: {summary['model_source']}")
+    subtitle = " · ".join(escape(part) for part in parts + [f"generated {summary['generated_at']}"])
     for name, png in figures.items():
         atomic_write_bytes(run.path / PLOTS_DIR / f"{name}.png", png)
     atomic_write_json(run.path / SUMMARY_JSON, summary)
@@ -51,6 +51,34 @@ def build_report(run_dir: str | Path, *, display_path: str | Path | None = None)
 # ------------------------------------------------------------------------------------------------
 def headline_columns(summary: dict) -> list[str]:
     return ordered_attacks(a for m in summary["models"] for a in m["attacks"])
+
+
+def threat_text(summary: dict) -> str:
+    """The headline threat for titles: one for the whole run, else "per model" (each row then names its own)."""
+    if summary.get("threat"):
+        return threat_label(summary["threat"])
+    if any(m.get("threat") for m in summary["models"]):
+        return "per model: " + "; ".join(f"{m['label']} {threat_label(m.get('threat'))}" for m in summary["models"])
+    return "not recorded"
+
+
+def other_threat_rows(summary: dict) -> list[tuple[str, dict]]:
+    """(model label, group) for every result at a threat other than its model's headline threat."""
+    return [(m["label"], group) for m in summary["models"] for group in m.get("other_threats") or []]
+
+
+def _other_threats(summary: dict) -> str:
+    rows = other_threat_rows(summary)
+    if not rows:
+        return ""
+    attacks = ordered_attacks(a for _, g in rows for a in g["attacks"])
+    body = [[escape(label), escape(g["label"]), percent(g.get("clean_accuracy"))]
+            + [percent(g["attacks"].get(a)) for a in attacks] + [percent(g.get("robust_accuracy"))]
+            for label, g in rows]
+    return ("<h3>Results at other threats</h3><p><small>Single attacks run at another norm or eps than the headline "
+            "above. They are not part of its worst case, which only combines results at the same threat.</small></p>"
+            + table(["model", "threat", "clean"] + [escape(a.upper()) for a in attacks] + ["worst case"], body,
+                    table_id="other-threats", numeric_from=2))
 
 
 def _headline(summary: dict) -> str:
@@ -71,9 +99,11 @@ def _headline(summary: dict) -> str:
                     for m in summary["models"])
     suites = sorted({", ".join(m.get("suite_names") or []) for m in summary["models"] if m.get("suite_names")})
     note = ("<p><small>Robust accuracy = accuracy on adversarial inputs inside the threat model. The worst case "
-            "counts a sample robust only if every attack run on it failed (the evaluation suite"
+            "counts a sample robust only if every attack run on it at the threat "
+            + escape(threat_text(summary)) + " failed (the evaluation suite"
             + (f": {escape('; '.join(suites))}" if suites else "") + ", and the single attacks above).</small></p>")
-    return f'<div class="cards">{cards}</div>' + table(headers, rows, table_id="headline", numeric_from=2) + note
+    return (f'<div class="cards">{cards}</div>' + table(headers, rows, table_id="headline", numeric_from=2) + note
+            + _other_threats(summary))
 
 
 def _config(run: RunData) -> str:
@@ -97,10 +127,11 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
     out = []
     curves = {m.label: m.curve for m in run.models if m.curve and m.curve.get("eps")}
     if curves:
-        norm = (summary.get("threat") or {}).get("norm", "linf")
+        norm = (summary.get("threat") or next((m["threat"] for m in summary["models"] if m.get("threat")), None)
+                or {}).get("norm", "linf")
         figures["accuracy_vs_eps"] = plots.accuracy_vs_eps(curves, norm)
         eps = list(dict.fromkeys(e for c in curves.values() for e in c["eps"]))
-        rows = [[escape(label)] + [percent(dict(zip(c["eps"], c["robust_accuracy"])).get(e)) for e in eps]
+        rows = [[escape(label)] + [percent(dict(zip(c["eps"], c["robust_accuracy"], strict=True)).get(e)) for e in eps]
                 for label, c in curves.items()]
         out.append(table(["model"] + [f"eps={e:g}" for e in eps], rows, numeric_from=1))
     else:
@@ -113,12 +144,13 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
     if side_by_side:
         out.insert(0, '<div class="grid2">' + "".join(f"<div>{tag}</div>" for tag in side_by_side) + "</div>")
     for m in run.models:
-        if m.attacks and m.attacks.get("results"):
+        for group in attack_groups(m.attacks):
+            results = group["results"]
             rows = [[escape(name), percent(r.get("robust_accuracy")), percent(r.get("success_rate")),
                      _fmt(r.get("mean_distance")), _fmt(r.get("max_distance")), _fmt(r.get("n_grad")),
-                     _fmt(r.get("elapsed_s"))] for name, r in
-                    ((n, m.attacks["results"][n]) for n in ordered_attacks(m.attacks["results"]))]
-            out.append(f"<h3>{escape(m.label)}: single attacks</h3>" + table(
+                     _fmt(r.get("elapsed_s"))] for name, r in ((n, results[n]) for n in ordered_attacks(results))]
+            out.append(f"<h3>{escape(m.label)}: single attacks at {escape(threat_label(group.get('threat')))} "
+                       f"({group.get('n_samples', '?')} samples)</h3>" + table(
                 ["attack", "robust acc.", "success rate", "mean dist.", "max dist.", "gradients/sample", "time (s)"],
                 rows, numeric_from=1))
         if m.robustness:
@@ -129,7 +161,8 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
             rows.append(["<b>worst case</b>", f"<b>{percent(m.robustness.get('robust_accuracy'))}</b>"])
             note = (f"<p><small>Note: {escape(str(m.robustness['fallback']))}.</small></p>"
                     if m.robustness.get("fallback") else "")
-            out.append(f"<h3>{escape(m.label)}: evaluation suite ({m.robustness.get('n_samples', '?')} samples, "
+            out.append(f"<h3>{escape(m.label)}: evaluation suite at {escape(threat_label(m.robustness.get('threat')))} "
+                       f"({m.robustness.get('n_samples', '?')} samples, "
                        f"{_fmt(m.robustness.get('elapsed_s'))} s)</h3>" + table(["attack", "accuracy"], rows, numeric_from=1)
                        + note)
     return "".join(out)
@@ -224,11 +257,12 @@ def _fmt(value) -> str:
 # report.md
 # ------------------------------------------------------------------------------------------------
 def markdown(summary: dict, figure_names: list[str]) -> str:
-    threat = summary.get("threat") or {}
     lines = ["# gradguard report", "",
              f"- run: `{summary['run_dir']}`", f"- dataset: {summary.get('dataset') or 'unknown'}",
-             f"- threat: {threat.get('norm', '?')} eps={threat.get('eps', '?')}" if threat else "- threat: not recorded",
-             f"- generated: {summary['generated_at']}", "", "## Clean vs robust accuracy", ""]
+             f"- threat: {threat_text(summary)}"]
+    if summary.get("model_source"):
+        lines.append(f"- model: `{summary['model_source']}`")
+    lines += [f"- generated: {summary['generated_at']}", "", "## Clean vs robust accuracy", ""]
     attacks = headline_columns(summary)
     if summary["models"]:
         lines.append("| model | method | clean | " + " | ".join(a.upper() for a in attacks) + " | worst case | masking |")
@@ -240,6 +274,7 @@ def markdown(summary: dict, figure_names: list[str]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     else:
         lines.append("No model in this run.")
+    lines += _markdown_other_threats(summary)
     if summary["gradients"]:
         lines += ["", "## Gradient health", ""]
         for g in summary["gradients"]:
@@ -248,3 +283,19 @@ def markdown(summary: dict, figure_names: list[str]) -> str:
     if figure_names:
         lines += ["", "## Plots", ""] + [f"![{name}](plots/{name}.png)" for name in figure_names]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_other_threats(summary: dict) -> list[str]:
+    rows = other_threat_rows(summary)
+    if not rows:
+        return []
+    attacks = ordered_attacks(a for _, g in rows for a in g["attacks"])
+    lines = ["", "## Results at other threats", "",
+             "Not part of the worst case above, which only combines results at the same threat.", "",
+             "| model | threat | clean | " + " | ".join(a.upper() for a in attacks) + " | worst case |",
+             "|---" * (4 + len(attacks)) + "|"]
+    for label, g in rows:
+        cells = [label, g["label"], percent(g.get("clean_accuracy"))]
+        cells += [percent(g["attacks"].get(a)) for a in attacks] + [percent(g.get("robust_accuracy"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -61,7 +61,7 @@ def per_attack_bars(table: Mapping[str, Mapping[str, float]]) -> bytes:
         xs = np.arange(len(attacks)) + (index - (len(table) - 1) / 2) * width
         values = [row.get(a, math.nan) for a in attacks]
         bars = ax.bar(xs, values, width=width, color=PALETTE[index % len(PALETTE)], label=label)
-        for bar, value in zip(bars, values):
+        for bar, value in zip(bars, values, strict=True):
             if not math.isnan(value):
                 ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.2f}", ha="center", fontsize=8)
     ax.set_xticks(np.arange(len(attacks)), attacks)
@@ -119,7 +119,7 @@ def example_grid(x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, pred: np.ndarr
 def training_curves(history: Sequence[Mapping[str, object]], title: str) -> bytes:
     """Loss (left) and accuracy (right) per epoch from metrics.jsonl records."""
     plt = _pyplot()
-    epochs = [int(r.get("epoch", i + 1)) for i, r in enumerate(history)]
+    epochs = [int(epoch) if isinstance(epoch := r.get("epoch"), (int, float)) else i + 1 for i, r in enumerate(history)]
     keys = [k for k in dict.fromkeys(k for r in history for k in r) if k != "epoch"]
     numeric = [k for k in keys if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
                                       for r in history if r.get(k) is not None)
@@ -175,7 +175,7 @@ def gradient_flow(runs: Mapping[str, Mapping[str, Sequence[float]]], metric: str
 
 
 def _series(epochs, history, key):
-    pairs = [(e, r[key]) for e, r in zip(epochs, history) if isinstance(r.get(key), (int, float))]
+    pairs = [(e, r[key]) for e, r in zip(epochs, history, strict=True) if isinstance(r.get(key), (int, float))]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 

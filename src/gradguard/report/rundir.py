@@ -6,7 +6,7 @@ A *model run* is a directory with one model and what was measured on it::
     config.json       the trainer's resolved configuration          (gradguard.train.Trainer)
     model.safetensors + model.json                                    (gradguard.models.save)
     metrics.jsonl     one record per epoch                            (Trainer)
-    attacks.json      per-attack results of `gradguard attack`
+    attacks.json      per-attack results of `gradguard attack`, per threat (``attack_groups``)
     examples.npz      clean / adversarial images and predictions for the report's grid
     robustness.json   gradguard.evaluation.RobustnessReport.to_json()
     curve.json        gradguard.evaluation.RobustnessCurve.to_json()
@@ -112,14 +112,19 @@ def read_json(path: Path) -> Any:
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    records = []
     try:
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                records.append(json.loads(line))
+        lines = path.read_text().splitlines()
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"run_dir: line {number} of {str(path)!r} is not valid JSON ({error}); the file is "
-                              "corrupt — re-run the command that writes it") from None
+        raise CheckpointError(f"run_dir: cannot read {str(path)!r} ({error}); re-run the command that writes it") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as error:
+            raise CheckpointError(f"run_dir: line {number} of {str(path)!r} is not valid JSON ({error}); the file is "
+                                  "corrupt — re-run the command that writes it") from None
     return records
 
 
@@ -139,3 +144,35 @@ def _subruns(folder: Path) -> list[Path]:
         return []
     runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return sorted(runs, key=lambda p: ((read_json(p / MANIFEST) or {}).get("order", 0), p.name))
+
+
+def attack_groups(attacks: dict | None) -> list[dict]:
+    """The results of attacks.json, one group per threat: ``{threat, n_samples, clean_accuracy, labels, results}``.
+
+    The top level holds the latest ``gradguard attack`` run; ``other_threats`` the earlier ones at another norm or
+    eps (a file written before that list existed is one group)."""
+    if not attacks:
+        return []
+    keys = ("threat", "n_samples", "clean_accuracy", "labels", "results")
+    latest = {key: attacks.get(key) for key in keys if key in attacks}
+    groups = [latest] if latest.get("results") else []
+    return groups + [dict(group) for group in attacks.get("other_threats") or [] if isinstance(group, dict)]
+
+
+def same_threat(a: dict | None, b: dict | None) -> bool:
+    """Two threat dicts name the same threat: the same norm and the same eps (up to float rounding)."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    try:
+        eps_a, eps_b = float(a["eps"]), float(b["eps"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return str(a.get("norm")).lower() == str(b.get("norm")).lower() and abs(eps_a - eps_b) <= 1e-9 * max(1.0, abs(eps_a))
+
+
+def threat_label(threat: dict | None) -> str:
+    """``linf eps=0.1``: how reports and tables name a threat."""
+    if not isinstance(threat, dict):
+        return "threat not recorded"
+    eps = threat.get("eps")
+    return f"{threat.get('norm', '?')} eps={eps:g}" if isinstance(eps, (int, float)) else f"{threat.get('norm', '?')} eps=?"

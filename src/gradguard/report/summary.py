@@ -5,7 +5,7 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
-from .rundir import ModelRun, RunData
+from .rundir import ModelRun, RunData, attack_groups, same_threat, threat_label
 
 HEADLINE_ATTACK_ORDER = ("fgsm", "bim", "pgd", "mifgsm", "apgd-ce", "apgd-dlr", "apgd-t", "square", "cw", "deepfool")
 GRADIENT_METRIC_PREFERENCE = ("grad_norm", "gradient_norm", "grad_rms", "grad_mean_abs")
@@ -14,63 +14,125 @@ GRADIENT_METRIC_PREFERENCE = ("grad_norm", "gradient_norm", "grad_rms", "grad_me
 def summarize(run: RunData, display_path=None) -> dict:
     """summary.json: per model clean / per-attack / worst-case robust accuracy, masking verdicts, gradient findings.
 
-    Model paths are relative to the run directory, so the summary stays true when the directory moves.
+    Each model's headline combines only results at one threat (norm and eps: ``headline_threat``); results at
+    other threats are listed apart in ``other_threats``, each labelled with its own threat. Model paths are
+    relative to the run directory, so the summary stays true when the directory moves.
     """
+    models = [model_summary(m, run.path) for m in run.models]
     return {
-        "format": "gradguard-summary", "format_version": 1,
+        "format": "gradguard-summary", "format_version": 2,
         "run_dir": str(display_path if display_path is not None else run.path),
         "command": run.manifest.get("command"),
         "dataset": run.manifest.get("dataset") or next((m.manifest.get("dataset") for m in run.models), None),
-        "threat": run.manifest.get("threat") or next((_threat(m) for m in run.models if _threat(m)), None),
-        "models": [model_summary(m, run.path) for m in run.models],
+        "threat": _common_threat(models) or run.manifest.get("threat"),
+        "model_source": models[0]["model_source"] if len(models) == 1 else None,
+        "models": models,
         "gradients": [gradient_summary(g, run.path) for g in (run.gradient_runs + [m for m in run.models if m.gradflow])],
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
 def model_summary(model: ModelRun, root) -> dict:
-    attacks = attack_accuracies(model)
-    suite = dict((model.robustness or {}).get("per_attack") or {})
+    threat = headline_threat(model)
+    groups = attack_groups(model.attacks)
+    headline = next((g for g in groups if same_threat(g.get("threat"), threat)), None)
+    suite = dict((model.robustness or {}).get("per_attack") or {}) if _suite_counts(model, threat) else {}
     robust, source = worst_case(model)
     return {
         "label": model.label,
         "path": _relative(model.path, root),
         "architecture": ((model.sidecar or {}).get("model") or {}).get("name"),
+        "model_source": model.manifest.get("model_source_text") or _described_source(model),
         "method": _method_name(model),
+        "threat": threat,
         "clean_accuracy": clean_accuracy(model),
-        "attacks": attacks,
+        "attacks": _accuracies(headline),
         "suite": suite,
-        "suite_names": (model.robustness or {}).get("suite"),
+        "suite_names": (model.robustness or {}).get("suite") if suite else None,
         "robust_accuracy": robust,
         "robust_accuracy_source": source,
-        "n_samples": (model.robustness or {}).get("n_samples") or (model.attacks or {}).get("n_samples"),
+        "n_samples": ((model.robustness or {}).get("n_samples") if suite else None) or (headline or {}).get("n_samples"),
+        "other_threats": [_threat_group_summary(g) for g in groups if g is not headline],
         "masking_verdict": (model.masking or {}).get("verdict"),
         "masking_checks": {c.get("name"): c.get("status") for c in (model.masking or {}).get("checks", [])},
         "epochs": len(model.metrics),
     }
 
 
+def headline_threat(model: ModelRun) -> dict | None:
+    """The threat a model's headline is at: the evaluation suite's, else the run's own (run.json) when single
+    attacks ran at it, else the latest single attacks' threat, else the run's own."""
+    robustness_threat = (model.robustness or {}).get("threat")
+    if isinstance(robustness_threat, dict):
+        return robustness_threat
+    groups = attack_groups(model.attacks)
+    own = model.manifest.get("threat") if isinstance(model.manifest.get("threat"), dict) else None
+    if own is not None and any(same_threat(g.get("threat"), own) for g in groups):
+        return own
+    if groups and isinstance(groups[0].get("threat"), dict):
+        return groups[0]["threat"]
+    return own or _threat(model)
+
+
 def worst_case(model: ModelRun) -> tuple[float | None, str | None]:
-    """Robust accuracy over everything run on this model: per sample across the suite and the single attacks
-    when they saw the same samples (a sample is robust only if no attack broke it), else the lowest of the
-    accuracies (each is an upper bound on the true robust accuracy, so the lowest is the tightest)."""
-    robustness = model.robustness or {}
-    attack_file = model.attacks or {}
-    results = attack_file.get("results") or {}
+    """Robust accuracy at the model's headline threat over everything run there: per sample across the suite and
+    the single attacks when they saw the same samples (a sample is robust only if no attack broke it), else the
+    lowest of the accuracies (each is an upper bound on the true robust accuracy, so the lowest is the tightest).
+    Results at any other threat never enter it."""
+    threat = headline_threat(model)
+    robustness = (model.robustness or {}) if _suite_counts(model, threat) else {}
+    group = next((g for g in attack_groups(model.attacks) if same_threat(g.get("threat"), threat)), {})
+    return _combined(robustness, group)
+
+
+def _combined(robustness: dict, group: dict) -> tuple[float | None, str | None]:
+    results = group.get("results") or {}
     samples = robustness.get("samples") or {}
     robust = samples.get("robust")
-    same_samples = robust is not None and samples.get("label") == attack_file.get("labels")
+    same_samples = isinstance(robust, list) and samples.get("label") == group.get("labels")
     per_sample = [r["correct"] for r in results.values() if isinstance(r.get("correct"), list)]
-    if same_samples and per_sample and all(len(c) == len(robust) for c in per_sample):
-        combined = [all(values) for values in zip(robust, *per_sample)]
+    if same_samples and isinstance(robust, list) and per_sample and all(len(c) == len(robust) for c in per_sample):
+        combined = [all(values) for values in zip(robust, *per_sample, strict=True)]
         return sum(combined) / max(1, len(combined)), "suite + single attacks, per sample"
     candidates = {"suite": robustness.get("robust_accuracy"),
                   **{name: r.get("robust_accuracy") for name, r in results.items()}}
-    candidates = {k: float(v) for k, v in candidates.items() if isinstance(v, (int, float))}
-    if not candidates:
+    numbers = {k: float(v) for k, v in candidates.items() if isinstance(v, (int, float))}
+    if not numbers:
         return None, None
-    best = min(candidates, key=candidates.get)
-    return candidates[best], ("suite" if best == "suite" else "lowest single attack")
+    best = min(numbers, key=lambda k: numbers[k])
+    return numbers[best], ("suite" if best == "suite" else "lowest single attack")
+
+
+def _suite_counts(model: ModelRun, threat: dict | None) -> bool:
+    """The evaluation suite is part of the headline when it ran at the headline threat (or recorded none)."""
+    if not model.robustness:
+        return False
+    recorded = model.robustness.get("threat")
+    return not isinstance(recorded, dict) or same_threat(recorded, threat)
+
+
+def _threat_group_summary(group: dict) -> dict:
+    robust, source = _combined({}, group)
+    return {"threat": group.get("threat"), "label": threat_label(group.get("threat")),
+            "n_samples": group.get("n_samples"), "clean_accuracy": group.get("clean_accuracy"),
+            "attacks": _accuracies(group), "robust_accuracy": robust, "robust_accuracy_source": source}
+
+
+def _described_source(model: ModelRun) -> str | None:
+    """One line naming where a model came from, from the source model.json records (None when there is none)."""
+    source = (model.sidecar or {}).get("source")
+    if not isinstance(source, dict):
+        return None
+    from ..models import describe_source
+
+    return describe_source(source)
+
+
+def _common_threat(models: list[dict]) -> dict | None:
+    threats = [m["threat"] for m in models if m.get("threat")]
+    if threats and all(same_threat(t, threats[0]) for t in threats):
+        return threats[0]
+    return None
 
 
 def clean_accuracy(model: ModelRun) -> float | None:
@@ -83,8 +145,8 @@ def clean_accuracy(model: ModelRun) -> float | None:
     return None
 
 
-def attack_accuracies(model: ModelRun) -> dict[str, float]:
-    results = (model.attacks or {}).get("results") or {}
+def _accuracies(group: dict | None) -> dict[str, float]:
+    results = (group or {}).get("results") or {}
     return {name: float(results[name]["robust_accuracy"]) for name in ordered_attacks(results)}
 
 

@@ -1,0 +1,168 @@
+"""Shared pieces of the ``gradguard`` commands: the one-line-error parser, option groups, value parsers, tables."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any, Sequence
+
+from ..errors import ConfigError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other gradguard error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def add_command(commands: Any, name: str, *, examples: Sequence[str], **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose description keeps its line breaks and whose --help ends with an "examples:" section."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ option groups
+def common_options() -> argparse.ArgumentParser:
+    """--seed, --device, --config, --json: taken by every command (argparse ``parents=``)."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("common options")
+    group.add_argument("--seed", type=int, default=0, help="fixes data order, random starts and restarts (default 0)")
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    group.add_argument("--config", metavar="FILE", help="read options from a .toml/.json (or .yaml with PyYAML) file; "
+                       "flags on the command line win")
+    group.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    return common
+
+
+def threat_options(parser: argparse.ArgumentParser, eps_help: str) -> None:
+    group = parser.add_argument_group("threat model")
+    group.add_argument("--norm", choices=["linf", "l2", "l1"], default=None, help="perturbation norm (default linf)")
+    group.add_argument("--eps", type=non_negative_float, default=None, help=eps_help)
+
+
+def data_options(parser: argparse.ArgumentParser, *, dataset_default: str | None, samples_default: int | None,
+                 samples_help: str) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default=dataset_default,
+                       help="digits | mnist | fashion-mnist | cifar10 | cifar100 | npz:PATH | npy:DIR | folder:PATH" + (
+                           f" (default {dataset_default})" if dataset_default else " (default: the run's dataset)"))
+    group.add_argument("--data-root", help="folder with the MNIST / Fashion-MNIST IDX files or the CIFAR binary "
+                       "batches (else $GRADGUARD_DATA, then /usr/share/datasets/NAME)")
+    group.add_argument("--resize", metavar="H[,W]", help="folder: resize each image (the short side to H, or to "
+                       "H x W) as it is read")
+    group.add_argument("--center-crop", metavar="H[,W]", help="folder: then crop the centre H x H (or H x W)")
+    group.add_argument("--samples", type=positive_int, default=samples_default, help=samples_help)
+
+
+# ------------------------------------------------------------------------------------------------ value parsers
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def parse_eps_list(text: str | Sequence[float]) -> list[float]:
+    """"0,0.05,0.1" (or a list from a config file) -> sorted distinct eps values, each finite and >= 0."""
+    values = text if isinstance(text, (list, tuple)) else [v for v in str(text).split(",") if v.strip()]
+    try:
+        eps = [float(v) for v in values]
+    except ValueError:
+        raise ConfigError(f"curve: expected comma-separated numbers such as 0,0.05,0.1, got {text!r}") from None
+    if not eps or any(not math.isfinite(e) or e < 0 for e in eps):
+        raise ConfigError(f"curve: eps values must be finite and >= 0, got {text!r}")
+    return sorted(set(eps))
+
+
+def parse_names(text: str | Sequence[str], argument: str) -> list[str]:
+    names = list(text) if isinstance(text, (list, tuple)) else [n.strip() for n in str(text).split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"{argument}: give at least one name")
+    return names
+
+
+def suite_arg(value: Any) -> Any:
+    """A suite name ("quick", "standard", ...) as is; anything else as a list of attack names."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    from ..evaluation import SUITES
+
+    value = str(value)
+    if value in SUITES:
+        return value
+    return parse_names(value, "suite")
+
+
+def key_values(items: Sequence[str] | None, argument: str) -> dict:
+    """KEY=VALUE strings -> dict; values are parsed as JSON when they can be (numbers, true/false, lists)."""
+    result = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{argument}: expected KEY=VALUE, got {item!r}")
+        try:
+            result[key] = json.loads(value)
+        except ValueError:
+            result[key] = value
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ printing
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3g}"
+    return str(value)
+
+
+def headline_text(summary: dict) -> str:
+    """The report's headline as a table: per model clean, single attacks and worst case at the headline threat;
+    results at other threats below it, each labelled with its threat."""
+    from ..report.builder import headline_columns, other_threat_rows, threat_text
+    from ..report.summary import ordered_attacks
+
+    attacks = headline_columns(summary)
+    rows = [[m["label"], m["clean_accuracy"], *[m["attacks"].get(a) for a in attacks], m["robust_accuracy"],
+             m["masking_verdict"]] for m in summary["models"]]
+    text = f"threat: {threat_text(summary)}\n"
+    text += format_table(["model", "clean", *attacks, "worst case", "masking"], rows) if rows else "no models"
+    others = other_threat_rows(summary)
+    if others:
+        other_attacks = ordered_attacks(a for _, g in others for a in g["attacks"])
+        text += "\n\nat other threats (not in the worst case above):\n" + format_table(
+            ["model", "threat", *other_attacks, "worst case"],
+            [[label, g["label"], *[g["attacks"].get(a) for a in other_attacks], g["robust_accuracy"]]
+             for label, g in others])
+    for g in summary.get("gradients", []):
+        text += f"\ngradient flow {g['label']}: {', '.join(g['kinds']) or 'no issue found'}"
+    return text

@@ -1,0 +1,64 @@
+"""``gradguard evaluate RUN_DIR``: clean, per-attack and worst-case robust accuracy with an attack suite."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import add_command, data_options, format_table, parse_eps_list, positive_int, suite_arg, threat_options
+from .model_source import model_source_options, open_run
+
+
+def register(commands: Any, common: argparse.ArgumentParser) -> None:
+    parser = add_command(
+        commands, "evaluate", parents=[common], help="robust accuracy with an attack suite",
+        description="Clean, per-attack and worst-case robust accuracy with an attack suite "
+        "(gradguard.evaluation.evaluate); optionally an accuracy-vs-eps curve. Writes robustness.json (and "
+        "curve.json) into RUN_DIR.",
+        examples=["gradguard evaluate runs/pgd",
+                  "gradguard evaluate runs/pgd --suite quick --curve 0,0.05,0.1,0.2 --samples 500",
+                  "gradguard evaluate --model mymodels:Net --weights net.pth --mean 0.49,0.48,0.45 --std 0.25 "
+                  "--dataset cifar10 --data-root ~/data/cifar-10-batches-bin --suite fast --eps 0.03 --out runs/mine",
+                  "gradguard evaluate --model mymodels:Net --weights net.pth ... --out runs/mine --resume"
+                  "   # after Ctrl-C"])
+    model_source_options(parser)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its journal "
+                        "(in RUN_DIR, or for --out DIR in .DIR.partial); same model, data, suite and threat")
+    parser.add_argument("--suite", default="standard", help="quick | fast | standard | classic | comma-separated "
+                        "attack names (default standard)")
+    parser.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1")
+    parser.add_argument("--curve-suite", default="quick", help="suite for the curve (default quick)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
+    data_options(parser, dataset_default=None, samples_default=1000, samples_help="test samples (default 1000)")
+    threat_options(parser, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> tuple[dict, str]:
+    from .. import workflow
+    from ..report.rundir import threat_label
+
+    suite = suite_arg(args.suite)
+    curve = parse_eps_list(args.curve) if args.curve else None
+    try:
+        with open_run(args, "evaluate") as run:
+            result = workflow.evaluate_into(run.dir, run.model, run.dataset, run.threat, suite=suite,
+                                            samples=args.samples, batch_size=args.batch_size, curve=curve,
+                                            curve_suite=suite_arg(args.curve_suite), seed=args.seed,
+                                            device=run.device, resume=args.resume)
+    except KeyboardInterrupt as interrupted:
+        run_dir = Path(args.run_dir) if args.run_dir else None
+        if isinstance(interrupted, workflow.KeptPartialRun) or run_dir is None or not workflow.holds_journal(run_dir):
+            raise
+        raise workflow.KeptPartialRun(f"the finished batches are journaled in {str(run_dir)!r}; add --resume to "
+                                      "the same command to continue") from None
+    robustness = result["robustness"]
+    rows = [["clean", robustness.get("clean_accuracy")]] + [
+        [name, value] for name, value in (robustness.get("per_attack") or {}).items()]
+    rows.append(["worst case", robustness.get("robust_accuracy")])
+    text = format_table(["attack", "accuracy"], rows)
+    if result["curve"]:
+        text += "\n\n" + format_table(["eps", "robust accuracy"], list(zip(
+            result["curve"]["eps"], result["curve"]["robust_accuracy"], strict=True)))
+    header = f"{threat_label(run.threat.to_dict())}, {robustness.get('n_samples')} test samples"
+    return result, f"{header}\n{text}\n\nwrote {run.shown}/robustness.json"

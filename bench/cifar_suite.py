@@ -16,8 +16,11 @@ Every robust accuracy is re-computed here from the model's predictions on the re
 points lie in the eps-ball and the box. The JSON (bench/results/cifar.json) is rewritten after every stage, so a
 run cut short keeps what it measured; ``--table`` prints the markdown table from it.
 
-    nohup python bench/cifar_suite.py --n-eval 100 > bench/out/cifar.log 2>&1 &
+    nohup python bench/cifar_suite.py > bench/out/cifar.log 2>&1 &     # width 16, 10k images x 5 epochs, N=100
+    nohup python bench/cifar_suite.py --width 4 --train-samples 4000 --epochs 4 --n-eval 50 > ... &  # results/cifar.md
     python bench/cifar_suite.py --table
+
+The defaults suit a quiet 2-core CPU; bench/results/cifar.md says what was run on the shared one, and why.
 """
 from __future__ import annotations
 

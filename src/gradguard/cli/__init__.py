@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .launch import launch_rank, process_group, runs_here
 
     rank = launch_rank()
+    args = None
     try:
         args = parse_args(argv)
         import torch
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with process_group(args):
             result, text = args.handler(args)
     except GradguardError as error:
-        return _fail(f"error: {one_line(error)}", error, rank, EXIT_ERROR)
+        return _fail(f"error: {one_line(error)}", error, rank, EXIT_ERROR, in_options=args is None)
     except KeptPartialRun as interrupted:
         return _fail(f"interrupted; {interrupted}", interrupted, rank, EXIT_INTERRUPTED)
     except KeyboardInterrupt as interrupted:
@@ -123,11 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _fail(message: str, error: BaseException, rank: int, status: int) -> int:
-    """One line on stderr (from rank 0, or from the rank where the error arose), and the exit status."""
+def _fail(message: str, error: BaseException, rank: int, status: int, *, in_options: bool = False) -> int:
+    """One line on stderr (from rank 0, or from the rank where the error arose), and the exit status. An error
+    ``in_options`` is the same on every rank: rank 0 alone says it."""
     from .launch import shown_error
 
-    if shown_error(error, rank):
+    if rank == 0 or (not in_options and shown_error(error, rank)):
         where = f" (rank {rank})" if rank else ""
         print(f"gradguard{where}: {message}", file=sys.stderr)
     return status

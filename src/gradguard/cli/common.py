@@ -17,6 +17,10 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other gradguard error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        from .launch import launch_rank
+
+        if launch_rank() != 0:  # under torchrun every rank parses the same options: rank 0 says it once
+            self.exit(EXIT_USAGE)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 

@@ -20,10 +20,12 @@ COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 def launch_rank() -> int:
-    """This process's rank as torchrun set it (0 outside torchrun)."""
-    from ..train.distributed import launched_by_torchrun
-
-    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+    """This process's rank as torchrun set it (0 outside torchrun); read from the environment alone, so that
+    parsing the options does not import torch."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
 
 
 def runs_here(args: argparse.Namespace, rank: int) -> bool:
@@ -57,5 +59,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def shown_error(error: BaseException, rank: int) -> bool:
-    """Rank 0 shows every error; another rank only its own (not one it got from rank 0)."""
-    return rank == 0 or not getattr(error, "raised_on_rank0", False)
+    """Rank 0 shows every error; another rank only its own: not one it got from rank 0, nor Ctrl-C (which
+    torchrun hands to every rank) or torchrun stopping it because another rank failed."""
+    if rank == 0:
+        return True
+    return not (getattr(error, "raised_on_rank0", False) or isinstance(error, KeyboardInterrupt))

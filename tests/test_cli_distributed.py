@@ -56,7 +56,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ devices
-def test_evaluate_with_amp_bf16_runs_and_records_it(trained_run, tmp_path, capsys):
+def test_evaluate_with_amp_bf16_runs_and_records_it(trained_run, capsys):
     assert one_process("evaluate", trained_run, *TINY, "--suite", "quick", "--samples", "16", "--amp", "bf16",
                        "--channels-last", "--json") == 0
     printed = json.loads(capsys.readouterr().out)
@@ -65,7 +65,7 @@ def test_evaluate_with_amp_bf16_runs_and_records_it(trained_run, tmp_path, capsy
     assert written["channels_last"] is True and written["device"] == "cpu" and written["world_size"] == 1
 
 
-def test_attack_records_its_precision(trained_run, capsys):
+def test_attack_records_its_precision(trained_run):
     assert one_process("attack", trained_run, *TINY, "--attack", "fgsm", "--samples", "16", "--amp", "bf16") == 0
     result = read(trained_run / "attacks.json")["results"]["fgsm"]
     assert (result["amp"], result["channels_last"], result["world_size"]) == ("bf16", False, 1)

@@ -1,9 +1,10 @@
 """torchrun support for the commands: one process group around a heavy command, rank 0 alone prints.
 
 ``torchrun --nproc_per_node=N gradguard evaluate RUN`` starts N copies of the command. The heavy commands
-(``train``, ``evaluate``, ``attack``, ``diagnose``) then join one process group (gloo on CPU, nccl on CUDA with
-each process on ``cuda:LOCAL_RANK``) and share the work; the light ones (``report``, ``list``, ``demo``) run on
-rank 0 alone. The work itself is sharded in ``gradguard.workflow`` and the layers below it.
+(``train``, ``evaluate``, ``attack``, ``diagnose``) then join one process group (gloo on CPU; nccl on CUDA with each
+process on ``cuda:LOCAL_RANK``, gloo beside it for CPU tensors) and share the work; the light ones (``report``,
+``list``, ``demo``) run on rank 0 alone. The work itself is sharded in ``gradguard.workflow`` and the layers below
+it.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """torch.distributed helpers: the same code runs in one process or under ``torchrun``.
 
 Under ``torchrun --nproc_per_node=N`` the environment carries RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR;
-``setup`` then initialises the process group (gloo on CPU, nccl on GPU) unless the caller already did. The
-command line uses ``launched_by_torchrun``, ``local_device`` and ``teardown`` around every heavy command, and
-``rank0_first`` / ``broadcast_object`` so that rank 0 alone touches the file system and the others follow it.
+``setup`` then initialises the process group (gloo on CPU; on GPU nccl for CUDA tensors and gloo for CPU ones)
+unless the caller already did. The command line uses ``launched_by_torchrun``, ``local_device`` and ``teardown``
+around every heavy command, and ``rank0_first`` / ``broadcast_object`` so that rank 0 alone touches the file
+system and the others follow it.
 """
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ def setup(device: torch.device | None = None, timeout: timedelta | None = None) 
     if not dist.is_initialized():
         if not launched_by_torchrun():
             return 0, 1
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timeout,
-                                device_id=device if backend == "nccl" else None)
+        cuda = device is not None and device.type == "cuda"
+        # on GPUs nccl for CUDA tensors and gloo for the CPU tensors that counts and results travel in
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout,
+                                device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size()
 
 

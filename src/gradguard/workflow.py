@@ -431,14 +431,16 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
     Under torchrun batch ``b`` is attacked by rank ``b % world_size`` (each attack seeds every batch alike, so
     the spread changes nothing), the per-sample results are gathered in batch order and rank 0 alone writes.
     """
+    from .attacks.base import prepare_model
     from .io import atomic_write_bytes, atomic_write_json
     from .report.rundir import read_json
     from .train import distributed
 
+    model = prepare_model(model, device, channels_last=channels_last)
     attacks = [(name, make_attack(name, model, threat, seed=seed, steps=steps, amp=amp, channels_last=channels_last))
                for name in names]  # validate first
     data = test_samples(dataset)
-    mine = _attack_own_batches(attacks, data, samples, batch_size, threat, device)
+    mine = _attack_own_batches(model, attacks, data, samples, batch_size, threat, device)
     blocks = sorted(distributed.gather_objects(mine["blocks"]), key=lambda block: block["index"])
     labels, clean_pred = _joined(blocks, "labels"), _joined(blocks, "clean_pred")
     clean_correct = clean_pred == labels
@@ -461,7 +463,7 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
     return distributed.rank0_first(write)
 
 
-def _attack_own_batches(attacks, data, samples: int | None, batch_size: int, threat, device) -> dict:
+def _attack_own_batches(model, attacks, data, samples: int | None, batch_size: int, threat, device) -> dict:
     """Clean predictions and every attack on this rank's batches (all of them in one process): per batch its
     index and per-sample results; per attack the seconds spent; the last attack's candidate example images."""
     import numpy as np
@@ -478,7 +480,7 @@ def _attack_own_batches(attacks, data, samples: int | None, batch_size: int, thr
         xb, yb = data.get_batch(np.arange(start, min(start + batch_size, count)))
         xb, yb = xb.cpu(), yb.cpu()
         with torch.no_grad():
-            clean_pred = model_predictions(attacks[0][1].model, xb, device)
+            clean_pred = model(xb.to(device)).argmax(1).cpu()
         block = {"index": start // batch_size, "labels": yb, "clean_pred": clean_pred, "attacks": {}}
         for name, attack in attacks:
             started = time.perf_counter()
@@ -491,11 +493,6 @@ def _attack_own_batches(attacks, data, samples: int | None, batch_size: int, thr
                 examples.offer(start, xb, x_adv, yb, pred_adv, clean_pred == yb)
         blocks.append(block)
     return {"blocks": blocks, "elapsed": elapsed, "examples": examples}
-
-
-def model_predictions(model, x, device):
-    """The model's predicted classes for ``x`` (moved to ``device``), on the CPU."""
-    return model(x.to(device)).argmax(1).cpu()
 
 
 def _joined(blocks: list[dict], key: str):

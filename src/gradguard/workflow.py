@@ -65,18 +65,19 @@ def timed(message: str) -> Iterator[None]:
 
 
 def resolve_device(name: str | None) -> Any:
-    """``auto`` (or None) picks CUDA when available; anything else must be a device torch knows and has."""
-    import torch
+    """``auto`` (or None) picks CUDA when available; else cpu, cuda or cuda:N (``attacks.base.resolve_device``).
+    Under torchrun a CUDA device is this process's own GPU, ``cuda:LOCAL_RANK``."""
+    from .attacks.base import resolve_device as resolve
+    from .train.distributed import local_device
 
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} requested but CUDA is not available here; use --device cpu")
-    return device
+    return local_device(resolve(name))
+
+
+def device_record(device, *, amp: str | None = None, channels_last: bool = False) -> dict:
+    """How a command ran, for its results: device, autocast precision, memory layout and process count."""
+    from .train.distributed import world_size
+
+    return {"device": str(device), "amp": amp, "channels_last": bool(channels_last), "world_size": world_size()}
 
 
 # ================================================================================================
@@ -94,13 +95,48 @@ def staged_run_dir(out: str | Path, *, replace: bool = False, resumable: bool = 
     On any error (or Ctrl-C) the temporary folder is removed, so ``out`` is either complete or untouched.
     ``resumable`` (training) stages in ``.<name>.partial`` instead and keeps that folder when it already holds a
     checkpoint, so that ``resume=True`` (``--resume``) continues the run; ``out`` itself still appears only complete.
+    Under torchrun rank 0 alone creates, fills and renames the folder (the others get its path), and only once
+    every rank has finished; a rank that fails makes the others fail too, so nothing half-written appears.
     """
+    from .train import distributed
+
     out = Path(out)
+    partial = out.parent / f".{out.name}.partial"
+    made: list[Path] = []  # the staging folder, on the rank that created it (rank 0)
+
+    def prepare() -> Path:
+        made.append(_prepare_staging(out, partial, replace=replace, resumable=resumable, resume=resume))
+        return made[0]
+
+    staging: Path | None = None
+    try:
+        # under torchrun rank 0 alone checks and creates the staging folder; every rank gets its path (or error)
+        staging = distributed.rank0_first(prepare)
+        yield staging
+        distributed.barrier()  # every rank has finished its part before rank 0 puts the run in place
+        distributed.rank0_first(lambda: _move_into_place(made[0], out))
+    except BaseException as error:
+        staging = made[0] if made else staging
+        if staging is None:
+            raise
+        if not (resumable and _holds_resumable_work(staging)):
+            if made:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        hint = f"the finished work is kept in {str(staging)!r}; add --resume to the same command to continue"
+        if isinstance(error, GradguardError):
+            raise type(error)(f"{one_line(error)}; {hint}") from error
+        if isinstance(error, KeyboardInterrupt):
+            raise KeptPartialRun(hint) from None
+        raise
+
+
+def _prepare_staging(out: Path, partial: Path, *, replace: bool, resumable: bool, resume: bool) -> Path:
+    """Check ``out`` and the interrupted run beside it, then create the staging folder (see ``staged_run_dir``)."""
     if out.exists() and not replace:
         raise ConfigError(f"out: {str(out)!r} already exists; choose another --out or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {str(out)!r} exists and is not a directory; choose another --out")
-    partial = out.parent / f".{out.name}.partial"
     if resume and not partial.is_dir():
         raise ConfigError(f"resume: no interrupted run of {str(out)!r} to continue (looked for {str(partial)!r}); "
                           "run without --resume to start one")
@@ -109,20 +145,7 @@ def staged_run_dir(out: str | Path, *, replace: bool = False, resumable: bool = 
             raise ConfigError(f"out: an interrupted run of {str(out)!r} is kept in {str(partial)!r}; continue it "
                               "with --resume, or pass --force to start over")
         shutil.rmtree(partial)
-    staging = _make_staging(out, partial if resumable else None)
-    try:
-        yield staging
-        _move_into_place(staging, out)
-    except BaseException as error:
-        if not (resumable and _holds_resumable_work(staging)):
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        hint = f"the finished work is kept in {str(staging)!r}; add --resume to the same command to continue"
-        if isinstance(error, GradguardError):
-            raise type(error)(f"{one_line(error)}; {hint}") from error
-        if isinstance(error, KeyboardInterrupt):
-            raise KeptPartialRun(hint) from None
-        raise
+    return _make_staging(out, partial if resumable else None)
 
 
 def _make_staging(out: Path, partial: Path | None) -> Path:
@@ -304,8 +327,10 @@ def available_attacks() -> list[str]:
     return [name for name, (cls, _) in ATTACKS.items() if hasattr(attacks, cls)]
 
 
-def make_attack(name: str, model, threat, *, seed: int, steps: int | None = None):
-    """An attack by its CLI name (see ``ATTACKS``) with its defaults, ``seed`` and optionally ``steps``."""
+def make_attack(name: str, model, threat, *, seed: int, steps: int | None = None, amp: str | None = None,
+                channels_last: bool = False):
+    """An attack by its CLI name (see ``ATTACKS``) with its defaults, ``seed``, optionally ``steps``, and the
+    precision (``amp``) and memory layout (``channels_last``) of its gradients and queries."""
     from . import attacks
 
     if name not in ATTACKS:
@@ -315,6 +340,10 @@ def make_attack(name: str, model, threat, *, seed: int, steps: int | None = None
         raise ConfigError(f"attack: {name!r} ({class_name}) is not available in this build; choose from "
                           f"{available_attacks()}")
     kwargs = dict(defaults, seed=seed)
+    if amp is not None:
+        kwargs["amp"] = amp
+    if channels_last:
+        kwargs["channels_last"] = True
     if steps is not None and name != "fgsm":
         kwargs["steps"] = steps
     return getattr(attacks, class_name)(model, threat, **kwargs)
@@ -328,7 +357,8 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                clip_grad_value: float | None, l2: float, train_samples: int | None, val_samples: int,
                val_attack: str | None, monitor_every: int | None, seed: int, device, label: str,
                extra: dict | None = None, order: int = 0, method_kwargs: dict | None = None,
-               schedule: str = "constant", eps_warmup_epochs: float = 0.0, resume: bool = False) -> dict:
+               schedule: str = "constant", eps_warmup_epochs: float = 0.0, resume: bool = False,
+               channels_last: bool = False) -> dict:
     """Train one model into ``run_dir`` with gradguard.train.Trainer; returns the manifest (with ``history``).
 
     ``model_name`` is a zoo name (built for the data's input shape and classes) or any spec
@@ -336,12 +366,14 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
     ``model_kwargs``; either way model.json records how to rebuild it.
 
     ``run_dir`` is a fresh folder, or with ``resume`` one holding the checkpoints of an interrupted run with the same
-    settings (the Trainer refuses different ones)."""
+    settings (the Trainer refuses different ones). Under torchrun the Trainer wraps the model in
+    DistributedDataParallel (each rank trains on its share of every batch) and rank 0 alone writes."""
     import torch
 
+    from .attacks.base import prepare_model
     from .io import atomic_write_json
     from .models import MODELS, build_model, resolve
-    from .train import Trainer
+    from .train import Trainer, distributed
 
     torch.manual_seed(seed)
     if model_name in MODELS:  # the zoo takes its input shape and class count from the data
@@ -349,12 +381,13 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                             **model_kwargs)
     else:  # package.module:callable, torchvision:NAME, ...: the factory's own keywords only
         model = resolve(model_name, **model_kwargs)
+    prepare_model(model, device, channels_last=channels_last)
     x, y = dataset.x_train, dataset.y_train
     if train_samples is not None:
         x, y = x[:train_samples], y[:train_samples]
     val = test_split(dataset, val_samples)
     monitor = None
-    if monitor_every:
+    if monitor_every and distributed.is_main_process():  # DDP's gradients are all-reduced: rank 0 sees them all
         from .diagnostics import GradientMonitor
 
         monitor = GradientMonitor(model, every=monitor_every, path=run_dir / "gradflow.jsonl")
@@ -367,103 +400,150 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
     started = time.perf_counter()
     with (monitor if monitor is not None else contextlib.nullcontext()):
         history = trainer.fit((x, y), val)
-    manifest = write_manifest(
-        run_dir, kind="model", command="train", label=label, order=order, dataset=dataset.name,
+    record = device_record(device, channels_last=channels_last)
+    fields = dict(
+        kind="model", command="train", label=label, order=order, dataset=dataset.name,
         classes=dataset.classes, input_shape=list(dataset.input_shape), model=model_name, model_kwargs=model_kwargs,
         method=method, method_kwargs=method_kwargs or {}, threat=threat.to_dict() if threat is not None else None,
-        epochs=epochs, seed=seed,
-        n_train=int(y.shape[0]), train_seconds=round(time.perf_counter() - started, 2), **(extra or {}))
-    if monitor is not None:
-        atomic_write_json(run_dir / "diagnosis.json",
-                          {"gradient_findings": [f.to_dict() for f in monitor.findings()]})
+        epochs=epochs, seed=seed, n_train=int(y.shape[0]), train_seconds=round(time.perf_counter() - started, 2),
+        **record, **(extra or {}))
+
+    def write() -> dict:
+        manifest = write_manifest(run_dir, **fields)
+        if monitor is not None:
+            atomic_write_json(run_dir / "diagnosis.json",
+                              {"gradient_findings": [f.to_dict() for f in monitor.findings()]})
+        return manifest
+
+    manifest = distributed.rank0_first(write)
     manifest["history"] = history
     return manifest
 
 
 def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, samples: int | None, batch_size: int,
-                steps: int | None, seed: int, device) -> dict:
+                steps: int | None, seed: int, device, amp: str | None = None, channels_last: bool = False) -> dict:
     """Run single attacks on the test split, batch by batch; add their results to attacks.json; examples.npz.
 
     Only per-sample numbers (correct, distance) and the few images the report shows are kept, never the whole
     adversarial set. attacks.json keeps results per threat: earlier results at another norm or eps move to its
     ``other_threats`` list instead of being dropped. Returns what it wrote to attacks.json.
+
+    Under torchrun batch ``b`` is attacked by rank ``b % world_size`` (each attack seeds every batch alike, so
+    the spread changes nothing), the per-sample results are gathered in batch order and rank 0 alone writes.
     """
+    from .attacks.base import prepare_model
     from .io import atomic_write_bytes, atomic_write_json
     from .report.rundir import read_json
+    from .train import distributed
 
-    attacks = [(name, make_attack(name, model, threat, seed=seed, steps=steps)) for name in names]  # validate first
+    model = prepare_model(model, device, channels_last=channels_last)
+    attacks = [(name, make_attack(name, model, threat, seed=seed, steps=steps, amp=amp, channels_last=channels_last))
+               for name in names]  # validate first
     data = test_samples(dataset)
-    labels, clean_pred = _clean_predictions(model, data, samples, batch_size, device)
-    results: dict[str, dict] = {}
-    examples: ExamplePicker | None = None
-    for name, attack in attacks:
-        examples = ExamplePicker(name, clean_pred == labels)
-        results[name] = _run_attack(attack, name, data, samples, labels, clean_pred, threat, batch_size, device,
-                                    examples)
-    group = {"threat": threat.to_dict(), "n_samples": int(len(labels)),
-             "clean_accuracy": float((clean_pred == labels).float().mean()), "labels": labels.tolist(),
-             "results": results}
-    payload = merge_attack_results(read_json(run_dir / "attacks.json"), group, dataset.name)
-    assert examples is not None  # names is never empty: make_attack validated at least one
-    buffer = examples.npz_bytes(clean_pred, data.classes)
-    atomic_write_json(run_dir / "attacks.json", payload)
-    atomic_write_bytes(run_dir / "examples.npz", buffer)
-    return payload
-
-
-def _clean_predictions(model, data, samples: int | None, batch_size: int, device):
-    import torch
-
-    labels, predictions = [], []
-    with torch.no_grad():
-        for xb, yb in iter_batches(data, batch_size, samples):
-            predictions.append(model(xb.to(device)).argmax(1).cpu())
-            labels.append(yb.cpu())
-    return torch.cat(labels), torch.cat(predictions)
-
-
-def _run_attack(attack, name: str, data, samples: int | None, labels, clean_pred, threat, batch_size: int, device,
-                examples: "ExamplePicker") -> dict:
-    import torch
-
-    started = time.perf_counter()
-    correct, distance, n_grad, offset = [], [], 0, 0
-    batches = iter_batches(data, batch_size, samples)
-    for xb, yb in progress(batches, desc=name, total=-(-len(labels) // batch_size)):
-        result = attack.run(xb.to(device), yb.to(device))
-        x_adv, pred_adv = result.x_adv.detach().cpu(), result.predictions.cpu()
-        correct.append(pred_adv == yb.cpu())
-        distance.append(threat.distance(x_adv, xb.cpu()))
-        examples.offer(offset, xb.cpu(), x_adv, yb.cpu(), pred_adv)
-        n_grad += int(result.n_grad)
-        offset += len(yb)
-    correct_all, distance_all = torch.cat(correct), torch.cat(distance)
+    mine = _attack_own_batches(model, attacks, data, samples, batch_size, threat, device)
+    blocks = sorted(distributed.gather_objects(mine["blocks"]), key=lambda block: block["index"])
+    labels, clean_pred = _joined(blocks, "labels"), _joined(blocks, "clean_pred")
     clean_correct = clean_pred == labels
+    results = {name: _attack_result(attack, name, blocks, clean_correct, threat, mine["elapsed"][name])
+               for name, attack in attacks}
+    for result in results.values():
+        result.update(device_record(device, amp=amp, channels_last=channels_last))
+    examples = ExamplePicker.merged(distributed.gather_objects([mine["examples"]]))
+    group = {"threat": threat.to_dict(), "n_samples": int(len(labels)),
+             "clean_accuracy": float(clean_correct.float().mean()), "labels": labels.tolist(),
+             "results": results}
+
+    def write() -> dict:
+        payload = merge_attack_results(read_json(run_dir / "attacks.json"), group, dataset.name)
+        buffer = examples.npz_bytes(clean_pred, data.classes)
+        atomic_write_json(run_dir / "attacks.json", payload)
+        atomic_write_bytes(run_dir / "examples.npz", buffer)
+        return payload
+
+    return distributed.rank0_first(write)
+
+
+def _attack_own_batches(model, attacks, data, samples: int | None, batch_size: int, threat, device) -> dict:
+    """Clean predictions and every attack on this rank's batches (all of them in one process): per batch its
+    index and per-sample results; per attack the seconds spent; the last attack's candidate example images."""
+    import numpy as np
+    import torch
+
+    from .train import distributed
+
+    rank, world_size = distributed.rank(), distributed.world_size()
+    count = len(data) if samples is None else min(samples, len(data))
+    starts = list(range(0, count, batch_size))[rank::world_size]
+    blocks, elapsed = [], {name: 0.0 for name, _ in attacks}
+    examples = ExamplePicker(attacks[-1][0])
+    for start in progress(starts, desc="attack") if rank == 0 else starts:
+        xb, yb = data.get_batch(np.arange(start, min(start + batch_size, count)))
+        xb, yb = xb.cpu(), yb.cpu()
+        with torch.no_grad():
+            clean_pred = model(xb.to(device)).argmax(1).cpu()
+        block = {"index": start // batch_size, "labels": yb, "clean_pred": clean_pred, "attacks": {}}
+        for name, attack in attacks:
+            started = time.perf_counter()
+            result = attack.run(xb.to(device), yb.to(device))
+            x_adv, pred_adv = result.x_adv.detach().cpu(), result.predictions.cpu()
+            block["attacks"][name] = {"correct": pred_adv == yb, "distance": threat.distance(x_adv, xb),
+                                      "n_grad": int(result.n_grad)}
+            elapsed[name] += time.perf_counter() - started
+            if name == examples.attack:
+                examples.offer(start, xb, x_adv, yb, pred_adv, clean_pred == yb)
+        blocks.append(block)
+    return {"blocks": blocks, "elapsed": elapsed, "examples": examples}
+
+
+def _joined(blocks: list[dict], key: str):
+    import torch
+
+    return torch.cat([block[key] for block in blocks])
+
+
+def _attack_result(attack, name: str, blocks: list[dict], clean_correct, threat, elapsed: float) -> dict:
+    """One attack's numbers over all batches (gathered from every rank, in batch order)."""
+    import torch
+
+    from .train import distributed
+
+    correct = torch.cat([block["attacks"][name]["correct"] for block in blocks])
+    distance = torch.cat([block["attacks"][name]["distance"] for block in blocks])
+    n_grad = sum(block["attacks"][name]["n_grad"] for block in blocks)
     return {
-        "robust_accuracy": float(correct_all.float().mean()),
-        "success_rate": float((~correct_all & clean_correct).sum() / max(1, int(clean_correct.sum()))),
-        "mean_distance": float(distance_all.mean()), "max_distance": float(distance_all.max()),
-        "n_grad": round(n_grad / max(1, len(labels)), 2), "elapsed_s": round(time.perf_counter() - started, 3),
+        "robust_accuracy": float(correct.float().mean()),
+        "success_rate": float((~correct & clean_correct).sum() / max(1, int(clean_correct.sum()))),
+        "mean_distance": float(distance.mean()), "max_distance": float(distance.max()),
+        "n_grad": round(n_grad / max(1, len(correct)), 2),
+        "elapsed_s": round(distributed.max_float(elapsed), 3),  # the slowest rank's time
         "threat": threat.to_dict(), "params": _attack_params(attack),
-        "correct": correct_all.int().tolist(),  # per sample, for the worst case across commands
+        "correct": correct.int().tolist(),  # per sample, for the worst case across commands
     }
 
 
 class ExamplePicker:
     """Keeps the first few correctly classified images (else the first few) of an attack for the report's grid."""
 
-    def __init__(self, attack: str, clean_correct) -> None:
-        self.attack, self.clean_correct = attack, clean_correct
-        self.kept: list[tuple[int, Any, Any, Any, Any]] = []  # (index, x, x_adv, y, pred_adv)
+    def __init__(self, attack: str) -> None:
+        self.attack = attack
+        self.kept: list[tuple[int, Any, Any, Any, Any]] = []  # (index, x, x_adv, y, pred_adv), clean-correct ones
         self.first: list[tuple[int, Any, Any, Any, Any]] = []
 
-    def offer(self, offset: int, x, x_adv, y, pred_adv) -> None:
+    def offer(self, offset: int, x, x_adv, y, pred_adv, clean_correct) -> None:
         for i in range(len(y)):
             item = (offset + i, x[i], x_adv[i], y[i], pred_adv[i])
             if len(self.first) < EXAMPLES_SHOWN:
                 self.first.append(item)
-            if len(self.kept) < EXAMPLES_SHOWN and bool(self.clean_correct[offset + i]):
+            if len(self.kept) < EXAMPLES_SHOWN and bool(clean_correct[i]):
                 self.kept.append(item)
+
+    @classmethod
+    def merged(cls, pickers: Sequence["ExamplePicker"]) -> "ExamplePicker":
+        """The pickers of several ranks as one: the first few by sample index over all of them."""
+        merged = cls(pickers[0].attack)
+        merged.kept = sorted((item for p in pickers for item in p.kept), key=lambda item: item[0])[:EXAMPLES_SHOWN]
+        merged.first = sorted((item for p in pickers for item in p.first), key=lambda item: item[0])[:EXAMPLES_SHOWN]
+        return merged
 
     def npz_bytes(self, clean_pred, classes: Sequence[str]) -> bytes:
         import numpy as np
@@ -493,16 +573,22 @@ def merge_attack_results(previous: dict | None, group: dict, dataset: str) -> di
 
 
 def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int | None, batch_size: int,
-                  curve: list[float] | None, curve_suite, seed: int, device, resume: bool = False) -> dict:
+                  curve: list[float] | None, curve_suite, seed: int, device, resume: bool = False,
+                  amp: str | None = None, channels_last: bool = False) -> dict:
     """gradguard.evaluation.evaluate (+ evaluate_curve) on the first ``samples`` test samples, streamed batch by
     batch; write robustness.json (+ curve.json) atomically at the end.
 
     Each finished batch is journaled to ``run_dir/robustness.journal.jsonl``; after an interruption, ``resume=True``
     continues from the journal (a journal from another model, suite, threat or data is refused) and ends with the
-    report of an uninterrupted run. The journal is removed once robustness.json is written."""
+    report of an uninterrupted run. The journal is removed once robustness.json is written.
+
+    ``amp`` runs the attacks' gradients and queries under autocast (successes re-checked in float32);
+    ``channels_last`` runs model and attacks in the NHWC layout. Under torchrun ``evaluate`` shards the batches
+    over the ranks itself (each rank journals its own file); rank 0 alone writes the results."""
+    from .attacks.base import prepare_model
     from .evaluation import evaluate, evaluate_curve
-    from .evaluation.journal import remove_journals
     from .io import atomic_write_json
+    from .train import distributed
 
     data = test_samples(dataset)
     if resume and not holds_journal(run_dir):
@@ -510,22 +596,46 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
                           "--resume")
     suite, note = runnable_suite(suite, threat)
     curve_suite, curve_note = runnable_suite(curve_suite, threat)
-    model = model.to(device)
-    report = evaluate(model, data, threat, suite=suite, batch_size=batch_size, seed=seed, max_samples=samples,
-                      progress=sys.stderr.isatty(), journal=run_dir / JOURNAL_FILE, resume=resume)
-    robustness = _with_class_names(report.to_dict(), data.classes)
+    model = prepare_model(model, device, channels_last=channels_last)
+    shown = sys.stderr.isatty() and distributed.is_main_process()
+    record = device_record(device, amp=amp, channels_last=channels_last)
+    report = evaluate(model, data, threat, suite=in_layout(suite, channels_last), batch_size=batch_size, seed=seed,
+                      max_samples=samples, progress=shown, journal=run_dir / JOURNAL_FILE, resume=resume, amp=amp)
+    robustness = {**_with_class_names(report.to_dict(), data.classes), **record}
     if note:
         robustness["fallback"] = note
-    atomic_write_json(run_dir / "robustness.json", robustness)
-    remove_journals(run_dir / JOURNAL_FILE)
+    distributed.barrier()  # every rank's journal is closed before rank 0 removes them
+    distributed.rank0_first(lambda: _write_and_drop_journal(run_dir, robustness))
     curve_data = None
     if curve:
-        curve_data = evaluate_curve(model, data, threat, curve, suite=curve_suite, batch_size=batch_size,
-                                    seed=seed, max_samples=samples, progress=sys.stderr.isatty()).to_dict()
+        curve_data = evaluate_curve(model, data, threat, curve, suite=in_layout(curve_suite, channels_last),
+                                    batch_size=batch_size, seed=seed, max_samples=samples, progress=shown,
+                                    amp=amp).to_dict()
+        curve_data.update(record)
         if curve_note:
             curve_data["fallback"] = curve_note
-        atomic_write_json(run_dir / "curve.json", curve_data)
+        distributed.rank0_first(lambda: atomic_write_json(run_dir / "curve.json", curve_data))
     return {"robustness": robustness, "curve": curve_data}
+
+
+def _write_and_drop_journal(run_dir: Path, robustness: dict) -> None:
+    from .evaluation.journal import remove_journals
+    from .io import atomic_write_json
+
+    atomic_write_json(run_dir / "robustness.json", robustness)
+    remove_journals(run_dir / JOURNAL_FILE)
+
+
+def in_layout(suite, channels_last: bool):
+    """``suite`` with every named attack set to run in the channels_last layout (as it is without
+    ``channels_last``); a suite name becomes its list of specs, which resolve to the same attacks and labels."""
+    if not channels_last:
+        return suite
+    from .evaluation.suites import get_suite
+
+    specs = get_suite(suite) if isinstance(suite, str) else list(suite)
+    return [{**spec, "channels_last": True} if isinstance(spec, dict) else
+            {"name": spec, "channels_last": True} if isinstance(spec, str) else spec for spec in specs]
 
 
 def runnable_suite(suite, threat) -> tuple[Any, str | None]:
@@ -546,8 +656,23 @@ def runnable_suite(suite, threat) -> tuple[Any, str | None]:
     return suite, None
 
 
-def diagnose_into(run_dir: Path, model, dataset, threat, *, samples: int, curvature: bool, seed: int, device) -> dict:
-    """Masking checklist (masking.json) + gradient findings from gradflow.jsonl + curvature (diagnosis.json)."""
+def diagnose_into(run_dir: Path, model, dataset, threat, *, samples: int, curvature: bool, seed: int, device,
+                  channels_last: bool = False) -> dict:
+    """Masking checklist (masking.json) + gradient findings from gradflow.jsonl + curvature (diagnosis.json).
+
+    The checklist compares attacks on one small set of samples against each other, so it is not sharded: under
+    torchrun rank 0 runs and writes it and hands the result to the other ranks, which wait."""
+    from .attacks.base import prepare_model
+    from .train import distributed
+
+    model = prepare_model(model, device, channels_last=channels_last)
+    record = device_record(device, channels_last=channels_last)
+    return distributed.rank0_first(lambda: _diagnose(run_dir, model, dataset, threat, samples=samples,
+                                                     curvature=curvature, seed=seed, device=device, record=record))
+
+
+def _diagnose(run_dir: Path, model, dataset, threat, *, samples: int, curvature: bool, seed: int, device,
+              record: dict) -> dict:
     from .diagnostics import check_masking
     from .io import atomic_write_json, atomic_write_text
     from .report.rundir import read_json, read_jsonl
@@ -569,6 +694,7 @@ def diagnose_into(run_dir: Path, model, dataset, threat, *, samples: int, curvat
                                   "input_curvature_mean": float(input_curvature(model, xb, yb).mean()),
                                   "n_samples": int(len(yb))}
     diagnosis["masking_verdict"] = masking.verdict
+    diagnosis["run"] = {**record, "world_size": 1}  # the checklist itself ran in one process
     atomic_write_text(run_dir / "masking.json", masking.to_json())
     atomic_write_json(run_dir / "diagnosis.json", diagnosis)
     return {"masking": json.loads(masking.to_json()), "diagnosis": diagnosis}

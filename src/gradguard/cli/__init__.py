@@ -89,32 +89,50 @@ def _config_value(subparser: argparse.ArgumentParser, key: str, value: Any) -> A
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gradguard`` command (returns the exit status)."""
-    from ..workflow import KeptPartialRun, one_line
+    """Entry point of the ``gradguard`` command (returns the exit status).
 
+    Under torchrun every rank runs a heavy command in one process group (see ``cli.launch``); rank 0 alone
+    prints the result, and an error once."""
+    from ..workflow import KeptPartialRun, one_line
+    from .launch import launch_rank, process_group, runs_here
+
+    rank = launch_rank()
+    args = None
     try:
         args = parse_args(argv)
         import torch
 
         torch.manual_seed(args.seed)
-        result, text = args.handler(args)
+        if not runs_here(args, rank):
+            return 0
+        with process_group(args):
+            result, text = args.handler(args)
     except GradguardError as error:
-        print(f"gradguard: error: {one_line(error)}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(f"error: {one_line(error)}", error, rank, EXIT_ERROR, in_options=args is None)
     except KeptPartialRun as interrupted:
-        print(f"gradguard: interrupted; {interrupted}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("gradguard: interrupted; nothing half-written was kept", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(f"interrupted; {interrupted}", interrupted, rank, EXIT_INTERRUPTED)
+    except KeyboardInterrupt as interrupted:
+        return _fail("interrupted; nothing half-written was kept", interrupted, rank, EXIT_INTERRUPTED)
     except OSError as error:  # disk full, permission denied while writing, ...
-        print(f"gradguard: error: {one_line(error)}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(f"error: {one_line(error)}", error, rank, EXIT_ERROR)
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps(result, indent=2, default=_json_default))
     else:
         print(text)
     return 0
+
+
+def _fail(message: str, error: BaseException, rank: int, status: int, *, in_options: bool = False) -> int:
+    """One line on stderr (from rank 0, or from the rank where the error arose), and the exit status. An error
+    ``in_options`` is the same on every rank: rank 0 alone says it."""
+    from .launch import shown_error
+
+    if rank == 0 or (not in_options and shown_error(error, rank)):
+        where = f" (rank {rank})" if rank else ""
+        print(f"gradguard{where}: {message}", file=sys.stderr)
+    return status
 
 
 def _json_default(value: Any) -> Any:

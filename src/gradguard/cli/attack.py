@@ -4,7 +4,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_command, data_options, format_table, parse_names, positive_int, threat_options
+from .common import (
+    add_command,
+    data_options,
+    device_options,
+    format_table,
+    parse_names,
+    positive_int,
+    threat_options,
+)
 from .model_source import model_source_options, open_run
 
 
@@ -15,6 +23,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "attacks.json (kept per threat) and write examples.npz (images for the report) into RUN_DIR.",
         examples=["gradguard attack runs/pgd",
                   "gradguard attack runs/pgd --attack pgd --steps 100 --eps 0.2 --samples 500 --json",
+                  "gradguard attack runs/pgd --attack pgd --device cuda --amp bf16 --channels-last",
                   "gradguard attack --model torchvision:resnet18 --weights r18.pth --num-classes 10 "
                   "--dataset folder:photos --resize 32 --out runs/r18"])
     model_source_options(parser)
@@ -24,6 +33,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
     data_options(parser, dataset_default=None, samples_default=1000, samples_help="test samples (default 1000)")
     threat_options(parser, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
+    device_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -34,7 +44,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     names = parse_names(args.attack, "attack")
     with open_run(args, "attack") as run:
         payload = workflow.attack_into(run.dir, run.model, run.dataset, run.threat, names, samples=args.samples,
-                                       batch_size=args.batch_size, steps=args.steps, seed=args.seed, device=run.device)
+                                       batch_size=args.batch_size, steps=args.steps, seed=args.seed, device=run.device,
+                                       amp=args.amp, channels_last=args.channels_last)
     rows = [["clean", payload["clean_accuracy"], None, None]] + [
         [name, r["robust_accuracy"], r["mean_distance"], r["elapsed_s"]] for name, r in payload["results"].items()
         if name in names]

@@ -17,6 +17,10 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other gradguard error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        from .launch import launch_rank
+
+        if launch_rank() != 0:  # under torchrun every rank parses the same options: rank 0 says it once
+            self.exit(EXIT_USAGE)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -34,11 +38,24 @@ def common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("common options")
     group.add_argument("--seed", type=int, default=0, help="fixes data order, random starts and restarts (default 0)")
-    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N; under "
+                       "torchrun each process takes cuda:LOCAL_RANK")
     group.add_argument("--config", metavar="FILE", help="read options from a .toml/.json (or .yaml with PyYAML) file; "
                        "flags on the command line win")
     group.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     return common
+
+
+def device_options(parser: argparse.ArgumentParser, *, amp: bool = True) -> None:
+    """--amp (attack gradients under autocast) and --channels-last, for the commands that run a model."""
+    group = parser.add_argument_group("device")
+    if amp:
+        group.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+                           help="attack gradients and queries under autocast in bf16 or fp16 (GPU speed); every "
+                           "success is re-checked in float32 (default: float32 throughout)")
+    group.add_argument("--channels-last", action="store_true",
+                       help="run the model and attacks in the channels_last (NHWC) memory layout, faster for "
+                       "convolutions on GPUs")
 
 
 def threat_options(parser: argparse.ArgumentParser, eps_help: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_command, data_options, format_table, threat_options
+from .common import add_command, data_options, device_options, format_table, threat_options
 from .model_source import model_source_options, open_run
 
 
@@ -20,6 +20,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--curvature", action="store_true", help="also estimate the top Hessian eigenvalue")
     data_options(parser, dataset_default=None, samples_default=200, samples_help="test samples (default 200)")
     threat_options(parser, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
+    device_options(parser, amp=False)  # the checklist judges gradients: it always runs in float32
     parser.set_defaults(handler=run)
 
 
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
     with open_run(args, "diagnose") as run:
         result = workflow.diagnose_into(run.dir, run.model, run.dataset, run.threat, samples=args.samples,
-                                        curvature=args.curvature, seed=args.seed, device=run.device)
+                                        curvature=args.curvature, seed=args.seed, device=run.device,
+                                        channels_last=args.channels_last)
     checks = result["masking"].get("checks", [])
     rows = [[c.get("name"), c.get("status"), (c.get("advice") or "")[:70]] for c in checks]
     text = format_table(["masking check", "status", "advice"], rows) + f"\nverdict: {result['masking'].get('verdict')}"

@@ -5,7 +5,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_command, data_options, format_table, parse_eps_list, positive_int, suite_arg, threat_options
+from .common import (
+    add_command,
+    data_options,
+    device_options,
+    format_table,
+    parse_eps_list,
+    positive_int,
+    suite_arg,
+    threat_options,
+)
 from .model_source import model_source_options, open_run
 
 
@@ -20,7 +29,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                   "gradguard evaluate --model mymodels:Net --weights net.pth --mean 0.49,0.48,0.45 --std 0.25 "
                   "--dataset cifar10 --data-root ~/data/cifar-10-batches-bin --suite fast --eps 0.03 --out runs/mine",
                   "gradguard evaluate --model mymodels:Net --weights net.pth ... --out runs/mine --resume"
-                  "   # after Ctrl-C"])
+                  "   # after Ctrl-C",
+                  "gradguard evaluate runs/pgd --suite quick --amp bf16 --channels-last --device cuda"])
     model_source_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its journal "
                         "(in RUN_DIR, or for --out DIR in .DIR.partial); same model, data, suite and threat")
@@ -31,6 +41,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
     data_options(parser, dataset_default=None, samples_default=1000, samples_help="test samples (default 1000)")
     threat_options(parser, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
+    device_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -45,7 +56,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             result = workflow.evaluate_into(run.dir, run.model, run.dataset, run.threat, suite=suite,
                                             samples=args.samples, batch_size=args.batch_size, curve=curve,
                                             curve_suite=suite_arg(args.curve_suite), seed=args.seed,
-                                            device=run.device, resume=args.resume)
+                                            device=run.device, resume=args.resume,
+                                            amp=args.amp, channels_last=args.channels_last)
     except KeyboardInterrupt as interrupted:
         run_dir = Path(args.run_dir) if args.run_dir else None
         if isinstance(interrupted, workflow.KeptPartialRun) or run_dir is None or not workflow.holds_journal(run_dir):

@@ -56,6 +56,7 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
     """The run a command works on: RUN_DIR as it is, or a new run at --out built from --model (staged, so that
     it appears only complete; for a command with --resume an interrupted run is kept for it)."""
     from .. import workflow
+    from ..train import distributed
 
     device = workflow.resolve_device(args.device)
     if args.model is None:
@@ -82,9 +83,9 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
     out = Path(args.out)
     resume = bool(getattr(args, "resume", False))
     with workflow.staged_run_dir(out, replace=args.force, resumable=hasattr(args, "resume"), resume=resume) as staging:
-        workflow.start_model_run(staging, model, dataset=dataset, dataset_name=dataset_name, data_root=args.data_root,
-                                 threat=threat, seed=args.seed, command=command, label=out.name, resize=args.resize,
-                                 center_crop=args.center_crop)
+        distributed.rank0_first(lambda: workflow.start_model_run(
+            staging, model, dataset=dataset, dataset_name=dataset_name, data_root=args.data_root, threat=threat,
+            seed=args.seed, command=command, label=out.name, resize=args.resize, center_crop=args.center_crop))
         yield OpenRun(staging, out, model, dataset, threat, device)
 
 

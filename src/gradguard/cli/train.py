@@ -8,6 +8,7 @@ from typing import Any
 from .common import (
     add_command,
     data_options,
+    device_options,
     format_table,
     key_values,
     non_negative_float,
@@ -62,6 +63,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     data_options(parser, dataset_default="digits", samples_default=500,
                  samples_help="validation samples per epoch (default 500)")
     threat_options(parser, "training / validation budget (default 0.1 for linf; needed by adversarial methods)")
+    device_options(parser, amp=False)  # training runs in float32
     parser.set_defaults(handler=run)
 
 
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             monitor_every=args.monitor_every if args.monitor else None, seed=args.seed, device=device,
             label=out.name, extra={"data_root": args.data_root, "resize": args.resize, "center_crop": args.center_crop},
             method_kwargs=key_values(args.method_arg, "method-arg"),
-            schedule=args.schedule, eps_warmup_epochs=args.eps_warmup_epochs, resume=args.resume)
+            schedule=args.schedule, eps_warmup_epochs=args.eps_warmup_epochs, resume=args.resume,
+            channels_last=args.channels_last)
     history = manifest.pop("history")
     rows = [[r.get("epoch"), r.get("train_loss"), r.get("train_clean_acc"), r.get("val_clean_acc"),
              r.get("val_robust_acc")] for r in history]

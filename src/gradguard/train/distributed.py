@@ -1,30 +1,79 @@
-"""torch.distributed helpers: the same training code runs in one process or under ``torchrun``.
+"""torch.distributed helpers: the same code runs in one process or under ``torchrun``.
 
-Under ``torchrun --nproc_per_node=N`` the environment carries RANK / WORLD_SIZE / MASTER_ADDR; ``setup`` then
-initialises the process group (gloo on CPU, nccl on GPU) unless the caller already did.
+Under ``torchrun --nproc_per_node=N`` the environment carries RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR;
+``setup`` then initialises the process group (gloo on CPU; on GPU nccl for CUDA tensors and gloo for CPU ones)
+unless the caller already did. The command line uses ``launched_by_torchrun``, ``local_device`` and ``teardown``
+around every heavy command, and ``rank0_first`` / ``broadcast_object`` so that rank 0 alone touches the file
+system and the others follow it.
 """
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
 
-def setup(device: torch.device | None = None) -> tuple[int, int]:
-    """(rank, world_size), initialising the default process group from torchrun's environment if needed."""
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several started by torchrun (WORLD_SIZE > 1 in the environment)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun, a CUDA device becomes this process's own GPU ``cuda:LOCAL_RANK`` (made current); any
+    other device, and any device outside torchrun, is returned as is."""
+    if device.type != "cuda" or not launched_by_torchrun():
+        return device
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(local)
+    return local
+
+
+def setup(device: torch.device | None = None, timeout: timedelta | None = None) -> tuple[int, int]:
+    """(rank, world_size), initialising the default process group from torchrun's environment if needed
+    (``timeout``: how long a collective waits for a slow rank; torch's default when None)."""
     if not dist.is_available():
         return 0, 1
     if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if not launched_by_torchrun():
             return 0, 1
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        cuda = device is not None and device.type == "cuda"
+        # on GPUs nccl for CUDA tensors and gloo for the CPU tensors that counts and results travel in
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout,
+                                device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size()
+
+
+def teardown() -> None:
+    """Destroy the default process group if one is up (at the end of a command under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 in one process)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 outside torchrun)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, the one process that writes files and prints (always true in one process)."""
+    return rank() == 0
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -47,3 +96,49 @@ def broadcast_flag(flag: bool) -> bool:
     value = torch.tensor([int(flag)])
     dist.broadcast(value, src=0)
     return bool(value.item())
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every process."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(items: list) -> list:
+    """Every process's ``items`` (picklable), concatenated in rank order, on every process."""
+    if not is_distributed():
+        return list(items)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def max_float(value: float) -> float:
+    """The largest ``value`` over all processes (wall times: the slowest rank sets the pace)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
+
+
+def rank0_first(work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 alone and hand its result to every process; if it raises, every process raises
+    the same error (so a refused ``--out`` stops all ranks with one message, none of them waiting forever)."""
+    if not is_distributed():
+        return work()
+    outcome: tuple[bool, Any] = (True, None)
+    if is_main_process():
+        try:
+            outcome = (True, work())
+        except Exception as error:  # handed to the other ranks, then raised here too
+            outcome = (False, error)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        if not is_main_process():
+            value.raised_on_rank0 = True  # the CLI prints it once, on rank 0
+        raise value
+    return value

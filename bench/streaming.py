@@ -16,8 +16,9 @@ is about data movement, not attack cost; labels are the model's own predictions,
 
 Measured 2026-12-02 15:21 UTC on the 2-core machine (load average ~3), 50 000 images, 2.29 GiB float32:
 ``npy`` (gradguard's own npy:DIR source in a DataLoader) 210 MB peak growth (63 s); ``stream`` 196 MB (53 s);
-``collect`` 4691 MB (14 s). Target < 1 GB: met. Before ``malloc_trim`` per block the streaming path grew by
-2.4 GB (glibc heap fragmentation, see ``gradguard.evaluation.stream.release_freed_memory``). An earlier version of
+``collect`` 4691 MB (14 s). Target < 1 GB: met. Without the ``malloc_trim`` after each block (monkeypatched
+off, same run) the ``npy`` path grew by 652 MB (glibc heap fragmentation, see
+``gradguard.evaluation.stream.release_freed_memory``). An earlier version of
 this script read ``ru_maxrss``, which a subprocess inherits from its parent across ``execve`` and so reported the
 data writer's 2.4 GB peak for every mode; it now resets and reads VmHWM.
 """

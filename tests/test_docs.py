@@ -11,7 +11,7 @@ same order and directory (one namespace per page, like a notebook), unless the l
 
 To stay fast without changing what the examples say, each command gets ``--config tiny.toml`` (top-level keys,
 so each command takes only those it has; flags on the line win; the demo, which has no size flag, gets
-``[demo] suite = "quick"``) and these substitutions (SIZES):
+``[demo] quick = true``: the sizes of ``demo --quick``) and these substitutions (SIZES):
 ``--samples N`` -> 16, ``--epochs N`` -> 1, ``--train-samples N`` -> 64, and an absolute ``/tmp/...`` path
 -> the same path inside the temporary directory. Lines starting with ``torchrun`` are counted and skipped
 (tests/test_distributed_eval.py and the torchrun tests run them); a line whose comment says ``# fails:`` must
@@ -41,9 +41,9 @@ PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 SUBCOMMANDS = ("demo", "train", "attack", "evaluate", "diagnose", "report", "list")
 SIZES = {"--samples": "16", "--epochs": "1", "--train-samples": "64"}
-# Top-level keys apply to every command that takes them; the demo (200 test images, no --samples) gets the
-# quick suite through its own table unless its line names a suite.
-TINY_CONFIG = 'samples = 16\nepochs = 1\ntrain_samples = 64\nbatch_size = 32\n\n[demo]\nsuite = "quick"\n'
+# Top-level keys apply to every command that takes them; the demo, which has no size flag (200 test images, a
+# 1,347-image training set, two gradient-flow runs), gets its own --quick sizes through its own table.
+TINY_CONFIG = "samples = 16\nepochs = 1\ntrain_samples = 64\nbatch_size = 32\n\n[demo]\nquick = true\n"
 NOT_RUN = re.compile(r"^<!-- not run: (?P<reason>.+?) -->\s*$")
 OUTPUT_MARKER = re.compile(r"^<!-- output( cheap)?: .+ -->\s*$")
 # Python blocks on pages another part of the project owns, not run until the page marks them itself.

@@ -324,12 +324,29 @@ def test_every_page_is_parsed_and_the_total_is_known() -> None:
     assert by_kind.get("command", 0) >= 50, by_kind
 
 
+def load_render_docs():  # tools/ is not a package
+    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "tools" / "render_docs.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["render_docs"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def test_shown_outputs_are_real() -> None:
     """`gradguard list` and every --help text shown in docs/ match what the CLI prints now."""
-    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "tools" / "render_docs.py")
-    render_docs = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(render_docs)  # type: ignore[union-attr]
+    render_docs = load_render_docs()
     cheap = [o for p in render_docs.doc_files(ROOT)
              for o in render_docs.find_outputs(p, p.read_text(encoding="utf-8").splitlines()) if o.cheap]
     assert len(cheap) >= 8
     assert render_docs.main(["--check", "--cheap"]) == 0, "run: PYTHONPATH=src python tools/render_docs.py --cheap"
+
+
+def test_render_check_catches_a_drifted_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    render_docs = load_render_docs()
+    page = tmp_path / "page.md"
+    page.write_text("Try it:\n\n<!-- output cheap: gradguard list suites -->\n```\nsuites: pasted long ago\n```\n")
+    assert render_docs.main(["--check", "--cheap", str(page)]) == 1
+    assert "pasted long ago" in page.read_text() and "-suites: pasted long ago" in capsys.readouterr().out
+    assert render_docs.main([str(page)]) == 0
+    assert "suites: classic, fast, quick, standard" in page.read_text()
+    assert render_docs.main(["--check", "--cheap", str(page)]) == 0

@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -324,11 +325,13 @@ def test_every_page_is_parsed_and_the_total_is_known() -> None:
     assert by_kind.get("command", 0) >= 50, by_kind
 
 
-def load_render_docs():  # tools/ is not a package
+def load_render_docs() -> ModuleType:
+    """tools/render_docs.py (tools/ is not a package)."""
     spec = importlib.util.spec_from_file_location("render_docs", ROOT / "tools" / "render_docs.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
     sys.modules["render_docs"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    spec.loader.exec_module(module)
     return module
 
 

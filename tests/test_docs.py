@@ -14,7 +14,8 @@ so each command takes only those it has; flags on the line win; the demo, which 
 ``[demo] quick = true``: the sizes of ``demo --quick``) and these substitutions (SIZES):
 ``--samples N`` -> 16, ``--epochs N`` -> 1, ``--train-samples N`` -> 64, and an absolute ``/tmp/...`` path
 -> the same path inside the temporary directory. Lines starting with ``torchrun`` are counted and skipped
-(tests/test_distributed_eval.py and the torchrun tests run them); a line whose comment says ``# fails:`` must
+(tests/test_distributed_eval.py and the torchrun tests run them), and so are ``--device cuda`` lines on a
+machine without CUDA; a line whose comment says ``# fails:`` must
 exit non-zero with a one-line error. Every command must exit 0, and the run directory it writes must exist.
 """
 from __future__ import annotations
@@ -260,12 +261,15 @@ def run_page(page: str, tmp: Path, assets: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("GRADGUARD_DATA", str(assets / "datasets"))
     monkeypatch.syspath_prepend(str(work))
     sys.modules.pop("mymodels", None)
-    done: dict[str, list] = {"command": [], "torchrun": [], "python": [], "not run": [], "seconds": []}
+    done: dict[str, list] = {"command": [], "torchrun": [], "needs cuda": [], "python": [], "not run": [],
+                             "seconds": []}
     namespace: dict = {"__name__": "__main__"}
     for example in examples_of(page):
         where = f"{page}:{example.line}"
         if example.kind == "torchrun":
             done["torchrun"].append(where)
+        elif example.kind == "command" and "--device cuda" in example.text and not torch.cuda.is_available():
+            done["needs cuda"].append(where)
         elif example.kind == "python" and example.not_run:
             done["not run"].append(f"{where} ({example.not_run})")
         elif example.kind == "python":
@@ -301,18 +305,17 @@ def test_page_examples_run(page: str, tmp_path: Path, assets: Path, monkeypatch:
                            capsys: pytest.CaptureFixture) -> None:
     done = run_page(page, tmp_path, assets, monkeypatch)
     expected = [e for e in examples_of(page)]
-    assert len(done["command"]) + len(done["torchrun"]) == raw_command_count(page), \
+    assert len(done["command"]) + len(done["torchrun"]) + len(done["needs cuda"]) == raw_command_count(page), \
         f"{page}: a command line outside a ```bash block, or one the parser missed"
     seconds = sorted(done.pop("seconds"), reverse=True)
     assert sum(len(v) for v in done.values()) == len(expected)
     with capsys.disabled():
         if os.environ.get("GRADGUARD_DOCS_TIMES"):
             print("".join(f"\n  {s:6.1f} s  {where}  {text}" for s, where, text in seconds[:8]))
-        skipped = done["torchrun"] + done["not run"]
-        if skipped:
+        if done["torchrun"] or done["needs cuda"] or done["not run"]:
             print(f"\n{page}: {len(done['command'])} commands and {len(done['python'])} Python blocks ran; "
-                  f"not run: {len(done['torchrun'])} torchrun lines {done['torchrun']}, "
-                  f"Python blocks {done['not run']}")
+                  f"not run: {len(done['torchrun'])} torchrun lines {done['torchrun']}, {len(done['needs cuda'])} "
+                  f"--device cuda lines without a GPU {done['needs cuda']}, Python blocks {done['not run']}")
 
 
 def test_every_page_is_parsed_and_the_total_is_known() -> None:

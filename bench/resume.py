@@ -13,10 +13,10 @@ runs so that a change in machine load hits both.
 
     PYTHONPATH=src python bench/resume.py [--n 320] [--batch 16] [--rounds 1]
 
-Measured 2026-12-02, ``--n 160 --batch 16`` (10 blocks), one round on the 2-core machine under heavy, varying
-load (load average ~14): uninterrupted 293.7 s; killed after 5 journaled blocks at 131.7 s, resumed in 111.4 s;
-ratio 0.83, resumed report identical sample by sample. With this much load noise one round cannot resolve a 10 %
-difference; run ``--rounds 4`` on a quiet machine for a firm number.
+Measured 2026-12-02 15:25 UTC, ``--n 160 --batch 16 --rounds 2`` (10 blocks), load average ~4: uninterrupted
+31.1 s and 36.9 s; killed after 5 journaled blocks + resumed 16.2 + 15.7 s and 18.2 + 18.3 s; ratios 1.027 and
+0.989 (median 1.027, target <= 1.1), resumed reports identical sample by sample. (An earlier single round under
+load average ~14 gave 0.83: one round cannot resolve 10 % under that much noise.)
 """
 from __future__ import annotations
 

@@ -285,6 +285,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, capsys, monk
     resumed, straight = load_file(out / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[key], straight[key]) for key in straight)
+    code, _, err = run_cli(capsys, "train", "--out", out, *settings, "--resume")  # finished: nothing to resume
+    assert_one_line_error(code, err, "resume:", "nothing to resume")
 
 
 def test_resume_without_an_interrupted_run_is_refused(tmp_path, capsys):

@@ -133,6 +133,9 @@ def staged_run_dir(out: str | Path, *, replace: bool = False, resumable: bool = 
 
 def _prepare_staging(out: Path, partial: Path, *, replace: bool, resumable: bool, resume: bool) -> Path:
     """Check ``out`` and the interrupted run beside it, then create the staging folder (see ``staged_run_dir``)."""
+    if resume and out.exists() and not partial.is_dir():
+        raise ConfigError(f"resume: {str(out)!r} is a finished run, there is nothing to resume; drop --resume (and "
+                          "pass --force to run it again, or choose another --out)")
     if out.exists() and not replace:
         raise ConfigError(f"out: {str(out)!r} already exists; choose another --out or pass --force to replace it")
     if out.exists() and not out.is_dir():

@@ -2,7 +2,7 @@
 __version__ = "0.1.0"  # first: models.save and the report footer read it while the package is importing
 
 from . import attacks  # noqa: E402  (gradguard.attacks.FGSM, PGD, APGD, ...)
-from .data import Dataset, list_datasets, load_dataset  # noqa: E402
+from .data import Dataset, SampleSet, list_datasets, load_dataset, open_split  # noqa: E402
 from .diagnostics import Finding, GradientMonitor, check_masking  # noqa: E402
 from .errors import (  # noqa: E402
                      BoundsError,
@@ -28,6 +28,7 @@ __all__ = [
     "GradientMonitor", "Finding",
     # training, models, data, reports
     "Trainer", "build_model", "list_models", "Dataset", "load_dataset", "list_datasets", "build_report",
+    "open_split", "SampleSet",  # streamed data; any model: gradguard.models.resolve; run dirs: gradguard.workflow
     # errors
     "GradguardError", "InputError", "ShapeError", "BoundsError", "ModelOutputError", "ConfigError",
     "DataError", "CheckpointError",

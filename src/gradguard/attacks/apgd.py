@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .base import Attack, BestIterate, Iterate, positive_float, positive_int
+from .base import Attack, BestIterate, Iterate, expand_mask, positive_float, positive_int
 
 MOMENTUM = 0.75
 
@@ -134,7 +134,7 @@ class APGD(Attack):
         if bool(improved.all()):
             s["x_best"], s["grad_best"] = x_new, s["grad"]
         elif bool(improved.any()):
-            mask = _expand(improved, x_new)
+            mask = expand_mask(improved, x_new)
             s["x_best"] = torch.where(mask, x_new, s["x_best"])
             s["grad_best"] = torch.where(mask, s["grad"], s["grad_best"])
         s["loss_best"] = torch.where(improved, objective, s["loss_best"])
@@ -155,7 +155,7 @@ class APGD(Attack):
         stalled = ~s["halved_at_check"] & (s["loss_best"] <= s["loss_best_at_check"])
         halve = too_few_increases | stalled
         s["step"] = torch.where(halve, s["step"] / 2, s["step"])
-        back = _expand(halve, s["x_adv"])
+        back = expand_mask(halve, s["x_adv"])
         s["x_adv"] = torch.where(back, s["x_best"], s["x_adv"])
         s["x_prev"] = torch.where(back, s["x_best"], s["x_prev"])  # restart without momentum
         s["grad"] = torch.where(back, s["grad_best"], s["grad"])
@@ -233,6 +233,3 @@ def _check_norm(attack: _NormLimited, threat: ThreatModel) -> None:
         raise ConfigError(f"threat: {type(attack).__name__} supports the norms {norms}, got a {threat.norm!r} "
                           f"threat model; use one of " + ", ".join(n.capitalize() if n != "linf" else "Linf" for n in norms))
 
-
-def _expand(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.reshape((-1,) + (1,) * (like.dim() - 1))

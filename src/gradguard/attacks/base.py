@@ -287,7 +287,7 @@ class BestIterate:
             if bool(better.all()):  # common while the loss still climbs: no copy needed
                 self.x_adv, self.logits = x_adv.detach(), logits
             else:
-                self.x_adv = torch.where(_expand(better, x_adv), x_adv.detach(), self.x_adv)
+                self.x_adv = torch.where(expand_mask(better, x_adv), x_adv.detach(), self.x_adv)
                 self.logits = torch.where(better[:, None], logits, self.logits)
             self.objective = torch.where(better, objective, self.objective)
             self.success = self.success | success
@@ -304,7 +304,8 @@ class BestIterate:
         return (success & ~best_success) | ((success == best_success) & (objective > best_objective))
 
 
-def _expand(mask: Tensor, like: Tensor) -> Tensor:
+def expand_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """A per-sample mask shaped to broadcast over ``like``'s (batch, ...) dimensions."""
     return mask.reshape((-1,) + (1,) * (like.dim() - 1))
 
 

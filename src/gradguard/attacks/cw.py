@@ -6,8 +6,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .apgd import _check_norm, _expand
-from .base import Attack, Iterate, positive_float, positive_int
+from .apgd import _check_norm
+from .base import Attack, Iterate, expand_mask, positive_float, positive_int
 
 NO_UPPER_BOUND = 1e10
 ATANH_SHRINK = 1 - 1e-4  # keeps atanh finite (and gradients far from denormal) for pixels at the bounds
@@ -55,7 +55,7 @@ class CW(Attack):
         w_clean = self._to_tanh_space(x)
         for _ in range(self.binary_search_steps):
             found_any, last_x = self._minimise(x, labels, w_clean, const, best_distance, best_x)
-            best_x = torch.where(_expand(best_distance == float("inf"), x), last_x, best_x)
+            best_x = torch.where(expand_mask(best_distance == float("inf"), x), last_x, best_x)
             # Found: the constant can shrink. Not found: grow it (x10 until an upper bound exists, then bisect).
             upper = torch.where(found_any, torch.minimum(upper, const), upper)
             lower = torch.where(found_any, lower, torch.maximum(lower, const))
@@ -83,11 +83,11 @@ class CW(Attack):
             success = self._succeeded(logits, labels) & (margin_value >= self.confidence)
             closer = success & (distance < best_distance)
             best_distance.copy_(torch.where(closer, distance, best_distance))
-            best_x.copy_(torch.where(_expand(closer, x), x_adv, best_x))
+            best_x.copy_(torch.where(expand_mask(closer, x), x_adv, best_x))
             found |= success
             # d/dx of ‖δ‖² + c·max(κ − margin, 0), then the chain rule through x = lo + (hi − lo)(tanh w + 1)/2.
             active = (hinge > 0).to(x.dtype)
-            grad_x = 2 * delta - _expand(const * active, x) * grad_margin
+            grad_x = 2 * delta - expand_mask(const * active, x) * grad_margin
             with torch.no_grad():
                 w.grad = grad_x * self._tanh_derivative(w)
             optimiser.step()

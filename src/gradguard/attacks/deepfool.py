@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .apgd import _check_norm, _expand
-from .base import Attack, Iterate, input_gradient, positive_float, positive_int
+from .apgd import _check_norm
+from .base import Attack, Iterate, expand_mask, input_gradient, positive_float, positive_int
 
 _TINY = 1e-8
 PUSH = 1e-4  # the reference implementation's extra push past the linearised boundary
@@ -90,5 +90,5 @@ class DeepFool(Attack):
         rows = torch.arange(closest.shape[0], device=closest.device)
         w, f, size = gradients[rows, closest], differences[rows, closest].abs(), dual[rows, closest]
         if self.threat.norm == "linf":
-            return _expand((f + PUSH) / (size + _TINY), w) * w.sign()
-        return _expand((f + PUSH) / (size ** 2 + _TINY), w) * w
+            return expand_mask((f + PUSH) / (size + _TINY), w) * w.sign()
+        return expand_mask((f + PUSH) / (size ** 2 + _TINY), w) * w

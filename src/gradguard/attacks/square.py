@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .apgd import _check_norm, _expand
-from .base import Attack, BestIterate, Iterate, positive_float, positive_int
+from .apgd import _check_norm
+from .base import Attack, BestIterate, Iterate, expand_mask, positive_float, positive_int
 
 # Iterations (on the paper's 10 000-query scale) after which the square's area fraction p halves.
 P_HALVING_POINTS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -72,7 +72,7 @@ class Square(Attack):
             success = self._succeeded(logits, labels)
             best.update(candidate, logits, new_loss, success, index)
             improved = new_loss > loss
-            current = torch.where(_expand(improved, current), _as_image(candidate), current)
+            current = torch.where(expand_mask(improved, current), _as_image(candidate), current)
             loss = torch.where(improved, new_loss, loss)
         return Iterate(best.x_adv, best.logits, best.objective)
 
@@ -145,7 +145,7 @@ class Square(Attack):
     @staticmethod
     def _rescale(delta: Tensor, eps: float) -> Tensor:
         norms = delta.flatten(1).norm(dim=1).clamp_min(_TINY)
-        return delta * _expand(eps / norms, delta)
+        return delta * expand_mask(eps / norms, delta)
 
 
 def _as_image(x: Tensor) -> Tensor:

@@ -331,9 +331,9 @@ def available_attacks() -> list[str]:
 
 
 def make_attack(name: str, model, threat, *, seed: int, steps: int | None = None, amp: str | None = None,
-                channels_last: bool = False):
+                channels_last: bool = False, compile: bool = False):
     """An attack by its CLI name (see ``ATTACKS``) with its defaults, ``seed``, optionally ``steps``, and the
-    precision (``amp``) and memory layout (``channels_last``) of its gradients and queries."""
+    precision (``amp``), memory layout (``channels_last``) and compilation (``compile``) of its passes."""
     from . import attacks
 
     if name not in ATTACKS:
@@ -347,6 +347,8 @@ def make_attack(name: str, model, threat, *, seed: int, steps: int | None = None
         kwargs["amp"] = amp
     if channels_last:
         kwargs["channels_last"] = True
+    if compile:
+        kwargs["compile"] = True
     if steps is not None and name != "fgsm":
         kwargs["steps"] = steps
     return getattr(attacks, class_name)(model, threat, **kwargs)
@@ -424,7 +426,8 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
 
 
 def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, samples: int | None, batch_size: int,
-                steps: int | None, seed: int, device, amp: str | None = None, channels_last: bool = False) -> dict:
+                steps: int | None, seed: int, device, amp: str | None = None, channels_last: bool = False,
+                compile: bool = False) -> dict:
     """Run single attacks on the test split, batch by batch; add their results to attacks.json; examples.npz.
 
     Only per-sample numbers (correct, distance) and the few images the report shows are kept, never the whole
@@ -440,7 +443,8 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
     from .train import distributed
 
     model = prepare_model(model, device, channels_last=channels_last)
-    attacks = [(name, make_attack(name, model, threat, seed=seed, steps=steps, amp=amp, channels_last=channels_last))
+    attacks = [(name, make_attack(name, model, threat, seed=seed, steps=steps, amp=amp, channels_last=channels_last,
+                            compile=compile))
                for name in names]  # validate first
     data = test_samples(dataset)
     mine = _attack_own_batches(model, attacks, data, samples, batch_size, threat, device)
@@ -577,7 +581,7 @@ def merge_attack_results(previous: dict | None, group: dict, dataset: str) -> di
 
 def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int | None, batch_size: int,
                   curve: list[float] | None, curve_suite, seed: int, device, resume: bool = False,
-                  amp: str | None = None, channels_last: bool = False) -> dict:
+                  amp: str | None = None, channels_last: bool = False, compile: bool = False) -> dict:
     """gradguard.evaluation.evaluate (+ evaluate_curve) on the first ``samples`` test samples, streamed batch by
     batch; write robustness.json (+ curve.json) atomically at the end.
 
@@ -603,7 +607,8 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
     shown = sys.stderr.isatty() and distributed.is_main_process()
     record = device_record(device, amp=amp, channels_last=channels_last)
     report = evaluate(model, data, threat, suite=in_layout(suite, channels_last), batch_size=batch_size, seed=seed,
-                      max_samples=samples, progress=shown, journal=run_dir / JOURNAL_FILE, resume=resume, amp=amp)
+                      max_samples=samples, progress=shown, journal=run_dir / JOURNAL_FILE, resume=resume, amp=amp,
+                      compile=compile)
     robustness = {**_with_class_names(report.to_dict(), data.classes), **record}
     if note:
         robustness["fallback"] = note
@@ -613,7 +618,7 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
     if curve:
         curve_data = evaluate_curve(model, data, threat, curve, suite=in_layout(curve_suite, channels_last),
                                     batch_size=batch_size, seed=seed, max_samples=samples, progress=shown,
-                                    amp=amp).to_dict()
+                                    amp=amp, compile=compile).to_dict()
         curve_data.update(record)
         if curve_note:
             curve_data["fallback"] = curve_note

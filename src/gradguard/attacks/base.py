@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar, ContextManager, Iterator
+from typing import Any, Callable, ClassVar, ContextManager, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -129,6 +130,53 @@ def upcast_logits(logits: Tensor) -> Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+class CompileFallbackWarning(UserWarning):
+    """``torch.compile`` could not compile a model; gradguard runs it eagerly instead (same results, no speed-up)."""
+
+
+class CompiledModel:
+    """``model`` through ``torch.compile``, falling back to the eager model (one warning) if compiling fails.
+
+    Compilation happens at the first call, so that is where a failure surfaces (no C++ compiler, an operation
+    the compiler does not support, an old Python); any exception there or later switches this wrapper to the
+    eager model for good, and the call is repeated eagerly, so an error of the model itself still surfaces from
+    the eager call. One wrapper per model (``compiled_model``) so a model warns once, not once per attack.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.compiled: Any = None
+        try:
+            self.compiled = torch.compile(model)
+        except Exception as error:  # torch.compile itself refuses (e.g. an unsupported Python)
+            self._fall_back(error)
+
+    def __call__(self, x: Tensor) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as error:
+                self._fall_back(error)
+        return self.model(x)
+
+    def _fall_back(self, error: Exception) -> None:
+        self.compiled = None
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        warnings.warn(f"compile: torch.compile failed for {type(self.model).__name__} ({type(error).__name__}: "
+                      f"{reason}); running the model eagerly instead (same results, no speed-up). Pass compile=False "
+                      "(CLI: drop --compile) to silence this.", CompileFallbackWarning, stacklevel=3)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, CompiledModel]" = weakref.WeakKeyDictionary()
+
+
+def compiled_model(model: nn.Module) -> CompiledModel:
+    """The one ``CompiledModel`` of ``model`` (created on first use; compiled code is reused by every attack)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = CompiledModel(model)
+    return _COMPILED[model]
+
+
 # ------------------------------------------------------------------------------------------------
 # The model guard and the one gradient primitive
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +225,7 @@ def check_logits(logits: Any, batch: int, argument: str = "model", amp: torch.dt
     return logits
 
 
-def forward_logits(model: nn.Module, x: Tensor, amp: torch.dtype | None = None) -> Tensor:
+def forward_logits(model: Callable[[Tensor], Any], x: Tensor, amp: torch.dtype | None = None) -> Tensor:
     """Checked logits of ``model`` at ``x``, under autocast at ``amp`` when given (then cast up to float32)."""
     if amp is None:
         return check_logits(model(x), x.shape[0])
@@ -186,7 +234,7 @@ def forward_logits(model: nn.Module, x: Tensor, amp: torch.dtype | None = None) 
     return upcast_logits(check_logits(logits, x.shape[0], amp=amp))
 
 
-def input_gradient(model: nn.Module, x: Tensor, labels: Tensor, objective: Objective, targeted: bool,
+def input_gradient(model: Callable[[Tensor], Any], x: Tensor, labels: Tensor, objective: Objective, targeted: bool,
                    amp: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The one gradient primitive: (d objective / d x, logits, per-sample objective) in one pass.
 
@@ -331,6 +379,10 @@ class Attack:
             as broken). bf16 is the safe choice; fp16 scales the loss against gradient underflow.
         channels_last: run on 4-D image batches in the channels_last (NHWC) layout, faster for convolutions on
             GPUs when the model is in that layout too (``prepare_model``). Returned points keep ``x``'s layout.
+        compile: run the attack's gradients and queries through ``torch.compile(model)``. Off by default: on the
+            CPU benchmarks compiled passes were not faster and compiling costs tens of seconds
+            (bench/results/suite-stages.md). If compiling fails, the model runs eagerly with one
+            ``CompileFallbackWarning``; the results are the same either way up to float rounding.
 
     ``attack(x, y)`` returns the adversarial tensor; ``attack.run(x, y)`` returns an ``AttackResult``.
     """
@@ -352,6 +404,7 @@ class Attack:
         seed: int | None = None,
         amp: str | None = None,
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -373,6 +426,9 @@ class Attack:
         self.amp = None if amp is None else str(amp).lower()
         self.amp_dtype = resolve_amp(amp)
         self.channels_last = bool(channels_last)
+        self.compile = bool(compile)
+        # What the attack's gradients and queries call: the model, or its compiled form (see CompiledModel).
+        self.forward_model: Any = compiled_model(model) if self.compile else model
         self.generator: torch.Generator | None = None
         self._n_grad = 0
         self._n_forward = 0
@@ -449,7 +505,7 @@ class Attack:
     def _gradient(self, x_adv: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(gradient of the objective w.r.t. ``x_adv``, logits, objective); counts the budget."""
         self._n_grad += x_adv.shape[0]
-        grad, logits, objective = input_gradient(self.model, x_adv, labels, self.objective, self.targeted,
+        grad, logits, objective = input_gradient(self.forward_model, x_adv, labels, self.objective, self.targeted,
                                                  amp=self.amp_dtype)
         if self.amp_dtype is not None:
             logits, objective = self._confirm_claims(x_adv, labels, logits, objective)
@@ -463,7 +519,7 @@ class Attack:
         """
         self._n_forward += x_adv.shape[0]
         amp = None if full_precision else self.amp_dtype
-        logits = forward_logits(self.model, x_adv, amp)
+        logits = forward_logits(self.forward_model, x_adv, amp)
         objective = self.objective(logits, labels, self.targeted)
         if amp is not None:
             logits, objective = self._confirm_claims(x_adv, labels, logits, objective)
@@ -496,12 +552,12 @@ class Attack:
     def _full_precision_logits(self, x_adv: Tensor) -> Tensor:
         """Checked float32 logits at ``x_adv`` with autocast off; counts the budget."""
         self._n_forward += x_adv.shape[0]
-        return forward_logits(self.model, x_adv, None)
+        return forward_logits(self.forward_model, x_adv, None)
 
     @torch.no_grad()
     def _forward(self, x: Tensor) -> Tensor:
         """Checked logits at ``x`` under the attack's ``amp``, for subclasses' own queries (budget not counted)."""
-        return forward_logits(self.model, x, self.amp_dtype)
+        return forward_logits(self.forward_model, x, self.amp_dtype)
 
     def _succeeded(self, logits: Tensor, labels: Tensor) -> Tensor:
         predictions = logits.argmax(dim=1)

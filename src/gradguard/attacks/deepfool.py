@@ -78,7 +78,7 @@ class DeepFool(Attack):
         repeated = x_adv.repeat_interleave(k, dim=0)
         pairs = torch.stack([labels.repeat_interleave(k), others.reshape(-1)], dim=1)
         self._n_grad += repeated.shape[0]
-        grad, logits, values = input_gradient(self.model, repeated, pairs, logit_difference, False,
+        grad, logits, values = input_gradient(self.forward_model, repeated, pairs, logit_difference, False,
                                               amp=self.amp_dtype)
         return values.reshape(n, k), grad.reshape((n, k) + x_adv.shape[1:]), logits[::k]
 

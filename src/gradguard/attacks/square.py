@@ -63,17 +63,23 @@ class Square(Attack):
             if self.early_stop and bool(success.any()):
                 keep = ~success
                 if not bool(keep.any()):
-                    break
-                index, image, current, loss, labels = (t[keep] for t in (index, image, current, loss, labels))
+                    return Iterate(best.x_adv, best.logits, best.objective)
+                index, image, current, loss, logits, labels = (
+                    t[keep] for t in (index, image, current, loss, logits, labels))
             p = square_p_schedule(self.p_init, iteration, self.queries)
-            candidate = step(image, current, p).reshape((-1,) + shape[1:])
-            candidate = self.threat.project(candidate, image.reshape(candidate.shape))
-            logits, new_loss = self._evaluate(candidate, labels)
-            success = self._succeeded(logits, labels)
-            best.update(candidate, logits, new_loss, success, index)
+            candidate = step(image, current, p)
+            new_logits, new_loss = self._evaluate(candidate.reshape((-1,) + shape[1:]), labels)
+            success = self._succeeded(new_logits, labels)
+            if bool(success.any()):  # a success is offered at once; the rest is offered once, at the end
+                best.update(candidate[success].reshape((-1,) + shape[1:]), new_logits[success], new_loss[success],
+                            success[success], index[success])
             improved = new_loss > loss
-            current = torch.where(expand_mask(improved, current), _as_image(candidate), current)
+            current = torch.where(expand_mask(improved, current), candidate, current)
+            logits = torch.where(improved[:, None], new_logits, logits)
             loss = torch.where(improved, new_loss, loss)
+        # The accepted point only changes when the loss rises, so it is each sample's highest-loss query:
+        # its best point unless a success (offered above) beats it.
+        best.update(current.reshape((-1,) + shape[1:]), logits, loss, self._succeeded(logits, labels), index)
         return Iterate(best.x_adv, best.logits, best.objective)
 
     # -- L∞ ---------------------------------------------------------------------------------------
@@ -82,11 +88,14 @@ class Square(Attack):
         return image + self.threat.eps * self._signs((n, c, 1, w), image)
 
     def _linf_step(self, image: Tensor, current: Tensor, p: float) -> Tensor:
+        """``current`` with one window set to x ± eps per channel: inside the ball by construction, so only the
+        window needs the box clamp (no full projection per query)."""
         n, c, h, w = image.shape
         rows, cols, top, left = self._window(h, w, p, minimum=1)
         proposal = current.clone()
         window = (slice(None), slice(None), slice(top, top + rows), slice(left, left + cols))
-        proposal[window] = image[window] + self.threat.eps * self._signs((n, c, 1, 1), image)
+        proposal[window] = (image[window] + self.threat.eps * self._signs((n, c, 1, 1), image)).clamp_(
+            *self.threat.bounds)
         return proposal
 
     # -- L2 ---------------------------------------------------------------------------------------
@@ -120,7 +129,8 @@ class Square(Attack):
         delta = delta.clone()
         delta[second] = 0
         delta[first] = new
-        return image + self._rescale(delta, self.threat.eps)
+        moved = image + self._rescale(delta, self.threat.eps)
+        return self.threat.project(moved, image)  # per-sample norms: the (n, C, H, W) view is the same ball
 
     # -- shared pieces ----------------------------------------------------------------------------
     def _window(self, h: int, w: int, p: float, minimum: int) -> tuple[int, int, int, int]:

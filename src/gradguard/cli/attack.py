@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     with open_run(args, "attack") as run:
         payload = workflow.attack_into(run.dir, run.model, run.dataset, run.threat, names, samples=args.samples,
                                        batch_size=args.batch_size, steps=args.steps, seed=args.seed, device=run.device,
-                                       amp=args.amp, channels_last=args.channels_last)
+                                       amp=args.amp, channels_last=args.channels_last,
+                                       compile=args.compile)
     rows = [["clean", payload["clean_accuracy"], None, None]] + [
         [name, r["robust_accuracy"], r["mean_distance"], r["elapsed_s"]] for name, r in payload["results"].items()
         if name in names]

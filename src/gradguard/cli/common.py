@@ -56,6 +56,10 @@ def device_options(parser: argparse.ArgumentParser, *, amp: bool = True) -> None
     group.add_argument("--channels-last", action="store_true",
                        help="run the model and attacks in the channels_last (NHWC) memory layout, faster for "
                        "convolutions on GPUs")
+    if amp:
+        group.add_argument("--compile", action="store_true",
+                           help="run the attacks' passes through torch.compile (falls back to eager with one "
+                           "warning if compiling fails; not faster on the CPU benchmarks)")
 
 
 def threat_options(parser: argparse.ArgumentParser, eps_help: str) -> None:

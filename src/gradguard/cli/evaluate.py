@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
                                             samples=args.samples, batch_size=args.batch_size, curve=curve,
                                             curve_suite=suite_arg(args.curve_suite), seed=args.seed,
                                             device=run.device, resume=args.resume,
-                                            amp=args.amp, channels_last=args.channels_last)
+                                            amp=args.amp, channels_last=args.channels_last,
+                                            compile=args.compile)
     except KeyboardInterrupt as interrupted:
         run_dir = Path(args.run_dir) if args.run_dir else None
         if isinstance(interrupted, workflow.KeptPartialRun) or run_dir is None or not workflow.holds_journal(run_dir):

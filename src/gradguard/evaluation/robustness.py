@@ -79,6 +79,7 @@ class RobustnessReport(_JsonResult):
     attack_time_s: dict[str, float] = field(default_factory=dict)
     seed: int | None = 0
     world_size: int = 1
+    attack_budget: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready numbers and per-sample lists (``x_adv`` is left out: save it with torch/safetensors)."""
@@ -86,8 +87,8 @@ class RobustnessReport(_JsonResult):
             "clean_accuracy": self.clean_accuracy, "robust_accuracy": self.robust_accuracy,
             "per_attack": dict(self.per_attack), "per_class": self.per_class, "n_samples": self.n_samples,
             "threat": self.threat, "suite": list(self.suite), "attacks": self.attacks, "skipped": self.skipped,
-            "elapsed_s": self.elapsed_s, "attack_time_s": self.attack_time_s, "seed": self.seed,
-            "world_size": self.world_size,
+            "elapsed_s": self.elapsed_s, "attack_time_s": self.attack_time_s, "attack_budget": self.attack_budget,
+            "seed": self.seed, "world_size": self.world_size,
             "samples": {"label": self.labels.tolist(), "clean_correct": self.clean_correct.int().tolist(),
                         "robust": self.robust.int().tolist(), "broken_by": self.broken_by.tolist(),
                         "prediction_adv": self.predictions_adv.tolist()},
@@ -108,6 +109,7 @@ class RobustnessReport(_JsonResult):
             labels=torch.tensor(samples["label"], dtype=torch.int64),
             attacks=data.get("attacks", []), skipped=data.get("skipped", []),
             attack_time_s=data.get("attack_time_s", {}), seed=data.get("seed"), world_size=data.get("world_size", 1),
+            attack_budget=data.get("attack_budget", {}),
         )
 
     def summary(self) -> str:
@@ -115,7 +117,8 @@ class RobustnessReport(_JsonResult):
         lines = [f"{self.n_samples} samples, threat {self.threat['norm']} eps={self.threat['eps']:g}",
                  f"  {'clean':<14}{100 * self.clean_accuracy:7.2f} %"]
         for label, accuracy in self.per_attack.items():
-            lines.append(f"  {'+ ' + label:<14}{100 * accuracy:7.2f} %   ({self.attack_time_s.get(label, 0):.1f} s)")
+            lines.append(f"  {'+ ' + label:<14}{100 * accuracy:7.2f} %   ({self.attack_time_s.get(label, 0):.1f} s"
+                         f"{_budget_text(self.attack_budget.get(label))})")
         lines.append(f"  {'worst case':<14}{100 * self.robust_accuracy:7.2f} %")
         lines += [f"  skipped {s['label']}: {s['reason']}" for s in self.skipped]
         return "\n".join(lines)
@@ -142,6 +145,7 @@ def evaluate(
     journal: str | Path | None = None,
     resume: bool = False,
     amp: str | None = None,
+    compile: bool = False,
 ) -> RobustnessReport:
     """Clean and worst-case robust accuracy of ``model`` under ``threat`` against an attack ``suite``.
 
@@ -167,13 +171,15 @@ def evaluate(
             data is refused with a ``ConfigError``.
         amp: "bf16" or "fp16" runs every named attack's gradients and queries under autocast (GPU speed); every
             success is re-checked by a full-precision forward pass, so low precision never breaks a sample by itself.
+        compile: run every named attack's passes through ``torch.compile`` (an eager fallback with one warning
+            if compiling fails); off by default, as it did not pay on CPU (see ``Attack``).
 
     The model's mode, parameters, ``requires_grad`` flags and ``.grad`` fields are left as they were.
     """
     started = time.perf_counter()
     _check_model(model)
     _check_threat(threat)
-    specs = resolve_suite(suite, amp=amp)
+    specs = resolve_suite(suite, amp=amp, compile=compile)
     source = BlockSource(data, threat, batch_size, max_samples)
     shard = resolve_shard(distributed)
     _check_journal_arguments(journal, resume, return_adversarial)
@@ -220,11 +226,12 @@ class _BlockOutcome:
     time_s: dict[str, float]
     survivors: dict[str, int]
     x_adv: Tensor | None = None
+    budget: dict[str, list[int]] = field(default_factory=dict)  # label -> [per-sample gradients, forward passes]
 
     def to_record(self) -> dict:
         return {"block": self.index, "label": self.labels.tolist(), "clean_pred": self.clean_pred.tolist(),
                 "broken_by": self.broken_by.tolist(), "prediction_adv": self.predictions_adv.tolist(),
-                "survivors": self.survivors, "time_s": self.time_s}
+                "survivors": self.survivors, "time_s": self.time_s, "budget": self.budget}
 
     @classmethod
     def from_record(cls, record: dict) -> "_BlockOutcome":
@@ -233,7 +240,8 @@ class _BlockOutcome:
 
         return cls(index=int(record["block"]), labels=ints("label"), clean_pred=ints("clean_pred"),
                    broken_by=ints("broken_by"), predictions_adv=ints("prediction_adv"),
-                   time_s=dict(record["time_s"]), survivors=dict(record["survivors"]))
+                   time_s=dict(record["time_s"]), survivors=dict(record["survivors"]),
+                   budget={k: list(v) for k, v in record.get("budget", {}).items()})
 
 
 @dataclass
@@ -244,6 +252,7 @@ class _CascadeResult:
     x_adv: Tensor | None
     time_s: dict[str, float]
     survivors: dict[str, int]
+    budget: dict[str, list[int]]
 
 
 class _Cascade:
@@ -267,7 +276,7 @@ class _Cascade:
         result = self.run(x, y, clean_pred == y, clean_pred, threat, block.index, 0, keep_adversarial)
         return _BlockOutcome(block.index, y.cpu(), clean_pred.cpu(), result.broken_by.cpu(),
                              result.predictions_adv.cpu(), result.time_s, result.survivors,
-                             None if result.x_adv is None else result.x_adv.cpu())
+                             None if result.x_adv is None else result.x_adv.cpu(), result.budget)
 
     def run(self, x: Tensor, y: Tensor, robust: Tensor, predictions: Tensor, threat: ThreatModel, block_index: int,
             stage_offset: int, keep_adversarial: bool) -> _CascadeResult:
@@ -278,6 +287,7 @@ class _Cascade:
         x_adv = x.clone() if keep_adversarial else None
         times: dict[str, float] = {}
         survivors: dict[str, int] = {}
+        budget: dict[str, list[int]] = {}
         for k, spec in enumerate(self.specs):
             if threat.eps > 0 and not spec.supports(threat):
                 continue
@@ -287,7 +297,9 @@ class _Cascade:
             if threat.eps > 0 and index.numel():
                 xb, yb = x[index], y[index]
                 attack = spec.build(self.model, threat, batch_seed(self.seed, stage_offset + k, block_index))
-                candidate = threat.project(attack.run(xb, yb).x_adv.detach(), xb)
+                found = attack.run(xb, yb)
+                budget[spec.label] = [found.n_grad, found.n_forward]
+                candidate = threat.project(found.x_adv.detach(), xb)
                 with torch.no_grad():
                     predicted = check_logits(self.model(candidate), index.numel()).argmax(1)
                 success = predicted != yb
@@ -297,7 +309,7 @@ class _Cascade:
                     x_adv[hit] = candidate[success].to(x_adv.dtype)
             times[spec.label] = time.perf_counter() - started
             survivors[spec.label] = int(robust.sum())
-        return _CascadeResult(robust, broken_by, predictions_adv, x_adv, times, survivors)
+        return _CascadeResult(robust, broken_by, predictions_adv, x_adv, times, survivors, budget)
 
 
 def _skipped(specs: list[AttackSpec], threat: ThreatModel) -> list[dict]:
@@ -319,6 +331,8 @@ def _report(outcomes: list[_BlockOutcome], n_blocks: int, specs: list[AttackSpec
     per_attack = {s.label: _mean(clean_correct & ((broken_by == NOT_BROKEN) | (broken_by > k))) for k, s in ran}
     times = {s.label: round(sum(o.time_s.get(s.label, 0.0) for o in outcomes), 3) for _, s in ran}
     x_adv = torch.cat([o.x_adv for o in outcomes if o.x_adv is not None]) if keep_adversarial else None
+    budget = {s.label: {"gradients": sum(o.budget.get(s.label, (0, 0))[0] for o in outcomes),
+                        "forwards": sum(o.budget.get(s.label, (0, 0))[1] for o in outcomes)} for _, s in ran}
     return RobustnessReport(
         clean_accuracy=_mean(clean_correct), robust_accuracy=_mean(robust),
         per_attack=per_attack, per_class=per_class_table(labels, clean_correct, robust),
@@ -326,8 +340,21 @@ def _report(outcomes: list[_BlockOutcome], n_blocks: int, specs: list[AttackSpec
         elapsed_s=round(elapsed, 3), robust=robust, clean_correct=clean_correct, broken_by=broken_by,
         predictions_adv=torch.cat([o.predictions_adv for o in outcomes]), labels=labels, x_adv=x_adv,
         attacks=[s.to_dict() for s in specs], skipped=skipped, attack_time_s=times, seed=seed,
-        world_size=shard.world_size,
+        world_size=shard.world_size, attack_budget=budget,
     )
+
+
+def _budget_text(budget: dict[str, int] | None) -> str:
+    """", 12.3k gradients, 1.2M queries": what an attack spent (per-sample passes), for the summary table."""
+    if not budget:
+        return ""
+    parts = [f"{_count(budget[key])} {name}" for key, name in (("gradients", "gradients"), ("forwards", "queries"))
+             if budget.get(key)]
+    return ", " + ", ".join(parts) if parts else ""
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 def _complete(outcomes: list[_BlockOutcome], n_blocks: int) -> list[_BlockOutcome]:
@@ -461,6 +488,7 @@ def evaluate_curve(
     max_samples: int | None = None,
     distributed: bool | None = None,
     amp: str | None = None,
+    compile: bool = False,
 ) -> RobustnessCurve:
     """Worst-case robust accuracy at each eps in ``eps_values`` (sorted ascending in the result).
 
@@ -473,7 +501,7 @@ def evaluate_curve(
     _check_model(model)
     _check_threat(threat)
     eps_list = _eps_values(eps_values)
-    specs = resolve_suite(suite, amp=amp)
+    specs = resolve_suite(suite, amp=amp, compile=compile)
     source = BlockSource(data, threat, batch_size, max_samples)
     shard = resolve_shard(distributed)
     cascade = _Cascade(model, specs, seed)

@@ -117,11 +117,12 @@ def get_suite(name: str) -> list[dict]:
     return copy.deepcopy(SUITES[name])
 
 
-def resolve_suite(suite: str | Sequence[Any], *, amp: str | None = None) -> list[AttackSpec]:
+def resolve_suite(suite: str | Sequence[Any], *, amp: str | None = None, compile: bool = False) -> list[AttackSpec]:
     """Turn a suite name or a list of specs (names, dicts, ``Attack`` instances) into ``AttackSpec``s.
 
-    ``amp`` ("bf16" / "fp16") becomes every named attack's default precision for its gradients and queries; a spec's
-    own ``amp`` key wins, ``Attack`` objects keep theirs. Successes are always re-checked in full precision."""
+    ``amp`` ("bf16" / "fp16") becomes every named attack's default precision for its gradients and queries, and
+    ``compile=True`` every named attack's ``compile`` default (``torch.compile`` with an eager fallback); a spec's
+    own key wins, ``Attack`` objects keep theirs. Successes are always re-checked in full precision."""
     if amp is not None:
         resolve_amp(amp)  # a bad value fails here, before any work
     if isinstance(suite, str):
@@ -129,10 +130,13 @@ def resolve_suite(suite: str | Sequence[Any], *, amp: str | None = None) -> list
     if not isinstance(suite, (list, tuple)) or not suite:
         raise ConfigError(f"suite: expected a suite name {sorted(SUITES)} or a non-empty list of attack specs, got {suite!r}")
     specs = [_resolve_spec(item) for item in suite]
-    if amp is not None:
-        for spec in specs:
-            if spec.instance is None:
-                spec.kwargs.setdefault("amp", amp)
+    defaults: dict[str, Any] = {"amp": amp} if amp is not None else {}
+    if compile:
+        defaults["compile"] = True
+    for spec in specs:
+        if spec.instance is None:
+            for key, value in defaults.items():
+                spec.kwargs.setdefault(key, value)
     seen: dict[str, int] = {}
     for spec in specs:  # unique labels: a second "pgd" becomes "pgd#2"
         seen[spec.label] = seen.get(spec.label, 0) + 1

@@ -1,6 +1,7 @@
 """EOT (expectation over transformation) and majority-vote success on randomised models, against closed forms."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -160,8 +161,28 @@ def test_evaluate_on_a_randomised_model_points_at_the_rand_suite():
     x = torch.rand(40, 10)
     with torch.no_grad():
         y = (x @ model.weight.T).argmax(1)
-    report = evaluate(model, (x, y), Linf(eps=1e-4), suite="quick")
+    with pytest.warns(UserWarning, match="suite='rand'"):
+        report = evaluate(model, (x, y), Linf(eps=1e-4), suite="quick")
     assert any("suite='rand'" in w for w in report.warnings)
     assert "suite='rand'" in report.summary()
     deterministic = evaluate(lambda_module(lambda v: v @ model.weight.T), (x, y), Linf(eps=1e-4), suite="quick")
     assert deterministic.warnings == []
+
+
+def test_the_html_report_shows_the_randomness_warning(tmp_path):
+    from gradguard.report import build_report
+
+    torch.manual_seed(0)
+    model = Flaky(torch.randn(3, 10))
+    x = torch.rand(20, 10)
+    with torch.no_grad():
+        y = (x @ model.weight.T).argmax(1)
+    with pytest.warns(UserWarning):
+        report = evaluate(model, (x, y), Linf(eps=1e-4), suite="quick")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"label": "flaky", "dataset": "digits", "method": "standard",
+                                              "threat": {"norm": "linf", "eps": 1e-4}}))
+    report.to_json(run / "robustness.json")
+    html = build_report(run).read_text()
+    assert "Warning:</b> the model is randomised" in html and "suite=&#x27;rand&#x27;" in html

@@ -72,5 +72,6 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     if result["curve"]:
         text += "\n\n" + format_table(["eps", "robust accuracy"], list(zip(
             result["curve"]["eps"], result["curve"]["robust_accuracy"], strict=True)))
+    text += "".join(f"\n\nwarning: {w}" for w in robustness.get("warnings") or [])
     header = f"{threat_label(run.threat.to_dict())}, {robustness.get('n_samples')} test samples"
     return result, f"{header}\n{text}\n\nwrote {run.shown}/robustness.json"

@@ -79,14 +79,14 @@ class BPDA(nn.Module):
 
 class _Bpda(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, owner: BPDA) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, owner: BPDA) -> Tensor:
         ctx.owner = owner
         if owner.approx is not None:
             ctx.save_for_backward(x)
         return owner._run_preprocess(x)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
         owner: BPDA = ctx.owner
         if owner.approx is None:
             return grad_output, None

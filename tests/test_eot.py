@@ -186,3 +186,17 @@ def test_the_html_report_shows_the_randomness_warning(tmp_path):
     report.to_json(run / "robustness.json")
     html = build_report(run).read_text()
     assert "Warning:</b> the model is randomised" in html and "suite=&#x27;rand&#x27;" in html
+
+
+def test_evaluate_rescores_each_attack_by_its_votes():
+    torch.manual_seed(0)
+    model = Flaky(torch.randn(3, 10))
+    x = torch.rand(200, 10)
+    with torch.no_grad():
+        y = (x @ model.weight.T).argmax(1)
+    threat = Linf(eps=1e-4)  # nothing can really be broken
+    voted = evaluate(model, (x, y), threat, suite=[{"name": "apgd-ce", "steps": 2, "success_votes": 15}])
+    single = evaluate(model, (x, y), threat, suite=[{"name": "apgd-ce", "steps": 2}])
+    assert voted.robust_accuracy > 0.9 * voted.clean_accuracy  # the flips lose the vote
+    assert single.robust_accuracy < 0.8 * single.clean_accuracy  # one draw counts a flip as a break
+    assert voted.warnings == []  # a list of specs is the user's own protocol: no advice

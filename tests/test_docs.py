@@ -354,5 +354,7 @@ def test_render_check_catches_a_drifted_output(tmp_path: Path, capsys: pytest.Ca
     assert render_docs.main(["--check", "--cheap", str(page)]) == 1
     assert "pasted long ago" in page.read_text() and "-suites: pasted long ago" in capsys.readouterr().out
     assert render_docs.main([str(page)]) == 0
-    assert "suites: classic, fast, quick, standard" in page.read_text()
+    from gradguard.evaluation import SUITES
+
+    assert f"suites: {', '.join(sorted(SUITES))}" in page.read_text()  # the real list, whatever suites exist
     assert render_docs.main(["--check", "--cheap", str(page)]) == 0

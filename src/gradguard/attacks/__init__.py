@@ -2,6 +2,7 @@
 from .apgd import APGD, APGDT, apgd_checkpoints
 from .base import Attack, AttackResult, BestIterate, Iterate, input_gradient, model_guard
 from .bim import BIM
+from .bpda import BPDA
 from .cw import CW
 from .deepfool import DeepFool
 from .fgsm import FGSM
@@ -13,5 +14,5 @@ from .square import Square, square_p_schedule
 __all__ = [
     "Attack", "AttackResult", "BestIterate", "Iterate", "input_gradient", "model_guard",
     "FGSM", "BIM", "PGD", "MIFGSM", "cross_entropy", "dlr", "margin",
-    "APGD", "APGDT", "CW", "DeepFool", "Square", "apgd_checkpoints", "square_p_schedule",
+    "APGD", "APGDT", "CW", "DeepFool", "Square", "apgd_checkpoints", "square_p_schedule", "BPDA",
 ]

@@ -235,14 +235,20 @@ def forward_logits(model: Callable[[Tensor], Any], x: Tensor, amp: torch.dtype |
 
 
 def input_gradient(model: Callable[[Tensor], Any], x: Tensor, labels: Tensor, objective: Objective, targeted: bool,
-                   amp: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   amp: torch.dtype | None = None, eot_samples: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """The one gradient primitive: (d objective / d x, logits, per-sample objective) in one pass.
 
     Gradients are taken w.r.t. the input only (``torch.autograd.grad``), never accumulated into parameters.
     With ``amp`` (torch.bfloat16 or torch.float16) the model's forward and backward run under autocast; the
     logits are cast up to float32 before the objective, and the gradient comes back in ``x``'s dtype. fp16 scales
     the loss against gradient underflow and falls back to full precision if the scaled gradient overflows.
+
+    ``eot_samples=k`` > 1 is Expectation over Transformation (Athalye et al., ICML 2018) for randomised models:
+    k passes, each with the model's own fresh randomness, and the mean of their gradients, logits and objectives
+    (the gradient of the mean objective, i.e. a k-sample estimate of the expected objective's gradient).
     """
+    if eot_samples > 1:
+        return _eot_gradient(model, x, labels, objective, targeted, amp, eot_samples)
     if amp is None:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
@@ -267,6 +273,37 @@ def input_gradient(model: Callable[[Tensor], Any], x: Tensor, labels: Tensor, ob
     return grad, logits.detach(), values.detach()
 
 
+def _eot_gradient(model: Callable[[Tensor], Any], x: Tensor, labels: Tensor, objective: Objective, targeted: bool,
+                  amp: torch.dtype | None, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The mean of ``k`` single-pass gradients, logits and objectives.
+
+    One pass at a time, not one k-fold batch: a model that draws one transformation per batch (a random resize,
+    a random crop) must get k independent draws, and memory stays that of a single pass.
+    """
+    grad, logits, values = input_gradient(model, x, labels, objective, targeted, amp)
+    for _ in range(k - 1):
+        more = input_gradient(model, x, labels, objective, targeted, amp)
+        grad, logits, values = grad + more[0], logits + more[1], values + more[2]
+    return grad / k, logits / k, values / k
+
+
+@torch.no_grad()
+def voted_logits(model: nn.Module, x: Tensor, labels: Tensor, votes: int,
+                 succeeded: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """(success, logits): the majority verdict of ``votes`` forward passes of a randomised model at ``x``.
+
+    A sample succeeds when more than half of the passes say ``succeeded(logits, labels)``. Its logits are those
+    of one pass that agrees with the verdict, so ``argmax`` and ``success`` never contradict each other.
+    """
+    passes = [check_logits(model(x), x.shape[0]) for _ in range(votes)]
+    verdicts = torch.stack([succeeded(logits, labels) for logits in passes])  # (votes, batch)
+    success = 2 * verdicts.sum(0) > votes
+    agree = verdicts == success[None]  # at least one pass agrees with the majority, always
+    first = agree.int().argmax(0)
+    chosen = torch.stack(passes)[first, torch.arange(x.shape[0], device=x.device)]
+    return success, upcast_logits(chosen)
+
+
 # ------------------------------------------------------------------------------------------------
 # Results and the per-sample best-iterate tracker
 # ------------------------------------------------------------------------------------------------
@@ -285,7 +322,9 @@ class AttackResult:
 
     ``success`` is per sample: misclassified (untargeted) or classified as the target (targeted).
     ``loss`` is the attack objective at ``x_adv`` (higher is stronger). ``n_grad`` counts per-sample
-    gradient evaluations and ``n_forward`` per-sample forward-only evaluations, the attack's budget.
+    gradient evaluations and ``n_forward`` per-sample forward-only evaluations, the attack's budget (with EOT,
+    k per gradient). ``success_votes`` is the number of forward passes whose majority judged ``success`` (1 for a
+    deterministic model).
     """
 
     x_adv: Tensor
@@ -296,6 +335,7 @@ class AttackResult:
     targets: Tensor | None
     n_grad: int
     n_forward: int
+    success_votes: int = 1
 
     @property
     def predictions(self) -> Tensor:
@@ -383,6 +423,10 @@ class Attack:
             CPU benchmarks compiled passes were not faster and compiling costs tens of seconds
             (bench/results/suite-stages.md). If compiling fails, the model runs eagerly with one
             ``CompileFallbackWarning``; the results are the same either way up to float rounding.
+        eot_samples: for randomised models, Expectation over Transformation (Athalye et al., ICML 2018): every
+            gradient is the mean over this many passes (``input_gradient``); the budget counts each pass.
+        success_votes: for randomised models, a sample counts as broken only when the majority of this many
+            forward passes say so: every success the attack acts on (early stop, best point) and reports.
 
     ``attack(x, y)`` returns the adversarial tensor; ``attack.run(x, y)`` returns an ``AttackResult``.
     """
@@ -405,6 +449,8 @@ class Attack:
         amp: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        eot_samples: int = 1,
+        success_votes: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -429,6 +475,8 @@ class Attack:
         self.compile = bool(compile)
         # What the attack's gradients and queries call: the model, or its compiled form (see CompiledModel).
         self.forward_model: Any = compiled_model(model) if self.compile else model
+        self.eot_samples = positive_int(eot_samples, "eot_samples")
+        self.success_votes = positive_int(success_votes, "success_votes")
         self.generator: torch.Generator | None = None
         self._n_grad = 0
         self._n_forward = 0
@@ -483,7 +531,11 @@ class Attack:
                     logits, objective = self._evaluate(found.x_adv, ls, full_precision=True)
                 elif self.amp_dtype is not None:  # the full-precision re-check of what run() reports
                     logits = self._full_precision_logits(found.x_adv)
-                best.update(found.x_adv, logits, objective, self._succeeded(logits, ls), index)
+                if self.success_votes > 1:  # a randomised model: the majority of the votes decides
+                    success, logits = self._voted(found.x_adv, ls)
+                else:
+                    success = self._succeeded(logits, ls)
+                best.update(found.x_adv, logits, objective, success, index)
         assert best.logits is not None  # the first restart always offers every sample
         return AttackResult(
             x_adv=best.x_adv,
@@ -494,6 +546,7 @@ class Attack:
             targets=labels if self.targeted else None,
             n_grad=self._n_grad,
             n_forward=self._n_forward,
+            success_votes=self.success_votes,
         )
 
     # -- what subclasses implement ------------------------------------------------------------------
@@ -504,10 +557,10 @@ class Attack:
     # -- helpers for subclasses ---------------------------------------------------------------------
     def _gradient(self, x_adv: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(gradient of the objective w.r.t. ``x_adv``, logits, objective); counts the budget."""
-        self._n_grad += x_adv.shape[0]
+        self._n_grad += x_adv.shape[0] * self.eot_samples
         grad, logits, objective = input_gradient(self.forward_model, x_adv, labels, self.objective, self.targeted,
-                                                 amp=self.amp_dtype)
-        if self.amp_dtype is not None:
+                                                 amp=self.amp_dtype, eot_samples=self.eot_samples)
+        if self.amp_dtype is not None or self.success_votes > 1:
             logits, objective = self._confirm_claims(x_adv, labels, logits, objective)
         return grad, logits, objective
 
@@ -521,7 +574,7 @@ class Attack:
         amp = None if full_precision else self.amp_dtype
         logits = forward_logits(self.forward_model, x_adv, amp)
         objective = self.objective(logits, labels, self.targeted)
-        if amp is not None:
+        if amp is not None or self.success_votes > 1:
             logits, objective = self._confirm_claims(x_adv, labels, logits, objective)
         return logits, objective
 
@@ -532,16 +585,27 @@ class Attack:
 
         So every decision taken on a success — early stop, the best iterate — rests on a full-precision logit;
         a low-precision false alarm leaves the sample in play. Costs one forward pass on the claiming rows only.
+        With ``success_votes`` > 1 the claim stands only if the majority of that many passes agrees (the rows get
+        the logits of a pass that agrees with the verdict; the objective, an EOT mean, is kept).
         """
         claimed = self._claims_success(logits, labels)
         if not bool(claimed.any()):
             return logits, objective
         rows = claimed.nonzero().squeeze(1)
+        logits = logits.clone()
+        if self.success_votes > 1:
+            logits[rows] = self._voted(x_adv[rows], labels[rows])[1].to(logits.dtype)
+            return logits, objective
         exact = self._full_precision_logits(x_adv[rows])
-        logits, objective = logits.clone(), objective.clone()
+        objective = objective.clone()
         logits[rows] = exact
         objective[rows] = self.objective(exact, labels[rows], self.targeted).to(objective.dtype)
         return logits, objective
+
+    def _voted(self, x_adv: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(success, logits) by the majority of ``success_votes`` full-precision passes; counts the budget."""
+        self._n_forward += x_adv.shape[0] * self.success_votes
+        return voted_logits(self.model, x_adv, labels, self.success_votes, self._claims_success)
 
     def _claims_success(self, logits: Tensor, labels: Tensor) -> Tensor:
         if labels.dim() == 2:  # (true class, target) pairs: a targeted objective steering an untargeted attack
@@ -617,6 +681,8 @@ class Attack:
 
     def __repr__(self) -> str:
         extra = f", amp={self.amp!r}" if self.amp is not None else ""
+        extra += f", eot_samples={self.eot_samples}" if self.eot_samples > 1 else ""
+        extra += f", success_votes={self.success_votes}" if self.success_votes > 1 else ""
         return (f"{type(self).__name__}(threat={self.threat!r}, loss={self.loss!r}, targeted={self.targeted}, "
                 f"restarts={self.restarts}{extra})")
 

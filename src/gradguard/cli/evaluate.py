@@ -34,8 +34,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     model_source_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its journal "
                         "(in RUN_DIR, or for --out DIR in .DIR.partial); same model, data, suite and threat")
-    parser.add_argument("--suite", default="standard", help="quick | fast | standard | classic | comma-separated "
-                        "attack names (default standard)")
+    parser.add_argument("--suite", default="standard", help="quick | fast | standard | rand | classic | comma-separated "
+                        "attack names (default standard; rand for randomised models)")
     parser.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1")
     parser.add_argument("--curve-suite", default="quick", help="suite for the curve (default quick)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
@@ -73,5 +73,6 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     if result["curve"]:
         text += "\n\n" + format_table(["eps", "robust accuracy"], list(zip(
             result["curve"]["eps"], result["curve"]["robust_accuracy"], strict=True)))
+    text += "".join(f"\n\nwarning: {w}" for w in robustness.get("warnings") or [])
     header = f"{threat_label(run.threat.to_dict())}, {robustness.get('n_samples')} test samples"
     return result, f"{header}\n{text}\n\nwrote {run.shown}/robustness.json"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import check_labels, check_logits, model_guard
+from ..attacks.base import check_labels, check_logits, model_guard, voted_logits
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
 from ..threat import ThreatModel, threat_from_dict
@@ -80,6 +81,7 @@ class RobustnessReport(_JsonResult):
     seed: int | None = 0
     world_size: int = 1
     attack_budget: dict[str, dict[str, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready numbers and per-sample lists (``x_adv`` is left out: save it with torch/safetensors)."""
@@ -88,7 +90,7 @@ class RobustnessReport(_JsonResult):
             "per_attack": dict(self.per_attack), "per_class": self.per_class, "n_samples": self.n_samples,
             "threat": self.threat, "suite": list(self.suite), "attacks": self.attacks, "skipped": self.skipped,
             "elapsed_s": self.elapsed_s, "attack_time_s": self.attack_time_s, "attack_budget": self.attack_budget,
-            "seed": self.seed, "world_size": self.world_size,
+            "seed": self.seed, "world_size": self.world_size, "warnings": list(self.warnings),
             "samples": {"label": self.labels.tolist(), "clean_correct": self.clean_correct.int().tolist(),
                         "robust": self.robust.int().tolist(), "broken_by": self.broken_by.tolist(),
                         "prediction_adv": self.predictions_adv.tolist()},
@@ -110,6 +112,7 @@ class RobustnessReport(_JsonResult):
             attacks=data.get("attacks", []), skipped=data.get("skipped", []),
             attack_time_s=data.get("attack_time_s", {}), seed=data.get("seed"), world_size=data.get("world_size", 1),
             attack_budget=data.get("attack_budget", {}),
+            warnings=data.get("warnings", []),
         )
 
     def summary(self) -> str:
@@ -121,6 +124,7 @@ class RobustnessReport(_JsonResult):
                          f"{_budget_text(self.attack_budget.get(label))})")
         lines.append(f"  {'worst case':<14}{100 * self.robust_accuracy:7.2f} %")
         lines += [f"  skipped {s['label']}: {s['reason']}" for s in self.skipped]
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -188,6 +192,7 @@ def evaluate(
     outcomes: list[_BlockOutcome] = []
     writer: JournalWriter | None = None
     n_blocks = 0
+    notes: list[str] = []
     with model_guard(model):
         try:
             for index, read in _progress_blocks(source, progress, shard):
@@ -195,6 +200,7 @@ def evaluate(
                 block = read() if index == 0 or (shard.owns(index) and index not in finished) else None
                 if index == 0:
                     assert block is not None
+                    notes = randomness_warnings(model, block.x.to(cascade.device), threat, suite)
                     if shard.active:
                         check_same_stream(shard, source.n, block.fingerprint())
                     if journal is not None:
@@ -211,7 +217,27 @@ def evaluate(
             if writer is not None:
                 writer.close()
     outcomes = shard.gather(outcomes) + [o for o in finished.values() if o.index < n_blocks]
-    return _report(outcomes, n_blocks, specs, threat, time.perf_counter() - started, seed, shard, return_adversarial)
+    report = _report(outcomes, n_blocks, specs, threat, time.perf_counter() - started, seed, shard, return_adversarial)
+    report.warnings = notes
+    return report
+
+
+def randomness_warnings(model: nn.Module, x: Tensor, threat: ThreatModel, suite: Any) -> list[str]:
+    """The masking checklist's determinism check on one block, for a named suite other than "rand": a model whose
+    logits change between identical calls (the check FAILs) needs EOT and majority votes, which "rand" runs."""
+    if not isinstance(suite, str) or suite == "rand":
+        return []
+    from ..diagnostics.masking import FAIL, _Probe
+
+    check = _Probe(model, threat, 0, 1, x.shape[0]).determinism(x)
+    if check.status != FAIL:  # a WARN is float non-determinism (GPU kernels), not a randomised defence
+        return []
+    note = (f"the model is randomised (its logits change by up to {check.evidence['max_relative_logit_change']:.2g} "
+            f"between identical calls; {100 * check.evidence['prediction_flips']:.0f} % of predictions flip): "
+            f"suite {suite!r} judges each sample on one draw, which overstates robustness; evaluate with "
+            "suite='rand' (EOT over 20 draws, success by majority vote)")
+    warnings.warn(f"evaluate: {note}", stacklevel=3)
+    return [note]
 
 
 @dataclass
@@ -300,9 +326,9 @@ class _Cascade:
                 found = attack.run(xb, yb)
                 budget[spec.label] = [found.n_grad, found.n_forward]
                 candidate = threat.project(found.x_adv.detach(), xb)
-                with torch.no_grad():
-                    predicted = check_logits(self.model(candidate), index.numel()).argmax(1)
-                success = predicted != yb
+                votes = getattr(attack, "success_votes", 1)  # a randomised model: re-scored by majority vote
+                success, logits = voted_logits(self.model, candidate, yb, votes, lambda z, t: z.argmax(1) != t)
+                predicted = logits.argmax(1)
                 hit = index[success]
                 broken_by[hit], predictions_adv[hit], robust[hit] = k, predicted[success], False
                 if x_adv is not None:

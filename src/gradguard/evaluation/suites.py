@@ -7,6 +7,8 @@ composition with its reference budgets (Croce & Hein, ICML 2020): APGD-CE (100 s
 FAB, and on the published models FAB-T changes the robust accuracy by at most a few hundredths of a percent.)
 ``"fast"`` keeps the same three attack families at a fraction of the cost: APGD-T against the 3 most likely wrong
 classes instead of 9, Square with 1000 queries instead of 5000 — for model selection and CI, not for claims.
+``"rand"`` is AutoAttack's version for randomised defences (models whose logits change between identical calls):
+APGD-CE and APGD-DLR with EOT over 20 draws per gradient, a success judged by the majority of 11 forward passes.
 """
 from __future__ import annotations
 
@@ -37,6 +39,15 @@ SUITES: dict[str, list[dict]] = {
     ],
     # Weak baselines: what most papers used to report. Useful to compare, never to claim robustness.
     "classic": [{"name": "fgsm"}, {"name": "pgd", "steps": 40}],
+    # AutoAttack's version for randomised defences: APGD-CE, APGD-DLR, each gradient an EOT mean over 20 draws.
+    # A success counts when the majority of 11 forward passes agree (odd: no ties). The reference judges
+    # on one pass, so a sample the model gets right 70 % of the time still falls 30 % of the time; the majority of
+    # 11 errs on it with probability 8 % (1 % at 80 %), for ≤ 11 forward passes per success claimed, next to the
+    # 20 forward-backward passes of every EOT step.
+    "rand": [
+        {"name": "apgd-ce", "steps": 100, "eot_samples": 20, "success_votes": 11},
+        {"name": "apgd-dlr", "steps": 100, "eot_samples": 20, "success_votes": 11},
+    ],
 }
 
 

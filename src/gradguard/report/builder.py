@@ -161,6 +161,7 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
             rows.append(["<b>worst case</b>", f"<b>{percent(m.robustness.get('robust_accuracy'))}</b>"])
             note = (f"<p><small>Note: {escape(str(m.robustness['fallback']))}.</small></p>"
                     if m.robustness.get("fallback") else "")
+            note += "".join(f"<p><b>Warning:</b> {escape(str(w))}.</p>" for w in m.robustness.get("warnings") or [])
             out.append(f"<h3>{escape(m.label)}: evaluation suite at {escape(threat_label(m.robustness.get('threat')))} "
                        f"({m.robustness.get('n_samples', '?')} samples, "
                        f"{_fmt(m.robustness.get('elapsed_s'))} s)</h3>" + table(["attack", "accuracy"], rows, numeric_from=1)

@@ -188,10 +188,12 @@ def default_radii(radius: Tensor, step: float = 0.25) -> list[float]:
     return [round(k * step, 6) for k in range(int(math.ceil(largest / step + 1e-9)) + 1)]
 
 
-def exact_curve(radius: Tensor, correct: Tensor) -> dict[str, list[float]]:
+def exact_curve(radius: Sequence[float] | Tensor, correct: Sequence[bool] | Tensor) -> dict[str, list[float]]:
     """The certified-accuracy step function at every radius where it drops (for plots)."""
-    total = max(1, radius.numel())
-    held = sorted(float(r) for r in radius[correct].tolist())
+    radii = radius.tolist() if isinstance(radius, Tensor) else list(radius)
+    flags = correct.tolist() if isinstance(correct, Tensor) else list(correct)
+    total = max(1, len(radii))
+    held = sorted(float(r) for r, ok in zip(radii, flags, strict=True) if ok)
     xs, ys = [0.0], [len(held) / total]
     for i, r in enumerate(held):
         xs.append(r)

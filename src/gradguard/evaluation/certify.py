@@ -249,26 +249,31 @@ def certify(
     rows: list[tuple[int, int, float, int, int]] = []  # prediction, votes, p_lower, base prediction, label
     with model_guard(model), torch.no_grad():
         for x, y, base in _inputs(source, voter, progress):
-            index = len(rows)
-            generator = _generator(seed, index, where)
-            selection = voter.counts(x, n0, base.shape[0], generator)
-            top = int(selection.argmax())
-            votes = int(voter.counts(x, n, base.shape[0], generator)[top])
-            p_lower = clopper_pearson_lower(votes, n, alpha)
-            prediction = top if p_lower >= 0.5 else ABSTAIN
-            rows.append((prediction, votes, p_lower, int(base.argmax()), int(y)))
+            generator = _generator(seed, len(rows), where)
+            rows.append((*_certify_one(voter, x, base.shape[0], n0, n, alpha, generator), int(base.argmax()), int(y)))
     if not rows:
         raise InputError("data: the loader yielded no batches; pass a non-empty dataset")
     elapsed = time.perf_counter() - started
-    prediction = torch.tensor([r[0] for r in rows], dtype=torch.int64)
-    p_lower = torch.tensor([r[2] for r in rows], dtype=torch.float64)
-    radius = torch.tensor([certified_radius(p, sigma) if c != ABSTAIN else 0.0 for c, _, p, _, _ in rows],
-                          dtype=torch.float64)
-    return CertifyResult(prediction=prediction, radius=radius, labels=torch.tensor([r[4] for r in rows]),
-                         p_lower=p_lower, top_count=torch.tensor([r[1] for r in rows], dtype=torch.int64),
-                         base_prediction=torch.tensor([r[3] for r in rows], dtype=torch.int64), sigma=sigma, n0=n0,
+
+    def column(k: int, dtype: torch.dtype) -> Tensor:
+        return torch.tensor([row[k] for row in rows], dtype=dtype)
+
+    prediction, p_lower = column(0, torch.int64), column(2, torch.float64)
+    radius = torch.tensor([certified_radius(float(p), sigma) if c != ABSTAIN else 0.0
+                           for c, p in zip(prediction.tolist(), p_lower.tolist(), strict=True)], dtype=torch.float64)
+    return CertifyResult(prediction=prediction, radius=radius, labels=column(4, torch.int64), p_lower=p_lower,
+                         top_count=column(1, torch.int64), base_prediction=column(3, torch.int64), sigma=sigma, n0=n0,
                          n=n, alpha=alpha, batch_size=batch_size, seed=seed, elapsed_s=round(elapsed, 3),
                          time_per_sample_s=elapsed / len(rows))
+
+
+def _certify_one(voter: _Voter, x: Tensor, num_classes: int, n0: int, n: int, alpha: float,
+                 generator: torch.Generator | None) -> tuple[int, int, float]:
+    """CERTIFY for one input: (class or −1, votes for the selected class among the n draws, p_A lower bound)."""
+    top = int(voter.counts(x, n0, num_classes, generator).argmax())
+    votes = int(voter.counts(x, n, num_classes, generator)[top])
+    p_lower = clopper_pearson_lower(votes, n, alpha)
+    return (top if p_lower >= 0.5 else ABSTAIN), votes, p_lower
 
 
 def predict(model: nn.Module, x: Tensor, sigma: float, n: int = 100_000, alpha: float = 0.001, *,

@@ -186,7 +186,8 @@ def certified_summary(run: RunData) -> list[dict]:
         c = m.certify
         if not c or "samples" not in c:
             continue
-        radii = sorted(set(CERTIFIED_RADII) | ({float(m.robustness["threat"]["eps"])} if _l2_eps(m) else set()))
+        eps = _l2_eps(m)
+        radii = sorted(set(CERTIFIED_RADII) | ({eps} if eps is not None else set()))
         rows.append({"label": m.label, "sigma": c.get("sigma"), "n0": c.get("n0"), "n": c.get("n"),
                      "alpha": c.get("alpha"), "n_samples": c.get("n_samples"),
                      "base_clean_accuracy": c.get("base_clean_accuracy"),
@@ -232,9 +233,11 @@ def _exact_curve(certify: dict) -> dict:
     return exact_curve(samples["radius"], correct)
 
 
-def _l2_eps(m) -> bool:
+def _l2_eps(m) -> float | None:
+    """The eps of the model's evaluation when it was in L2 (certified accuracy is then shown at that radius too)."""
     threat = (m.robustness or {}).get("threat") or {}
-    return str(threat.get("norm")).lower() == "l2" and isinstance(threat.get("eps"), (int, float))
+    eps = threat.get("eps")
+    return float(eps) if str(threat.get("norm")).lower() == "l2" and isinstance(eps, (int, float)) else None
 
 
 def _empirical(m) -> dict | None:

@@ -103,13 +103,13 @@ def main() -> None:
     prediction = torch.cat([r.prediction for r in results])
     radius = torch.cat([r.radius for r in results])
     correct = prediction == y
-    certified = {f"{r:g}": float((correct & (radius >= r)).float().mean()) for r in RADII}
+    certified = {f"{r:g}": round(float((correct & (radius >= r)).double().mean()), 4) for r in RADII}
     ours, theirs = statistics.median(ours_s), statistics.median(theirs_s)
     record = {
         "sigma": args.sigma, "epochs": args.epochs, "train_samples": args.train_samples, "train_s": round(train_s, 1),
         "samples": args.samples, "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch_size": args.batch_size,
         "device": args.device, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "smoothed_accuracy": float(correct.float().mean()), "abstain_rate": float((prediction == -1).float().mean()),
+        "smoothed_accuracy": float(correct.double().mean()), "abstain_rate": float((prediction == -1).double().mean()),
         "certified_accuracy": certified, "median_s_per_sample": {"gradguard": round(ours, 4),
                                                                  "hand_written": round(theirs, 4)},
         "ratio": round(ours / theirs, 3) if theirs > 0 else math.nan, "same_prediction": agree,

@@ -19,9 +19,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "2019): per test sample the smoothed prediction (or an abstention) and a certified L2 radius that holds with "
         "probability >= 1 - alpha. The guarantee is for the smoothed classifier, not the base model. Writes "
         "certify.json and certify.png into RUN_DIR; `gradguard report` shows them.",
-        examples=["gradguard train --out runs/noise --method gaussian --method-arg sigma=0.25",
-                  "gradguard certify runs/noise --sigma 0.25 --samples 100",
-                  "gradguard certify runs/noise --n 10000 --alpha 0.01 --batch-size 2000   # sigma from training",
+        examples=["gradguard certify runs/noise --sigma 0.25 --samples 100",
+                  "gradguard certify runs/noise --n 10000 --alpha 0.01 --batch-size 2000   # sigma of a "
+                  "--method gaussian run",
                   "gradguard certify --model mymodels:Net --weights net.pth --dataset cifar10 "
                   "--data-root ~/data/cifar-10-batches-bin --sigma 0.5 --out runs/mine"])
     model_source_options(parser)

@@ -15,6 +15,7 @@ from .errors import (  # noqa: E402
                      ShapeError,
 )
 from .evaluation import RobustnessCurve, RobustnessReport, evaluate, evaluate_curve  # noqa: E402
+from .evaluation.certify import CertifyResult, certify  # noqa: E402
 from .models import Normalized, build_model, list_models  # noqa: E402
 from .report import build_report  # noqa: E402
 from .threat import L1, L2, Linf, ThreatModel, make_threat  # noqa: E402
@@ -25,7 +26,7 @@ __all__ = [
     "Linf", "L2", "L1", "ThreatModel", "make_threat", "Normalized", "attacks",
     # evaluation and diagnostics
     "evaluate", "evaluate_curve", "RobustnessReport", "RobustnessCurve", "check_masking",
-    "GradientMonitor", "Finding",
+    "GradientMonitor", "Finding", "certify", "CertifyResult",
     # training, models, data, reports
     "Trainer", "build_model", "list_models", "Dataset", "load_dataset", "list_datasets", "build_report",
     "open_split", "SampleSet",  # streamed data; any model: gradguard.models.resolve; run dirs: gradguard.workflow

@@ -1,4 +1,4 @@
-"""The ``gradguard`` command line: demo | train | attack | evaluate | diagnose | report | list.
+"""The ``gradguard`` command line: demo | train | attack | evaluate | certify | diagnose | report | list.
 
 Built on argparse (standard library, no dependency; see docs/cli.md). One module per command registers its
 options and turns the parsed arguments into a call to ``gradguard.workflow``, which does the work; the command
@@ -16,10 +16,10 @@ from typing import Any, Sequence
 
 from .. import __version__
 from ..errors import ConfigError, GradguardError
-from . import attack, demo, diagnose, evaluate, listing, report, train
+from . import attack, certify, demo, diagnose, evaluate, listing, report, train
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, OneLineParser, common_options
 
-COMMAND_MODULES = (demo, train, attack, evaluate, diagnose, report, listing)
+COMMAND_MODULES = (demo, train, attack, evaluate, certify, diagnose, report, listing)
 
 __all__ = ["build_parser", "main", "parse_args"]
 

@@ -39,9 +39,11 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", help="mlp: default, he, xavier, normal (N(0, 0.01²)), large (N(0, 1))")
     parser.add_argument("--model-arg", "--model-kwargs", dest="model_arg", action="append", metavar="KEY=VALUE",
                         help="any other model keyword (repeatable)")
-    parser.add_argument("--method", default="standard", help="standard | fgsm | fgsm-rs | pgd | trades (default standard)")
+    parser.add_argument("--method", default="standard",
+                        help="standard | fgsm | fgsm-rs | pgd | trades | gaussian (default standard)")
     parser.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
-                        help="method option, e.g. beta=6.0 for trades or steps=10 for pgd (repeatable)")
+                        help="method option, e.g. beta=6.0 for trades, steps=10 for pgd or sigma=0.25 for gaussian "
+                        "(repeatable)")
     parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs (default 10)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="adam", help="optimiser (default adam)")
@@ -72,7 +74,10 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
     device = workflow.resolve_device(args.device)
     dataset = workflow.load_data(args.dataset, args.data_root, resize=args.resize, center_crop=args.center_crop)
-    needs_threat = args.method != "standard" or args.eps is not None
+    from ..train import METHODS
+
+    method = METHODS.get(args.method)
+    needs_threat = method is None or method.needs_threat or args.eps is not None
     threat = workflow.make_threat_from(args.norm, args.eps) if needs_threat else None
     out = Path(args.out)
     with workflow.staged_run_dir(out, replace=args.force, resumable=True, resume=args.resume) as staging:

@@ -23,10 +23,12 @@ def build_report(run_dir: str | Path, *, display_path: str | Path | None = None)
     """
     run = read_run(run_dir)
     summary = summarize(run, display_path=display_path)
+    summary["certified"] = certified_summary(run)
     figures: dict[str, bytes] = {}
     sections = [
         ("headline", "Headline: clean vs robust accuracy", _headline(summary)),
         ("robustness", "Robustness per attack and eps", _robustness(run, summary, figures)),
+        ("certified", "Certified robustness of the smoothed model (randomized smoothing)", _certified(run, figures)),
         ("examples", "Adversarial examples", _examples(run, figures)),
         ("per-class", "Per-class robustness", _per_class(run, figures)),
         ("masking", "Gradient-masking checklist", _masking(run)),
@@ -169,6 +171,82 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
     return "".join(out)
 
 
+CERTIFIED_RADII = (0.25, 0.5, 0.75, 1.0)
+SMOOTHED_NOTE = ("A guarantee for the <b>smoothed</b> classifier g(x) = argmax<sub>c</sub> P(f(x + δ) = c), "
+                 "δ ~ N(0, σ²I), evaluated with noise draws (Cohen, Rosenfeld &amp; Kolter 2019), <b>not for the base "
+                 "model f</b>: the base model's empirical robust accuracy beside it comes from attacks, is an upper "
+                 "bound on its true robust accuracy, and may be at another norm. Certified accuracy at radius r = "
+                 "the fraction of samples g classifies correctly with a certified L2 radius ≥ r; each certificate "
+                 "holds with probability ≥ 1 − α over the noise; abstentions count as wrong.")
+
+
+def certified_summary(run: RunData) -> list[dict]:
+    """Per model with certify.json: its settings and certified accuracy at the standard radii (for summary.json)."""
+    rows = []
+    for m in run.models:
+        c = m.certify
+        if not c or "samples" not in c:
+            continue
+        eps = _l2_eps(m)
+        radii = sorted(set(CERTIFIED_RADII) | ({eps} if eps is not None else set()))
+        rows.append({"label": m.label, "sigma": c.get("sigma"), "n0": c.get("n0"), "n": c.get("n"),
+                     "alpha": c.get("alpha"), "n_samples": c.get("n_samples"),
+                     "base_clean_accuracy": c.get("base_clean_accuracy"),
+                     "smoothed_accuracy": _certified_at(c, 0.0), "abstain_rate": c.get("abstain_rate"),
+                     "certified_accuracy": {f"{r:g}": _certified_at(c, r) for r in radii},
+                     "empirical": _empirical(m), "guarantee": "smoothed classifier, not the base model"})
+    return rows
+
+
+def _certified(run: RunData, figures: dict) -> str:
+    rows = certified_summary(run)
+    if not rows:
+        return missing("No certificates: train with `gradguard train --method gaussian --method-arg sigma=0.25`, "
+                       "then run `gradguard certify RUN_DIR --sigma 0.25`.")
+    curves = {m.label: _exact_curve(m.certify) for m in run.models if m.certify and "samples" in m.certify}
+    sigmas = {r["sigma"] for r in rows}
+    figures["certified_accuracy"] = plots.certified_accuracy(curves, sigmas.pop() if len(sigmas) == 1 else None)
+    radii = list(dict.fromkeys(r for row in rows for r in row["certified_accuracy"]))
+    headers = (["model", "σ", "n", "α", "samples", "base model clean", "smoothed (r = 0)", "abstained"]
+               + [f"certified r ≥ {r}" for r in radii] + ["empirical robust acc. (base model, attacks)"])
+    body = [[escape(row["label"]), _fmt(row["sigma"]), _fmt(row["n"]), _fmt(row["alpha"]), _fmt(row["n_samples"]),
+             percent(row["base_clean_accuracy"]), percent(row["smoothed_accuracy"]), percent(row["abstain_rate"])]
+            + [percent(row["certified_accuracy"].get(r)) for r in radii]
+            + [f"{percent(row['empirical']['robust_accuracy'])} <small>({escape(row['empirical']['threat'])})</small>"
+               if row["empirical"] else "not evaluated"] for row in rows]
+    return (png_tag(figures["certified_accuracy"], "certified accuracy vs radius")
+            + table(headers, body, table_id="certified", numeric_from=1) + f"<p><small>{SMOOTHED_NOTE}</small></p>")
+
+
+def _certified_at(certify: dict, radius: float) -> float | None:
+    samples = certify["samples"]
+    pairs = list(zip(samples["prediction"], samples["label"], samples["radius"], strict=True))
+    if not pairs:
+        return None
+    return sum(1 for p, y, r in pairs if p == y and r >= radius) / len(pairs)
+
+
+def _exact_curve(certify: dict) -> dict:
+    from ..evaluation.certify import exact_curve
+
+    samples = certify["samples"]
+    correct = [p == y for p, y in zip(samples["prediction"], samples["label"], strict=True)]
+    return exact_curve(samples["radius"], correct)
+
+
+def _l2_eps(m) -> float | None:
+    """The eps of the model's evaluation when it was in L2 (certified accuracy is then shown at that radius too)."""
+    threat = (m.robustness or {}).get("threat") or {}
+    eps = threat.get("eps")
+    return float(eps) if str(threat.get("norm")).lower() == "l2" and isinstance(eps, (int, float)) else None
+
+
+def _empirical(m) -> dict | None:
+    if not m.robustness or m.robustness.get("robust_accuracy") is None:
+        return None
+    return {"robust_accuracy": m.robustness["robust_accuracy"], "threat": threat_label(m.robustness.get("threat"))}
+
+
 def _examples(run: RunData, figures: dict) -> str:
     out = []
     for index, m in enumerate(run.models):
@@ -276,6 +354,7 @@ def markdown(summary: dict, figure_names: list[str]) -> str:
     else:
         lines.append("No model in this run.")
     lines += _markdown_other_threats(summary)
+    lines += _markdown_certified(summary)
     if summary["gradients"]:
         lines += ["", "## Gradient health", ""]
         for g in summary["gradients"]:
@@ -284,6 +363,25 @@ def markdown(summary: dict, figure_names: list[str]) -> str:
     if figure_names:
         lines += ["", "## Plots", ""] + [f"![{name}](plots/{name}.png)" for name in figure_names]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_certified(summary: dict) -> list[str]:
+    rows = summary.get("certified") or []
+    if not rows:
+        return []
+    radii = list(dict.fromkeys(r for row in rows for r in row["certified_accuracy"]))
+    lines = ["", "## Certified robustness (randomized smoothing)", "",
+             "A guarantee for the smoothed classifier (Gaussian noise of std σ), not for the base model; "
+             "the base model's empirical robust accuracy (attacks) is shown beside it.", "",
+             "| model | σ | smoothed (r = 0) | abstained | " + " | ".join(f"r ≥ {r}" for r in radii)
+             + " | empirical (base model) |", "|---" * (5 + len(radii)) + "|"]
+    for row in rows:
+        empirical = row["empirical"]
+        cells = [row["label"], f"{row['sigma']:g}", percent(row["smoothed_accuracy"]), percent(row["abstain_rate"])]
+        cells += [percent(row["certified_accuracy"].get(r)) for r in radii]
+        cells.append(f"{percent(empirical['robust_accuracy'])} ({empirical['threat']})" if empirical else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _markdown_other_threats(summary: dict) -> list[str]:

@@ -190,3 +190,19 @@ def _name(classes: Sequence[str], index) -> str:
     index = int(index)
     name = classes[index] if 0 <= index < len(classes) else str(index)
     return name if len(name) <= 10 else name[:9] + "…"
+
+
+def certified_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], sigma: float | None = None) -> bytes:
+    """Certified accuracy of the *smoothed* classifier against L2 radius, one step line per model
+    (``curves[label] = {"radius": [...], "certified_accuracy": [...]}``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for index, (label, curve) in enumerate(curves.items()):
+        ax.step(curve["radius"], curve["certified_accuracy"], where="post", color=PALETTE[index % len(PALETTE)],
+                label=label)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlim(left=0)
+    noise = f" (σ = {sigma:g})" if sigma is not None else ""
+    _style(ax, f"Certified accuracy of the smoothed classifier{noise}", "L2 radius", "certified accuracy")
+    ax.legend(frameon=False)
+    return _png(fig)

@@ -11,6 +11,7 @@ A *model run* is a directory with one model and what was measured on it::
     robustness.json   gradguard.evaluation.RobustnessReport.to_json()
     curve.json        gradguard.evaluation.RobustnessCurve.to_json()
     masking.json      gradguard.diagnostics.MaskingReport.to_json()
+    certify.json      gradguard.certify(...).to_dict(): certified radii of the smoothed model (`gradguard certify`)
     gradflow.jsonl    GradientMonitor records;   diagnosis.json   findings + curvature of `gradguard diagnose`
 
 A *suite run* (what `gradguard demo` writes) holds several model runs under ``models/<label>/`` and gradient
@@ -31,7 +32,7 @@ MANIFEST = "run.json"
 MODELS_DIR = "models"
 GRADFLOW_DIR = "gradflow"
 RESULT_FILES = ("run.json", "config.json", "model.json", "metrics.jsonl", "attacks.json", "examples.npz",
-                "robustness.json", "curve.json", "masking.json", "gradflow.jsonl", "diagnosis.json")
+                "robustness.json", "curve.json", "masking.json", "gradflow.jsonl", "diagnosis.json", "certify.json")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ModelRun:
     masking: dict | None = None
     gradflow: list[dict] = field(default_factory=list)
     diagnosis: dict | None = None
+    certify: dict | None = None
 
 
 @dataclass
@@ -96,6 +98,7 @@ def read_model_run(path: Path, label: str | None = None) -> ModelRun:
         examples=read_npz(path / "examples.npz"), robustness=read_json(path / "robustness.json"),
         curve=read_json(path / "curve.json"), masking=read_json(path / "masking.json"),
         gradflow=read_jsonl(path / "gradflow.jsonl"), diagnosis=read_json(path / "diagnosis.json"),
+        certify=read_json(path / "certify.json"),
     )
 
 

@@ -1,7 +1,8 @@
 """Training methods: each turns a batch into the loss to minimise (and the logits for accuracy stats).
 
 ``Standard`` (clean ERM), ``FGSMAT`` (Goodfellow et al. 2015), ``FastFGSM`` (Wong, Rice & Kolter 2020),
-``PGDAT`` (Madry et al. 2018) and ``TRADES`` (Zhang et al. 2019). Adversarial examples come from the landed
+``PGDAT`` (Madry et al. 2018), ``TRADES`` (Zhang et al. 2019) and ``Gaussian`` noise augmentation (Cohen et al.
+2019, the base model of randomized smoothing). Adversarial examples come from the landed
 attacks (``FGSM``, ``PGD``), which run the model in eval mode with frozen parameters and restore it exactly,
 so the attack never touches ``.grad`` and never updates BatchNorm statistics.
 
@@ -231,6 +232,31 @@ class TRADES(TrainingMethod):
         return x_adv.detach()
 
 
+class Gaussian(TrainingMethod):
+    """Gaussian noise augmentation (Cohen, Rosenfeld & Kolter, ICML 2019): L = CE(f(x + δ), y), δ ~ N(0, σ²I),
+    one fresh draw per sample and step — the base classifier that ``gradguard.certify`` smooths at the same σ.
+
+    As in the paper the noisy input is *not* clamped to the pixel range: certification adds unclamped noise, and
+    the model should be trained on that distribution. No threat model is needed; the noise comes from torch's
+    global RNG, which the Trainer seeds and checkpoints. The "robust" training accuracy it reports is the accuracy
+    on the noisy inputs it trains on.
+    """
+
+    name = "gaussian"
+    needs_threat = False
+
+    def __init__(self, threat: ThreatModel | None = None, *, sigma: float = 0.25) -> None:
+        super().__init__(threat)
+        self.sigma = positive_float(sigma, "sigma")
+
+    def state_dict(self):
+        return {"sigma": self.sigma}
+
+    def compute(self, model, attack_model, x, y, threat):
+        logits_noisy = model(x + self.sigma * torch.randn_like(x))
+        return MethodOutput(F.cross_entropy(logits_noisy, y), logits_adv=logits_noisy)
+
+
 def _attack(attack, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
     """Adversarial batch from ``attack`` (clean batch when eps is 0, e.g. at the start of an eps warm-up)."""
     if attack is None or threat.eps <= 0:
@@ -239,12 +265,12 @@ def _attack(attack, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
 
 
 METHODS: dict[str, type[TrainingMethod]] = {
-    cls.name: cls for cls in (Standard, FGSMAT, FastFGSM, PGDAT, TRADES)
+    cls.name: cls for cls in (Standard, FGSMAT, FastFGSM, PGDAT, TRADES, Gaussian)
 }
 
 
 def get_method(name: str | TrainingMethod, threat: ThreatModel | None = None, **kwargs) -> TrainingMethod:
-    """A method by name: "standard", "fgsm", "fgsm-rs", "pgd" or "trades" (an instance passes through)."""
+    """A method by name: "standard", "fgsm", "fgsm-rs", "pgd", "trades" or "gaussian" (an instance passes through)."""
     if isinstance(name, TrainingMethod):
         if kwargs:
             raise ConfigError("method: keyword arguments given together with a method instance; set them on the instance")

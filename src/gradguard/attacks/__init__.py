@@ -4,6 +4,7 @@ from .base import Attack, AttackResult, BestIterate, Iterate, input_gradient, mo
 from .bim import BIM
 from .cw import CW
 from .deepfool import DeepFool
+from .fab import FAB
 from .fgsm import FGSM
 from .losses import cross_entropy, dlr, margin
 from .mifgsm import MIFGSM
@@ -13,5 +14,5 @@ from .square import Square, square_p_schedule
 __all__ = [
     "Attack", "AttackResult", "BestIterate", "Iterate", "input_gradient", "model_guard",
     "FGSM", "BIM", "PGD", "MIFGSM", "cross_entropy", "dlr", "margin",
-    "APGD", "APGDT", "CW", "DeepFool", "Square", "apgd_checkpoints", "square_p_schedule",
+    "APGD", "APGDT", "CW", "DeepFool", "FAB", "Square", "apgd_checkpoints", "square_p_schedule",
 ]

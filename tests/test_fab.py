@@ -125,14 +125,18 @@ def test_fab_counts_a_perturbation_beyond_eps_as_a_failure():
     assert bool(L2(eps=eps, bounds=WIDE).contains(result.x_adv, x).all())
 
 
-def test_fab_budget_counts_one_gradient_per_class_pair_and_step():
-    model, _, x, f = binary_problem(n=3)
-    labels = (f > 0).long()
-    targeted = FAB(model, Linf(eps=50.0, bounds=WIDE), targeted=True, steps=7, early_stop=False).run(x, labels)
-    assert targeted.n_grad == 3 * 7  # one target (2 classes), one gradient per sample and step
-    three = linear_model(torch.randn(3, 12, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
-    labels = three(x).argmax(1)
-    untargeted = FAB(three, Linf(eps=50.0, bounds=WIDE), steps=7, early_stop=False).run(x, labels)
+def test_fab_budget_is_one_gradient_per_class_pair_and_step_while_nothing_is_found():
+    # The boundary w·x + 50 = 0 lies outside the box [0, 1]^d: every step stays on the clean side.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 12, generator=generator, dtype=torch.float64)
+    weight = torch.stack([torch.zeros(12, dtype=torch.float64), torch.ones(12, dtype=torch.float64)])
+    model = linear_model(weight, torch.tensor([50.0, 0.0], dtype=torch.float64))
+    labels = torch.zeros(3, dtype=torch.long)
+    targeted = FAB(model, Linf(eps=1.0), targeted=True, steps=7).run(x, labels)
+    assert not bool(targeted.success.any())
+    assert targeted.n_grad == 3 * 7  # one target (2 classes): one gradient per sample and step
+    three = linear_model(torch.cat([weight, -weight[1:]]), torch.tensor([50.0, 0.0, 0.0], dtype=torch.float64))
+    untargeted = FAB(three, Linf(eps=1.0), steps=7).run(x, labels)
     assert untargeted.n_grad == 3 * 7 * 2  # every other class's logit difference, each step
 
 

@@ -131,10 +131,10 @@ class FAB(Attack):
         if self.eta < 1:
             raise ConfigError(f"eta: the overshoot past the linearised boundary must be >= 1, got {eta!r}; "
                               "the paper uses 1.05")
-        self._classes = 0  # set per batch from the clean logits
         self.beta = positive_float(beta, "beta")
         if self.beta > 1:
             raise ConfigError(f"beta: the backward step toward the input, in (0, 1], got {beta!r}; the paper uses 0.9")
+        self._classes = 0  # the model's class count, set per batch from the clean logits
 
     def _attack_labels(self, x: Tensor, y: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
         if target is not None:

@@ -5,6 +5,7 @@ from .bim import BIM
 from .bpda import BPDA
 from .cw import CW
 from .deepfool import DeepFool
+from .fab import FAB
 from .fgsm import FGSM
 from .losses import cross_entropy, dlr, margin
 from .mifgsm import MIFGSM
@@ -14,5 +15,5 @@ from .square import Square, square_p_schedule
 __all__ = [
     "Attack", "AttackResult", "BestIterate", "Iterate", "input_gradient", "model_guard",
     "FGSM", "BIM", "PGD", "MIFGSM", "cross_entropy", "dlr", "margin",
-    "APGD", "APGDT", "CW", "DeepFool", "Square", "apgd_checkpoints", "square_p_schedule", "BPDA",
+    "APGD", "APGDT", "CW", "DeepFool", "FAB", "Square", "apgd_checkpoints", "square_p_schedule", "BPDA",
 ]

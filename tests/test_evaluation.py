@@ -153,8 +153,10 @@ def test_eps_zero_gives_the_clean_accuracy(digits_mlp, data):
 
 
 def test_named_suites_have_the_autoattack_composition():
-    assert [s["name"] for s in get_suite("standard")] == ["apgd-ce", "apgd-t", "square"]
-    assert get_suite("standard")[1]["n_target_classes"] == 9 and get_suite("standard")[2]["queries"] == 5000
+    assert [s["name"] for s in get_suite("standard")] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert get_suite("standard")[1]["n_target_classes"] == 9 and get_suite("standard")[3]["queries"] == 5000
+    assert get_suite("standard")[2]["n_target_classes"] == 9 and get_suite("standard")[2]["steps"] == 100
+    assert [s["name"] for s in get_suite("lite")] == ["apgd-ce", "apgd-t", "square"]
     assert [s["name"] for s in get_suite("quick")] == ["apgd-ce"] and get_suite("quick")[0]["steps"] == 100
     fast = get_suite("fast")
     assert [s["name"] for s in fast] == ["apgd-ce", "apgd-t", "square"]

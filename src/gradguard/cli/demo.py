@@ -23,7 +23,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings (seconds): for tests and smoke checks")
     parser.add_argument("--epochs", type=positive_int, help="override the training epochs of both models")
     parser.add_argument("--force", action="store_true", help="replace OUT even if it is not a demo run")
-    parser.add_argument("--suite", help="evaluation suite: quick | fast | standard | classic | attack names (default "
+    parser.add_argument("--suite", help="evaluation suite: quick | fast | lite | standard | classic | attack names (default "
                         "standard; quick with --quick)")
     data_options(parser, dataset_default="digits", samples_default=None, samples_help="unused by demo")
     threat_options(parser, "perturbation budget (default 0.1 for linf)")

@@ -34,8 +34,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     model_source_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its journal "
                         "(in RUN_DIR, or for --out DIR in .DIR.partial); same model, data, suite and threat")
-    parser.add_argument("--suite", default="standard", help="quick | fast | standard | rand | classic | comma-separated "
-                        "attack names (default standard; rand for randomised models)")
+    parser.add_argument("--suite", default="standard", help="quick | fast | lite | standard | rand | classic | "
+                        "comma-separated attack names (default standard; rand for randomised models)")
     parser.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1")
     parser.add_argument("--curve-suite", default="quick", help="suite for the curve (default quick)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")

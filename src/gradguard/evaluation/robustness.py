@@ -161,9 +161,10 @@ def evaluate(
         data: an ``(x, y)`` pair of tensors, a map-style ``Dataset`` (read with ``get_batch`` when it has one) or
             any iterable of ``(x, y)`` batches (a DataLoader); ``max_samples`` caps it. Results do not depend on
             the form nor on a loader's own batch size.
-        suite: "quick" (APGD-CE), "standard" (APGD-CE → APGD-T → Square, AutoAttack's budgets) or a list of
-            specs: attack names, dicts ``{"name": ..., **kwargs}``, or ``Attack`` objects. Attacks that do not
-            support the threat's norm are skipped and listed in ``report.skipped``.
+        suite: "quick" (APGD-CE), "standard" (APGD-CE → APGD-T → FAB-T → Square, AutoAttack's budgets), "lite"
+            (the same without FAB-T), any name in ``SUITES``, or a list of specs: attack names, dicts
+            ``{"name": ..., **kwargs}``, or ``Attack`` objects. Attacks that do not support the threat's norm are
+            skipped and listed in ``report.skipped``.
         seed: fixes every random start and restart (each attack on each block gets a seed derived from it);
             None uses torch's global RNG.
         distributed: None shards the blocks over ranks when torch.distributed is initialised with several

@@ -360,7 +360,7 @@ class _Probe:
                     "verdict": verdict}
         found = f"Square-{queries} {square_acc:.0%}"
         return Check("black_box_not_stronger", status, evidence, {
-            "none": "gradient-free Square finds nothing white-box attacks miss",
+            "none": "Square finds nothing the white-box attacks miss",
             "weak white-box": f"a weak white-box attack, not masking: {found} beats PGD-{self.steps} "
                               f"({white.pgd_accuracy:.0%}) but not {white.strongest_name} ({white.strongest_accuracy:.0%}): "
                               f"the gradients work, PGD-{self.steps} has not converged; next: {NEXT_ATTACK[_weak(cause)]}",

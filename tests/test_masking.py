@@ -80,10 +80,10 @@ def test_honest_mlp_evidence_holds_the_measured_numbers(honest_report):
     assert honest_report.settings["n_correct"] <= honest_report.n_samples == N_SAMPLES
 
 
-def fgsm_trained_mlp(digits, eps: float = 0.25) -> nn.Module:
+def fgsm_trained_mlp(digits, eps: float = 0.3) -> nn.Module:
     """A digits MLP adversarially trained with plain FGSM (no random start): its PGD-20 number is weak, although
     its gradients work (APGD-CE goes much lower) — the issue's fast-FGSM Fashion-MNIST case in miniature."""
-    torch.manual_seed(2)
+    torch.manual_seed(4)  # 10 of 12 seeds × eps in {0.25, 0.3} show the pattern, none is "masked"; this one by most
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(15):
@@ -101,7 +101,7 @@ def fgsm_trained_mlp(digits, eps: float = 0.25) -> nn.Module:
 
 @pytest.mark.skipif(not square_available(), reason="needs the Square attack")
 def test_black_box_beating_only_pgd20_is_a_weak_white_box_attack_not_masking(digits, test_data):
-    report = check_masking(fgsm_trained_mlp(digits), test_data, Linf(eps=0.25), n_samples=300, seed=0,
+    report = check_masking(fgsm_trained_mlp(digits), test_data, Linf(eps=0.3), n_samples=300, seed=0,
                            square_queries=300)
     check = report.check("black_box_not_stronger")
     evidence = check.evidence

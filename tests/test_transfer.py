@@ -127,6 +127,8 @@ def test_bad_surrogates_and_options_get_one_clear_line(digits_mlp, batch):
         Transfer(digits_mlp, threat, digits_mlp, attack="square")
     with pytest.raises(ConfigError, match="^attack: an Attack instance must be built on the surrogate"):
         Transfer(digits_mlp, threat, five_classes, attack=PGD(digits_mlp, threat))
+    with pytest.raises(ConfigError, match="^attack: the Attack instance has threat"):
+        Transfer(digits_mlp, threat, five_classes, attack=PGD(five_classes, Linf(eps=0.3)))
     with pytest.raises(ConfigError, match="^input_diversity"):
         Transfer(digits_mlp, threat, digits_mlp, input_diversity=1.5)
 

@@ -118,6 +118,10 @@ class Transfer(Attack):
             if attack.model is not self.surrogate:
                 raise ConfigError("attack: an Attack instance must be built on the surrogate, e.g. "
                                   "PGD(surrogate, threat, ...)")
+            if attack.threat.to_dict() != self.threat.to_dict() or attack.targeted != self.targeted:
+                raise ConfigError(f"attack: the Attack instance has threat {attack.threat!r}, targeted="
+                                  f"{attack.targeted} but the transfer attack {self.threat!r}, targeted={self.targeted}; "
+                                  "build both with the same threat model and targeting")
             return attack
         if not isinstance(attack, str) or attack.lower() not in SURROGATE_ATTACKS:
             raise ConfigError(f"attack: expected one of {SURROGATE_ATTACKS} or an Attack built on the surrogate, "

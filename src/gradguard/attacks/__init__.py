@@ -11,9 +11,10 @@ from .losses import cross_entropy, dlr, margin
 from .mifgsm import MIFGSM
 from .pgd import PGD
 from .square import Square, square_p_schedule
+from .transfer import Transfer
 
 __all__ = [
     "Attack", "AttackResult", "BestIterate", "Iterate", "input_gradient", "model_guard",
     "FGSM", "BIM", "PGD", "MIFGSM", "cross_entropy", "dlr", "margin",
-    "APGD", "APGDT", "CW", "DeepFool", "FAB", "Square", "apgd_checkpoints", "square_p_schedule", "BPDA",
+    "APGD", "APGDT", "CW", "DeepFool", "FAB", "Square", "apgd_checkpoints", "square_p_schedule", "BPDA", "Transfer",
 ]

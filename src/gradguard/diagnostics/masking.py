@@ -6,6 +6,13 @@ and Carlini et al. ("On Evaluating Adversarial Robustness", 2019, §§4-5) list 
 one check here, run on a small subset with small budgets, and reported as PASS / WARN / FAIL with the measured
 numbers and one line of advice. The verdict is the worst status.
 
+Black-box and noise attacks are compared with the strongest white-box attack the checklist ran (the lowest
+accuracy among FGSM, PGD, PGD with doubled budget and APGD-CE), so a PGD that merely has not converged reads as
+"a weak white-box attack" (WARN: use more steps or APGD), and only a black-box attack that beats APGD-CE too reads
+as "masked gradients" (FAIL). Every FAIL names the adaptive attack to run next, from what the other checks saw:
+EOT for a random model, BPDA for shattered (zero) gradients, a margin loss for a saturated softmax, more steps /
+APGD for an attack that has not converged (Athalye et al. 2018, §5; Tramèr et al., NeurIPS 2020).
+
 Thresholds (fractions of the correctly classified samples checked) were tuned on honest and deliberately masked
 models (tests/test_masking.py): honest MLPs/CNNs stay well inside them, masked models land far outside.
 """
@@ -21,9 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..attacks import FGSM, PGD
+from ..attacks import APGD, FGSM, PGD
 from ..attacks.base import Attack, check_logits, input_gradient, model_guard, positive_int
-from ..attacks.losses import cross_entropy
+from ..attacks.losses import cross_entropy, margin
 from ..errors import InputError
 from ..threat import ThreatModel
 
@@ -42,6 +49,20 @@ LOSS_FLAT = (0.10, 0.50)                # samples whose loss does not rise along
 NON_DETERMINISM = (1e-6, 1e-4)          # largest relative logit change between two identical forward passes
 
 EPS_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+# What the checks point to, and the adaptive attack each FAIL names next (Tramèr et al. 2020, "On adaptive attacks").
+RANDOM, SATURATED, SHATTERED, MISLEADING, UNCONVERGED = "random", "saturated", "shattered", "misleading", "unconverged"
+NEXT_ATTACK = {
+    RANDOM: "EOT — average the gradient over the model's randomness (eot_samples=20 on any gradient attack, or "
+            "the 'rand' suite: APGD-CE and APGD-DLR with EOT 20)",
+    SATURATED: "a margin loss — the softmax saturates and CE gradients underflow while logit differences still "
+               "have gradients: APGD-DLR / APGD-T (the 'standard' suite) or loss='margin'",
+    SHATTERED: "BPDA — attack nn.Sequential(gradguard.attacks.BPDA(preprocess), model): the non-differentiable "
+               "layer forward, a differentiable stand-in (identity) backward",
+    MISLEADING: "BPDA on the layer that obstructs the gradient, or a transfer attack from a smooth surrogate "
+                "(gradguard.attacks.Transfer)",
+    UNCONVERGED: "more steps and restarts, or APGD-CE (the 'standard' suite runs APGD-CE with 100 steps)",
+}
 
 
 @dataclass
@@ -122,9 +143,11 @@ def check_masking(model: nn.Module, data: Any, threat: ThreatModel, *, n_samples
     """Run the gradient-masking checklist on the first ``n_samples`` samples of ``data``.
 
     ``data`` is any form ``evaluate`` takes (tensors, a map-style Dataset, a DataLoader); only the first
-    ``n_samples`` samples are read and held (a shuffled loader gives a random subset). ``seed`` fixes the attacks. The white-box reference is PGD with
-    ``steps`` steps (CE loss, random start); Square uses ``square_queries`` queries; random noise draws
-    ``noise_draws`` uniform points per sample from the ball. The model is left untouched.
+    ``n_samples`` samples are read and held (a shuffled loader gives a random subset). ``seed`` fixes the attacks.
+    The white-box reference is PGD with ``steps`` steps (CE loss, random start); APGD-CE with ``2·steps`` steps, FGSM
+    and PGD with doubled steps and restarts join it; the strongest of them is what Square (``square_queries``
+    queries) and random noise (``noise_draws`` uniform points per sample from the ball) are compared with.
+    The model is left untouched.
     """
     from ..evaluation.robustness import _check_threat, collect_data
 
@@ -147,9 +170,9 @@ def check_masking(model: nn.Module, data: Any, threat: ThreatModel, *, n_samples
             checks.append(Check("correct_samples", FAIL, {"n_correct": 0},
                                 "no sample is classified correctly: there is nothing to attack; check the model"))
         else:
-            checks += probe.run_all(xc, yc, square_queries, noise_draws)
-    settings = {"seed": seed, "steps": steps, "square_queries": square_queries, "noise_draws": noise_draws,
-                "n_correct": int(correct.sum())}
+            checks += probe.run_all(xc, yc, square_queries, noise_draws, deterministic=checks[0])
+    settings = {"seed": seed, "steps": steps, "apgd_steps": 2 * steps, "square_queries": square_queries,
+                "noise_draws": noise_draws, "n_correct": int(correct.sum())}
     return MaskingReport(checks=checks, n_samples=int(y.shape[0]), threat=threat.to_dict(),
                          elapsed_s=round(time.perf_counter() - started, 3), settings=settings)
 
@@ -185,20 +208,32 @@ class _Probe:
         d = x[0].numel()
         return {"linf": width, "l2": width * math.sqrt(d), "l1": width * d}.get(self.threat.norm, width)
 
+    def apgd(self) -> Callable[[], Attack]:
+        return lambda: APGD(self.model, self.threat, loss="ce", steps=2 * self.steps, seed=self.seed)
+
     # -- the checks ---------------------------------------------------------------------------------
-    def run_all(self, x: Tensor, y: Tensor, square_queries: int, noise_draws: int) -> list[Check]:
-        pgd_correct = self.correct_after(self.pgd(self.threat), x, y)
-        pgd_acc = _mean(pgd_correct)
+    def run_all(self, x: Tensor, y: Tensor, square_queries: int, noise_draws: int, deterministic: Check) -> list[Check]:
+        white = self.white_box(x, y)
+        gradients = self.gradients(x, y)
+        loss_rises = self.loss_rises(x, y, _cause(deterministic, gradients, None))
+        cause = _cause(deterministic, gradients, loss_rises)
         return [
-            self.gradients(x, y),
-            self.loss_rises(x, y),
-            self.iterative_vs_single_step(x, y, pgd_acc),
-            self.monotone_in_eps(x, y, pgd_acc),
-            self.unbounded(x, y),
-            self.convergence(x, y, pgd_acc),
-            self.black_box(x, y, pgd_correct, square_queries),
-            self.random_noise(x, y, pgd_correct, noise_draws),
+            gradients,
+            loss_rises,
+            self.iterative_vs_single_step(white, cause),
+            self.monotone_in_eps(x, y, white.pgd_accuracy, cause),
+            self.unbounded(x, y, cause),
+            self.convergence(white, cause),
+            self.black_box(x, y, white, square_queries, cause),
+            self.random_noise(x, y, white, noise_draws, cause),
         ]
+
+    def white_box(self, x: Tensor, y: Tensor) -> "_WhiteBox":
+        """Every white-box attack the checklist runs at the real eps, per sample."""
+        return _WhiteBox(steps=self.steps, pgd=self.correct_after(self.pgd(self.threat), x, y),
+                         fgsm=self.correct_after(self.fgsm(), x, y),
+                         pgd_doubled=self.correct_after(self.pgd(self.threat, steps=2 * self.steps, restarts=2), x, y),
+                         apgd=self.correct_after(self.apgd(), x, y))
 
     @torch.no_grad()
     def determinism(self, x: Tensor) -> Check:
@@ -210,25 +245,34 @@ class _Probe:
         status = _grade(change, NON_DETERMINISM)
         return Check("deterministic", status, {"max_relative_logit_change": change, "prediction_flips": flips},
                      "the model gives the same logits twice" if status == PASS else
-                     "the model is random at test time: evaluate with EOT (average gradients over the randomness) "
-                     "and report the accuracy of the randomised model over several draws")
+                     "the model is random at test time: one gradient sample misleads the attack and one forward "
+                     f"pass misjudges it; report its accuracy over several draws; next: {NEXT_ATTACK[RANDOM]}")
 
     def gradients(self, x: Tensor, y: Tensor) -> Check:
-        grads = torch.cat([input_gradient(self.model, xb, yb, cross_entropy, False)[0]
-                           for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)])
-        flat = grads.reshape(grads.shape[0], -1)
+        """Input gradients of CE, and of the logit margin: zero CE but live margin gradients mean a saturated
+        softmax (a loss problem); both zero mean shattered gradients (a layer problem)."""
+        ce_grads, margin_grads = [], []
+        for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True):
+            ce_grads.append(input_gradient(self.model, xb, yb, cross_entropy, False)[0])
+            margin_grads.append(input_gradient(self.model, xb, yb, margin, False)[0])
+        flat = torch.cat(ce_grads).reshape(x.shape[0], -1)
         finite = torch.isfinite(flat).all(dim=1)
-        nonzero = finite & (flat.abs().amax(dim=1) > 1e-20)
-        bad = 1.0 - _mean(nonzero)
+        bad = 1.0 - _mean(finite & (flat.abs().amax(dim=1) > 1e-20))
+        margin_flat = torch.cat(margin_grads).reshape(x.shape[0], -1)
+        margin_bad = 1.0 - _mean(torch.isfinite(margin_flat).all(dim=1) & (margin_flat.abs().amax(dim=1) > 1e-20))
         status = FAIL if not bool(finite.all()) else _grade(bad, ZERO_GRADIENTS)
+        kind = SATURATED if _grade(margin_bad, ZERO_GRADIENTS) == PASS and bool(finite.all()) else SHATTERED
         return Check("gradients_nonzero", status,
                      {"fraction_zero_or_nonfinite": bad, "fraction_nonfinite": 1.0 - _mean(finite),
+                      "fraction_zero_margin_gradient": margin_bad, "kind": None if status == PASS else kind,
                       "median_grad_l1": float(flat.abs().sum(1)[finite].median()) if bool(finite.any()) else None},
                      "input gradients are finite and non-zero" if status == PASS else
-                     "input gradients vanish or are not finite (saturated softmax, rounding, non-differentiable "
-                     "layers): attack a differentiable approximation (BPDA) or use a margin/DLR loss and Square")
+                     ("CE input gradients vanish but logit-margin gradients do not: a saturated softmax, "
+                      if kind == SATURATED else "input gradients vanish or are not finite for every loss: shattered "
+                      "gradients (rounding, quantisation or another non-differentiable layer), ")
+                     + f"not robustness; next: {NEXT_ATTACK[kind]}")
 
-    def loss_rises(self, x: Tensor, y: Tensor) -> Check:
+    def loss_rises(self, x: Tensor, y: Tensor, cause: str) -> Check:
         """Steepest ascent on CE from the clean input, no early stop: does the loss go up?"""
         step = 2.5 * self.threat.eps / self.steps
         rises, curves = [], []
@@ -252,20 +296,19 @@ class _Probe:
         return Check("loss_rises_along_path", status,
                      {"fraction_flat": flat, "mean_loss_at_step": {str(i): float(mean_path[i]) for i in marks}},
                      "the attack loss rises along the PGD path" if status == PASS else
-                     "the loss does not rise along the gradient path: gradients do not point uphill (masking); "
-                     "try BPDA, a smoother surrogate, or gradient-free attacks")
+                     "the loss does not rise along the gradient path: the gradients do not point uphill (masking); "
+                     f"next: {NEXT_ATTACK[_masked(cause)]}")
 
-    def iterative_vs_single_step(self, x: Tensor, y: Tensor, pgd_acc: float) -> Check:
-        fgsm_acc = _mean(self.correct_after(self.fgsm(), x, y))
-        gap = pgd_acc - fgsm_acc
-        status = _grade(gap, PGD_WORSE_THAN_FGSM)
+    def iterative_vs_single_step(self, white: "_WhiteBox", cause: str) -> Check:
+        pgd_acc, fgsm_acc = white.pgd_accuracy, _mean(white.fgsm)
+        status = _grade(pgd_acc - fgsm_acc, PGD_WORSE_THAN_FGSM)
         return Check("iterative_beats_single_step", status,
                      {"pgd_accuracy": pgd_acc, "fgsm_accuracy": fgsm_acc, "pgd_steps": self.steps},
                      "PGD is at least as strong as FGSM" if status == PASS else
-                     "a single FGSM step beats iterative PGD: the loss surface is locally misleading; use more "
-                     "restarts, a smaller step, and gradient-free attacks")
+                     "a single FGSM step beats iterative PGD: the loss surface is locally misleading (small steps "
+                     f"get stuck); next: {NEXT_ATTACK[cause]}")
 
-    def monotone_in_eps(self, x: Tensor, y: Tensor, pgd_acc: float) -> Check:
+    def monotone_in_eps(self, x: Tensor, y: Tensor, pgd_acc: float, cause: str) -> Check:
         eps_values = [m * self.threat.eps for m in EPS_MULTIPLIERS]
         accuracies = [pgd_acc if m == 1.0 else _mean(self.correct_after(self.pgd(self.threat.with_eps(e)), x, y))
                       for m, e in zip(EPS_MULTIPLIERS, eps_values, strict=True)]
@@ -275,29 +318,29 @@ class _Probe:
                      {"eps": eps_values, "pgd_accuracy": accuracies, "largest_rise": rise},
                      "accuracy falls as eps grows" if status == PASS else
                      "a larger eps gives a higher accuracy: the attack is failing, not the model succeeding; "
-                     "use more steps/restarts and check the gradients")
+                     f"next: {NEXT_ATTACK[cause]}")
 
-    def unbounded(self, x: Tensor, y: Tensor) -> Check:
+    def unbounded(self, x: Tensor, y: Tensor, cause: str) -> Check:
         eps = self.box_eps(x)
         accuracy = _mean(self.correct_after(self.pgd(self.threat.with_eps(eps), steps=max(self.steps, 50)), x, y))
         status = _grade(accuracy, UNBOUNDED_ACCURACY)
         return Check("unbounded_attack_succeeds", status, {"eps": eps, "pgd_accuracy": accuracy},
                      "with the whole box allowed, PGD breaks every sample" if status == PASS else
-                     "PGD fails even when any input is allowed: the attack does not work on this model; "
-                     "its robust accuracy at the real eps means nothing")
+                     "PGD fails even when any input is allowed: the attack does not work on this model and its "
+                     f"robust accuracy at the real eps means nothing; next: {NEXT_ATTACK[_masked(cause)]}")
 
-    def convergence(self, x: Tensor, y: Tensor, pgd_acc: float) -> Check:
-        doubled = _mean(self.correct_after(self.pgd(self.threat, steps=2 * self.steps, restarts=2), x, y))
+    def convergence(self, white: "_WhiteBox", cause: str) -> Check:
+        pgd_acc, doubled = white.pgd_accuracy, _mean(white.pgd_doubled)
         drop = pgd_acc - doubled
         status = _grade(drop, NOT_CONVERGED)
         return Check("attack_converged", status,
-                     {"pgd_accuracy": pgd_acc, "pgd_doubled_accuracy": doubled, "steps": self.steps,
-                      "doubled": {"steps": 2 * self.steps, "restarts": 2}, "drop": drop},
+                     {"pgd_accuracy": pgd_acc, "pgd_doubled_accuracy": doubled, "apgd_accuracy": _mean(white.apgd),
+                      "steps": self.steps, "doubled": {"steps": 2 * self.steps, "restarts": 2}, "drop": drop},
                      "doubling steps and restarts changes little" if status == PASS else
-                     "more steps/restarts still lower the accuracy: the attack has not converged; "
-                     "raise the budget (or use the 'standard' suite) before trusting the number")
+                     "more steps/restarts still lower the accuracy: the attack has not converged; next: "
+                     + NEXT_ATTACK[cause if cause in (RANDOM, SHATTERED) else UNCONVERGED])
 
-    def black_box(self, x: Tensor, y: Tensor, pgd_correct: Tensor, queries: int) -> Check:
+    def black_box(self, x: Tensor, y: Tensor, white: "_WhiteBox", queries: int, cause: str) -> Check:
         try:
             from ..attacks.square import Square
         except ImportError:
@@ -307,31 +350,116 @@ class _Probe:
             return Check("black_box_not_stronger", PASS, {"skipped": f"Square has no {self.threat.norm} version"},
                          "not applicable to this norm (Square supports linf and l2)")
         square_correct = self.correct_after(lambda: Square(self.model, self.threat, queries=queries, seed=self.seed), x, y)
-        only = _mean(pgd_correct & ~square_correct)
+        square_acc = _mean(square_correct)
         # Both attacks are heuristics: each misses a few samples the other breaks, so compare success rates.
-        status = _grade(_mean(pgd_correct) - _mean(square_correct), SQUARE_STRONGER)
-        return Check("black_box_not_stronger", status,
-                     {"square_accuracy": _mean(square_correct), "pgd_accuracy": _mean(pgd_correct),
-                      "fraction_broken_only_by_square": only, "queries": queries},
-                     "gradient-free Square finds nothing PGD misses" if status == PASS else
-                     "a black-box attack beats white-box PGD: the gradients are masked; report the worst case "
-                     "over both (the 'standard' suite does) and fix the gradient path")
+        status, verdict = _versus_white_box(white.strongest_accuracy - square_acc, white.pgd_accuracy - square_acc)
+        evidence = {"square_accuracy": square_acc, "strongest_white_box": white.strongest_name,
+                    "strongest_white_box_accuracy": white.strongest_accuracy,
+                    "pgd_accuracy": white.pgd_accuracy, "apgd_accuracy": _mean(white.apgd),
+                    "fraction_broken_only_by_square": _mean(white.strongest & ~square_correct), "queries": queries,
+                    "verdict": verdict}
+        found = f"Square-{queries} {square_acc:.0%}"
+        return Check("black_box_not_stronger", status, evidence, {
+            "none": "Square finds nothing the white-box attacks miss",
+            "weak white-box": f"a weak white-box attack, not masking: {found} beats PGD-{self.steps} "
+                              f"({white.pgd_accuracy:.0%}) but not {white.strongest_name} ({white.strongest_accuracy:.0%}): "
+                              f"the gradients work, PGD-{self.steps} has not converged; next: {NEXT_ATTACK[_weak(cause)]}",
+            "masked": f"masked gradients: {found} beats every white-box attack, APGD-CE included (strongest: "
+                      f"{white.strongest_name} {white.strongest_accuracy:.0%}); report the worst case over both (the 'standard' suite does); "
+                      f"next: {NEXT_ATTACK[_masked(cause)]}",
+        }[verdict])
 
     @torch.no_grad()
-    def random_noise(self, x: Tensor, y: Tensor, pgd_correct: Tensor, draws: int) -> Check:
+    def random_noise(self, x: Tensor, y: Tensor, white: "_WhiteBox", draws: int, cause: str) -> Check:
         generator = torch.Generator(device=x.device).manual_seed(int(self.seed) + 1)
         noise_correct = torch.ones_like(y, dtype=torch.bool)
         for _ in range(draws):
             noisy = self.threat.random_start(x, generator)
             noise_correct &= self.predict(noisy) == y
-        only = _mean(pgd_correct & ~noise_correct)
-        status = _grade(only, NOISE_ONLY)
+        only_noise = _mean(white.strongest & ~noise_correct)
+        only_noise_not_pgd = _mean(white.pgd & ~noise_correct)
+        status, verdict = _versus_white_box(only_noise, only_noise_not_pgd, NOISE_ONLY)
         return Check("random_noise_not_stronger", status,
-                     {"noise_accuracy": _mean(noise_correct), "pgd_accuracy": _mean(pgd_correct),
-                      "fraction_broken_only_by_noise": only, "draws": draws},
-                     "random noise finds nothing PGD misses" if status == PASS else
-                     "random points in the ball beat PGD: the gradients are misleading; evaluate with "
-                     "gradient-free attacks and fix the gradient path")
+                     {"noise_accuracy": _mean(noise_correct), "strongest_white_box": white.strongest_name,
+                      "strongest_white_box_accuracy": white.strongest_accuracy,
+                      "pgd_accuracy": white.pgd_accuracy, "fraction_broken_only_by_noise": only_noise,
+                      "fraction_broken_by_noise_not_pgd": only_noise_not_pgd, "draws": draws, "verdict": verdict}, {
+            "none": "random noise finds nothing white-box attacks miss",
+            "weak white-box": f"a weak white-box attack, not masking: random points break samples PGD-{self.steps} "
+                              f"misses but {white.strongest_name} does not; next: {NEXT_ATTACK[_weak(cause)]}",
+            "masked": "masked gradients: random points in the ball break samples that not even the strongest "
+                      f"white-box attack ({white.strongest_name}) breaks; next: {NEXT_ATTACK[_masked(cause)]}",
+        }[verdict])
+
+
+@dataclass
+class _WhiteBox:
+    """Per sample, still correct after each white-box attack of the checklist (at the real eps)."""
+
+    steps: int
+    pgd: Tensor
+    fgsm: Tensor
+    pgd_doubled: Tensor
+    apgd: Tensor
+
+    @property
+    def pgd_accuracy(self) -> float:
+        return _mean(self.pgd)
+
+    def by_name(self) -> dict[str, Tensor]:
+        """Each attack's per-sample outcome, the most thorough first (it wins ties)."""
+        return {f"APGD-CE-{2 * self.steps}": self.apgd, f"PGD-{2 * self.steps}x2": self.pgd_doubled,
+                f"PGD-{self.steps}": self.pgd, "FGSM": self.fgsm}
+
+    @property
+    def strongest_name(self) -> str:
+        outcomes = self.by_name()
+        return min(outcomes, key=lambda name: _mean(outcomes[name]))
+
+    @property
+    def strongest(self) -> Tensor:
+        """Per sample: still correct after the strongest white-box attack (the lowest accuracy)."""
+        return self.by_name()[self.strongest_name]
+
+    @property
+    def strongest_accuracy(self) -> float:
+        return _mean(self.strongest)
+
+
+def _versus_white_box(gap_to_strongest: float, gap_to_pgd: float,
+                      thresholds: tuple[float, float] = SQUARE_STRONGER) -> tuple[str, str]:
+    """(status, verdict) of a black-box or noise attack against the white-box ones.
+
+    Beating every white-box attack is masking (WARN / FAIL by the gap); beating only PGD with the base budget is
+    a weak white-box attack (WARN, never FAIL: the gradients work); beating neither passes.
+    """
+    status = _grade(gap_to_strongest, thresholds)
+    if status != PASS:
+        return status, "masked"
+    if _grade(gap_to_pgd, thresholds) != PASS:
+        return WARN, "weak white-box"
+    return PASS, "none"
+
+
+def _cause(deterministic: Check, gradients: Check, loss_rises: Check | None) -> str:
+    """What the checks point to, in the order that decides the next attack: randomness, then the gradients."""
+    if deterministic.status != PASS:
+        return RANDOM
+    if gradients.status != PASS:
+        return SATURATED if gradients.evidence.get("kind") == SATURATED else SHATTERED
+    if loss_rises is not None and loss_rises.status != PASS:
+        return MISLEADING
+    return UNCONVERGED
+
+
+def _weak(cause: str) -> str:
+    """The next attack when only the base PGD lost: more budget, unless the model is random (then EOT)."""
+    return RANDOM if cause == RANDOM else UNCONVERGED
+
+
+def _masked(cause: str) -> str:
+    """The next attack once a white-box attack with a converged budget failed too: not more steps."""
+    return MISLEADING if cause == UNCONVERGED else cause
 
 
 def _mean(mask: Tensor) -> float:

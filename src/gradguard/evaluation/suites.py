@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -92,6 +93,8 @@ ATTACKS: dict[str, AttackEntry] = {
     "deepfool": AttackEntry("deepfool:DeepFool", {}, ("linf", "l2")),
     "fab": AttackEntry("fab:FAB", {"targeted": False}, ("linf", "l2", "l1")),
     "fab-t": AttackEntry("fab:FAB", {"targeted": True}, ("linf", "l2", "l1")),
+    # {"name": "transfer", "surrogate": MODULE_OR_SPEC, "attack": "mifgsm"}: crafted on the surrogate
+    "transfer": AttackEntry("transfer:Transfer"),
 }
 
 
@@ -106,6 +109,7 @@ class AttackSpec:
     name: str
     kwargs: dict
     instance: Attack | None = None
+    surrogate: nn.Module | None = field(default=None, repr=False, compare=False)  # a spec string, built once
 
     def supports(self, threat: ThreatModel) -> bool:
         if self.instance is not None:
@@ -120,12 +124,23 @@ class AttackSpec:
             return self.instance
         entry = ATTACKS[self.name]
         kwargs = {**entry.fixed, **self.kwargs}
+        if isinstance(kwargs.get("surrogate"), (str, os.PathLike)):
+            kwargs["surrogate"] = self._surrogate(kwargs["surrogate"], model)
         if seed is not None:
             kwargs.setdefault("seed", seed)
         try:
             return entry.attack_class()(model, threat, **kwargs)
         except TypeError as error:
             raise ConfigError(f"suite: cannot build attack {self.label!r} with {self.kwargs}: {error}") from None
+
+    def _surrogate(self, spec: str | os.PathLike, model: nn.Module) -> nn.Module:
+        """A transfer entry's surrogate named by a model spec: built on the target's device once per suite run."""
+        if self.surrogate is None:
+            from ..attacks.transfer import resolve_surrogate
+
+            parameter = next(model.parameters(), None)
+            self.surrogate = resolve_surrogate(spec, parameter.device if parameter is not None else None)
+        return self.surrogate
 
     def to_dict(self) -> dict:
         if self.instance is not None:
@@ -180,6 +195,9 @@ def _resolve_spec(item: Any) -> AttackSpec:
     label = str(kwargs.pop("label", name))
     if name not in ATTACKS:
         raise ConfigError(f"suite: unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
+    if name == "transfer" and kwargs.get("surrogate") is None:
+        raise ConfigError("suite: a 'transfer' entry needs its surrogate model: "
+                          "{'name': 'transfer', 'surrogate': MODULE_OR_MODEL_SPEC}")
     return AttackSpec(label=label, name=name, kwargs=kwargs)
 
 

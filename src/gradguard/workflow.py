@@ -31,11 +31,6 @@ from .errors import CheckpointError, ConfigError, GradguardError
 
 DEFAULT_EPS = {"linf": 0.1, "l2": 1.0, "l1": 5.0}
 # name -> (class name in gradguard.attacks, default keyword arguments); classes that have not landed are skipped.
-ATTACKS: dict[str, tuple[str, dict]] = {
-    "fgsm": ("FGSM", {}), "bim": ("BIM", {}), "pgd": ("PGD", {}), "mifgsm": ("MIFGSM", {}),
-    "apgd-ce": ("APGD", {"loss": "ce"}), "apgd-dlr": ("APGD", {"loss": "dlr"}), "apgd-t": ("APGDT", {}),
-    "cw": ("CW", {}), "deepfool": ("DeepFool", {}), "square": ("Square", {}),
-}
 EXAMPLES_SHOWN = 8
 JOURNAL_FILE = "robustness.journal.jsonl"  # evaluate's per-block journal, while an evaluation is unfinished
 
@@ -325,24 +320,24 @@ def start_model_run(run_dir: Path, model, *, dataset, dataset_name: str, data_ro
 
 
 def available_attacks() -> list[str]:
-    from . import attacks
+    """The attack names of the one registry (``gradguard.evaluation.ATTACKS``) whose class this build has."""
+    from .evaluation.suites import ATTACKS
 
-    return [name for name, (cls, _) in ATTACKS.items() if hasattr(attacks, cls)]
+    return [name for name, entry in ATTACKS.items() if entry.available()]
 
 
 def make_attack(name: str, model, threat, *, seed: int, steps: int | None = None, amp: str | None = None,
                 channels_last: bool = False, compile: bool = False):
-    """An attack by its CLI name (see ``ATTACKS``) with its defaults, ``seed``, optionally ``steps``, and the
-    precision (``amp``), memory layout (``channels_last``) and compilation (``compile``) of its passes."""
-    from . import attacks
+    """An attack by its name in ``gradguard.evaluation.ATTACKS`` with its defaults, ``seed``, optionally ``steps``,
+    and the precision (``amp``), memory layout (``channels_last``) and compilation (``compile``) of its passes."""
+    from .evaluation.suites import ATTACKS
 
-    if name not in ATTACKS:
+    if name not in ATTACKS or not ATTACKS[name].available():
         raise ConfigError(f"attack: unknown attack {name!r}; choose from {available_attacks()}")
-    class_name, defaults = ATTACKS[name]
-    if not hasattr(attacks, class_name):
-        raise ConfigError(f"attack: {name!r} ({class_name}) is not available in this build; choose from "
-                          f"{available_attacks()}")
-    kwargs = dict(defaults, seed=seed)
+    if name == "transfer":
+        raise ConfigError("attack: 'transfer' needs a surrogate model; evaluate with it instead, e.g. in a --config "
+                          "file: [evaluate] suite = [{name = \"transfer\", surrogate = \"RUN_DIR\"}]")
+    kwargs = dict(ATTACKS[name].fixed, seed=seed)
     if amp is not None:
         kwargs["amp"] = amp
     if channels_last:
@@ -351,7 +346,7 @@ def make_attack(name: str, model, threat, *, seed: int, steps: int | None = None
         kwargs["compile"] = True
     if steps is not None and name != "fgsm":
         kwargs["steps"] = steps
-    return getattr(attacks, class_name)(model, threat, **kwargs)
+    return ATTACKS[name].attack_class()(model, threat, **kwargs)
 
 
 # ================================================================================================

@@ -1,4 +1,4 @@
-"""``gradguard list [WHAT]``: the attacks, training methods, zoo models, datasets and suites available.
+"""``gradguard list [WHAT]``: the commands, attacks, training methods, zoo models, datasets and suites available.
 
 (The module is not named ``list.py``: as an attribute of the package it would shadow the built-in ``list``.)
 """
@@ -9,13 +9,13 @@ from typing import Any
 
 from .common import add_command
 
-CATALOGUES = ["attacks", "methods", "models", "datasets", "suites"]
+CATALOGUES = ["commands", "attacks", "methods", "models", "datasets", "suites"]
 
 
 def register(commands: Any, common: argparse.ArgumentParser) -> None:
-    parser = add_command(commands, "list", parents=[common], help="list attacks, methods, models and datasets",
-                         description="List what this installation offers: attack names for `attack` and "
-                         "`--suite`, training methods, zoo models, dataset sources and named suites.",
+    parser = add_command(commands, "list", parents=[common], help="list commands, attacks, methods, models, datasets and suites",
+                         description="List what this installation offers: its commands, attack names for `attack` "
+                         "and `--suite`, training methods, zoo models, dataset sources and named suites.",
                          examples=["gradguard list", "gradguard list attacks", "gradguard list models --json"])
     parser.add_argument("what", nargs="?", choices=CATALOGUES, help="one catalogue (default: all)")
     parser.set_defaults(handler=run)
@@ -27,8 +27,10 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     from ..models import list_models
     from ..train import METHODS
     from ..workflow import available_attacks
+    from . import COMMAND_MODULES
 
-    catalogue = {"attacks": available_attacks(), "methods": sorted(METHODS), "models": list_models(),
+    commands = [module.__name__.rsplit(".", 1)[-1].replace("listing", "list") for module in COMMAND_MODULES]
+    catalogue = {"commands": commands, "attacks": available_attacks(), "methods": sorted(METHODS), "models": list_models(),
                  "datasets": list_datasets(), "suites": sorted(SUITES)}
     chosen = {args.what: catalogue[args.what]} if args.what else catalogue
     return chosen, "\n".join(f"{kind}: {', '.join(names)}" for kind, names in chosen.items())

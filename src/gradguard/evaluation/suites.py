@@ -70,6 +70,14 @@ class AttackEntry:
     fixed: dict = field(default_factory=dict)
     norms: tuple[str, ...] = ALL_NORMS
 
+    def available(self) -> bool:
+        """Whether this installation has the attack's class."""
+        module_name, class_name = self.target.split(":")
+        try:
+            return hasattr(importlib.import_module(f"gradguard.attacks.{module_name}"), class_name)
+        except ImportError:
+            return False
+
     def attack_class(self) -> type:
         module_name, class_name = self.target.split(":")
         try:

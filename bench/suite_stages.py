@@ -199,7 +199,11 @@ def main() -> None:
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(args.json)
 
-    for k, (name, (model, source)) in enumerate(load_models(args.models, args.recipe).items()):
+    for k, name in enumerate(args.models):
+        found = load_models([name], args.recipe)  # one at a time: a model trained meanwhile is picked up
+        if not found:
+            continue
+        model, source = found[name]
         n = args.n_eval_cifar if name.startswith("cifar") else args.n_eval
         x, y = x_test[:n], y_test[:n]
         if name.startswith("cifar"):

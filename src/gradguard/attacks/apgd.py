@@ -88,9 +88,15 @@ class APGD(Attack):
     def _perturb(self, x: Tensor, labels: Tensor) -> Iterate:
         return self._apgd(x, labels, labels)
 
-    def _apgd(self, x: Tensor, labels: Tensor, success_labels: Tensor) -> Iterate:
-        """One APGD run. ``labels`` go to the objective, ``success_labels`` decide success (they differ for APGD-T)."""
-        x_adv = self._random_start(x)
+    def _apgd(self, x: Tensor, labels: Tensor, success_labels: Tensor, start: Tensor | None = None,
+              owner: Tensor | None = None) -> Iterate:
+        """One APGD run. ``labels`` go to the objective, ``success_labels`` decide success (they differ for APGD-T).
+
+        ``start``: the starting points (default: a random start drawn here). ``owner``: rows that are copies of one
+        sample (APGD-T's targets run side by side) share an owner id; early stop then drops every copy of a sample
+        as soon as one copy succeeds. Each row's walk depends only on its own row either way.
+        """
+        x_adv = self._random_start(x) if start is None else start
         grad, logits, objective = self._gradient(x_adv, labels)
         best = BestIterate(x_adv)
         success = self._succeeded(logits, success_labels)
@@ -108,11 +114,12 @@ class APGD(Attack):
         last_checkpoint = 0
         for iteration in range(1, self.steps + 1):
             if self.early_stop and bool(success.any()):
-                keep = ~success
+                keep = ~success if owner is None else ~_any_per_owner(success, owner)
                 if not bool(keep.any()):
                     break
                 index = keep.nonzero().squeeze(1) if index is None else index[keep]
                 state = {key: value[keep] for key, value in state.items()}
+                owner = None if owner is None else owner[keep]
             s = state
             x_new = self._momentum_step(s, first=iteration == 1)
             s["x_prev"], s["x_adv"] = s["x_adv"], x_new
@@ -177,7 +184,7 @@ class APGDT(APGD):
     name = "apgd-t"
 
     def __init__(self, model: nn.Module, threat: ThreatModel, *, steps: int = 100, n_target_classes: int = 9,
-                 restarts: int = 1, **kwargs) -> None:
+                 restarts: int = 1, target_batch: int = 256, **kwargs) -> None:
         if kwargs.get("targeted"):
             raise ConfigError("targeted: APGDT is untargeted overall (it picks its own targets); "
                               "use APGD(..., targeted=True, loss='dlr') to aim at given classes")
@@ -188,26 +195,51 @@ class APGDT(APGD):
         self.loss = "targeted-dlr"
         self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
         self.target_restarts = positive_int(restarts, "restarts")
+        if isinstance(target_batch, bool) or not isinstance(target_batch, int) or target_batch < 0:
+            raise ConfigError(f"target_batch: rows per batch up to which target runs go side by side, an integer "
+                              f">= 0 (0: one target after the other), got {target_batch!r}")
+        self.target_batch = target_batch
 
     def _perturb(self, x: Tensor, labels: Tensor) -> Iterate:
+        """The runs (target rank × restart) in order, several side by side while the samples still robust are few.
+
+        Every run starts from its own random point drawn for *every* sample of the batch, so the random draws — and,
+        since each row's walk depends only on its own row, every run's outcome — are the same whether runs go one
+        after the other or side by side. Side by side only pays where a pass is cheap next to the per-step
+        bookkeeping (few rows); it spends more passes on samples broken early, so it stops at ``target_batch`` rows.
+        """
         clean_logits = self._clean_logits(x)
         others = clean_logits.scatter(1, labels[:, None], float("-inf")).argsort(dim=1, descending=True)
         n_targets = min(self.n_target_classes, clean_logits.shape[1] - 1)
+        runs = [rank for rank in range(n_targets) for _ in range(self.target_restarts)]
         best = BestIterate(x)
-        for rank in range(n_targets):
-            for _ in range(self.target_restarts):
-                index = None
-                if self.early_stop and best.logits is not None:
-                    index = (~best.success).nonzero().squeeze(1)
-                    if index.numel() == 0:
-                        return Iterate(best.x_adv, best.logits, best.objective)
-                pick = slice(None) if index is None else index
-                pairs = torch.stack([labels[pick], others[pick, rank]], dim=1)
-                found = self._apgd(x[pick], pairs, labels[pick])
-                # _apgd evaluates every point it returns, so its logits and objective are known.
-                assert found.logits is not None and found.objective is not None
-                best.update(found.x_adv, found.logits, found.objective,
-                            self._succeeded(found.logits, labels[pick]), index)
+        done = 0
+        while done < len(runs):
+            index = None
+            if self.early_stop and best.logits is not None:
+                index = (~best.success).nonzero().squeeze(1)
+                if index.numel() == 0:
+                    break
+            alive = x.shape[0] if index is None else index.numel()
+            group = runs[done:done + max(1, min(len(runs) - done, self.target_batch // max(alive, 1)))]
+            done += len(group)
+            starts = [self._random_start(x) for _ in group]  # every sample: draws independent of who is alive
+            pick = slice(None) if index is None else index
+            rows = torch.arange(x.shape[0], device=x.device)[pick]
+            found = self._apgd(
+                x[pick].repeat((len(group),) + (1,) * (x.dim() - 1)),
+                torch.cat([torch.stack([labels[pick], others[pick, rank]], dim=1) for rank in group]),
+                labels[pick].repeat(len(group)),
+                start=torch.cat([start[pick] for start in starts]),
+                owner=rows.repeat(len(group)) if len(group) > 1 else None)
+            # _apgd evaluates every point it returns, so its logits and objective are known.
+            assert found.logits is not None and found.objective is not None
+            n = rows.numel()
+            for k in range(len(group)):
+                part = slice(k * n, (k + 1) * n)
+                logits = found.logits[part]
+                best.update(found.x_adv[part], logits, found.objective[part],
+                            self._succeeded(logits, labels[pick]), index)
         return Iterate(best.x_adv, best.logits, best.objective)
 
     @torch.no_grad()
@@ -217,7 +249,14 @@ class APGDT(APGD):
 
     def __repr__(self) -> str:
         return (f"APGDT(threat={self.threat!r}, steps={self.steps}, n_target_classes={self.n_target_classes}, "
-                f"restarts={self.target_restarts})")
+                f"restarts={self.target_restarts}, target_batch={self.target_batch})")
+
+
+def _any_per_owner(success: Tensor, owner: Tensor) -> Tensor:
+    """Per row: has any row with the same owner succeeded (rows that are copies of one sample)."""
+    hit = torch.zeros(int(owner.max()) + 1, dtype=torch.bool, device=owner.device)
+    hit[owner[success]] = True
+    return hit[owner]
 
 
 class _NormLimited(Protocol):

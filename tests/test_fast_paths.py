@@ -179,3 +179,17 @@ def test_apgdt_target_batch_is_checked():
 
     with pytest.raises(ConfigError, match="target_batch"):
         APGDT(conv_model(), Linf(0.1), target_batch=-1)
+
+
+@pytest.mark.parametrize("threat", [Linf(0.05), L2(0.7)], ids=["linf", "l2"])
+def test_fabt_targets_side_by_side_match_one_after_the_other(threat):
+    from gradguard.attacks import FAB
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x, y = images(30, seed=6, model=model)
+    one_by_one = FAB(model, threat, targeted=True, steps=10, n_target_classes=4, seed=7, target_batch=0).run(x, y)
+    side_by_side = FAB(model, threat, targeted=True, steps=10, n_target_classes=4, seed=7,
+                       target_batch=10_000).run(x, y)
+    assert 0 < int(one_by_one.success.sum()) < len(y)
+    assert torch.equal(side_by_side.success, one_by_one.success)
+    assert bool(threat.contains(side_by_side.x_adv, x, tol=1e-6).all())

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
 from ..threat import ThreatModel
-from .apgd import _check_norm
+from .apgd import _any_per_owner, _check_norm
 from .base import Attack, Iterate, expand_mask, input_gradient, positive_float, positive_int
 from .deepfool import logit_difference
 
@@ -111,7 +111,7 @@ class FAB(Attack):
 
     def __init__(self, model: nn.Module, threat: ThreatModel, *, targeted: bool = False, n_target_classes: int = 9,
                  steps: int = 100, restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-                 **kwargs) -> None:
+                 target_batch: int = 256, **kwargs) -> None:
         if "loss" in kwargs:
             raise ConfigError("loss: FAB follows logit differences and takes no loss; drop the loss argument")
         if "target_policy" in kwargs:
@@ -134,6 +134,10 @@ class FAB(Attack):
         self.beta = positive_float(beta, "beta")
         if self.beta > 1:
             raise ConfigError(f"beta: the backward step toward the input, in (0, 1], got {beta!r}; the paper uses 0.9")
+        if isinstance(target_batch, bool) or not isinstance(target_batch, int) or target_batch < 0:
+            raise ConfigError(f"target_batch: rows per batch up to which FAB-T's target runs go side by side, an "
+                              f"integer >= 0 (0: one target after the other), got {target_batch!r}")
+        self.target_batch = target_batch
         self._classes = 0  # the model's class count, set per batch from the clean logits
 
     def _attack_labels(self, x: Tensor, y: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
@@ -151,17 +155,35 @@ class FAB(Attack):
         best_adv = x.clone()
         best_norm = torch.full((x.shape[0],), float("inf"), device=x.device, dtype=x.dtype)
         best_norm[clean_logits.argmax(dim=1) != labels] = 0.0  # already misclassified: x itself is minimal
-        for targets in self._target_rounds(clean_logits, labels):
+        rounds = self._target_rounds(clean_logits, labels)
+        done = 0
+        while done < len(rounds):
+            open_ = best_norm > self.threat.eps if self.early_stop else best_norm > 0
+            index = open_.nonzero().squeeze(1)
+            if index.numel() == 0:
+                break
+            # FAB-T's first-restart runs go side by side while few samples are open (as APGD-T's targets do):
+            # no random draw, and each row's walk is its own, so the outcome is that of one run after the other.
+            width = 1 if self.fab_restarts > 1 or rounds[0] is None else self.target_batch // index.numel()
+            group = rounds[done:done + max(1, min(len(rounds) - done, width))]
+            done += len(group)
             for restart in range(self.fab_restarts):
-                open_ = best_norm > self.threat.eps if self.early_stop else best_norm > 0
-                index = open_.nonzero().squeeze(1)
-                if index.numel() == 0:
-                    break
-                found, norm = self._search(x[index], labels[index], None if targets is None else targets[index],
-                                           random_start=restart > 0)
-                better = norm < best_norm[index]
-                best_adv[index[better]] = found[better]
-                best_norm[index[better]] = norm[better]
+                if restart > 0:
+                    open_ = best_norm > self.threat.eps if self.early_stop else best_norm > 0
+                    index = open_.nonzero().squeeze(1)
+                    if index.numel() == 0:
+                        break
+                copies = len(group)
+                found, norm = self._search(
+                    x[index].repeat((copies,) + (1,) * (x.dim() - 1)), labels[index].repeat(copies),
+                    None if group[0] is None else torch.cat([t[index] for t in group]),  # type: ignore[index]
+                    random_start=restart > 0,
+                    owner=torch.arange(index.numel(), device=x.device).repeat(copies) if copies > 1 else None)
+                for k in range(copies):
+                    part = slice(k * index.numel(), (k + 1) * index.numel())
+                    better = norm[part] < best_norm[index]
+                    best_adv[index[better]] = found[part][better]
+                    best_norm[index[better]] = norm[part][better]
         x_adv = torch.where(expand_mask(torch.isfinite(best_norm), x), self.threat.project(best_adv, x), x)
         logits, objective = self._evaluate(x_adv, labels)
         return Iterate(x_adv, logits, objective)
@@ -175,8 +197,12 @@ class FAB(Attack):
         return [others[:, rank] for rank in range(n_targets)]
 
     # -- one FAB run ------------------------------------------------------------------------------
-    def _search(self, x0: Tensor, labels: Tensor, targets: Tensor | None, random_start: bool) -> tuple[Tensor, Tensor]:
-        """(smallest adversarial point found, its norm — inf where none) over ``steps`` FAB steps from x0."""
+    def _search(self, x0: Tensor, labels: Tensor, targets: Tensor | None, random_start: bool,
+                owner: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(smallest adversarial point found, its norm — inf where none) over ``steps`` FAB steps from x0.
+
+        ``owner``: rows that are copies of one sample (targets side by side) share an id; with early stop every
+        copy of a sample stops once one copy has a point within eps."""
         norm, bounds = self.threat.norm, self.threat.bounds
         x_i = self.threat.clip(x0 + 0.5 * (self._random_start(x0) - x0)) if random_start else x0.clone()
         best_adv = x0.clone()
@@ -205,7 +231,10 @@ class FAB(Attack):
             moved = torch.where(expand_mask(adversarial, moved), x0a + self.beta * (moved - x0a), moved)
             x_i[active] = moved
             if self.early_stop:
-                active = active[best_norm[active] > self.threat.eps]
+                open_rows = best_norm > self.threat.eps
+                if owner is not None:
+                    open_rows = ~_any_per_owner(~open_rows, owner)
+                active = active[open_rows[active]]
                 if active.numel() == 0:
                     break
         return best_adv, best_norm
@@ -215,15 +244,15 @@ class FAB(Attack):
         if targets is not None:
             pairs = torch.stack([labels, targets], dim=1)
             self._n_grad += x.shape[0]
-            grad, _, f = input_gradient(self.model, x, pairs, logit_difference, False, amp=self.amp_dtype)
+            grad, _, f = input_gradient(self.forward_model, x, pairs, logit_difference, False, amp=self.amp_dtype)
             return f, grad
         n = x.shape[0]
         others = _other_classes(labels, self._classes)               # (n, K − 1)
         k = others.shape[1]
         pairs = torch.stack([labels.repeat_interleave(k), others.reshape(-1)], dim=1)
         self._n_grad += n * k
-        grad, _, f = input_gradient(self.model, x.repeat_interleave(k, dim=0), pairs, logit_difference, False,
-                                    amp=self.amp_dtype)
+        grad, _, f = input_gradient(self.forward_model, x.repeat_interleave(k, dim=0), pairs, logit_difference,
+                                    False, amp=self.amp_dtype)
         f, grad = f.reshape(n, k), grad.reshape((n, k) + x.shape[1:])
         dual = lp_norm(grad.reshape(n, k, -1), DUAL_NORMS[self.threat.norm])
         closest = (f.abs() / (dual + _TINY)).argmin(dim=1)

@@ -311,3 +311,28 @@ def test_cli_rejects_a_bad_ema_decay_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "ema_decay" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_continues_the_average_and_the_best_epoch_exactly(digits, tmp_path):
+    """Stopped after epoch 2 and resumed, a run with EMA and robust early stopping ends bitwise like a straight one."""
+    def run(run_dir, *, stop_after: int | None = None, resume: bool = False) -> Trainer:
+        def stop(metrics):
+            if metrics["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        trainer = ScriptedValidation(tiny_mlp(), "pgd", threat=THREAT, epochs=3, batch_size=64, optimizer="adam",
+                                     lr=1e-2, method_kwargs={"steps": 1}, ema_decay=0.8, early_stop="robust",
+                                     progress=False, run_dir=run_dir, resume=resume, on_epoch_end=stop)
+        trainer.script = [0.2, 0.6, 0.4]
+        trainer.fit((digits.x_train[:128], digits.y_train[:128]), (digits.x_test[:10], digits.y_test[:10]))
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", stop_after=2)
+    resumed = run(tmp_path / "resumed", resume=True)
+    assert resumed.history[-1]["early_stop"]["restored_epoch"] == 2
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for key, value in straight.ema.shadow.items():
+        assert torch.equal(value, resumed.ema.shadow[key]), key

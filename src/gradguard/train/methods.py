@@ -30,6 +30,9 @@ from ..attacks.base import input_gradient, model_guard, positive_float, positive
 from ..errors import ConfigError
 from ..threat import ThreatModel
 
+Forward = Callable[[Tensor], Tensor]  # inputs -> logits: a model, or a model at perturbed weights (AWP)
+Objective = Callable[[Forward], Tensor]  # forward -> a method's scalar loss
+
 
 @dataclass
 class MethodOutput:
@@ -171,10 +174,6 @@ class FastFGSM(TrainingMethod):
         return MethodOutput(F.cross_entropy(logits_adv, y), logits_adv=logits_adv)
 
 
-Forward = Callable[[Tensor], Tensor]
-Objective = Callable[[Forward], Tensor]
-
-
 class AdversarialWeightPerturbation:
     """Adversarial weight perturbation (AWP; Wu, Xia & Wang, NeurIPS 2020), layer-wise relative.
 
@@ -190,8 +189,13 @@ class AdversarialWeightPerturbation:
 
     def __init__(self, gamma: float, *, step_size: float | None = None, steps: int = 1) -> None:
         self.gamma = awp_radius(gamma)
-        self.step_size = self.gamma if step_size is None else positive_float(step_size, "awp_step_size")
+        self.given_step_size = None if step_size is None else positive_float(step_size, "awp_step_size")
         self.steps = positive_int(steps, "awp_steps")
+
+    @property
+    def step_size(self) -> float:
+        """η: the given one, or γ (one step then lands on the sphere ‖v_l‖ = γ‖w_l‖)."""
+        return self.gamma if self.given_step_size is None else self.given_step_size
 
     def offsets(self, module: nn.Module, objective: Objective) -> dict[int, Tensor]:
         """v per perturbed parameter (keyed by ``id(parameter)``), maximising ``objective(forward)``."""
@@ -224,7 +228,7 @@ class AdversarialWeightPerturbation:
         return perturbed
 
     def config(self) -> dict[str, Any]:
-        return {"awp_gamma": self.gamma, "awp_step_size": self.step_size, "awp_steps": self.steps}
+        return {"awp_gamma": self.gamma, "awp_step_size": self.given_step_size, "awp_steps": self.steps}
 
 
 def _forward_with(module: nn.Module, substitutes: dict[str, Tensor], inputs: Tensor) -> Tensor:
@@ -255,7 +259,7 @@ class WeightPerturbationOption(TrainingMethod):
         awp = {key: state.pop(key) for key in ("awp_gamma", "awp_step_size", "awp_steps") if key in state}
         super().load_state_dict(state)
         if awp:
-            self._init_awp(awp.get("awp_gamma", self.awp.gamma), awp.get("awp_step_size", self.awp.step_size),
+            self._init_awp(awp.get("awp_gamma", self.awp.gamma), awp.get("awp_step_size", self.awp.given_step_size),
                            awp.get("awp_steps", self.awp.steps))
 
     def loss_forward(self, model: nn.Module, attack_model: nn.Module, objective: Objective) -> Forward:

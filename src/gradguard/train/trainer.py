@@ -118,7 +118,8 @@ def ema_decay_value(value: Any) -> float | None:
 
 
 class Trainer:
-    """Train ``model`` with a method ("standard", "fgsm", "fgsm-rs", "pgd", "trades" or a ``TrainingMethod``).
+    """Train ``model`` with a method: a name from ``METHODS`` ("standard", "fgsm", "fgsm-rs", "pgd", "trades",
+    "gaussian", "input-grad-reg", "cure", "gradalign", "mart") or a ``TrainingMethod``.
 
     Args (all keyword except model/method):
         threat: the ThreatModel to train against (needed by every method but "standard").

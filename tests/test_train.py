@@ -57,7 +57,8 @@ def test_each_method_beats_standard_training_under_pgd(method, digits, standard_
 
 
 def test_methods_registry_and_errors():
-    assert sorted(METHODS) == ["fgsm", "fgsm-rs", "gaussian", "pgd", "standard", "trades"]
+    assert sorted(METHODS) == ["cure", "fgsm", "fgsm-rs", "gaussian", "gradalign", "input-grad-reg", "mart", "pgd",
+                              "standard", "trades"]
     assert get_method("trades", THREAT, beta=3.0).beta == 3.0
     with pytest.raises(ConfigError, match="method"):
         get_method("free-at", THREAT)

@@ -27,6 +27,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         examples=["gradguard train --out runs/std --epochs 20",
                   "gradguard train --out runs/pgd --method pgd --eps 0.1 --clip-grad-norm 1.0 --l2 5e-4",
                   "gradguard train --out runs/sig --depth 8 --activation sigmoid --init normal --monitor",
+                  "gradguard train --out runs/awp --method trades --method-arg awp_gamma=0.005 --eps 0.1 --ema 0.99 "
+                  "--early-stop robust",
                   "gradguard train --out runs/mine --model mymodels:Net --model-kwargs width=2 --dataset cifar10 "
                   "--data-root ~/data/cifar-10-batches-bin --method pgd --eps 0.03"])
     parser.add_argument("--out", required=True, help="run directory to create (must not exist unless --force)")
@@ -40,10 +42,12 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-arg", "--model-kwargs", dest="model_arg", action="append", metavar="KEY=VALUE",
                         help="any other model keyword (repeatable)")
     parser.add_argument("--method", default="standard",
-                        help="standard | fgsm | fgsm-rs | pgd | trades | gaussian (default standard)")
+                        help="standard | fgsm | fgsm-rs | pgd | trades | gaussian | input-grad-reg | cure | gradalign "
+                        "| mart (default standard; `gradguard list methods`)")
     parser.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
-                        help="method option, e.g. beta=6.0 for trades, steps=10 for pgd or sigma=0.25 for gaussian "
-                        "(repeatable)")
+                        help="method option, e.g. beta=6.0 for trades, steps=10 for pgd, sigma=0.25 for gaussian, "
+                        "lam=1.0 for input-grad-reg, gamma=4 for cure, lam=0.2 for gradalign, awp_gamma=0.005 for "
+                        "pgd/trades/mart (repeatable)")
     parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs (default 10)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="adam", help="optimiser (default adam)")
@@ -58,6 +62,11 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-samples", type=positive_int, help="use only the first N training samples")
     parser.add_argument("--val-attack", choices=["pgd", "fgsm", "none"], default="pgd",
                         help="per-epoch validation attack when a threat is set (default pgd: PGD-10)")
+    parser.add_argument("--ema", type=float, metavar="DECAY",
+                        help="keep an exponential moving average of the weights (decay in (0, 1), e.g. 0.999); "
+                        "validation and the saved model use it")
+    parser.add_argument("--early-stop", choices=["robust"],
+                        help="robust: keep the epoch with the best validation robust accuracy and restore it at the end")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run of --out from its last finished epoch (same settings)")
     parser.add_argument("--monitor", action="store_true", help="record gradient flow (gradflow.jsonl) with GradientMonitor")
@@ -80,6 +89,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     needs_threat = method is None or method.needs_threat or args.eps is not None
     threat = workflow.make_threat_from(args.norm, args.eps) if needs_threat else None
     out = Path(args.out)
+    averaging = trainer_options(args, threat)
     with workflow.staged_run_dir(out, replace=args.force, resumable=True, resume=args.resume) as staging:
         manifest = workflow.train_into(
             staging, dataset, model_name=args.model, model_kwargs=model_kwargs(args), method=args.method,
@@ -91,7 +101,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             label=out.name, extra={"data_root": args.data_root, "resize": args.resize, "center_crop": args.center_crop},
             method_kwargs=key_values(args.method_arg, "method-arg"),
             schedule=args.schedule, eps_warmup_epochs=args.eps_warmup_epochs, resume=args.resume,
-            channels_last=args.channels_last)
+            channels_last=args.channels_last, **averaging)
     history = manifest.pop("history")
     rows = [[r.get("epoch"), r.get("train_loss"), r.get("train_clean_acc"), r.get("val_clean_acc"),
              r.get("val_robust_acc")] for r in history]
@@ -99,6 +109,22 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     result = {"run_dir": str(out), "final": history[-1] if history else {}, "epochs": len(history),
               "manifest": manifest}
     return result, f"{text}\n\nmodel saved in {out}/ (model.safetensors, metrics.jsonl)"
+
+
+def trainer_options(args: argparse.Namespace, threat: Any) -> dict:
+    """``ema_decay`` / ``early_stop`` for the Trainer, only when asked for; both checked here so a bad value fails
+    before a run directory is staged."""
+    from ..errors import ConfigError
+    from ..train.trainer import ema_decay_value
+
+    options: dict[str, Any] = {}
+    if args.ema is not None:
+        options["ema_decay"] = ema_decay_value(args.ema)
+    if args.early_stop is not None:
+        if threat is None or args.val_attack == "none":
+            raise ConfigError("early-stop: 'robust' needs a validation attack; give --eps and leave --val-attack on")
+        options["early_stop"] = args.early_stop
+    return options
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:

@@ -7,6 +7,7 @@ the optimiser step. Weight decay is never hidden inside the optimiser, so the ob
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -49,7 +50,9 @@ NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.
                nn.InstanceNorm2d, nn.InstanceNorm3d, nn.SyncBatchNorm)
 # Settings that must match for ``resume=True`` to continue the same run.
 RESUME_KEYS = ("model", "method", "threat", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule",
-               "eps_warmup_epochs", "clip_grad_value", "clip_grad_norm", "loss_weight", "l2", "l2_exclude", "seed")
+               "eps_warmup_epochs", "clip_grad_value", "clip_grad_norm", "loss_weight", "l2", "l2_exclude", "seed",
+               "ema_decay", "early_stop")
+EARLY_STOPS = ("robust", None)
 
 
 @dataclass
@@ -81,8 +84,42 @@ class GuardSettings:
         return None
 
 
+class WeightAverage:
+    """Exponential moving average of a model's weights (Polyak averaging; as used for robust models by
+    Gowal et al. 2020): after every optimiser step each floating-point parameter's shadow becomes
+    d·shadow + (1 − d)·θ, and buffers (BatchNorm running statistics, counters) are copied as they are."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.parameter_names = {name for name, _ in model.named_parameters()}
+        self.shadow = {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for key, value in model.state_dict().items():
+            if key in self.parameter_names and value.dtype.is_floating_point:
+                self.shadow[key].mul_(self.decay).add_(value, alpha=1 - self.decay)
+            else:
+                self.shadow[key].copy_(value)
+
+
+def ema_decay_value(value: Any) -> float | None:
+    """The EMA decay: None (off) or a number strictly between 0 and 1."""
+    if value is None:
+        return None
+    try:
+        decay = float(value)
+    except (TypeError, ValueError):
+        decay = math.nan
+    if not 0 < decay < 1:  # also rejects NaN
+        raise ConfigError(f"ema_decay: expected a number in (0, 1) such as 0.999 (or None for no averaging), "
+                          f"got {value!r}")
+    return decay
+
+
 class Trainer:
-    """Train ``model`` with a method ("standard", "fgsm", "fgsm-rs", "pgd", "trades" or a ``TrainingMethod``).
+    """Train ``model`` with a method: a name from ``METHODS`` ("standard", "fgsm", "fgsm-rs", "pgd", "trades",
+    "gaussian", "input-grad-reg", "cure", "gradalign", "mart") or a ``TrainingMethod``.
 
     Args (all keyword except model/method):
         threat: the ThreatModel to train against (needed by every method but "standard").
@@ -102,6 +139,10 @@ class Trainer:
         val_max_samples: validation subset size per epoch (the first N samples).
         final_suite: e.g. "standard": evaluate the final model with gradguard.evaluation.evaluate.
         co_guard: catastrophic-overfitting guard; "auto" enables it for the single-step methods "fgsm" and "fgsm-rs".
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.999); validation,
+            model.safetensors and the model left in ``model`` after ``fit`` are the averaged weights.
+        early_stop: "robust" keeps the epoch with the best validation robust accuracy (Rice, Wong & Kolter 2020)
+            and restores it at the end of ``fit`` (needs validation data and ``val_attack``).
         method_kwargs: options for a method given by name (e.g. {"beta": 6.0} for TRADES).
         metadata: extra fields for model.json (e.g. {"dataset": "fashion-mnist"}).
         on_epoch_end: callback(metrics_dict) after each epoch's checkpoint is written.
@@ -139,6 +180,8 @@ class Trainer:
         metadata: dict | None = None,
         on_epoch_end: Callable[[dict], None] | None = None,
         device: str | torch.device | None = None,
+        ema_decay: float | None = None,
+        early_stop: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -190,6 +233,16 @@ class Trainer:
         if self.co_guard and threat is None:
             raise ConfigError("co_guard: needs a threat model to measure PGD accuracy against")
         self.guard = guard or GuardSettings()
+        self.ema_decay = ema_decay_value(ema_decay)
+        if early_stop not in EARLY_STOPS:
+            raise ConfigError(f"early_stop: expected 'robust' (keep the best validation robust accuracy) or None, "
+                              f"got {early_stop!r}")
+        if early_stop is not None and val_attack is None:
+            raise ConfigError("early_stop: 'robust' needs a val_attack and a threat model to measure robust accuracy")
+        self.early_stop = early_stop
+        self.ema: WeightAverage | None = None
+        self.best: dict | None = None  # {"epoch", "val_robust_acc", "val_clean_acc"} of the best epoch so far
+        self.best_state: dict[str, Tensor] | None = None
         self.metadata = dict(metadata or {})
         self.on_epoch_end = on_epoch_end
         self.device = torch.device(device) if device is not None else _model_device(model)
@@ -218,7 +271,10 @@ class Trainer:
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = self.epochs * self.steps_per_epoch
         self.optimizer = self._build_optimizer()
+        if self.early_stop is not None and self.val_data is None:
+            raise ConfigError("early_stop: 'robust' needs validation data; pass val to fit() or a gradguard Dataset")
         self.config = self._resolved_config()
+        self.ema = WeightAverage(unwrap(self.model), self.ema_decay) if self.ema_decay is not None else None
         start_epoch = self._prepare_run_dir()
         self.train_model = self.model
         if distributed.is_distributed():
@@ -239,12 +295,15 @@ class Trainer:
                     action = self._handle_collapse(epoch, probe, last_good)
                     if action is not None:
                         continue  # rolled back: run the same epoch again with the safer setting
-            metrics.update(self._validate())
+            with self._evaluated_weights():
+                metrics.update(self._validate())
+                self._track_best(epoch + 1, metrics)
             metrics["time_s"] = round(time.perf_counter() - started, 3)
             self.history.append(metrics)
             epoch += 1
             self._end_of_epoch(epoch, metrics, step_log)
             last_good = self._snapshot()
+        self._install_final_weights()
         final = self._final_evaluation()
         if final is not None and self.history:
             self.history[-1]["final"] = final
@@ -276,6 +335,8 @@ class Trainer:
             (objective * share).backward()
             grad_norm = self._clip_gradients()
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(unwrap(self.model))
             if self.monitor is not None:
                 self.monitor.step()
             n = y.shape[0]
@@ -479,6 +540,58 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------------------
+    # Weight averaging and robust early stopping
+    # ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _evaluated_weights(self) -> Iterator[None]:
+        """Inside: the model holds the weights that are validated and saved (the EMA's, when on); after: the
+        training weights again, exactly."""
+        if self.ema is None:
+            yield
+            return
+        module = unwrap(self.model)
+        live = {key: value.detach().clone() for key, value in module.state_dict().items()}
+        module.load_state_dict(self.ema.shadow)
+        try:
+            yield
+        finally:
+            module.load_state_dict(live)
+
+    def _track_best(self, epoch: int, metrics: dict) -> None:
+        """Robust early stopping: remember the evaluated weights of the epoch with the best val robust accuracy."""
+        if self.early_stop is None or "val_robust_acc" not in metrics:
+            return
+        if self.best is None or metrics["val_robust_acc"] > self.best["val_robust_acc"]:
+            self.best = {"epoch": epoch, "val_robust_acc": metrics["val_robust_acc"],
+                         "val_clean_acc": metrics.get("val_clean_acc")}
+            self.best_state = {key: value.detach().clone() for key, value in unwrap(self.model).state_dict().items()}
+        metrics["best_epoch"] = self.best["epoch"]
+
+    def _install_final_weights(self) -> None:
+        """End of fit: the best epoch's weights (early_stop) or the averaged ones (EMA) become the model's and
+        the saved model's; the choice is recorded in the last history entry."""
+        module = unwrap(self.model)
+        if self.early_stop is not None and self.best_state is not None and self.best is not None:
+            module.load_state_dict(self.best_state)
+            record: dict[str, Any] = {"early_stop": {"criterion": "val_robust_acc", "restored_epoch": self.best["epoch"],
+                                                     "val_robust_acc": self.best["val_robust_acc"],
+                                                     "val_clean_acc": self.best["val_clean_acc"]}}
+            epoch = self.best["epoch"]
+        elif self.ema is not None:
+            module.load_state_dict(self.ema.shadow)
+            record, epoch = {}, len(self.history)
+        else:
+            return
+        if self.ema is not None:
+            record["weights"] = f"ema (decay {self.ema.decay:g})"
+        if self.history:
+            self.history[-1].update(record)
+        if self.is_main and self.run_dir is not None and self.history:
+            save_model(self.model, self.run_dir, **self._model_metadata(epoch))
+            self._write_metrics()
+        distributed.barrier()
+
+    # ------------------------------------------------------------------------------------------------
     # Catastrophic-overfitting guard
     # ------------------------------------------------------------------------------------------------
     def _guard_batch(self) -> tuple[Tensor, Tensor]:
@@ -537,11 +650,14 @@ class Trainer:
         if not self.co_guard:
             return {}
         return {"model": copy.deepcopy(unwrap(self.model).state_dict()),
-                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "ema": copy.deepcopy(self.ema.shadow) if self.ema is not None else None}
 
     def _restore_snapshot(self, snapshot: dict) -> None:
         unwrap(self.model).load_state_dict(snapshot["model"])
         self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+        if self.ema is not None and snapshot.get("ema") is not None:
+            self.ema.shadow = copy.deepcopy(snapshot["ema"])
 
     # ------------------------------------------------------------------------------------------------
     # Run directory, checkpoints, resume
@@ -556,6 +672,7 @@ class Trainer:
             "loss_weight": self.loss_weight, "l2": self.l2, "l2_exclude": list(self.l2_exclude), "seed": self.seed,
             "val_attack": self.val_attack, "val_max_samples": self.val_max_samples,
             "final_suite": self.final_suite, "co_guard": self.co_guard, "guard": vars(self.guard),
+            "ema_decay": self.ema_decay, "early_stop": self.early_stop,
             "world_size": self.world_size, "device": str(self.device), "steps_per_epoch": self.steps_per_epoch,
             "n_train": self._n_samples(self.train_data), "metadata": self.metadata,
             "versions": {"torch": torch.__version__},
@@ -594,6 +711,13 @@ class Trainer:
         self.optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
         restore_rng(tensors, state["rng"])
         self.method.load_state_dict(state["method"])
+        if self.ema is not None:
+            self.ema.shadow = {key[len("ema."):]: value.to(self.device) for key, value in tensors.items()
+                               if key.startswith("ema.")}
+        self.best = state.get("best")
+        if self.best is not None:
+            self.best_state = {key[len("best."):]: value.to(self.device) for key, value in tensors.items()
+                               if key.startswith("best.")}
         self.history, self.events = state["history"], state.get("events", [])
         self.lr_scale = state["lr_scale"]
         if self.is_main:
@@ -621,7 +745,8 @@ class Trainer:
             with open(self.run_dir / "steps.jsonl", "a") as handle:
                 handle.writelines(json.dumps(record) + "\n" for record in step_log)
             self._write_metrics()
-            save_model(self.model, self.run_dir, **self._model_metadata(epoch))
+            with self._evaluated_weights():
+                save_model(self.model, self.run_dir, **self._model_metadata(epoch))
             self._save_checkpoint(self.run_dir, epoch)
         distributed.barrier()
         if self.on_epoch_end is not None:
@@ -633,13 +758,19 @@ class Trainer:
         tensors = {f"model.{key}": value for key, value in state_tensors(self.model).items()}
         tensors.update(optimizer_tensors)
         tensors.update(rng_tensors)
+        if self.ema is not None:
+            tensors.update({f"ema.{key}": value for key, value in self.ema.shadow.items()})
+        if self.best_state is not None:
+            tensors.update({f"best.{key}": value for key, value in self.best_state.items()})
         state = {"epoch": epoch, "optimizer": optimizer_meta, "rng": rng_meta, "method": self.method.state_dict(),
-                 "history": self.history, "events": self.events, "lr_scale": self.lr_scale}
+                 "history": self.history, "events": self.events, "lr_scale": self.lr_scale, "best": self.best}
         save_checkpoint(run_dir / "checkpoint", epoch, tensors, state)
 
     def _model_metadata(self, epoch: int) -> dict:
+        metrics = self.history[epoch - 1] if 0 < epoch <= len(self.history) else None
+        averaged = {"weights": f"ema (decay {self.ema.decay:g})"} if self.ema is not None else {}
         return {"dataset": self.metadata.get("dataset"), "threat": self.config["threat"],
-                "method": self.method.config(), "epoch": epoch, "metrics": self.history[-1] if self.history else None,
+                "method": self.method.config(), "epoch": epoch, "metrics": metrics, **averaged,
                 **{k: v for k, v in self.metadata.items() if k != "dataset"}}
 
     def _write_metrics(self) -> None:

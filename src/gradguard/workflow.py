@@ -358,7 +358,8 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                val_attack: str | None, monitor_every: int | None, seed: int, device, label: str,
                extra: dict | None = None, order: int = 0, method_kwargs: dict | None = None,
                schedule: str = "constant", eps_warmup_epochs: float = 0.0, resume: bool = False,
-               channels_last: bool = False) -> dict:
+               channels_last: bool = False, ema_decay: float | None = None,
+               early_stop: str | None = None) -> dict:
     """Train one model into ``run_dir`` with gradguard.train.Trainer; returns the manifest (with ``history``).
 
     ``model_name`` is a zoo name (built for the data's input shape and classes) or any spec
@@ -396,7 +397,8 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                       clip_grad_value=clip_grad_value, l2=l2, run_dir=run_dir, seed=seed, monitor=monitor,
                       val_attack=val_attack, val_max_samples=val_samples or 1000, device=device,
                       method_kwargs=method_kwargs, schedule=schedule, eps_warmup_epochs=eps_warmup_epochs,
-                      metadata={"dataset": dataset.name}, progress=sys.stderr.isatty(), resume=resume)
+                      metadata={"dataset": dataset.name}, progress=sys.stderr.isatty(), resume=resume,
+                      ema_decay=ema_decay, early_stop=early_stop)
     started = time.perf_counter()
     with (monitor if monitor is not None else contextlib.nullcontext()):
         history = trainer.fit((x, y), val)

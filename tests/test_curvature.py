@@ -238,6 +238,21 @@ def test_trace_is_exact_for_diagonal_blocks_and_unbiased_with_a_standard_error_o
     assert stopped.converged and stopped.standard_error <= 0.05 * abs(stopped.value) and stopped.iterations < 400
 
 
+def test_deflated_trace_is_unbiased_tighter_and_exact_once_the_krylov_space_is_full():
+    model, x, y, matrix = quadratic_form(size=40, split=10, seed=2)
+    # outlier eigenvalues along dense directions (as in networks: not aligned with single parameters)
+    directions, _ = torch.linalg.qr(torch.randn(40, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    matrix += directions @ torch.diag(torch.tensor([60.0, 40.0, 30.0], dtype=torch.float64)) @ directions.T
+    expected = float(torch.trace(matrix))
+    plain = hessian_trace(model, x, y, loss_fn=identity_loss, iters=60, tol=0.0, seed=5)
+    deflated = hessian_trace(model, x, y, loss_fn=identity_loss, iters=60, tol=0.0, seed=5, deflation=10)
+    assert plain.iterations == deflated.iterations == 60
+    assert abs(deflated.value - expected) < 4 * deflated.standard_error
+    assert deflated.standard_error < plain.standard_error / 3
+    full = hessian_trace(model, x, y, loss_fn=identity_loss, iters=50, tol=0.0, deflation=45)
+    assert full.value == pytest.approx(expected, rel=1e-10) and full.converged and full.iterations == 40
+
+
 def test_density_nodes_are_the_eigenvalues_and_moments_are_exact_traces_of_powers():
     model, x, y, matrix = quadratic_form(diagonal_blocks=True)
     eigenvalues = torch.linalg.eigvalsh(matrix)
@@ -297,6 +312,8 @@ def test_new_estimators_reject_bad_arguments_with_one_line():
         hessian_eigenvalues(model, x, y, k=11, loss_fn=identity_loss)
     with pytest.raises(ConfigError, match="tol"):
         hessian_trace(model, x, y, tol=-1, loss_fn=identity_loss)
+    with pytest.raises(ConfigError, match="deflation"):
+        hessian_trace(model, x, y, iters=5, deflation=5, loss_fn=identity_loss)
     with pytest.raises(ConfigError, match="n_v"):
         hessian_density(model, x, y, n_v=0, loss_fn=identity_loss)
     with pytest.raises(ConfigError, match="quantiles"):

@@ -10,7 +10,10 @@ building the first gradient graph, as PyHessian's constructor does):
 - top eigenvalue: PyHessian's power iteration (``eigenvalues(maxIter=iters, tol=tol)``), gradguard's
   Lanczos (``hessian_eigenvalues(k=1, iters=iters, tol=tol)``, what ``top_hessian_eigenvalue`` runs) and
   gradguard's power iteration (``hessian_power_iteration``, PyHessian's algorithm, to price the products);
-- trace: Hutchinson with ``probes`` Rademacher probes in both (tol=0: both run every probe).
+- the same power iteration at a fixed ``iters`` products (tol=0): the price of one product in each;
+- trace: Hutchinson with ``probes`` Rademacher probes in both (tol=0: both run every probe), and gradguard's
+  deflated Hutchinson (``deflation=probes // 3`` Lanczos vectors, then probes: the same number of products);
+  the reference trace is a deflated run with 3x the products and another seed.
 
 Reported: each value, products used, median seconds and the time ratios gradguard / PyHessian; a converged
 Lanczos run (tol=1e-8) is the reference eigenvalue. Targets (issue 14): values within 1 %, time <= 0.7x.
@@ -34,12 +37,24 @@ from gradguard.diagnostics import hessian_eigenvalues, hessian_power_iteration, 
 
 
 def pyhessian_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int, tol: float) -> dict:
-    from pyhessian import hessian
+    import pyhessian.hessian as module
 
-    computer = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
-    values, _ = computer.eigenvalues(maxIter=iters, tol=tol, top_n=1)
+    products = 0
+    plain = module.hessian_vector_product
+
+    def counted(*args: Any) -> Any:  # count PyHessian's products (it does not report them)
+        nonlocal products
+        products += 1
+        return plain(*args)
+
+    module.hessian_vector_product = counted
+    try:
+        computer = module.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        values, _ = computer.eigenvalues(maxIter=iters, tol=tol, top_n=1)
+    finally:
+        module.hessian_vector_product = plain
     model.zero_grad(set_to_none=True)  # PyHessian leaves .grad (with a graph) on the parameters
-    return {"value": float(values[0])}
+    return {"value": float(values[0]), "iterations": products}
 
 
 def pyhessian_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probes: int) -> dict:
@@ -91,28 +106,47 @@ def main() -> None:
         "gradguard lanczos": lambda: _eigen(hessian_eigenvalues(model, x, y, k=1, iters=args.iters, tol=args.tol)),
         "gradguard power": lambda: _power(hessian_power_iteration(model, x, y, iters=args.iters, tol=args.tol)),
     }, args.repeats)
+    fixed = timed_rounds({
+        "pyhessian power": lambda: pyhessian_top(model, x, y, args.iters, 0.0),
+        "gradguard power": lambda: _power(hessian_power_iteration(model, x, y, iters=args.iters, tol=0.0)),
+    }, args.repeats)
+    deflation = args.probes // 3
     trace = timed_rounds({
         "pyhessian hutchinson": lambda: pyhessian_trace(model, x, y, args.probes),
         "gradguard hutchinson": lambda: _trace(hessian_trace(model, x, y, iters=args.probes, tol=0.0)),
+        "gradguard deflated": lambda: _trace(hessian_trace(model, x, y, iters=args.probes, tol=0.0,
+                                                           deflation=deflation)),
     }, args.repeats)
+    reference_trace = _trace(hessian_trace(model, x, y, iters=3 * args.probes, tol=0.0, deflation=args.probes,
+                                           seed=1))
     base_top, base_trace = top["pyhessian power"], trace["pyhessian hutchinson"]
     summary = {
         "settings": {**vars(args), "json": None, "threads": torch.get_num_threads(), "torch": torch.__version__},
         "reference_top_eigenvalue": reference,
-        "top": top, "trace": trace,
+        "reference_trace": reference_trace,
+        "top": top, "fixed_products": fixed, "trace": trace,
         "ratios": {
             "lanczos / pyhessian time": top["gradguard lanczos"]["median_s"] / base_top["median_s"],
             "power / pyhessian time": top["gradguard power"]["median_s"] / base_top["median_s"],
+            "power / pyhessian time, fixed products": fixed["gradguard power"]["median_s"]
+            / fixed["pyhessian power"]["median_s"],
             "trace time": trace["gradguard hutchinson"]["median_s"] / base_trace["median_s"],
+            "deflated trace time": trace["gradguard deflated"]["median_s"] / base_trace["median_s"],
+            "deflated / pyhessian trace standard error": trace["gradguard deflated"]["standard_error"]
+            / base_trace["standard_error"],
+            "deflated trace / reference": trace["gradguard deflated"]["value"] / reference_trace["value"],
+            "pyhessian trace / reference": base_trace["value"] / reference_trace["value"],
             "lanczos / pyhessian value": top["gradguard lanczos"]["value"] / base_top["value"],
             "trace value": trace["gradguard hutchinson"]["value"] / base_trace["value"],
         },
     }
-    for section in (top, trace):
+    for section in (top, fixed, trace):
         for name, entry in section.items():
             print(f"{name:22s} value={entry['value']:.5g} products={entry.get('iterations', '-')} "
                   f"median={entry['median_s']:.3f}s  se={entry.get('standard_error', '-')}")
     print(f"reference top eigenvalue (Lanczos, tol 1e-8): {reference:.6g}")
+    print(f"reference trace ({reference_trace['iterations']} products, deflated): {reference_trace['value']:.6g} "
+          f"± {reference_trace['standard_error']:.3g}")
     print(json.dumps(summary["ratios"], indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=1))

@@ -280,7 +280,7 @@ def test_per_layer_equals_the_blocks_of_the_dense_hessian_of_a_network():
             model, dict(zip([n for n, _ in model.named_parameters()], flat, strict=True)), (x,)), y),
         tuple(p.detach() for p in params))
     blocks = {"0": (0, 1), "2": (2, 3)}
-    eigen = hessian_eigenvalues(model, x, y, k=2, per_layer=True, iters=100, tol=0, batch_size=7)
+    eigen = hessian_eigenvalues(model, x, y, k=2, per_layer=True, iters=100, tol=0, batch_size=16)
     trace = hessian_trace(model, x, y, per_layer=True, iters=5, tol=0)
     assert set(eigen) == set(blocks) == set(trace)
     for name, (weight, bias) in blocks.items():
@@ -389,3 +389,33 @@ def test_sharpness_tracker_uses_adams_preconditioned_threshold():
     assert record["threshold"] == pytest.approx(38 / 1e-2)
     with pytest.raises(ConfigError, match="curvature_every"):
         SharpnessTracker(model, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# diagnose --curvature: into the run directory and the report
+# ------------------------------------------------------------------------------------------------
+def test_diagnose_curvature_writes_results_and_plots_and_the_report_shows_them(tmp_path):
+    import json
+
+    from gradguard.data import TensorSampleSet
+    from gradguard.io import atomic_write_json
+    from gradguard.report import build_report
+    from gradguard.workflow import _curvature_into
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+    data = TensorSampleSet("toy", ["a", "b", "c"], torch.rand(50, 1, 4, 4), torch.randint(0, 3, (50,)))
+    result = _curvature_into(tmp_path, model, data, samples=40, seed=0, device=torch.device("cpu"))
+    assert len(result["top_eigenvalues"]["values"]) == 5 and result["n_samples"] == 40
+    assert result["top_hessian_eigenvalue"] == result["top_eigenvalues"]["values"][0]
+    assert [row["layer"] for row in result["per_layer"]] == ["1", "3"]
+    assert sum(row["parameters"] for row in result["per_layer"]) == result["parameters"] == 16 * 8 + 8 + 8 * 3 + 3
+    assert result["input_curvature"]["n_samples"] == 40 and len(result["input_curvature"]["values"]) == 40
+    assert sum(result["density"]["weights"][0]) == pytest.approx(1.0)
+    for name in ("hessian_density.png", "input_curvature.png"):
+        assert (tmp_path / "plots" / name).read_bytes().startswith(b"\x89PNG")
+    atomic_write_json(tmp_path / "diagnosis.json", {"curvature": result})
+    html = build_report(tmp_path).read_text()
+    assert "Hessian eigenvalue density" in html and "trace (Hutchinson)" in html
+    assert f"{result['top_hessian_eigenvalue']:.4g}" in html
+    assert json.loads((tmp_path / "diagnosis.json").read_text())["curvature"]["trace"]["probes"] >= 10

@@ -93,7 +93,7 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _grad(outputs: list[Tensor], inputs: list[Tensor], grad_outputs: list[Tensor] | None = None,
+def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor] | None = None,
           **kwargs: bool) -> list[Tensor]:
     """``torch.autograd.grad`` that reads a constant output or an unused input as a zero derivative."""
     weights: list[Tensor | None] = list(grad_outputs) if grad_outputs is not None else [None] * len(outputs)
@@ -241,6 +241,7 @@ def top_hessian_eigenvalue(model: nn.Module, x: Tensor, y: Tensor, *, iters: int
     """
     estimate = hessian_eigenvalues(model, x, y, k=1, iters=iters, tol=tol, loss_fn=loss_fn, time_limit=time_limit,
                                    batch_size=batch_size, seed=seed)
+    assert isinstance(estimate, EigenvaluesEstimate)
     return estimate.values[0]
 
 
@@ -593,11 +594,11 @@ def input_curvature_distribution(model: nn.Module, data: tuple[Tensor, Tensor] |
     if not all(0 <= q <= 1 for q in levels):
         raise ConfigError(f"quantiles: expected numbers in [0, 1], got {list(quantiles)!r}")
     began = time.perf_counter()
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(part, Tensor) for part in data):
-        batches: Iterable[tuple[Tensor, Tensor]] = zip(data[0].split(batch_size), data[1].split(batch_size),
-                                                       strict=True)
+    batches: Iterable[tuple[Tensor, Tensor]]
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor) and isinstance(data[1], Tensor):
+        batches = zip(data[0].split(batch_size), data[1].split(batch_size), strict=True)
     else:
-        batches = data
+        batches = data  # an iterable of (x, y) batches
     parts = [input_curvature(model, xb, yb, h=h, method=method, loss_fn=loss_fn).cpu() for xb, yb in batches]
     if not parts:
         raise InputError("data: no batches; pass (x, y) tensors or an iterable of (x, y) batches")

@@ -508,13 +508,14 @@ class GradientMonitor:
     def findings(self) -> list[Finding]:
         """Diagnose the records so far (see ``findings_from_records``), plus "sharpness" with ``curvature_every``."""
         findings = findings_from_records(self.records)
-        unstable = self.sharpness.unstable() if self.sharpness is not None else []
-        if unstable:
+        tracker = self.sharpness
+        unstable = tracker.unstable() if tracker is not None else []
+        if tracker is not None and unstable:
             first, worst = unstable[0], max(unstable, key=lambda record: record["ratio"])
             evidence = {"first_step": first["step"], "top_eigenvalue": first["top_eigenvalue"],
                         "threshold": first["threshold"], "ratio": first["ratio"], "lr": first["lr"],
                         "worst_ratio": worst["ratio"], "quantity": first["quantity"],
-                        "measured": len(self.sharpness.records), "over_threshold": len(unstable)}
+                        "measured": len(tracker.records), "over_threshold": len(unstable)}
             findings.insert(0, Finding("sharpness", "(whole model)", evidence, ADVICE["sharpness"]))
         return findings
 

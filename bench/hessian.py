@@ -37,7 +37,9 @@ from gradguard.diagnostics import hessian_eigenvalues, hessian_power_iteration, 
 
 
 def pyhessian_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int, tol: float) -> dict:
-    import pyhessian.hessian as module
+    import pyhessian  # noqa: F401  (the package exports a class named like its module: read the module itself)
+
+    module = sys.modules["pyhessian.hessian"]
 
     products = 0
     plain = module.hessian_vector_product

@@ -419,3 +419,20 @@ def test_diagnose_curvature_writes_results_and_plots_and_the_report_shows_them(t
     assert "Hessian eigenvalue density" in html and "trace (Hutchinson)" in html
     assert f"{result['top_hessian_eigenvalue']:.4g}" in html
     assert json.loads((tmp_path / "diagnosis.json").read_text())["curvature"]["trace"]["probes"] >= 10
+
+
+def test_monitor_counting_through_the_optimiser_measures_on_schedule_and_removes_its_hook():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with GradientMonitor(model, every=5, optimizer=optimizer, curvature_every=3) as monitor:
+        for _ in range(7):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            monitor.step()
+    records = monitor.curvature_records
+    assert [r["step"] for r in records] == [0, 3, 6]
+    assert all(r["threshold"] == pytest.approx((2 + 2 * 0.9) / 0.1) and r["top_eigenvalue"] > 0 for r in records)
+    assert not model._forward_pre_hooks and not [f for f in monitor.findings() if f.kind == "sharpness"]

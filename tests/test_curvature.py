@@ -436,3 +436,15 @@ def test_monitor_counting_through_the_optimiser_measures_on_schedule_and_removes
     assert [r["step"] for r in records] == [0, 3, 6]
     assert all(r["threshold"] == pytest.approx((2 + 2 * 0.9) / 0.1) and r["top_eigenvalue"] > 0 for r in records)
     assert not model._forward_pre_hooks and not [f for f in monitor.findings() if f.kind == "sharpness"]
+
+
+def test_top_eigenvalue_falls_back_to_power_iteration_when_the_lanczos_basis_would_be_too_big(monkeypatch):
+    from gradguard.diagnostics import curvature
+
+    model, x, targets, expected = quadratic_problem()
+    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", 0)
+    value = top_hessian_eigenvalue(model, x, targets, loss_fn=squared_error, iters=7, tol=0)
+    assert value == hessian_power_iteration(model, x, targets, loss_fn=squared_error, iters=7, tol=0).value
+    assert value != pytest.approx(expected, rel=1e-9)  # 7 power steps are not converged; Lanczos would be exact
+    monkeypatch.undo()
+    assert top_hessian_eigenvalue(model, x, targets, loss_fn=squared_error, iters=7, tol=0) == pytest.approx(expected)

@@ -29,6 +29,7 @@ from ..attacks.base import positive_float, positive_int
 from ..errors import ConfigError, InputError, ShapeError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+LANCZOS_BASIS_BYTES = 1 << 30  # above this, top_hessian_eigenvalue runs power iteration (no stored basis)
 
 
 def per_sample_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
@@ -237,8 +238,13 @@ def top_hessian_eigenvalue(model: nn.Module, x: Tensor, y: Tensor, *, iters: int
     Lanczos with full reorthogonalisation on double-backward Hessian-vector products (``hessian_eigenvalues``
     with k=1): the same answer as PyHessian's power iteration (Yao et al. 2020) in fewer products. Defaults
     iters=20 products, tol=1e-4 (relative change of the estimate); ``loss_fn(logits, y)`` returns per-sample
-    losses (default: cross-entropy). ``hessian_power_iteration`` is the plain power iteration.
+    losses (default: cross-entropy). ``hessian_power_iteration`` is the plain power iteration, used instead
+    when the Lanczos basis (``iters`` float64 vectors of the parameter count) would pass 1 GiB.
     """
+    if isinstance(model, nn.Module) and isinstance(iters, int) and \
+            iters * sum(p.numel() for p in model.parameters() if p.requires_grad) * 8 > LANCZOS_BASIS_BYTES:
+        return hessian_power_iteration(model, x, y, iters=iters, tol=tol, loss_fn=loss_fn, time_limit=time_limit,
+                                       batch_size=batch_size, seed=seed).value
     estimate = hessian_eigenvalues(model, x, y, k=1, iters=iters, tol=tol, loss_fn=loss_fn, time_limit=time_limit,
                                    batch_size=batch_size, seed=seed)
     assert isinstance(estimate, EigenvaluesEstimate)

@@ -418,7 +418,7 @@ def test_diagnose_curvature_writes_results_and_plots_and_the_report_shows_them(t
     html = build_report(tmp_path).read_text()
     assert "Hessian eigenvalue density" in html and "trace (Hutchinson)" in html
     assert f"{result['top_hessian_eigenvalue']:.4g}" in html
-    assert json.loads((tmp_path / "diagnosis.json").read_text())["curvature"]["trace"]["probes"] >= 10
+    assert json.loads((tmp_path / "diagnosis.json").read_text())["curvature"]["trace"]["products"] >= 10
 
 
 def test_monitor_counting_through_the_optimiser_measures_on_schedule_and_removes_its_hook():

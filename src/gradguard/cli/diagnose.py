@@ -52,7 +52,7 @@ def _curvature_text(curvature: dict) -> str:
     top, trace, inputs = curvature["top_eigenvalues"], curvature["trace"], curvature["input_curvature"]
     lines = [f"top Hessian eigenvalue: {curvature['top_hessian_eigenvalue']:.4g}",
              "top eigenvalues: " + ", ".join(f"{v:.4g}" for v in top["values"]),
-             f"Hessian trace: {trace['value']:.4g} ± {trace['standard_error']:.2g} ({trace['probes']} probes)",
+             f"Hessian trace: {trace['value']:.4g} ± {trace['standard_error']:.2g} ({trace['products']} products)",
              f"input curvature: mean {inputs['mean']:.4g}, median {inputs['quantiles']['q50']:.4g}, "
              f"q95 {inputs['quantiles']['q95']:.4g} ({inputs['n_samples']} samples)"]
     rows = [[row["layer"], row["parameters"], f"{row['top_eigenvalue']:.4g}", f"{row['trace']:.4g}"]

@@ -247,7 +247,7 @@ def _curvature(run: RunData, figures: dict) -> str:
         rows = [["top eigenvalues (Lanczos)", _fmt_list(top.get("values") or [curvature.get("top_hessian_eigenvalue")]),
                  _fmt(top.get("products")), _fmt(top.get("seconds"))],
                 ["trace (Hutchinson)", f"{_fmt(trace.get('value'))} ± {_fmt(trace.get('standard_error'))}",
-                 _fmt(trace.get("probes")), _fmt(trace.get("seconds"))]]
+                 _fmt(trace.get("products")), _fmt(trace.get("seconds"))]]
         inputs = curvature.get("input_curvature") or {}
         if inputs:
             quantiles = inputs.get("quantiles") or {}

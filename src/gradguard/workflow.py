@@ -691,18 +691,30 @@ def _diagnose(run_dir: Path, model, dataset, threat, *, samples: int, curvature:
 
         diagnosis["gradient_findings"] = [f.to_dict() for f in findings_from_records(records)]
     if curvature:
-        from .diagnostics.curvature import input_curvature, top_hessian_eigenvalue
-
-        xb, yb = next(iter_batches(data, min(64, samples)))
-        xb, yb = xb.to(device), yb.to(device)
-        diagnosis["curvature"] = {"top_hessian_eigenvalue": float(top_hessian_eigenvalue(model, xb, yb)),
-                                  "input_curvature_mean": float(input_curvature(model, xb, yb).mean()),
-                                  "n_samples": int(len(yb))}
+        diagnosis["curvature"] = _curvature_into(run_dir, model, data, samples=samples, seed=seed, device=device)
     diagnosis["masking_verdict"] = masking.verdict
     diagnosis["run"] = {**record, "world_size": 1}  # the checklist itself ran in one process
     atomic_write_text(run_dir / "masking.json", masking.to_json())
     atomic_write_json(run_dir / "diagnosis.json", diagnosis)
     return {"masking": json.loads(masking.to_json()), "diagnosis": diagnosis}
+
+
+def _curvature_into(run_dir: Path, model, data, *, samples: int, seed: int, device) -> dict:
+    """Hessian top-k, trace, density and per-layer table on the first min(64, samples) test images, and the
+    input-curvature distribution over ``samples`` images; the density and distribution plots go to plots/."""
+    from .diagnostics.curvature import curvature_summary
+    from .io import atomic_write_bytes
+    from .report import plots
+
+    xb, yb = next(iter_batches(data, min(64, samples)))
+    batches = ((x.to(device), y.to(device)) for x, y in iter_batches(data, 256, limit=samples))
+    result = curvature_summary(model, xb.to(device), yb.to(device), input_data=batches, seed=seed)
+    density, inputs = result["density"], result["input_curvature"]
+    atomic_write_bytes(run_dir / "plots" / "hessian_density.png",
+                       plots.hessian_density(density["grid"], density["density"], result["top_eigenvalues"]["values"]))
+    atomic_write_bytes(run_dir / "plots" / "input_curvature.png",
+                       plots.input_curvature_histogram(inputs["values"], inputs["quantiles"]))
+    return result
 
 
 def _with_class_names(robustness: dict, classes: list[str]) -> dict:

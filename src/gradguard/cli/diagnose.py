@@ -17,7 +17,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         examples=["gradguard diagnose runs/pgd", "gradguard diagnose runs/sig --curvature --json",
                   "gradguard diagnose --model mymodels:Net --weights net.pth --dataset npy:data/ --out runs/mine-diag"])
     model_source_options(parser)
-    parser.add_argument("--curvature", action="store_true", help="also estimate the top Hessian eigenvalue")
+    parser.add_argument("--curvature", action="store_true",
+                        help="also measure curvature: Hessian top-5 eigenvalues, trace, density and per-layer "
+                        "table on 64 test images, input curvature of every sample (plots in RUN_DIR/plots)")
     data_options(parser, dataset_default=None, samples_default=200, samples_help="test samples (default 200)")
     threat_options(parser, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
     device_options(parser, amp=False)  # the checklist judges gradients: it always runs in float32
@@ -38,6 +40,21 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     if findings is not None:
         text += "\n\n" + (format_table(["gradient finding", "layer"], [[f.get("kind"), f.get("layer")] for f in findings])
                           if findings else "gradient flow: no issue found")
-    if "curvature" in result["diagnosis"]:
-        text += f"\ntop Hessian eigenvalue: {result['diagnosis']['curvature']['top_hessian_eigenvalue']:.4g}"
-    return result, f"{text}\n\nwrote {run.shown}/masking.json, {run.shown}/diagnosis.json"
+    curvature = result["diagnosis"].get("curvature")
+    wrote = f"{run.shown}/masking.json, {run.shown}/diagnosis.json"
+    if curvature is not None:
+        text += "\n\n" + _curvature_text(curvature)
+        wrote += f", {run.shown}/plots/hessian_density.png, {run.shown}/plots/input_curvature.png"
+    return result, f"{text}\n\nwrote {wrote}"
+
+
+def _curvature_text(curvature: dict) -> str:
+    top, trace, inputs = curvature["top_eigenvalues"], curvature["trace"], curvature["input_curvature"]
+    lines = [f"top Hessian eigenvalue: {curvature['top_hessian_eigenvalue']:.4g}",
+             "top eigenvalues: " + ", ".join(f"{v:.4g}" for v in top["values"]),
+             f"Hessian trace: {trace['value']:.4g} ± {trace['standard_error']:.2g} ({trace['products']} products)",
+             f"input curvature: mean {inputs['mean']:.4g}, median {inputs['quantiles']['q50']:.4g}, "
+             f"q95 {inputs['quantiles']['q95']:.4g} ({inputs['n_samples']} samples)"]
+    rows = [[row["layer"], row["parameters"], f"{row['top_eigenvalue']:.4g}", f"{row['trace']:.4g}"]
+            for row in curvature["per_layer"]]
+    return "\n".join(lines) + "\n\n" + format_table(["layer", "parameters", "top eigenvalue", "trace"], rows)

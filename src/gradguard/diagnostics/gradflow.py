@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, DataError, InputError
+from .curvature import LossFn, SharpnessTracker
 from .health import (
     DEAD_FRACTION,
     EXPLODING_GROWTH,
@@ -75,6 +76,11 @@ ADVICE = {
         "and that its learning rate is not tiny; if the layer is early in the network this is usually vanishing "
         "gradients: use ReLU-family activations, He/Glorot init, normalisation layers or residual connections "
         "(an adaptive optimiser such as Adam also evens out per-layer step sizes)."
+    ),
+    "sharpness": (
+        "The loss Hessian's top eigenvalue is past the optimiser's stability threshold (lr·λ_max > 2 for SGD), "
+        "so steps overshoot along the sharpest direction and the run is heading for divergence. Lower the "
+        "learning rate (below 2/λ_max), add warm-up, or clip gradients by norm."
     ),
 }
 
@@ -164,6 +170,10 @@ class GradientMonitor:
         optimizer: optional; when given, steps are counted automatically through its step hooks
             (explicit ``step()`` calls then do nothing, so a Trainer calling ``step()`` too is harmless).
         append: append to an existing ``path`` (resumed runs) instead of starting it afresh.
+        curvature_every: every N-th step, also measure the top Hessian eigenvalue of that step's training
+            batch (``curvature_iters`` warm-started power-iteration products) against the optimiser's stability
+            threshold (2/lr for SGD; see ``SharpnessTracker``); a "sharpness" finding when it is exceeded.
+            Needs ``optimizer=`` or ``lr=``; labels come from ``step(targets=...)``, else the predictions.
 
     Use as ``with GradientMonitor(model, every=10) as monitor: ...`` (calling ``monitor.step()`` after each
     optimiser step, or passing ``optimizer=``), or hand it to ``Trainer(monitor=...)``. A monitor that was
@@ -175,7 +185,9 @@ class GradientMonitor:
     """
 
     def __init__(self, model: nn.Module, every: int = 10, path: str | os.PathLike | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, *, append: bool = False):
+                 optimizer: torch.optim.Optimizer | None = None, *, append: bool = False,
+                 curvature_every: int | None = None, curvature_iters: int = 5, lr: float | None = None,
+                 curvature_loss: LossFn | None = None):
         if not isinstance(model, nn.Module):
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -205,6 +217,11 @@ class GradientMonitor:
         self._reset_sample()
         self._loss: float | None = None
         self._warned_no_grad = False
+        self.sharpness = (SharpnessTracker(model, curvature_every, optimizer=optimizer, lr=lr, iters=curvature_iters,
+                                           loss_fn=curvature_loss) if curvature_every is not None else None)
+        self._batch_handle: Any = None
+        self._batch: Tensor | None = None  # the sampled step's training input, for the curvature measurement
+        self._targets: Tensor | None = None
 
     @staticmethod
     def _find_layers(model: nn.Module) -> list[_LayerState]:
@@ -235,11 +252,13 @@ class GradientMonitor:
             self._file = open(self.path, "a" if self.append else "w", encoding="utf-8")
         if self.step_count % self.every == 0:
             self._arm()
+        self._arm_curvature()
         return self
 
     def detach(self) -> None:
         """Remove every hook and close the file; records stay available."""
         self._disarm()
+        self._disarm_curvature()
         for handle in self._optimizer_handles:
             handle.remove()
         self._optimizer_handles = []
@@ -420,11 +439,13 @@ class GradientMonitor:
         return records
 
     # -- public ----------------------------------------------------------------------------------
-    def step(self, loss: float | Tensor | None = None) -> None:
+    def step(self, loss: float | Tensor | None = None, *, targets: Tensor | None = None) -> None:
         """Mark the end of one training step (call after ``optimizer.step()``, before ``zero_grad()``).
 
         ``loss`` is optional and stored with the records. With ``optimizer=`` given, steps are counted by the
-        optimiser's hooks and this call only stores ``loss`` for the next sampled step.
+        optimiser's hooks and this call only stores ``loss`` for the next sampled step. ``targets`` (the
+        batch's labels) are used by the curvature measurement of ``curvature_every`` (when steps are counted
+        here; the optimiser's hooks measure before this call, on the predictions).
         """
         if loss is not None:
             value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
@@ -436,6 +457,7 @@ class GradientMonitor:
             # the next sampled step is recorded instead of nothing at all. The step ending now was not watched.
             self.attach()
             self._disarm()
+        self._targets = targets
         self._end_step()
 
     def _end_step(self) -> None:
@@ -443,14 +465,59 @@ class GradientMonitor:
             self._finish_sample()
             self._disarm()
             self._reset_sample()
+        self._measure_curvature()
         self.step_count += 1
         self._loss = None
         if self.attached and self.step_count % self.every == 0:
             self._arm()
+        self._arm_curvature()
+
+    # -- curvature (curvature_every) --------------------------------------------------------------
+    def _arm_curvature(self) -> None:
+        """Hook the model's input for a step whose curvature is due (no hook on the other steps)."""
+        if self.sharpness is not None and self.attached and self._batch_handle is None \
+                and self.sharpness.due(self.step_count):
+            self._batch_handle = self.model.register_forward_pre_hook(self._batch_hook)
+
+    def _disarm_curvature(self) -> None:
+        if self._batch_handle is not None:
+            self._batch_handle.remove()
+            self._batch_handle = None
+
+    def _batch_hook(self, module: nn.Module, inputs: Any) -> None:
+        if torch.is_grad_enabled() and module.training and inputs and isinstance(inputs[0], Tensor):
+            self._batch = inputs[0].detach()  # the last training forward of the step: what the optimiser fits
+
+    def _measure_curvature(self) -> None:
+        batch, targets, self._batch, self._targets = self._batch, self._targets, None, None
+        self._disarm_curvature()
+        if self.sharpness is None or batch is None:
+            return
+        if targets is not None and targets.shape[0] != batch.shape[0]:
+            targets = None
+        record = self.sharpness.measure(self.step_count, batch, targets)
+        if self.path is not None:
+            with open(self.path.with_name("curvature.jsonl"), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    @property
+    def curvature_records(self) -> list[dict]:
+        """One record per curvature measurement: step, top_eigenvalue, threshold, ratio, lr, seconds."""
+        return list(self.sharpness.records) if self.sharpness is not None else []
 
     def findings(self) -> list[Finding]:
-        """Diagnose the records so far (see ``findings_from_records``)."""
-        return findings_from_records(self.records)
+        """Diagnose the records so far (see ``findings_from_records``), plus "sharpness" with ``curvature_every``."""
+        findings = findings_from_records(self.records)
+        tracker = self.sharpness
+        unstable = tracker.unstable() if tracker is not None else []
+        if tracker is not None and unstable:
+            first, worst = unstable[0], max(unstable, key=lambda record: record["ratio"])
+            evidence = {"first_step": first["step"], "top_eigenvalue": first["top_eigenvalue"],
+                        "threshold": first["threshold"], "ratio": first["ratio"], "lr": first["lr"],
+                        "worst_ratio": worst["ratio"], "quantity": first["quantity"],
+                        "measured": len(tracker.records), "over_threshold": len(unstable)}
+            findings.insert(0, Finding("sharpness", "(whole model)", evidence, ADVICE["sharpness"]))
+        return findings
 
     def plot(self, out_dir: str | os.PathLike) -> list[Path]:
         """Write the gradient-flow, norm heat-map and activation-health PNGs; return their paths."""

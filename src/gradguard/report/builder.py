@@ -33,6 +33,7 @@ def build_report(run_dir: str | Path, *, display_path: str | Path | None = None)
         ("per-class", "Per-class robustness", _per_class(run, figures)),
         ("masking", "Gradient-masking checklist", _masking(run)),
         ("gradients", "Gradient health", _gradients(run, summary, figures)),
+        ("curvature", "Curvature", _curvature(run, figures)),
         ("training", "Training curves", _training(run, figures)),
         ("config", "Run configuration", _config(run)),
     ]
@@ -311,6 +312,47 @@ def _gradients(run: RunData, summary: dict, figures: dict) -> str:
     if rows:
         out.append(table(["run", "finding", "layer", "evidence", "advice"], rows))
     return "".join(out) or missing("No gradient records: train with `gradguard train --monitor` or run the demo.")
+
+
+def _curvature(run: RunData, figures: dict) -> str:
+    """Hessian top-k, trace, density, per-layer table and input curvature from `diagnose --curvature`."""
+    out = []
+    for index, m in enumerate(run.models):
+        curvature = (m.diagnosis or {}).get("curvature")
+        if not isinstance(curvature, dict):
+            continue
+        top, trace = curvature.get("top_eigenvalues") or {}, curvature.get("trace") or {}
+        rows = [["top eigenvalues (Lanczos)", _fmt_list(top.get("values") or [curvature.get("top_hessian_eigenvalue")]),
+                 _fmt(top.get("products")), _fmt(top.get("seconds"))],
+                ["trace (Hutchinson)", f"{_fmt(trace.get('value'))} ± {_fmt(trace.get('standard_error'))}",
+                 _fmt(trace.get("products")), _fmt(trace.get("seconds"))]]
+        inputs = curvature.get("input_curvature") or {}
+        if inputs:
+            quantiles = inputs.get("quantiles") or {}
+            rows.append(["input curvature: mean, median, q95",
+                         _fmt_list([inputs.get("mean"), quantiles.get("q50"), quantiles.get("q95")]),
+                         _fmt(inputs.get("n_samples")), _fmt(inputs.get("elapsed_s"))])
+        out.append(f"<h3>{escape(m.label)} ({_fmt(curvature.get('n_samples'))} samples)</h3>"
+                   + table(["quantity", "value", "products / samples", "seconds"], rows))
+        layers = curvature.get("per_layer") or []
+        if layers:
+            out.append(table(["layer", "parameters", "top eigenvalue", "trace"],
+                             [[escape(str(row.get("layer"))), _fmt(row.get("parameters")), _fmt(row.get("top_eigenvalue")),
+                               f"{_fmt(row.get('trace'))} ± {_fmt(row.get('trace_standard_error'))}"] for row in layers]))
+        density = curvature.get("density") or {}
+        if density.get("grid"):
+            figures[f"hessian_density_{index}"] = plots.hessian_density(density["grid"], density["density"],
+                                                                         top.get("values") or [])
+            out.append(png_tag(figures[f"hessian_density_{index}"], f"{m.label} Hessian eigenvalue density"))
+        if inputs.get("values"):
+            figures[f"input_curvature_{index}"] = plots.input_curvature_histogram(inputs["values"],
+                                                                                  inputs.get("quantiles") or {})
+            out.append(png_tag(figures[f"input_curvature_{index}"], f"{m.label} input curvature"))
+    return "".join(out) or missing("Curvature not measured: `gradguard diagnose RUN_DIR --curvature`.")
+
+
+def _fmt_list(values) -> str:
+    return ", ".join(_fmt(value) for value in values)
 
 
 def _training(run: RunData, figures: dict) -> str:

@@ -206,3 +206,28 @@ def certified_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], sigm
     _style(ax, f"Certified accuracy of the smoothed classifier{noise}", "L2 radius", "certified accuracy")
     ax.legend(frameon=False)
     return _png(fig)
+
+
+def hessian_density(grid: Sequence[float], density: Sequence[float], top: Sequence[float] = ()) -> bytes:
+    """Eigenvalue density of the loss Hessian (stochastic Lanczos quadrature), log scale, top eigenvalues marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    values = np.maximum(np.asarray(density, dtype=float), 1e-12)
+    ax.semilogy(grid, values, color=PALETTE[0])
+    for value in top:
+        ax.axvline(value, color=PALETTE[1], alpha=0.4, lw=1)
+    _style(ax, "Hessian eigenvalue density (SLQ)", "eigenvalue", "density")
+    return _png(fig)
+
+
+def input_curvature_histogram(values: Sequence[float], quantiles: Mapping[str, float]) -> bytes:
+    """Histogram of per-sample input curvature ĝᵀ∇²ℓĝ, with the median and the 95th percentile marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.hist(np.asarray(values, dtype=float), bins=min(40, max(5, len(values) // 5)), color=PALETTE[0], alpha=0.8)
+    for key, color in (("q50", PALETTE[2]), ("q95", PALETTE[1])):
+        if key in quantiles:
+            ax.axvline(quantiles[key], color=color, lw=1.5, label=f"{key} = {quantiles[key]:.3g}")
+    _style(ax, "Input-space curvature per sample", "curvature along the input gradient", "samples")
+    ax.legend(frameon=False)
+    return _png(fig)

@@ -67,3 +67,46 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert config["world_size"] == 2
     assert sorted(p.name for p in (double / "checkpoint").iterdir()) == [
         "epoch-0001.json", "epoch-0001.safetensors", "epoch-0002.json", "epoch-0002.safetensors"]
+
+
+EVERY_METHOD_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    torch.set_num_threads(1)
+    from gradguard import Linf
+    from gradguard.data import load_dataset
+    from gradguard.models import build_model
+    from gradguard.train import METHODS, Trainer
+    out = sys.argv[1]
+    d = load_dataset("digits")
+    options = {"pgd": {"steps": 2}, "trades": {"steps": 2}, "mart": {"steps": 2}, "gaussian": {"sigma": 0.25}}
+    weights = {}
+    for name in sorted(METHODS):
+        torch.manual_seed(0)
+        model = build_model("mlp", depth=1, width=16, input_shape=(1, 8, 8))
+        needs_threat = getattr(METHODS[name], "needs_threat", True)
+        Trainer(model, name, threat=Linf(0.2) if needs_threat else None, epochs=2, batch_size=64, optimizer="sgd",
+                lr=0.05, progress=False, val_attack=None, seed=3, method_kwargs=options.get(name, {})).fit(
+            (d.x_train[:256], d.y_train[:256]))
+        weights[name] = [p.detach().flatten().tolist() for p in model.parameters()]
+    import torch.distributed as dist
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"weights-rank{rank}.json"), "w") as handle:
+        json.dump(weights, handle)
+""")
+
+
+@pytest.mark.slow
+def test_every_method_matches_one_process_under_two(tmp_path):
+    """Random starts and noise are drawn per sample from (seed, epoch, index): the split does not change them."""
+    script = tmp_path / "every.py"
+    script.write_text(EVERY_METHOD_SCRIPT)
+    _torchrun(script, tmp_path / "one", 1)
+    _torchrun(script, tmp_path / "two", 2)
+    one = json.loads((tmp_path / "one" / "weights-rank0.json").read_text())
+    two = json.loads((tmp_path / "two" / "weights-rank0.json").read_text())
+    assert sorted(one) == sorted(two) and {"fgsm-rs", "pgd", "trades", "gaussian"} <= set(one)
+    for name in one:
+        for a, b in zip(one[name], two[name], strict=True):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, name=name: f"{name}: {m}")

@@ -68,8 +68,13 @@ class ThreatModel:
         return self.clip(x + self._project_delta(x_adv - x))
 
     def random_start(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A point drawn uniformly from the eps-ball around ``x``, then clipped to the box."""
-        return self.clip(x + self._random_delta(x, generator))
+        """A point drawn uniformly from the eps-ball around ``x``, then clipped to the box.
+
+        Without ``generator``, inside ``gradguard.rng.per_sample_generators`` each row is drawn from its sample's
+        own generator (training that matches across process counts); otherwise from torch's global RNG."""
+        from .rng import draw_per_sample
+
+        return self.clip(x + draw_per_sample(x, self._random_delta, generator))
 
     def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """Per-sample Lp distance, shape (batch,)."""

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from ..attacks import FGSM, PGD
 from ..attacks.base import input_gradient, model_guard, positive_float, positive_int
 from ..errors import ConfigError
+from ..rng import noise_like
 from ..threat import ThreatModel
 
 Forward = Callable[[Tensor], Tensor]  # inputs -> logits: a model, or a model at perturbed weights (AWP)
@@ -340,7 +341,7 @@ class TRADES(WeightPerturbationOption):
             def kl_objective(logits: Tensor, labels: Tensor, targeted: bool) -> Tensor:
                 return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="none").sum(dim=1)
 
-            x_adv = threat.project(x + 0.001 * torch.randn_like(x), x)
+            x_adv = threat.project(x + 0.001 * noise_like(x), x)
             dummy_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             for _ in range(self.steps):
                 grad, _, _ = input_gradient(model, x_adv, dummy_labels, kl_objective, False)
@@ -369,7 +370,7 @@ class Gaussian(TrainingMethod):
         return {"sigma": self.sigma}
 
     def compute(self, model, attack_model, x, y, threat):
-        logits_noisy = model(x + self.sigma * torch.randn_like(x))
+        logits_noisy = model(x + self.sigma * noise_like(x))
         return MethodOutput(F.cross_entropy(logits_noisy, y), logits_adv=logits_noisy)
 
 

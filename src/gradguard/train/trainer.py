@@ -30,6 +30,7 @@ from ..errors import CheckpointError, ConfigError, InputError
 from ..io import atomic_write_json, atomic_write_text
 from ..models import model_spec, state_tensors, unwrap
 from ..models import save as save_model
+from ..rng import per_sample_generators
 from ..threat import Linf, ThreatModel
 from . import distributed
 from .checkpoint import (
@@ -325,12 +326,15 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False)
-        for x, y, share in batches:
+        for x, y, share, indices in batches:
             lr, threat = self._lr_at(self.global_step), self._threat_at(self.global_step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            output = self.method.compute(self.train_model, self.model, x, y, threat)
+            # Random starts and noise keyed by (seed, epoch, sample): the same draws on 1 or N processes.
+            with (per_sample_generators(self.seed, epoch, indices) if indices is not None
+                  else contextlib.nullcontext()):
+                output = self.method.compute(self.train_model, self.model, x, y, threat)
             objective = self.loss_weight * output.loss + (self.l2 * self.l2_penalty() if self.l2 > 0 else 0.0)
             (objective * share).backward()
             grad_norm = self._clip_gradients()
@@ -452,13 +456,14 @@ class Trainer:
             return len(self._distributed_loader(0)) if distributed.is_distributed() else len(self.train_data)
         return math.ceil(self.train_data[1].shape[0] / self.batch_size)
 
-    def _train_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, float]]:
-        """(x, y, share) per step; ``share`` rescales this process's mean loss so that DDP's gradient average
-        equals the gradient of the mean loss over the whole global batch (exact also for ragged last batches)."""
+    def _train_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, float, Tensor | None]]:
+        """(x, y, share, indices) per step; ``share`` rescales this process's mean loss so that DDP's gradient
+        average equals the gradient of the mean loss over the whole global batch (exact also for ragged last
+        batches); ``indices`` are the samples' positions in the training tensors (None for a DataLoader)."""
         if isinstance(self.train_data, torch.utils.data.DataLoader):
             loader = self._distributed_loader(epoch) if distributed.is_distributed() else self.train_data
             for x, y in loader:
-                yield x.to(self.device), y.to(self.device), 1.0
+                yield x.to(self.device), y.to(self.device), 1.0, None
             return
         x_all, y_all = self.train_data
         order = torch.randperm(y_all.shape[0], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
@@ -472,7 +477,7 @@ class Trainer:
                 share = len(batch) * self.world_size / global_size
             else:
                 share = 1.0
-            yield x_all[batch].to(self.device), y_all[batch].to(self.device), share
+            yield x_all[batch].to(self.device), y_all[batch].to(self.device), share, batch
 
     def _distributed_loader(self, epoch: int):
         from torch.utils.data import DataLoader, DistributedSampler

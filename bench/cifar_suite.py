@@ -144,9 +144,11 @@ def run_cascade(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: torch
     return row
 
 
-def run_gradguard(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: torch.Tensor, suite="standard") -> dict:
+def run_gradguard(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: torch.Tensor, suite="standard",
+                  compile: bool = False) -> dict:
     started = time.perf_counter()
-    report = evaluate(model, (x, y), threat, suite, batch_size=len(y), seed=0, return_adversarial=True)
+    report = evaluate(model, (x, y), threat, suite, batch_size=len(y), seed=0, return_adversarial=True,
+                      compile=compile)
     elapsed = time.perf_counter() - started
     assert report.x_adv is not None
     still, inside = checked_robust(model, threat, x, y, report.x_adv)

@@ -123,7 +123,7 @@ def load_models(names: list[str], recipe: Path | None) -> dict[str, tuple[nn.Mod
 
 
 def measure_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, reference_first: bool,
-                  record: Callable[[dict], None]) -> dict:
+                  record: Callable[[dict], None], compile_row: bool = False) -> dict:
     logged = CallLog(model).eval()
     cost = PassCost(model, x, y)
     threat = Linf(EPS)
@@ -144,7 +144,7 @@ def measure_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             stage["floor_s"] = round(floor_seconds(stage_calls.get(stage["stage"], []), cost), 2)
         return row
 
-    def run_ours() -> dict:
+    def run_ours(compile: bool = False) -> dict:
         from gradguard.evaluation.suites import AttackSpec
 
         stage_calls: dict[str, list] = {}
@@ -155,7 +155,7 @@ def measure_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             return original_build(self, model, threat, seed)
         AttackSpec.build = build  # type: ignore[method-assign]
         try:
-            row = run_gradguard(logged, threat, x, y)
+            row = run_gradguard(logged, threat, x, y, compile=compile)
         finally:
             AttackSpec.build = original_build  # type: ignore[method-assign]
         for stage in row["stages"]:
@@ -163,7 +163,10 @@ def measure_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         return row
 
     order = [("reference", run_reference), ("gradguard", run_ours)]
-    for key, run in (order if reference_first else order[::-1]):
+    order = order if reference_first else order[::-1]
+    if compile_row:
+        order.append(("gradguard+compile", lambda: run_ours(compile=True)))
+    for key, run in order:
         print(f"{time.strftime('%H:%M:%S')} {name}: {key} (load average {open('/proc/loadavg').read().split()[0]})",
               flush=True)
         result["rows"][key] = run()
@@ -181,6 +184,8 @@ def main() -> None:
     parser.add_argument("--n-eval-cifar", type=int, default=100, help="test images for the PreActResNet-18")
     parser.add_argument("--recipe", type=Path, help="run directory of the recipe model (default: newest found)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile-row", action="store_true",
+                        help="also run gradguard with compile=True (torch.compile; its compile time is in the stages)")
     parser.add_argument("--json", type=Path, default=RESULT)
     parser.add_argument("--table", action="store_true", help="print the markdown table of the --json results")
     args = parser.parse_args()
@@ -212,7 +217,7 @@ def main() -> None:
         def record(row: dict, name=name, source=source) -> None:
             result["models"][name] = {"source": source, **row}
             write()
-        measure_model(name, model, x, y, reference_first=k % 2 == 0, record=record)
+        measure_model(name, model, x, y, reference_first=k % 2 == 0, record=record, compile_row=args.compile_row)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     write()
     print(table(result), flush=True)
@@ -244,6 +249,22 @@ def table(result: dict) -> str:
         lines.append(f"| **{name}** | **total** | **{totals[0]:.1f}** | **{totals[1]:.1f}** | "
                      f"**{totals[1] / max(totals[0], 1e-9):.2f}** | {100 * rows['reference']['robust_accuracy']:.2f} % | "
                      f"{100 * rows['gradguard']['robust_accuracy']:.2f} % | | |")
+    compiled = {name: entry for name, entry in result["models"].items() if "gradguard+compile" in entry["rows"]}
+    if compiled:
+        lines += ["", "| model (N) | stage | reference s | gradguard s | gradguard compile=True s (compiling included) "
+                  "| compile / reference | acc. reference / compile |", "|---|---|---|---|---|---|---|"]
+        for name, entry in compiled.items():
+            rows = entry["rows"]
+            plain = {s["stage"].lower(): s for s in rows.get("gradguard", {}).get("stages", [])}
+            fast = {s["stage"].lower(): s for s in rows["gradguard+compile"]["stages"]}
+            for stage in rows.get("reference", {}).get("stages", []):
+                key = stage["stage"].lower()
+                if key not in fast:
+                    continue
+                lines.append(f"| {name} ({entry['n_eval']}) | {stage['stage']} | {stage['time_s']:.1f} | "
+                             f"{plain.get(key, {}).get('time_s', float('nan')):.1f} | {fast[key]['time_s']:.1f} | "
+                             f"{fast[key]['time_s'] / max(stage['time_s'], 1e-9):.2f} | "
+                             f"{100 * stage['accuracy']:.2f} / {100 * fast[key]['accuracy']:.2f} % |")
     return "\n".join(lines)
 
 

@@ -59,7 +59,7 @@ def device_options(parser: argparse.ArgumentParser, *, amp: bool = True) -> None
     if amp:
         group.add_argument("--compile", action="store_true",
                            help="run the attacks' passes through torch.compile (falls back to eager with one "
-                           "warning if compiling fails; not faster on the CPU benchmarks)")
+                           "warning if compiling fails); pays on larger models after a minute of compiling")
 
 
 def threat_options(parser: argparse.ArgumentParser, eps_help: str) -> None:

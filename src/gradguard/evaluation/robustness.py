@@ -177,7 +177,7 @@ def evaluate(
         amp: "bf16" or "fp16" runs every named attack's gradients and queries under autocast (GPU speed); every
             success is re-checked by a full-precision forward pass, so low precision never breaks a sample by itself.
         compile: run every named attack's passes through ``torch.compile`` (an eager fallback with one warning
-            if compiling fails); off by default, as it did not pay on CPU (see ``Attack``).
+            if compiling fails); off by default: it pays on larger models only (see ``Attack``).
 
     The model's mode, parameters, ``requires_grad`` flags and ``.grad`` fields are left as they were.
     """

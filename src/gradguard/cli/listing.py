@@ -9,13 +9,17 @@ from typing import Any
 
 from .common import add_command
 
-CATALOGUES = ["commands", "attacks", "methods", "models", "datasets", "suites"]
+CATALOGUES = ["commands", "attacks", "methods", "models", "datasets", "suites", "diagnostics"]
+# What `gradguard diagnose` (and --curvature) computes, by the name docs/diagnose.md uses.
+DIAGNOSTICS = ["masking-checklist", "gradient-monitor", "hessian-eigenvalues", "hessian-trace", "hessian-density",
+               "input-curvature", "sharpness"]
 
 
 def register(commands: Any, common: argparse.ArgumentParser) -> None:
-    parser = add_command(commands, "list", parents=[common], help="list commands, attacks, methods, models, datasets and suites",
+    parser = add_command(commands, "list", parents=[common],
+                         help="list commands, attacks, methods, models, datasets, suites and diagnostics",
                          description="List what this installation offers: its commands, attack names for `attack` "
-                         "and `--suite`, training methods, zoo models, dataset sources and named suites.",
+                         "and `--suite`, training methods, zoo models, dataset sources, named suites and diagnostics.",
                          examples=["gradguard list", "gradguard list attacks", "gradguard list models --json"])
     parser.add_argument("what", nargs="?", choices=CATALOGUES, help="one catalogue (default: all)")
     parser.set_defaults(handler=run)
@@ -31,6 +35,6 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
     commands = [module.__name__.rsplit(".", 1)[-1].replace("listing", "list") for module in COMMAND_MODULES]
     catalogue = {"commands": commands, "attacks": available_attacks(), "methods": sorted(METHODS), "models": list_models(),
-                 "datasets": list_datasets(), "suites": sorted(SUITES)}
+                 "datasets": list_datasets(), "suites": sorted(SUITES), "diagnostics": DIAGNOSTICS}
     chosen = {args.what: catalogue[args.what]} if args.what else catalogue
     return chosen, "\n".join(f"{kind}: {', '.join(names)}" for kind, names in chosen.items())

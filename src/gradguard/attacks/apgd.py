@@ -254,7 +254,7 @@ class APGDT(APGD):
 
 def _any_per_owner(success: Tensor, owner: Tensor) -> Tensor:
     """Per row: has any row with the same owner succeeded (rows that are copies of one sample)."""
-    hit = torch.zeros(int(owner.max()) + 1, dtype=torch.bool, device=owner.device)
+    hit = torch.zeros(owner.shape[0], dtype=torch.bool, device=owner.device)  # owner ids < rows: no sync
     hit[owner[success]] = True
     return hit[owner]
 

@@ -295,6 +295,9 @@ def voted_logits(model: nn.Module, x: Tensor, labels: Tensor, votes: int,
     A sample succeeds when more than half of the passes say ``succeeded(logits, labels)``. Its logits are those
     of one pass that agrees with the verdict, so ``argmax`` and ``success`` never contradict each other.
     """
+    if votes == 1:
+        logits = check_logits(model(x), x.shape[0])
+        return succeeded(logits, labels), upcast_logits(logits)
     passes = [check_logits(model(x), x.shape[0]) for _ in range(votes)]
     verdicts = torch.stack([succeeded(logits, labels) for logits in passes])  # (votes, batch)
     success = 2 * verdicts.sum(0) > votes
@@ -744,12 +747,14 @@ def positive_int(value: Any, argument: str) -> int:
     return value
 
 
-def positive_float(value: Any, argument: str, allow_zero: bool = False) -> float:
+def positive_float(value: Any, argument: str, allow_zero: bool = False, hint: str = "") -> float:
+    """``value`` as a finite float > 0 (>= 0 with ``allow_zero``); ``hint`` says in the error what it means."""
+    bound = ">= 0" if allow_zero else "> 0"
+    meaning = f" ({hint})" if hint else ""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{argument}: expected a number, got {value!r}") from None
+        raise ConfigError(f"{argument}: expected a finite number {bound}{meaning}, got {value!r}") from None
     if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{argument}: expected a finite number {bound}, got {value!r}")
+        raise ConfigError(f"{argument}: expected a finite number {bound}{meaning}, got {value!r}")
     return number

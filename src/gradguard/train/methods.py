@@ -389,16 +389,6 @@ def _squared_norms(t: Tensor) -> Tensor:
     return t.flatten(1).pow(2).sum(dim=1)
 
 
-def _non_negative(value: Any, argument: str, hint: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{argument}: expected a finite number >= 0 ({hint}), got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise ConfigError(f"{argument}: expected a finite number >= 0 ({hint}), got {value!r}")
-    return number
-
-
 class InputGradientRegularization(TrainingMethod):
     """Input-gradient regularisation, "double backpropagation" (Drucker & LeCun 1992; Ross & Doshi-Velez 2018):
     L = CE(f(x), y) + λ·mean_i ‖∇ₓ CE(f(x_i), y_i)‖².
@@ -413,7 +403,7 @@ class InputGradientRegularization(TrainingMethod):
 
     def __init__(self, threat: ThreatModel | None = None, *, lam: float = 1.0) -> None:
         super().__init__(threat)
-        self.lam = _non_negative(lam, "lam", "the weight λ of the gradient penalty")
+        self.lam = positive_float(lam, "lam", allow_zero=True, hint="the weight λ of the gradient penalty")
 
     def state_dict(self):
         return {"lam": self.lam}
@@ -445,7 +435,8 @@ class CURE(TrainingMethod):
 
     def __init__(self, threat: ThreatModel | None = None, *, gamma: float = 4.0, h: float | None = None) -> None:
         super().__init__(threat)
-        self.gamma = _non_negative(gamma, "gamma", "the weight γ of the curvature penalty; the paper uses 4")
+        self.gamma = positive_float(gamma, "gamma", allow_zero=True,
+                                    hint="the weight γ of the curvature penalty; the paper uses 4")
         self.h = None if h is None else positive_float(h, "h")
 
     def state_dict(self):
@@ -493,7 +484,8 @@ class GradAlign(TrainingMethod):
     def __init__(self, threat: ThreatModel | None = None, *, lam: float = 0.2, step_factor: float = 1.25,
                  random_start: bool = True) -> None:
         super().__init__(threat)
-        self.lam = _non_negative(lam, "lam", "the weight λ of the alignment penalty; the paper uses 0.2")
+        self.lam = positive_float(lam, "lam", allow_zero=True,
+                                  hint="the weight λ of the alignment penalty; the paper uses 0.2")
         self.step_factor = positive_float(step_factor, "step_factor")
         self.random_start = bool(random_start)
 
@@ -537,7 +529,7 @@ class MART(WeightPerturbationOption):
                  step_size: float | None = None, awp_gamma: float = 0.0, awp_step_size: float | None = None,
                  awp_steps: int = 1) -> None:
         super().__init__(threat)
-        self.beta = _non_negative(beta, "beta", "the weight β of the KL term; the paper uses 6")
+        self.beta = positive_float(beta, "beta", allow_zero=True, hint="the weight β of the KL term; the paper uses 6")
         self.steps = positive_int(steps, "steps")
         self.step_size = None if step_size is None else positive_float(step_size, "step_size")
         self._init_awp(awp_gamma, awp_step_size, awp_steps)

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import sys
 import time
 from functools import partial
@@ -40,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_fashion_mnist  # noqa: E402
+from common import load_fashion_mnist, run_header, write_json  # noqa: E402
 from gradguard import Linf, evaluate  # noqa: E402
 from gradguard.models import build_model, load, save  # noqa: E402
 from gradguard.threat import ThreatModel  # noqa: E402
@@ -163,12 +161,13 @@ def run_gradguard(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: tor
             report.robust_accuracy, "time_s": round(elapsed, 1)}
 
 
-def reference_stages(model: nn.Module, eps: float) -> list[Stage]:
+def reference_stages(model: nn.Module, eps: float, norm: str = "linf") -> list[Stage]:
     """AutoAttack's reference components, configured by its own ``version="standard"``, called as its
     ``run_standard_evaluation`` calls them."""
     from autoattack import AutoAttack
 
-    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=0, device="cpu", verbose=False)
+    reference_norm = {"linf": "Linf", "l2": "L2", "l1": "L1"}[norm]
+    aa = AutoAttack(model, norm=reference_norm, eps=eps, version="standard", seed=0, device="cpu", verbose=False)
     def apgd_ce(x, y):
         aa.apgd.loss, aa.apgd.seed = "ce", aa.get_seed()
         return aa.apgd.perturb(x, y)
@@ -224,16 +223,12 @@ def main() -> None:
     training["clean_accuracy_test_10k"] = float((predictions(model, x_test) == y_test).float().mean())
     print(f"{time.strftime('%H:%M:%S')} model: {training}", flush=True)
     threat, x, y = Linf(eps), x_test[:args.n_eval], y_test[:args.n_eval]
-    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "dataset": dataset, "eps": eps,
-              "n_eval": len(y), "model": {"name": "preact-resnet18", "width": args.width, **training},
-              "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": {}}
+    result = {**run_header(dataset=dataset, eps=eps, n_eval=len(y),
+                           model={"name": "preact-resnet18", "width": args.width, **training}, threads=args.threads),
+              "rows": {}}
 
-    def write() -> None:  # atomically: a crash never leaves half a JSON
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.json)
+    def write() -> None:
+        write_json(args.json, result)
 
     def record(label: str, row: dict) -> None:
         result["rows"][label] = row

@@ -16,6 +16,29 @@ from gradguard.errors import DataError
 from gradguard.models import build_model
 
 
+def run_header(**fields) -> dict:
+    """What every result JSON starts with: the command, torch/python versions, the start time, then ``fields``."""
+    import platform
+    import shlex
+    import sys
+
+    return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), **fields,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def write_json(path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + rename): a crash never leaves half a JSON."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
 def load_fashion_mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test): images (N, 1, 28, 28) in [0, 1], labels int64, via gradguard.data."""
     try:

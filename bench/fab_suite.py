@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_suite import Stage, checked_robust, predictions, run_cascade  # noqa: E402
-from common import load_fashion_mnist  # noqa: E402
+from cifar_suite import reference_stages as cifar_reference_stages  # noqa: E402
+from common import load_fashion_mnist, run_header, write_json  # noqa: E402
 from gradguard import evaluate  # noqa: E402
 from gradguard.models import load  # noqa: E402
 from gradguard.threat import ThreatModel, make_threat  # noqa: E402
@@ -41,7 +40,6 @@ HERE = Path(__file__).resolve().parent
 MODELS = HERE / "out" / "evaluation"
 RESULT = HERE / "results" / "fab.json"
 RADII = {"linf": 0.1, "l2": 1.0, "l1": 10.0}
-REFERENCE_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 
 
 def run_suite(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: torch.Tensor, suite: str) -> dict:
@@ -63,29 +61,9 @@ def run_suite(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: torch.T
 
 
 def reference_stages(model: nn.Module, norm: str, eps: float) -> list[Stage]:
-    """AutoAttack's components, configured by its own ``version="standard"`` for this norm."""
-    from autoattack import AutoAttack
-
-    aa = AutoAttack(model, norm=REFERENCE_NORMS[norm], eps=eps, version="standard", seed=0, device="cpu",
-                    verbose=False)
-
-    def apgd_ce(x, y):
-        aa.apgd.loss, aa.apgd.seed = "ce", aa.get_seed()
-        return aa.apgd.perturb(x, y)
-
-    def apgd_t(x, y):
-        aa.apgd_targeted.seed = aa.get_seed()
-        return aa.apgd_targeted.perturb(x, y)
-
-    def fab_t(x, y):
-        aa.fab.targeted, aa.fab.n_restarts, aa.fab.seed = True, 1, aa.get_seed()
-        return aa.fab.perturb(x, y)
-
-    def square(x, y):
-        aa.square.seed = aa.get_seed()
-        return aa.square.perturb(x, y)
-
-    return [("apgd-ce", apgd_ce), ("apgd-t", apgd_t), ("fab-t", fab_t), ("square", square)]
+    """AutoAttack's components for this norm (cifar_suite's, called as ``run_standard_evaluation`` calls them),
+    labelled like gradguard's stages."""
+    return [(label.lower(), attack) for label, attack in cifar_reference_stages(model, eps, norm)]
 
 
 def fab_share(row: dict) -> float:
@@ -128,16 +106,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     _, _, x_test, y_test = load_fashion_mnist()
     x, y = x_test[:args.n_eval], y_test[:args.n_eval]
-    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "n_eval": len(y),
-              "radii": RADII, "threads": args.threads, "torch": torch.__version__,
-              "python": platform.python_version(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "runs": {}}
+    result = {**run_header(n_eval=len(y), radii=RADII, threads=args.threads), "runs": {}}
 
-    def write() -> None:  # atomically: a crash never leaves half a JSON
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.json)
+    def write() -> None:
+        write_json(args.json, result)
 
     for method in args.methods:
         path = args.models_dir / method / "model.safetensors"

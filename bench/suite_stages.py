@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -37,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_suite import OUT as CIFAR_OUT  # noqa: E402
 from cifar_suite import reference_stages, run_cascade, run_gradguard  # noqa: E402
-from common import load_fashion_mnist  # noqa: E402
+from common import load_fashion_mnist, run_header, write_json  # noqa: E402
 
 from gradguard import Linf  # noqa: E402
 from gradguard.models import load  # noqa: E402
@@ -194,15 +192,10 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     _, _, x_test, y_test = load_fashion_mnist()
-    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "eps": EPS,
-              "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "models": {}}
+    result = {**run_header(eps=EPS, threads=args.threads), "models": {}}
 
-    def write() -> None:  # atomically: a crash never leaves half a JSON
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.json)
+    def write() -> None:
+        write_json(args.json, result)
 
     for k, name in enumerate(args.models):
         found = load_models([name], args.recipe)  # one at a time: a model trained meanwhile is picked up

@@ -97,6 +97,7 @@ class APGD(Attack):
         as soon as one copy succeeds. Each row's walk depends only on its own row either way.
         """
         x_adv = self._random_start(x) if start is None else start
+        n_owners = x.shape[0]  # owner ids are below the starting row count
         grad, logits, objective = self._gradient(x_adv, labels)
         best = BestIterate(x_adv)
         success = self._succeeded(logits, success_labels)
@@ -114,7 +115,7 @@ class APGD(Attack):
         last_checkpoint = 0
         for iteration in range(1, self.steps + 1):
             if self.early_stop and bool(success.any()):
-                keep = ~success if owner is None else ~_any_per_owner(success, owner)
+                keep = ~success if owner is None else ~_any_per_owner(success, owner, n_owners)
                 if not bool(keep.any()):
                     break
                 index = keep.nonzero().squeeze(1) if index is None else index[keep]
@@ -252,9 +253,12 @@ class APGDT(APGD):
                 f"restarts={self.target_restarts}, target_batch={self.target_batch})")
 
 
-def _any_per_owner(success: Tensor, owner: Tensor) -> Tensor:
-    """Per row: has any row with the same owner succeeded (rows that are copies of one sample)."""
-    hit = torch.zeros(owner.shape[0], dtype=torch.bool, device=owner.device)  # owner ids < rows: no sync
+def _any_per_owner(success: Tensor, owner: Tensor, n_owners: int | None = None) -> Tensor:
+    """Per row: has any row with the same owner succeeded (rows that are copies of one sample).
+
+    ``n_owners`` bounds the owner ids (default: the row count, right while no row has been dropped); passing it
+    avoids reading ``owner.max()`` back from the device."""
+    hit = torch.zeros(owner.shape[0] if n_owners is None else n_owners, dtype=torch.bool, device=owner.device)
     hit[owner[success]] = True
     return hit[owner]
 

@@ -80,7 +80,8 @@ def standard_suite(model, x, y, threat, suite: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="fgsm-rs", choices=["standard", "fgsm", "fgsm-rs", "pgd", "trades"])
+    parser.add_argument("--method", default="fgsm-rs", choices=["standard", "fgsm", "fgsm-rs", "pgd", "trades", "mart", "gradalign",
+                                                             "cure", "input-grad-reg"])
     parser.add_argument("--method-option", action="append", default=[], type=parse_option,
                         help="KEY=VALUE for the method, e.g. beta=3 or steps=7 (repeatable)")
     parser.add_argument("--model", default="fmnist-cnn")
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--eps-warmup-epochs", type=float, default=3)
     parser.add_argument("--clip-grad-norm", type=float, default=None)
     parser.add_argument("--l2", type=float, default=0.0)
+    parser.add_argument("--ema-decay", type=float, default=None, help="weight averaging (e.g. 0.999); evaluated model")
     parser.add_argument("--n-train", type=int, default=60000)
     parser.add_argument("--n-eval", type=int, default=10000, help="test samples for the final evaluation")
     parser.add_argument("--suite", default="standard", help="evaluation suite for the final model ('none' skips)")
@@ -125,7 +127,7 @@ def main() -> None:
     trainer = Trainer(model, args.method, threat=threat if args.method != "standard" else threat, epochs=args.epochs,
                       batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
                       eps_warmup_epochs=args.eps_warmup_epochs if args.method != "standard" else 0,
-                      clip_grad_norm=args.clip_grad_norm, l2=args.l2, run_dir=run_dir, seed=args.seed,
+                      clip_grad_norm=args.clip_grad_norm, l2=args.l2, ema_decay=args.ema_decay, run_dir=run_dir, seed=args.seed,
                       method_kwargs=dict(args.method_option), val_max_samples=1000, progress=False,
                       metadata={"dataset": "fashion-mnist"},
                       on_epoch_end=lambda m: print(json.dumps({k: m.get(k) for k in (
@@ -138,7 +140,7 @@ def main() -> None:
     result = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "method": args.method, "method_options": dict(args.method_option), "model": args.model, "width": args.width,
-        "eps": args.eps, "epochs": args.epochs, "n_train": len(y_train), "n_eval": len(y_eval),
+        "eps": args.eps, "epochs": args.epochs, "ema_decay": args.ema_decay, "n_train": len(y_train), "n_eval": len(y_eval),
         "train_wall_s": round(train_s, 1), "threads": args.threads, "machine": platform.processor() or platform.machine(),
         "guard_events": trainer.events, "run_dir": str(run_dir),
         "clean_acc": accuracy(model, x_eval, y_eval),

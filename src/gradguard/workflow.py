@@ -359,7 +359,7 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                extra: dict | None = None, order: int = 0, method_kwargs: dict | None = None,
                schedule: str = "constant", eps_warmup_epochs: float = 0.0, resume: bool = False,
                channels_last: bool = False, ema_decay: float | None = None,
-               early_stop: str | None = None) -> dict:
+               early_stop: str | None = None, on_finding: str | None = None) -> dict:
     """Train one model into ``run_dir`` with gradguard.train.Trainer; returns the manifest (with ``history``).
 
     ``model_name`` is a zoo name (built for the data's input shape and classes) or any spec
@@ -388,10 +388,11 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
         x, y = x[:train_samples], y[:train_samples]
     val = test_split(dataset, val_samples)
     monitor = None
-    if monitor_every and distributed.is_main_process():  # DDP's gradients are all-reduced: rank 0 sees them all
+    if monitor_every:  # on every rank (the Trainer combines activation statistics across them); rank 0 writes
         from .diagnostics import GradientMonitor
 
-        monitor = GradientMonitor(model, every=monitor_every, path=run_dir / "gradflow.jsonl")
+        monitor = GradientMonitor(model, every=monitor_every, on_finding=on_finding,
+                                  path=run_dir / "gradflow.jsonl" if distributed.is_main_process() else None)
     trainer = Trainer(model, method, threat=threat if (method != "standard" or val_attack) else None, epochs=epochs,
                       batch_size=batch_size, optimizer=optimizer, lr=lr, clip_grad_norm=clip_grad_norm,
                       clip_grad_value=clip_grad_value, l2=l2, run_dir=run_dir, seed=seed, monitor=monitor,
@@ -409,10 +410,12 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
         method=method, method_kwargs=method_kwargs or {}, threat=threat.to_dict() if threat is not None else None,
         epochs=epochs, seed=seed, n_train=int(y.shape[0]), train_seconds=round(time.perf_counter() - started, 2),
         **record, **(extra or {}))
+    if trainer.stopped is not None:
+        fields["stopped"] = trainer.stopped
 
     def write() -> dict:
         manifest = write_manifest(run_dir, **fields)
-        if monitor is not None:
+        if monitor is not None and distributed.is_main_process():
             atomic_write_json(run_dir / "diagnosis.json",
                               {"gradient_findings": [f.to_dict() for f in monitor.findings()]})
         return manifest

@@ -71,6 +71,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                         help="continue an interrupted run of --out from its last finished epoch (same settings)")
     parser.add_argument("--monitor", action="store_true", help="record gradient flow (gradflow.jsonl) with GradientMonitor")
     parser.add_argument("--monitor-every", type=positive_int, default=10, help="monitor every N steps (default 10)")
+    parser.add_argument("--on-finding", choices=["warn", "stop"],
+                        help="with --monitor: warn when a gradient finding first appears, or stop training at a "
+                        "fatal one (NaN/inf, exploding) and keep the last saved epoch")
     data_options(parser, dataset_default="digits", samples_default=500,
                  samples_help="validation samples per epoch (default 500)")
     threat_options(parser, "training / validation budget (default 0.1 for linf; needed by adversarial methods)")
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             clip_grad_norm=args.clip_grad_norm, clip_grad_value=args.clip_grad_value, l2=args.l2,
             train_samples=args.train_samples, val_samples=args.samples,
             val_attack=None if args.val_attack == "none" or threat is None else args.val_attack,
-            monitor_every=args.monitor_every if args.monitor else None, seed=args.seed, device=device,
+            monitor_every=args.monitor_every if args.monitor or args.on_finding else None, seed=args.seed,
+            device=device, on_finding=args.on_finding,
             label=out.name, extra={"data_root": args.data_root, "resize": args.resize, "center_crop": args.center_crop},
             method_kwargs=key_values(args.method_arg, "method-arg"),
             schedule=args.schedule, eps_warmup_epochs=args.eps_warmup_epochs, resume=args.resume,
@@ -108,6 +112,13 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     text = format_table(["epoch", "train loss", "train acc", "val clean", "val robust"], rows)
     result = {"run_dir": str(out), "final": history[-1] if history else {}, "epochs": len(history),
               "manifest": manifest}
+    stopped = manifest.get("stopped")
+    if stopped is not None:
+        result["stopped"] = stopped
+        finding = stopped["finding"]
+        return result, (f"{text}\n\nTRAINING STOPPED at epoch {stopped['epoch']}, step {stopped['step']}: "
+                        f"{finding['kind']} in {finding['layer']}; {stopped['action']}.\n  advice: {finding['advice']}\n"
+                        f"run directory: {out}/ (events.jsonl, gradflow.jsonl; `gradguard diagnose {out}`)")
     return result, f"{text}\n\nmodel saved in {out}/ (model.safetensors, metrics.jsonl)"
 
 

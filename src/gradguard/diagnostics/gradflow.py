@@ -25,7 +25,7 @@ import statistics
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,10 @@ from .health import (
     DEAD_FRACTION,
     EXPLODING_GROWTH,
     EXPLODING_JUMP,
+    INPUT_RMS_LIMIT,
+    LR_HIGH_RATIO,
+    LR_LOW_LOSS_CHANGE,
+    LR_LOW_RATIO,
     RECENT_SAMPLES,
     SATURATED_FRACTION,
     SATURATION_DERIVATIVE,
@@ -47,9 +51,40 @@ from .health import (
 )
 from .plots import plot_all
 
-KINDS = ("vanishing", "exploding", "dead", "saturated", "stalled")
+KINDS = ("nonfinite", "exploding", "lr_too_high", "vanishing", "stalled", "lr_too_low", "dead", "saturated",
+         "inputs_not_normalised", "sharpness", "unrecorded")
+# Findings after which training cannot usefully go on: on_finding="stop" stops at these (and warns at the others).
+FATAL_KINDS = frozenset({"nonfinite", "exploding"})
+WHOLE_MODEL = "(whole model)"
 
 ADVICE = {
+    "nonfinite": (
+        "The loss or the gradients became NaN/inf, and every update from here on is garbage. Check the data "
+        "(torch.isfinite(x).all()), guard logs and divisions with an epsilon (log(p + 1e-12), x / (n + 1e-12)), "
+        "lower the learning rate and clip gradients by norm (Trainer(clip_grad_norm=1.0)); under float16 "
+        "autocast use torch.amp.GradScaler, which skips the steps whose gradients overflow."
+    ),
+    "lr_too_high": (
+        "Each update moves the weights by more than a tenth of their size (a healthy run sits near 1e-3), so "
+        "training jumps around instead of descending. Lower the learning rate 10x, add a warm-up, or clip "
+        "gradients by norm."
+    ),
+    "lr_too_low": (
+        "The weights barely move (updates below one millionth of their size) and the loss does not change: "
+        "the learning rate is too small to train. Raise it (typical: 1e-3 for Adam, 1e-2 to 1e-1 for SGD), "
+        "or check that the schedule does not start at zero."
+    ),
+    "inputs_not_normalised": (
+        "The inputs reaching the first layer are large (pixels left in 0-255?), which inflates the first "
+        "layer's activations and gradients and makes learning-rate choice fragile. Scale them to [0, 1] "
+        "(x / 255) or standardise them ((x - mean) / std per channel, e.g. gradguard.models.normalise)."
+    ),
+    "unrecorded": (
+        "The monitor recorded no training step, so it has nothing to diagnose: this is not an all-clear. Pass "
+        "the optimiser (GradientMonitor(model, optimizer=opt)) so steps are counted automatically, or call "
+        "monitor.step() after every optimizer.step(); and keep the monitor attached (`with` or attach()) while "
+        "training runs."
+    ),
     "vanishing": (
         "Gradients shrink on their way to the early layers, so those layers barely learn. Use a ReLU-family "
         "activation (ReLU, LeakyReLU, GELU) instead of sigmoid/tanh, He init (nn.init.kaiming_normal_) for "
@@ -93,6 +128,20 @@ SIGMOID_MARGIN = (1.0 - math.sqrt(1.0 - SATURATION_DERIVATIVE)) / 2.0
 TANH_LIMIT = math.sqrt(1.0 - SATURATION_DERIVATIVE)
 
 
+class GradientHealthWarning(RuntimeWarning):
+    """Warned by ``GradientMonitor(on_finding="warn")`` (and "stop", for findings that are not fatal)."""
+
+
+class TrainingStopped(RuntimeError):
+    """Raised by ``GradientMonitor(on_finding="stop")`` at a fatal finding (``FATAL_KINDS``); ``.finding`` says why."""
+
+    def __init__(self, finding: "Finding", step: int):
+        self.finding, self.step = finding, step
+        super().__init__(f"GradientMonitor stopped training at step {step}: {finding.kind} in {finding.layer} "
+                         f"({', '.join(f'{k}={_short(v)}' for k, v in list(finding.evidence.items())[:4])}). "
+                         f"{finding.advice}")
+
+
 @dataclass
 class Finding:
     """One diagnosis: what (``kind``), where (``layer``), the numbers behind it and the usual fix."""
@@ -116,7 +165,8 @@ class Finding:
 class _LayerState:
     """Per-layer scratch space for the sampled step in progress."""
 
-    __slots__ = ("name", "index", "module", "params", "ever_positive", "activation", "saturated", "elements")
+    __slots__ = ("name", "index", "module", "params", "ever_positive", "activation", "saturated", "elements",
+                 "forward_index", "input_stats")
 
     def __init__(self, name: str, index: int, module: nn.Module, params: list[nn.Parameter]):
         self.name, self.index, self.module, self.params = name, index, module, params
@@ -127,6 +177,8 @@ class _LayerState:
         self.activation: str | None = None
         self.saturated: Tensor | int = 0
         self.elements = 0
+        self.forward_index: int | None = None  # position among the layers the sampled forward ran
+        self.input_stats: Tensor | None = None  # first layer only: [sum of squares, count, max |x|] of its input
 
 
 def _norms(tensors: list[Tensor], order: float = 2.0) -> list[Tensor]:
@@ -174,10 +226,19 @@ class GradientMonitor:
             batch (``curvature_iters`` warm-started power-iteration products) against the optimiser's stability
             threshold (2/lr for SGD; see ``SharpnessTracker``); a "sharpness" finding when it is exceeded.
             Needs ``optimizer=`` or ``lr=``; labels come from ``step(targets=...)``, else the predictions.
+        on_finding: what to do when a finding first appears (checked after every sampled step): None (only
+            collect), "warn" (a ``GradientHealthWarning``), "stop" (raise ``TrainingStopped`` at a fatal finding,
+            ``FATAL_KINDS`` = nonfinite, exploding; warn at the others) or a callable ``action(finding)``. With an
+            action set, a NaN/inf loss passed to ``step(loss)`` is acted on at once (one host sync per step).
+        distributed: under DistributedDataParallel, also combine the activation statistics, the first layer's
+            input statistics and the loss over all processes, so every rank's records equal a single process's
+            on the whole batch (gradients are all-reduced by DDP already). Every rank must then run the monitor.
+            Default: on when ``model`` is a DistributedDataParallel and a process group is initialised.
 
-    Use as ``with GradientMonitor(model, every=10) as monitor: ...`` (calling ``monitor.step()`` after each
-    optimiser step, or passing ``optimizer=``), or hand it to ``Trainer(monitor=...)``. A monitor that was
-    never attached attaches itself at its first ``step()`` (recording from the next sampled step on).
+    Use as ``with GradientMonitor(model, every=10, optimizer=opt) as monitor: ...`` (or call ``monitor.step()``
+    after each optimiser step instead of passing ``optimizer=``), or hand it to ``Trainer(monitor=...)``. A
+    monitor that was never attached attaches itself at its first ``step()`` (recording from the next sampled step
+    on). A monitor that recorded nothing says so (a warning and an "unrecorded" finding), never an all-clear.
 
     The model's hooks are registered only for the sampled steps: ``step()`` arms them when the next step is
     sampled and the end of that step removes them, so the other steps run the model exactly as without the
@@ -187,14 +248,26 @@ class GradientMonitor:
     def __init__(self, model: nn.Module, every: int = 10, path: str | os.PathLike | None = None,
                  optimizer: torch.optim.Optimizer | None = None, *, append: bool = False,
                  curvature_every: int | None = None, curvature_iters: int = 5, lr: float | None = None,
-                 curvature_loss: LossFn | None = None):
+                 curvature_loss: LossFn | None = None, on_finding: str | Callable[[Finding], Any] | None = None,
+                 distributed: bool | None = None):
         if not isinstance(model, nn.Module):
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not (on_finding is None or callable(on_finding) or on_finding in ("warn", "stop")):
+            raise ConfigError(f"on_finding: expected None, 'warn', 'stop' or a callable taking a Finding, "
+                              f"got {on_finding!r}")
+        is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if is_ddp:
+            model = model.module  # type: ignore[assignment]  # hook the wrapped model: same layer names as a single process
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ConfigError(f"every: expected a positive integer (sample one step in `every`), got {every!r}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise InputError(f"optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self.model = model
+        self.on_finding = on_finding
+        self.distributed = (is_ddp and torch.distributed.is_available() and torch.distributed.is_initialized()
+                            if distributed is None else bool(distributed))
+        self.actions: list[dict] = []  # what on_finding did: step, kind, layer, action
+        self._acted: set = set()
         self.every = every
         self.path = Path(path) if path is not None else None
         self.optimizer = optimizer
@@ -215,8 +288,9 @@ class GradientMonitor:
         self._sample_handles: list[Any] = []
         self._file: IO[str] | None = None
         self._reset_sample()
-        self._loss: float | None = None
-        self._warned_no_grad = False
+        self._loss: Tensor | float | None = None  # the latest loss passed to step()
+        self._bad_loss_step: Tensor | int = -1  # first step since the last sample whose loss was NaN/inf
+        self._warned_no_grad = self._warned_unrecorded = False
         self.sharpness = (SharpnessTracker(model, curvature_every, optimizer=optimizer, lr=lr, iters=curvature_iters,
                                            loss_fn=curvature_loss) if curvature_every is not None else None)
         self._batch_handle: Any = None
@@ -257,6 +331,8 @@ class GradientMonitor:
 
     def detach(self) -> None:
         """Remove every hook and close the file; records stay available."""
+        if self.attached and self.step_count == 0 and self._snapshot is not None:
+            self._warn_unrecorded("training forward passes ran while it was attached, but no step was counted")
         self._disarm()
         self._disarm_curvature()
         for handle in self._optimizer_handles:
@@ -291,7 +367,7 @@ class GradientMonitor:
     # -- hooks (armed on sampled steps only; each also checks the flag) --------------------------
     def _layer_pre_hook(self, module: nn.Module, inputs: Any) -> None:
         if self.sampling:
-            self._enter_layer(module)
+            self._enter_layer(module, inputs)
 
     def _activation_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self.sampling:
@@ -317,9 +393,11 @@ class GradientMonitor:
         self._raw_norms: dict[int, Tensor] = {}  # param position -> ‖grad‖ right after backward (pre-clipping)
         # Per param: gradient norm and max |g| as the optimiser is about to use them (None: no .grad).
         self._gradients: tuple[list[Tensor | None], list[Tensor | None]] | None = None
+        self._forward_count = 0  # layers entered so far in this sampled step's training forwards
 
-    def _enter_layer(self, module: nn.Module) -> None:
-        """Remember the layer for the activation that follows; snapshot weights before the optimiser step."""
+    def _enter_layer(self, module: nn.Module, inputs: Any) -> None:
+        """Remember the layer for the activation that follows; snapshot weights before the optimiser step;
+        note the forward order, and the scale and finiteness of the first layer's input."""
         state = self._by_module[id(module)]
         # Only forwards that will produce parameter gradients count (not attacks with frozen weights, not
         # evaluation under no_grad).
@@ -329,6 +407,14 @@ class GradientMonitor:
         self._current = state
         if self._snapshot is None:  # weights as the forward saw them = before this step's optimiser update
             self._snapshot = _copies([p.detach() for p in self._params])
+        if state.forward_index is None:
+            state.forward_index = self._forward_count
+            self._forward_count += 1
+            first = inputs[0] if isinstance(inputs, tuple) and inputs else None
+            if state.forward_index == 0 and isinstance(first, Tensor) and first.is_floating_point() and first.numel():
+                x = first.detach()
+                state.input_stats = torch.stack([x.float().square().sum(), torch.tensor(float(x.numel()),
+                                                 device=x.device), x.abs().max().float()])
 
     def _record_activation(self, module: nn.Module, output: Any) -> None:
         state = self._current
@@ -372,11 +458,46 @@ class GradientMonitor:
             self._warned_no_grad = True
             warnings.warn("GradientMonitor: no parameter has a .grad at step(); call monitor.step() after "
                           "optimizer.step() and before optimizer.zero_grad()", RuntimeWarning, stacklevel=4)
+        if self.distributed:
+            self._combine_across_ranks()
         records = self._layer_records(grad_norms, grad_maxima)
         self.records.extend(records)
         if self._file is not None:
             self._file.write("".join(json.dumps(record) + "\n" for record in records))
             self._file.flush()
+
+    def _combine_across_ranks(self) -> None:
+        """Under DDP: units alive on any rank are alive; saturation counts, input statistics and the loss are
+        summed (the loss averaged), so the records describe the whole batch as one process would see it."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        alive = [(state, state.ever_positive) for state in self._layers if state.ever_positive is not None]
+        if alive:
+            flags = torch.cat([positive.float() for _, positive in alive])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            for (state, _), part in zip(alive, flags.split([positive.numel() for _, positive in alive]), strict=True):
+                state.ever_positive = part > 0
+        device = self._params[0].device
+        counted = [state for state in self._layers if state.elements]
+        sums = torch.stack([torch.as_tensor(state.saturated, device=device, dtype=torch.float64) for state in counted]
+                           + [torch.tensor(float(state.elements), device=device, dtype=torch.float64)
+                              for state in counted]) if counted else torch.zeros(0, device=device, dtype=torch.float64)
+        first = next((state for state in self._layers if state.input_stats is not None), None)
+        stats = first.input_stats if first is not None else None
+        loss = torch.as_tensor(self._loss if self._loss is not None else math.nan, device=device,
+                               dtype=torch.float64).reshape(1) / world
+        inputs = stats[:2].double() if stats is not None else torch.zeros(2, device=device, dtype=torch.float64)
+        packed = torch.cat([sums, inputs, loss])
+        dist.all_reduce(packed)
+        if first is not None and stats is not None:
+            peak = stats[2:].clone()
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            first.input_stats = torch.cat([packed[-3:-1].float(), peak])
+        for i, state in enumerate(counted):
+            state.saturated, state.elements = packed[i], int(packed[len(counted) + i])
+        if self._loss is not None:
+            self._loss = packed[-1]
 
     def _layer_records(self, grad_norms: list[Tensor | None], grad_maxima: list[Tensor | None]) -> list[dict]:
         """One record per layer for the sampled step; all tensor results are read back in one sync."""
@@ -388,6 +509,7 @@ class GradientMonitor:
             "raw_grad_norm": [self._raw_norms.get(i) for i in range(count)],
             "weight_norm": list(_norms([p.detach() for p in self._params])),
             "old_norm": _spread(armed, _norms(olds), count),
+            # (The Δθ norms are kept as "update_norm" for the whole-model update ratio of the lr findings.)
             "delta_norm": _spread(armed, _norms(_differences([self._params[i].detach() for i in armed], olds)), count),
         }
         tensors: list[Tensor] = []
@@ -404,7 +526,22 @@ class GradientMonitor:
             if state.elements:
                 where["saturated", state.index] = len(tensors)
                 tensors.append(torch.as_tensor(state.saturated))
-        numbers = torch.stack(tensors).tolist() if tensors else []
+            if state.input_stats is not None:
+                where["input", state.index] = len(tensors)
+                tensors.extend(state.input_stats.to(tensors[0].device if tensors else state.input_stats.device)
+                               .unbind())
+        if isinstance(self._loss, Tensor):
+            where["loss", 0] = len(tensors)
+            tensors.append(self._loss)
+        if isinstance(self._bad_loss_step, Tensor):
+            where["bad_loss_step", 0] = len(tensors)
+            tensors.append(self._bad_loss_step)
+        device = tensors[0].device if tensors else None
+        numbers = torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors]).tolist() if tensors else []
+        loss = numbers[where["loss", 0]] if ("loss", 0) in where else self._loss
+        assert loss is None or isinstance(loss, float)
+        bad_loss = int(numbers[where["bad_loss_step", 0]]) if ("bad_loss_step", 0) in where else self._bad_loss_step
+        self._bad_loss_step = -1
 
         def combined(key: str, layer: int, reduce: str) -> float | None:
             values = [numbers[where[key, i]] for i in self._positions[layer] if (key, i) in where]
@@ -425,6 +562,12 @@ class GradientMonitor:
                                            and grad_max is not None and math.isfinite(grad_max))
             update_ratio = delta_norm / old_norm if delta_norm is not None and old_norm else None
             saturated = numbers[where["saturated", layer]] / state.elements if ("saturated", layer) in where else None
+            inputs = {}
+            if ("input", layer) in where:
+                squares, elements, peak = numbers[where["input", layer]:where["input", layer] + 3]
+                clean = math.isfinite(squares) and math.isfinite(peak)
+                inputs = {"input_rms": math.sqrt(squares / elements) if clean else None,
+                          "input_absmax": peak if clean else None, "input_finite": clean}
             records.append({
                 "step": self.step_count, "layer": state.name, "index": layer, "type": type(state.module).__name__,
                 "numel": sum(p.numel() for p in state.params),
@@ -434,7 +577,10 @@ class GradientMonitor:
                 "weight_finite": stats["weight_norm"] is not None and math.isfinite(stats["weight_norm"]),
                 "update_ratio": _finite_or_none(update_ratio), "activation": state.activation,
                 "dead_fraction": numbers[where["dead_fraction", layer]] if ("dead_fraction", layer) in where else None,
-                "saturated_fraction": saturated, "loss": self._loss,
+                "saturated_fraction": saturated, "forward_index": state.forward_index,
+                "update_norm": _finite_or_none(delta_norm),
+                "loss": _finite_or_none(loss), "loss_finite": None if loss is None else math.isfinite(loss),
+                "loss_nonfinite_step": bad_loss if bad_loss >= 0 else None, **inputs,
             })
         return records
 
@@ -442,14 +588,14 @@ class GradientMonitor:
     def step(self, loss: float | Tensor | None = None, *, targets: Tensor | None = None) -> None:
         """Mark the end of one training step (call after ``optimizer.step()``, before ``zero_grad()``).
 
-        ``loss`` is optional and stored with the records. With ``optimizer=`` given, steps are counted by the
-        optimiser's hooks and this call only stores ``loss`` for the next sampled step. ``targets`` (the
-        batch's labels) are used by the curvature measurement of ``curvature_every`` (when steps are counted
-        here; the optimiser's hooks measure before this call, on the predictions).
+        ``loss`` (recommended) is checked for NaN/inf at every step without a host sync, and the latest one is
+        stored with the sampled step's records (it feeds the "nonfinite" and "lr_too_low" findings). With
+        ``optimizer=`` given, steps are counted by the optimiser's hooks and this call only notes ``loss``.
+        ``targets`` (the batch's labels) are used by the curvature measurement of ``curvature_every`` (when steps
+        are counted here; the optimiser's hooks measure before this call, on the predictions).
         """
         if loss is not None:
-            value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-            self._loss = value if math.isfinite(value) else None
+            self._note_loss(loss)
         if self.optimizer is not None and self.attached:
             return
         if not self.attached and not self._ever_attached:
@@ -460,17 +606,59 @@ class GradientMonitor:
         self._targets = targets
         self._end_step()
 
+    def _note_loss(self, loss: float | Tensor) -> None:
+        """Keep the latest loss; remember the first step whose loss was not finite (a tensor op: no sync)."""
+        # With the optimiser's hooks counting, the step this loss belongs to has already been counted.
+        step = self.step_count - 1 if (self.optimizer is not None and self.attached) else self.step_count
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise InputError(f"loss: expected the scalar training loss, got a tensor of shape {tuple(loss.shape)}")
+            value: Tensor | float = loss.detach().reshape(())
+            assert isinstance(value, Tensor)
+            pending = (self._bad_loss_step if isinstance(self._bad_loss_step, Tensor)
+                       else torch.tensor(self._bad_loss_step, device=value.device))
+            self._bad_loss_step = torch.where(torch.isfinite(value) | (pending >= 0), pending, step)
+        else:
+            value = float(loss)
+            if not math.isfinite(value) and isinstance(self._bad_loss_step, int) and self._bad_loss_step < 0:
+                self._bad_loss_step = step
+        self._loss = value
+        if self.on_finding is not None and not self.distributed and not math.isfinite(float(value)):
+            evidence = {"first_step": step, "loss": float(value), "loss_nonfinite_step": step}
+            self._act([Finding("nonfinite", "(loss)", evidence, ADVICE["nonfinite"])])
+
     def _end_step(self) -> None:
-        if self.sampling:
+        sampled = self.sampling
+        if sampled:
             self._finish_sample()
             self._disarm()
             self._reset_sample()
         self._measure_curvature()
         self.step_count += 1
-        self._loss = None
         if self.attached and self.step_count % self.every == 0:
             self._arm()
         self._arm_curvature()
+        if sampled and self.on_finding is not None:
+            self._act(self.findings())
+
+    def _act(self, findings: list[Finding]) -> None:
+        """Apply ``on_finding`` to each finding not acted on before (a fatal kind once, others once per layer)."""
+        for finding in findings:
+            key = finding.kind if finding.kind in FATAL_KINDS else (finding.kind, finding.layer)
+            if key in self._acted or finding.kind == "unrecorded":
+                continue
+            self._acted.add(key)
+            step = max(self.step_count - 1, 0)
+            fatal = finding.kind in FATAL_KINDS
+            action = ("callable" if callable(self.on_finding) else
+                      "stop" if self.on_finding == "stop" and fatal else "warn")
+            self.actions.append({"step": step, "kind": finding.kind, "layer": finding.layer, "action": action})
+            if callable(self.on_finding):
+                self.on_finding(finding)
+            elif action == "stop":
+                raise TrainingStopped(finding, step)
+            else:
+                warnings.warn(f"GradientMonitor (step {step}): {finding}", GradientHealthWarning, stacklevel=3)
 
     # -- curvature (curvature_every) --------------------------------------------------------------
     def _arm_curvature(self) -> None:
@@ -506,7 +694,18 @@ class GradientMonitor:
         return list(self.sharpness.records) if self.sharpness is not None else []
 
     def findings(self) -> list[Finding]:
-        """Diagnose the records so far (see ``findings_from_records``), plus "sharpness" with ``curvature_every``."""
+        """Diagnose the records so far (see ``findings_from_records``), plus "sharpness" with ``curvature_every``.
+
+        With no step recorded the answer is an "unrecorded" finding and a warning, never an empty list.
+        """
+        if not self.records:
+            reason = ("no training step was counted: pass optimizer= or call monitor.step() after optimizer.step()"
+                      if self.step_count == 0 else
+                      f"{self.step_count} steps were counted but none was sampled while attached")
+            self._warn_unrecorded(reason)
+            finding = findings_from_records([])[0]
+            finding.evidence.update(reason=reason, steps_counted=self.step_count, attached=self.attached)
+            return [finding]
         findings = findings_from_records(self.records)
         tracker = self.sharpness
         unstable = tracker.unstable() if tracker is not None else []
@@ -518,6 +717,13 @@ class GradientMonitor:
                         "measured": len(tracker.records), "over_threshold": len(unstable)}
             findings.insert(0, Finding("sharpness", "(whole model)", evidence, ADVICE["sharpness"]))
         return findings
+
+    def _warn_unrecorded(self, reason: str) -> None:
+        if not self._warned_unrecorded:
+            self._warned_unrecorded = True
+            warnings.warn(f"GradientMonitor recorded nothing ({reason}), so its findings are not an all-clear. "
+                          "Pass optimizer= (GradientMonitor(model, optimizer=opt)) or call monitor.step() after "
+                          "each optimizer.step().", RuntimeWarning, stacklevel=3)
 
     def plot(self, out_dir: str | os.PathLike) -> list[Path]:
         """Write the gradient-flow, norm heat-map and activation-health PNGs; return their paths."""
@@ -556,19 +762,25 @@ def load_gradflow(path: str | os.PathLike) -> list[dict]:
 def findings_from_records(records: Iterable[dict]) -> list[Finding]:
     """Diagnose gradient-health records (from ``GradientMonitor.records`` or ``load_gradflow``).
 
-    Returns findings in the order exploding, vanishing, stalled, dead, saturated; an empty list means healthy.
+    Returns findings in the order of ``KINDS`` (fatal ones first); an empty list means healthy. No records at all
+    give an "unrecorded" finding: nothing was measured, which is not an all-clear. Once the loss, a gradient or a
+    weight turns non-finite ("nonfinite"), the other rules look only at the samples before it.
     """
     records = list(records)
     if not records:
-        return []
-    steps = sorted({record["step"] for record in records})
+        return [Finding("unrecorded", WHOLE_MODEL, {"records": 0}, ADVICE["unrecorded"])]
+    all_steps = sorted({record["step"] for record in records})
     layers = layer_order(records)
     table = {(record["step"], record["layer"]): record for record in records}
+    nonfinite = _nonfinite(table, all_steps, layers)
+    steps = [s for s in all_steps if not nonfinite or s < nonfinite[0].evidence["first_step"]]
     activation = _activation_findings(table, steps, layers)
     vanishing = _vanishing(table, steps, layers)
     if vanishing and vanishing[0].evidence["grad_norm_first"] == 0 and any(f.kind == "dead" for f in activation):
         vanishing = []  # an exactly-zero gradient behind dead units is blocked, not vanishing: "dead" says why
-    return _exploding(table, steps, layers) + vanishing + _stalled(table, steps, layers) + activation
+    high, low = _learning_rate(table, steps, layers)
+    return (nonfinite + _exploding(table, steps, layers) + high + vanishing + _stalled(table, steps, layers) + low
+            + activation + _inputs(table, steps, layers))
 
 
 def _series(table: dict, steps: list[int], layer: str, key: str) -> list[tuple[int, float]]:
@@ -600,19 +812,35 @@ def _total_grad_norms(table: dict, steps: list[int], layers: list[str]) -> list[
     return totals
 
 
-def _exploding(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
+def _nonfinite(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
+    """NaN/inf in the loss (any step passed to step()), a gradient or a weight (sampled steps). Names the layer
+    the backward pass reached first among those with a non-finite gradient (the one nearest the loss)."""
+    loss_steps = [table[(step, layer)]["loss_nonfinite_step"] for step in steps for layer in layers
+                  if (step, layer) in table and table[(step, layer)].get("loss_nonfinite_step") is not None]
     bad = [(step, layer) for step in steps for layer in layers if (step, layer) in table
-           and (table[(step, layer)].get("grad_finite") is False or table[(step, layer)].get("weight_finite") is False)]
-    if bad:
-        first_step = bad[0][0]
-        bad_layers = [layer for step, layer in bad if step == first_step]
-        evidence = {"nonfinite_step": first_step, "nonfinite_layers": bad_layers,
-                    "nonfinite_samples": len({step for step, _ in bad}), "samples": len(steps)}
-        totals = _total_grad_norms(table, [s for s in steps if s < first_step], layers)
-        if totals:
-            evidence["last_finite_grad_norm"] = totals[-1][1]
-            evidence["start_grad_norm"] = _median(v for _, v in totals[:START_SAMPLES])
-        return [Finding("exploding", bad_layers[0], evidence, ADVICE["exploding"])]
+           and (table[(step, layer)].get("grad_finite") is False or table[(step, layer)].get("weight_finite") is False
+                or table[(step, layer)].get("loss_finite") is False)]
+    inputs = [step for step in steps for layer in layers
+              if (step, layer) in table and table[(step, layer)].get("input_finite") is False]
+    if not (bad or loss_steps or inputs):
+        return []
+    first_record = bad[0][0] if bad else None
+    first = min(s for s in (first_record, min(loss_steps, default=None), min(inputs, default=None)) if s is not None)
+    at = first_record if first_record is not None else first
+    grads = [layer for layer in layers if (at, layer) in table and table[(at, layer)].get("grad_finite") is False]
+    weights = [layer for layer in layers if (at, layer) in table and table[(at, layer)].get("weight_finite") is False]
+    evidence: dict[str, Any] = {"first_step": first, "loss_nonfinite_step": min(loss_steps, default=None),
+                                "input_nonfinite_step": min(inputs, default=None), "sampled_step": at,
+                                "nonfinite_grad_layers": list(reversed(grads)), "nonfinite_weight_layers": weights,
+                                "nonfinite_samples": len({step for step, _ in bad})}
+    totals = _total_grad_norms(table, [s for s in steps if s < first], layers)
+    if totals:
+        evidence["last_finite_grad_norm"] = totals[-1][1]
+    layer = grads[-1] if grads else weights[0] if weights else "(input)" if inputs else "(loss)"
+    return [Finding("nonfinite", layer, evidence, ADVICE["nonfinite"])]
+
+
+def _exploding(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
     totals = _total_grad_norms(table, steps, layers)
     if len(totals) < 2:
         return []
@@ -706,6 +934,73 @@ def _stalled(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
                         "threshold": STALLED_FACTOR}
             findings.append(Finding("stalled", layer, evidence, ADVICE["stalled"]))
     return findings
+
+
+def _model_update_ratios(table: dict, steps: list[int], layers: list[str]) -> list[tuple[int, float]]:
+    """Per sampled step, ‖Δθ‖ / ‖θ‖ over the whole model (layers with both numbers)."""
+    ratios = []
+    for step in steps:
+        deltas, weights = 0.0, 0.0
+        for layer in layers:
+            record = table.get((step, layer))
+            if record is None or record.get("weight_norm") is None or record.get("update_ratio") is None:
+                continue
+            delta = record.get("update_norm")
+            delta = record["update_ratio"] * record["weight_norm"] if delta is None else delta
+            deltas, weights = deltas + delta * delta, weights + record["weight_norm"] ** 2
+        if weights > 0:
+            ratios.append((step, math.sqrt(deltas / weights)))
+    return ratios
+
+
+def _losses(table: dict, steps: list[int], layers: list[str]) -> list[float]:
+    values = []
+    for step in steps:
+        record = next((table[(step, layer)] for layer in layers if (step, layer) in table), None)
+        if record is not None and record.get("loss") is not None:
+            values.append(float(record["loss"]))
+    return values
+
+
+def _learning_rate(table: dict, steps: list[int], layers: list[str]) -> tuple[list[Finding], list[Finding]]:
+    """Learning rate too high / too low, from the whole model's update ratio over the run (median of all
+    samples, so a warm-up or a decay to zero at the end does not decide it)."""
+    ratios = _model_update_ratios(table, steps, layers)
+    if len(ratios) < RECENT_SAMPLES:
+        return [], []
+    typical = _median(r for _, r in ratios)
+    evidence: dict[str, Any] = {"update_ratio": typical, "samples": len(ratios),
+                                "measure": "‖Δθ‖/‖θ‖ of the whole model, median over the sampled steps"}
+    if typical > LR_HIGH_RATIO:
+        above = sum(r > LR_HIGH_RATIO for _, r in ratios)
+        evidence.update(threshold=LR_HIGH_RATIO, samples_above=above)
+        return [Finding("lr_too_high", WHOLE_MODEL, evidence, ADVICE["lr_too_high"])], []
+    if typical < LR_LOW_RATIO:
+        losses = _losses(table, steps, layers)
+        change = None
+        if len(losses) >= 2:
+            start = _median(losses[:START_SAMPLES])
+            change = abs(start - _median(losses[-RECENT_SAMPLES:])) / max(abs(start), 1e-12)
+            if change >= LR_LOW_LOSS_CHANGE:
+                return [], []
+        evidence.update(threshold=LR_LOW_RATIO, loss_change=change, loss_change_threshold=LR_LOW_LOSS_CHANGE)
+        return [], [Finding("lr_too_low", WHOLE_MODEL, evidence, ADVICE["lr_too_low"])]
+    return [], []
+
+
+def _inputs(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
+    """Inputs not normalised: the first layer's input RMS (median over samples) above INPUT_RMS_LIMIT."""
+    for layer in layers:
+        series = _series(table, steps, layer, "input_rms")
+        if series:
+            rms = _median(v for _, v in series)
+            if rms <= INPUT_RMS_LIMIT:
+                return []
+            peaks = [v for _, v in _series(table, steps, layer, "input_absmax")]
+            evidence = {"input_rms": rms, "input_absmax": max(peaks) if peaks else None,
+                        "threshold": INPUT_RMS_LIMIT, "samples": len(series)}
+            return [Finding("inputs_not_normalised", layer, evidence, ADVICE["inputs_not_normalised"])]
+    return []
 
 
 def _activation_findings(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:

@@ -5,6 +5,7 @@ imports go one way: gradflow -> plots -> health, gradflow -> health.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 # ------------------------------------------------------------------------------------------------
@@ -36,14 +37,30 @@ SATURATION_DERIVATIVE = 0.05
 # healthy demo runs (SGD and Adam) keep every layer >= 0.074 of the median (BatchNorm's own weights are the
 # low end); the sigmoid-12 MLP puts its first layer at <= 5.1e-7 (SGD) and <= 3.5e-3 (Adam) of it.
 STALLED_FACTOR = 1e-2
+# Learning rate too high: the whole model's update ratio ‖Δθ‖/‖θ‖ (median of the recent samples) above this
+# (an update that moves the weights by a tenth of their size every step). Karpathy's rule of thumb puts healthy
+# runs near 1e-3.
+LR_HIGH_RATIO = 1e-1
+# Learning rate too low: the whole model's update ratio below this while the loss moves by less than
+# LR_LOW_LOSS_CHANGE (relative, from the start to the recent samples).
+LR_LOW_RATIO = 1e-6
+LR_LOW_LOSS_CHANGE = 1e-2
+# Inputs not normalised: RMS of the first layer's input (median over samples) above this. Standardised inputs
+# have RMS ~1 and [0, 1] pixels ~0.3-0.5; pixels left in 0-255 have RMS ~70-120.
+INPUT_RMS_LIMIT = 10.0
 # How many of the latest samples form "recent" (medians resist one noisy batch) and the earliest "start".
 RECENT_SAMPLES = 5
 START_SAMPLES = 3
 
 
 def layer_order(records: Iterable[dict]) -> list[str]:
-    """Layer names of gradient-health records in depth order (their ``index``; first seen when absent)."""
-    index: dict[str, int] = {}
+    """Layer names of gradient-health records in depth order: the order the forward pass ran them
+    (``forward_index``), else their registration ``index``, else first seen. Layers that never ran come last."""
+    position: dict[str, tuple[float, int]] = {}
     for record in records:
-        index.setdefault(record["layer"], record.get("index", len(index)))
-    return sorted(index, key=lambda layer: index[layer])
+        forward = record.get("forward_index")
+        known = position.get(record["layer"])
+        if known is None or (known[0] == math.inf and forward is not None):
+            position[record["layer"]] = (forward if forward is not None else math.inf,
+                                         record.get("index", len(position)))
+    return sorted(position, key=lambda layer: position[layer])

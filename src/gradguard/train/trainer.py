@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..attacks import FGSM, PGD
 from ..attacks.base import as_labels, check_inputs, model_guard, positive_float, positive_int
+from ..diagnostics.gradflow import GradientMonitor, TrainingStopped
 from ..errors import CheckpointError, ConfigError, InputError
 from ..io import atomic_write_json, atomic_write_text
 from ..models import model_spec, state_tensors, unwrap
@@ -281,13 +282,20 @@ class Trainer:
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.train_model is not self.model and hasattr(self.monitor, "distributed"):
+            self.monitor.distributed = True  # combine activation statistics over ranks: records as one process
         self.guard_batch = self._guard_batch() if self.co_guard else None
         last_good = self._snapshot()
         epoch = start_epoch
+        self.stopped: dict | None = None
         while epoch < self.epochs:
             started = time.perf_counter()
             self.global_step = epoch * self.steps_per_epoch
-            train_stats, step_log = self._train_epoch(epoch)
+            try:
+                train_stats, step_log = self._train_epoch(epoch)
+            except TrainingStopped as stop:
+                self._stop(epoch, stop)
+                break
             metrics = {"epoch": epoch + 1, **train_stats}
             if self.guard_batch is not None:  # set exactly when the guard (co_guard) is on
                 probe = self._probe_overfitting(self.guard_batch)
@@ -304,6 +312,9 @@ class Trainer:
             epoch += 1
             self._end_of_epoch(epoch, metrics, step_log)
             last_good = self._snapshot()
+        if self.stopped is not None:
+            distributed.barrier()
+            return self.history
         self._install_final_weights()
         final = self._final_evaluation()
         if final is not None and self.history:
@@ -341,7 +352,9 @@ class Trainer:
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(unwrap(self.model))
-            if self.monitor is not None:
+            if isinstance(self.monitor, GradientMonitor):
+                self.monitor.step(objective.detach(), targets=y)
+            elif self.monitor is not None:
                 self.monitor.step()
             n = y.shape[0]
             clean_logits = output.logits_clean if output.logits_clean is not None else self._clean_logits(x)
@@ -639,6 +652,18 @@ class Trainer:
         event["method"] = self.method.state_dict()
         self._log_event(event)
         return event["action"]
+
+    def _stop(self, epoch: int, stop: TrainingStopped) -> None:
+        """The monitor's on_finding="stop" fired: end training, keep what was saved, record why."""
+        finding = stop.finding
+        kept = (f"the model saved at the end of epoch {epoch} is kept" if self.run_dir is not None and epoch > 0
+                else "nothing was saved" if self.run_dir is not None else "the model holds the weights of the stop")
+        self.stopped = {"event": "stopped", "epoch": epoch + 1, "step": self.global_step,
+                        "rule": f"GradientMonitor: {finding.kind} in {finding.layer}",
+                        "action": f"training stopped ({finding.kind}); {kept}", "finding": finding.to_dict()}
+        self._log_event(self.stopped)
+        if self.is_main and self.run_dir is not None and self.history:
+            self._write_metrics()
 
     def _log_event(self, event: dict) -> None:
         self.events.append(event)

@@ -23,6 +23,7 @@ import math
 import os
 import statistics
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
@@ -34,6 +35,8 @@ from ..errors import ConfigError, DataError, InputError
 from .curvature import LossFn, SharpnessTracker
 from .health import (
     DEAD_FRACTION,
+    DEAD_WINDOW,
+    EXPLODING_BEFORE_OVERFLOW,
     EXPLODING_GROWTH,
     EXPLODING_JUMP,
     INPUT_RMS_LIMIT,
@@ -166,10 +169,17 @@ class _LayerState:
     """Per-layer scratch space for the sampled step in progress."""
 
     __slots__ = ("name", "index", "module", "params", "ever_positive", "activation", "saturated", "elements",
-                 "forward_index", "input_stats")
+                 "forward_index", "input_stats", "leaf", "recent_positive")
 
     def __init__(self, name: str, index: int, module: nn.Module, params: list[nn.Parameter]):
         self.name, self.index, self.module, self.params = name, index, module, params
+        # A container that owns parameters directly (a ViT's position embedding on the root module,
+        # nn.MultiheadAttention's in_proj_weight) is entered before its children but may use its parameters
+        # anywhere inside: it has no place in the depth order.
+        self.leaf = not any(True for child in module.children() for _ in child.parameters())
+        # Which units fired in each of the last DEAD_WINDOW sampled batches (kept across samples): a unit is dead
+        # only if it fired in none of them, so a small batch does not pass a rarely firing unit off as dead.
+        self.recent_positive: deque[Tensor] = deque(maxlen=DEAD_WINDOW)
         self.reset()
 
     def reset(self) -> None:
@@ -407,7 +417,7 @@ class GradientMonitor:
         self._current = state
         if self._snapshot is None:  # weights as the forward saw them = before this step's optimiser update
             self._snapshot = _copies([p.detach() for p in self._params])
-        if state.forward_index is None:
+        if state.forward_index is None and state.leaf:
             state.forward_index = self._forward_count
             self._forward_count += 1
             first = inputs[0] if isinstance(inputs, tuple) and inputs else None
@@ -523,6 +533,11 @@ class GradientMonitor:
             if state.ever_positive is not None:
                 where["dead_fraction", state.index] = len(tensors)
                 tensors.append((~state.ever_positive).float().mean())
+                if state.recent_positive and state.recent_positive[-1].shape != state.ever_positive.shape:
+                    state.recent_positive.clear()  # the unit count changed (another input size): start afresh
+                state.recent_positive.append(state.ever_positive)
+                where["dead_window", state.index] = len(tensors)
+                tensors.append((~torch.stack(list(state.recent_positive)).any(0)).float().mean())
             if state.elements:
                 where["saturated", state.index] = len(tensors)
                 tensors.append(torch.as_tensor(state.saturated))
@@ -577,6 +592,7 @@ class GradientMonitor:
                 "weight_finite": stats["weight_norm"] is not None and math.isfinite(stats["weight_norm"]),
                 "update_ratio": _finite_or_none(update_ratio), "activation": state.activation,
                 "dead_fraction": numbers[where["dead_fraction", layer]] if ("dead_fraction", layer) in where else None,
+                "dead_fraction_window": numbers[where["dead_window", layer]] if ("dead_window", layer) in where else None,
                 "saturated_fraction": saturated, "forward_index": state.forward_index,
                 "update_norm": _finite_or_none(delta_norm),
                 "loss": _finite_or_none(loss), "loss_finite": None if loss is None else math.isfinite(loss),
@@ -779,7 +795,8 @@ def findings_from_records(records: Iterable[dict]) -> list[Finding]:
     if vanishing and vanishing[0].evidence["grad_norm_first"] == 0 and any(f.kind == "dead" for f in activation):
         vanishing = []  # an exactly-zero gradient behind dead units is blocked, not vanishing: "dead" says why
     high, low = _learning_rate(table, steps, layers)
-    return (nonfinite + _exploding(table, steps, layers) + high + vanishing + _stalled(table, steps, layers) + low
+    exploding = _exploding(table, steps, layers) or _overflowed(table, steps, layers, nonfinite)
+    return (nonfinite + exploding + high + vanishing + _stalled(table, steps, layers) + low
             + activation + _inputs(table, steps, layers))
 
 
@@ -864,6 +881,27 @@ def _exploding(table: dict, steps: list[int], layers: list[str]) -> list[Finding
     return [Finding("exploding", worst, evidence, ADVICE["exploding"])]
 
 
+def _overflowed(table: dict, steps: list[int], layers: list[str], nonfinite: list[Finding]) -> list[Finding]:
+    """An explosion that overflowed between two samples: gradients went NaN/inf (not from the input) after the
+    finite samples' total gradient norm grew >= EXPLODING_BEFORE_OVERFLOW x while the loss rose above its start."""
+    if not nonfinite or nonfinite[0].evidence.get("input_nonfinite_step") is not None:
+        return []
+    totals = _total_grad_norms(table, steps, layers)
+    losses = _losses(table, steps, layers)
+    if len(totals) < 2 or len(losses) < 2:
+        return []
+    start = _median(v for _, v in totals[:START_SAMPLES])
+    peak_step, peak = max(totals, key=lambda item: item[1])
+    growth = peak / start if start > 0 else math.inf
+    loss_start = _median(losses[:START_SAMPLES])
+    if growth < EXPLODING_BEFORE_OVERFLOW or losses[-1] <= loss_start:
+        return []
+    evidence = {"start_grad_norm": start, "peak_grad_norm": peak, "peak_step": peak_step, "growth": growth,
+                "overflow_step": nonfinite[0].evidence["first_step"], "loss_start": loss_start,
+                "loss_before_overflow": losses[-1], "growth_threshold": EXPLODING_BEFORE_OVERFLOW}
+    return [Finding("exploding", WHOLE_MODEL, evidence, ADVICE["exploding"])]
+
+
 def _largest_jump(totals: list[tuple[int, float]], start: float) -> tuple[int | None, float]:
     """Largest factor by which a sample exceeds the median of the samples before it.
 
@@ -889,9 +927,14 @@ def _depth_ratios(table: dict, steps: list[int], first: str, last: str) -> list[
 
 
 def _vanishing(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
-    if len(layers) < 2:
+    # The depth ends are the first and last layers the forward pass ran (containers owning parameters have
+    # no forward position; records from before forward_index existed use the registration order).
+    placed = {name for (_, name), record in table.items() if record.get("forward_index") is not None}
+    ordered = [layer for layer in layers if layer in placed]
+    ends = ordered if len(ordered) >= 2 else layers
+    if len(ends) < 2:
         return []
-    first, last = layers[0], layers[-1]
+    first, last = ends[0], ends[-1]
     ratios = _depth_ratios(table, steps, first, last)
     if not ratios:
         return []
@@ -1012,10 +1055,17 @@ def _activation_findings(table: dict, steps: list[int], layers: list[str]) -> li
             if not series:
                 continue
             recent = _median(v for _, v in series[-RECENT_SAMPLES:])
+            evidence: dict[str, Any] = {key: recent, "at_start": series[0][1]}
+            if kind == "dead":
+                # Dead over the window of the last DEAD_WINDOW sampled batches, where recorded (one batch alone
+                # overstates it: a unit firing for 5 % of inputs looks dead in a batch of 32 one time in five).
+                window = _series(table, steps, layer, "dead_fraction_window")
+                if window:
+                    recent = window[-1][1]
+                    evidence.update(dead_fraction_window=recent, window_batches=DEAD_WINDOW)
             if recent >= threshold:
                 activation = next((table[(s, layer)].get("activation") for s, _ in reversed(series)), None)
-                evidence = {key: recent, "at_start": series[0][1], "activation": activation,
-                            "threshold": threshold, "samples": len(series)}
+                evidence.update(activation=activation, threshold=threshold, samples=len(series))
                 findings.append(Finding(kind, layer, evidence, ADVICE[kind]))
     return findings
 

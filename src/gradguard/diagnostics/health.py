@@ -25,10 +25,21 @@ VANISHING_DROP = 1e3
 # the geometric middle). SGD at lr=1 grows 43-754x before its ReLUs die (reported as "dead").
 EXPLODING_GROWTH = 1e3
 EXPLODING_JUMP = 1e3
+# Exploding into overflow: a gradient (not the input) turned NaN/inf and, over the finite samples before, the
+# total gradient norm had grown by at least this factor while the loss rose above its start: a diverging run, not
+# a stray log(0). Measured (bench/diagnostics_faults.py): the Fashion-MNIST ViT at SGD lr 1 grows 55-890x and then
+# overflows between two samples (before the 1e3 growth rule can see it); healthy runs grow <= 31x, but their loss
+# falls.
+EXPLODING_BEFORE_OVERFLOW = 10.0
 # Dead: fraction of a ReLU layer's units never positive over the sampled batch. Measured: healthy demo nets
 # <= 0.48 (the small CNN's 2048->64 layer under Adam; it still reaches 95 % accuracy); bias -5 or a
 # diverged run: 1.0; SGD lr=2 with clipping at 0.3: 0.73-0.77 (really dead over all inputs, 58-82 % accuracy).
 DEAD_FRACTION = 0.7
+# ...measured over the union of the last DEAD_WINDOW sampled batches (a unit that fired in any of them is alive).
+# Measured: the Fashion-MNIST demo's 8-layer ReLU/He MLP (SGD 0.05, batch 32) has its first ReLU layer 0.72-0.81
+# dead in single batches but only 0.34-0.41 dead over all 10k training inputs (72 % test accuracy): one batch of
+# 32 was a false alarm. Its collapsed seed (20 % accuracy) is 0.66-0.91 dead over all inputs, and stays flagged.
+DEAD_WINDOW = 5
 # Saturated: fraction of sigmoid/tanh outputs whose derivative is below SATURATION_DERIVATIVE of its maximum.
 # Measured: default-init sigmoid-12 0.0, tanh-4 0.10-0.22; tanh-4 with N(0, 1) weights 0.79-0.81.
 SATURATED_FRACTION = 0.4
@@ -42,9 +53,11 @@ STALLED_FACTOR = 1e-2
 # runs near 1e-3.
 LR_HIGH_RATIO = 1e-1
 # Learning rate too low: the whole model's update ratio below this while the loss moves by less than
-# LR_LOW_LOSS_CHANGE (relative, from the start to the recent samples).
+# LR_LOW_LOSS_CHANGE (relative, median of the first samples against the median of the recent ones). Measured
+# (bench/diagnostics_faults.py): batch-to-batch noise moves a frozen model's loss by up to ~3 % on 64-image
+# batches, so 1 % missed 3 of 4 frozen runs; healthy runs drop the loss by > 20 % within 60 steps.
 LR_LOW_RATIO = 1e-6
-LR_LOW_LOSS_CHANGE = 1e-2
+LR_LOW_LOSS_CHANGE = 5e-2
 # Inputs not normalised: RMS of the first layer's input (median over samples) above this. Standardised inputs
 # have RMS ~1 and [0, 1] pixels ~0.3-0.5; pixels left in 0-255 have RMS ~70-120.
 INPUT_RMS_LIMIT = 10.0

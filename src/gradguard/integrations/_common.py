@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..diagnostics.gradflow import Finding, GradientMonitor, TrainingStopped, findings_from_records
@@ -43,6 +44,13 @@ def loss_scalar(value: Any) -> Tensor | float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any (one all-reduce of one number)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 class GradientHealthBase:
@@ -97,16 +105,25 @@ class GradientHealthBase:
         monitor = self.monitor
         if monitor is None:
             return False
+        sampled = monitor.sampling  # the same on every rank: sampling follows the step count
         try:
             monitor.step(loss_scalar(loss))
-        except TrainingStopped as stop:
+        except TrainingStopped as error:
             if self.stopped is None:
-                self.stopped = stop
+                self.stopped = error
                 logger.warning("GradientHealthCallback stopped training (the framework ends the fit cleanly): %s",
-                               stop)
+                               error)
         if self._sink is not None:
             self._sink.update(monitor)
-        return self.stopped is not None
+        stop = self.stopped is not None
+        if monitor.distributed and sampled:
+            # Under DDP findings are acted on only at sampled steps (from statistics combined over the ranks);
+            # one all-reduce there makes the decision common, so no rank trains on while another stops.
+            stop = _any_rank(stop, next(monitor.model.parameters()).device)
+            if stop and self.stopped is None:
+                logger.warning("GradientHealthCallback: another rank's monitor stopped training at step %d",
+                               monitor.step_count - 1)
+        return stop
 
     def _finish(self) -> None:
         """Detach the monitor, close TensorBoard and write diagnosis.json (main process only). Idempotent."""

@@ -46,7 +46,8 @@ class GradientHealthCallback(GradientHealthBase, transformers.TrainerCallback):
             ``SummaryWriter``.
 
     ``.monitor`` is the ``GradientMonitor``, ``.findings`` its findings, ``.stopped`` the ``TrainingStopped``
-    that ended training (or None). Under DDP every rank runs the monitor (statistics combined across ranks).
+    that ended training (or None). Under DDP every rank runs the monitor (statistics are combined across ranks)
+    and the stop decision is shared; only the main process writes files.
     """
 
     def __init__(self, every: int = 10, path: str | os.PathLike | None = None, on_finding: OnFinding = None,

@@ -74,10 +74,7 @@ class GradientHealthCallback(GradientHealthBase, pl.Callback):
         if self.monitor is None or not self.monitor.attached or trainer.global_step == self._last_global_step:
             return  # no optimiser step in this batch (accumulating, or training_step returned None)
         self._last_global_step = trainer.global_step
-        stop = self._step(outputs)
-        if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)  # any rank stopping stops all
-        if stop:
+        if self._step(outputs):
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -197,6 +197,28 @@ def test_lightning_callback_stops_cleanly_at_a_planted_nan(tmp_path, caplog):
     assert not callback.monitor.attached
 
 
+def test_lightning_callback_cleans_up_when_the_fit_fails(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradguard.integrations.lightning import GradientHealthCallback
+
+    module = lightning_module(pl)
+    step = module.training_step
+
+    def failing_step(batch, batch_idx):
+        if module.global_step == 5:  # a sampled step: the monitor's hooks are armed when this raises
+            raise RuntimeError("user code failed")
+        return step(batch, batch_idx)
+
+    module.training_step = failing_step
+    callback = GradientHealthCallback(every=5)
+    with pytest.raises(RuntimeError, match="user code failed"):
+        lightning_fit(pl, callback, tmp_path, module)
+    assert not callback.monitor.attached
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in module.modules())  # hooks removed
+    diagnosis = json.loads((tmp_path / "diagnosis.json").read_text())  # what was seen before the failure
+    assert diagnosis["steps"] == 5 and diagnosis["sampled_steps"] == 1
+
+
 # ------------------------------------------------------------------------------------------------ Hugging Face
 class TinyHF(nn.Module):
     """The Trainer's model contract without a tokenizer: dict batches in, {"loss", "logits"} out."""

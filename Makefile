@@ -5,6 +5,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# The optional integrations' frameworks (lightning, transformers + accelerate, tensorboard): only `make test`
+# installs them, under their own stamp, so `make demo` does not pull them (requirements.txt constrains them:
+# they must not move the pinned torch).
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test lint install clean
 
@@ -13,6 +17,10 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PIP) install -q --disable-pip-version-check -r requirements.txt
 	$(PIP) install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PIP) install -q --disable-pip-version-check -r requirements-test.txt -c requirements.txt
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -23,7 +31,7 @@ demo: $(STAMP)
 # (as root, or through passwordless sudo). Without it that one test is skipped with a loud message.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo "sudo -n")
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
 	  || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium) >/dev/null 2>&1 \
 	  || echo "WARNING: chromium is missing and could not be installed; the HTML report screenshot test will be SKIPPED"

@@ -155,6 +155,26 @@ def test_stop_raises_at_a_fatal_finding_and_a_callable_is_called(digits):
     assert "lr_too_high" in kinds(seen)
 
 
+def test_stop_names_the_poisoned_step_when_step_counts(digits):
+    """Counting with step(loss) and no optimiser hooks (as framework callbacks do), a NaN loss is acted on at its
+    own step: the step is not counted yet when its loss is checked."""
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = digits.x_train[:64].clone(), digits.y_train[:64]
+    with pytest.raises(TrainingStopped) as stop, GradientMonitor(model, every=4, on_finding="stop") as monitor:
+        for step in range(20):
+            inputs = x.clone()
+            if step == 9:
+                inputs[0, 0, 0, 0] = float("inf")
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(inputs), y)
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+    assert stop.value.step == 9 and stop.value.finding.evidence["first_step"] == 9
+    assert monitor.actions == [{"step": 9, "kind": "nonfinite", "layer": "(loss)", "action": "stop"}]
+
+
 class Glitch(nn.Module):
     """Identity, except that its ``at``-th training forward returns NaN (a planted numerical fault)."""
 

@@ -32,3 +32,7 @@ class DataError(GradguardError):
 
 class CheckpointError(GradguardError):
     """A checkpoint or run directory is missing, corrupt or incompatible."""
+
+
+class MissingDependencyError(GradguardError, ImportError):
+    """An optional package (an integration's framework) is not installed; the message names the pip extra."""

@@ -641,7 +641,7 @@ class GradientMonitor:
         self._loss = value
         if self.on_finding is not None and not self.distributed and not math.isfinite(float(value)):
             evidence = {"first_step": step, "loss": float(value), "loss_nonfinite_step": step}
-            self._act([Finding("nonfinite", "(loss)", evidence, ADVICE["nonfinite"])])
+            self._act([Finding("nonfinite", "(loss)", evidence, ADVICE["nonfinite"])], step=step)
 
     def _end_step(self) -> None:
         sampled = self.sampling
@@ -657,14 +657,17 @@ class GradientMonitor:
         if sampled and self.on_finding is not None:
             self._act(self.findings())
 
-    def _act(self, findings: list[Finding]) -> None:
-        """Apply ``on_finding`` to each finding not acted on before (a fatal kind once, others once per layer)."""
+    def _act(self, findings: list[Finding], step: int | None = None) -> None:
+        """Apply ``on_finding`` to each finding not acted on before (a fatal kind once, others once per layer).
+
+        ``step``: the step acted at (default: the step just counted; a loss checked before its step is counted,
+        as with ``step(loss)`` and no optimiser hooks, passes its own)."""
+        step = max(self.step_count - 1, 0) if step is None else step
         for finding in findings:
             key = finding.kind if finding.kind in FATAL_KINDS else (finding.kind, finding.layer)
             if key in self._acted or finding.kind == "unrecorded":
                 continue
             self._acted.add(key)
-            step = max(self.step_count - 1, 0)
             fatal = finding.kind in FATAL_KINDS
             action = ("callable" if callable(self.on_finding) else
                       "stop" if self.on_finding == "stop" and fatal else "warn")

@@ -138,3 +138,14 @@ def test_worst_case_combines_suite_and_single_attacks_per_sample(tmp_path):
     (run / "robustness.json").write_text(json.dumps(robustness))
     build_report(run)
     assert json.loads((run / "summary.json").read_text())["models"][0]["robust_accuracy"] == 0.75
+
+
+def test_fatal_gradient_findings_are_marked_fail(suite_run):
+    diagnosis = suite_run / "gradflow" / "sigmoid" / "diagnosis.json"
+    diagnosis.write_text(json.dumps({"gradient_findings": [
+        {"kind": "nonfinite", "layer": "3", "evidence": {"first_step": 7}, "advice": "check the data"},
+        {"kind": "lr_too_high", "layer": "(whole model)", "evidence": {"update_ratio": 0.4}, "advice": "lower it"}]}))
+    html = build_report(suite_run).read_text()
+    rows = {re.sub(r"<[^>]+>", " ", row).split()[2]: row for row in re.findall(r"<tr>(.*?)</tr>", html, re.S)
+            if "sigmoid" in row and ("nonfinite" in row or "lr_too_high" in row)}
+    assert 'class="badge FAIL"' in rows["nonfinite"] and 'class="badge WARN"' in rows["lr_too_high"]

@@ -39,6 +39,7 @@ from .health import (
     EXPLODING_BEFORE_OVERFLOW,
     EXPLODING_GROWTH,
     EXPLODING_JUMP,
+    FATAL_KINDS,
     INPUT_RMS_LIMIT,
     LR_HIGH_RATIO,
     LR_LOW_LOSS_CHANGE,
@@ -57,7 +58,6 @@ from .plots import plot_all
 KINDS = ("nonfinite", "exploding", "lr_too_high", "vanishing", "stalled", "lr_too_low", "dead", "saturated",
          "inputs_not_normalised", "sharpness", "unrecorded")
 # Findings after which training cannot usefully go on: on_finding="stop" stops at these (and warns at the others).
-FATAL_KINDS = frozenset({"nonfinite", "exploding"})
 WHOLE_MODEL = "(whole model)"
 
 ADVICE = {

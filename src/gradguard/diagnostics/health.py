@@ -61,6 +61,8 @@ LR_LOW_LOSS_CHANGE = 5e-2
 # Inputs not normalised: RMS of the first layer's input (median over samples) above this. Standardised inputs
 # have RMS ~1 and [0, 1] pixels ~0.3-0.5; pixels left in 0-255 have RMS ~70-120.
 INPUT_RMS_LIMIT = 10.0
+# Findings that mean the run is broken: GradientMonitor(on_finding="stop") stops at these, the report marks them FAIL.
+FATAL_KINDS = frozenset({"nonfinite", "exploding"})
 # How many of the latest samples form "recent" (medians resist one noisy batch) and the earliest "start".
 RECENT_SAMPLES = 5
 START_SAMPLES = 3

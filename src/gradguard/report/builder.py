@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..diagnostics.health import FATAL_KINDS
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import plots
 from .html import badge, evidence_text, missing, page, percent, png_tag, table
@@ -306,7 +307,8 @@ def _gradients(run: RunData, summary: dict, figures: dict) -> str:
     rows = []
     for g in summary["gradients"]:
         for f in g["findings"] or [{"kind": "healthy", "layer": "—", "evidence": {}, "advice": "no issue found"}]:
-            rows.append([escape(g["label"]), badge("PASS" if f.get("kind") == "healthy" else "WARN") + " "
+            status = "PASS" if f.get("kind") == "healthy" else "FAIL" if f.get("kind") in FATAL_KINDS else "WARN"
+            rows.append([escape(g["label"]), badge(status) + " "
                          + escape(str(f.get("kind"))), escape(str(f.get("layer"))), evidence_text(f.get("evidence")),
                          escape(str(f.get("advice") or ""))])
     if rows:

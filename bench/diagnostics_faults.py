@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--scenarios", default=None, help="comma-separated subset of the scenario names")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--train-samples", type=int, default=4096)

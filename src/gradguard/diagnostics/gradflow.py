@@ -23,7 +23,6 @@ import math
 import os
 import statistics
 import warnings
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
@@ -35,7 +34,6 @@ from ..errors import ConfigError, DataError, InputError
 from .curvature import LossFn, SharpnessTracker
 from .health import (
     DEAD_FRACTION,
-    DEAD_WINDOW,
     EXPLODING_BEFORE_OVERFLOW,
     EXPLODING_GROWTH,
     EXPLODING_JUMP,
@@ -169,7 +167,7 @@ class _LayerState:
     """Per-layer scratch space for the sampled step in progress."""
 
     __slots__ = ("name", "index", "module", "params", "ever_positive", "activation", "saturated", "elements",
-                 "forward_index", "input_stats", "leaf", "recent_positive")
+                 "forward_index", "input_stats", "leaf")
 
     def __init__(self, name: str, index: int, module: nn.Module, params: list[nn.Parameter]):
         self.name, self.index, self.module, self.params = name, index, module, params
@@ -177,9 +175,6 @@ class _LayerState:
         # nn.MultiheadAttention's in_proj_weight) is entered before its children but may use its parameters
         # anywhere inside: it has no place in the depth order.
         self.leaf = not any(True for child in module.children() for _ in child.parameters())
-        # Which units fired in each of the last DEAD_WINDOW sampled batches (kept across samples): a unit is dead
-        # only if it fired in none of them, so a small batch does not pass a rarely firing unit off as dead.
-        self.recent_positive: deque[Tensor] = deque(maxlen=DEAD_WINDOW)
         self.reset()
 
     def reset(self) -> None:
@@ -533,11 +528,6 @@ class GradientMonitor:
             if state.ever_positive is not None:
                 where["dead_fraction", state.index] = len(tensors)
                 tensors.append((~state.ever_positive).float().mean())
-                if state.recent_positive and state.recent_positive[-1].shape != state.ever_positive.shape:
-                    state.recent_positive.clear()  # the unit count changed (another input size): start afresh
-                state.recent_positive.append(state.ever_positive)
-                where["dead_window", state.index] = len(tensors)
-                tensors.append((~torch.stack(list(state.recent_positive)).any(0)).float().mean())
             if state.elements:
                 where["saturated", state.index] = len(tensors)
                 tensors.append(torch.as_tensor(state.saturated))
@@ -592,7 +582,6 @@ class GradientMonitor:
                 "weight_finite": stats["weight_norm"] is not None and math.isfinite(stats["weight_norm"]),
                 "update_ratio": _finite_or_none(update_ratio), "activation": state.activation,
                 "dead_fraction": numbers[where["dead_fraction", layer]] if ("dead_fraction", layer) in where else None,
-                "dead_fraction_window": numbers[where["dead_window", layer]] if ("dead_window", layer) in where else None,
                 "saturated_fraction": saturated, "forward_index": state.forward_index,
                 "update_norm": _finite_or_none(delta_norm),
                 "loss": _finite_or_none(loss), "loss_finite": None if loss is None else math.isfinite(loss),
@@ -1059,13 +1048,6 @@ def _activation_findings(table: dict, steps: list[int], layers: list[str]) -> li
                 continue
             recent = _median(v for _, v in series[-RECENT_SAMPLES:])
             evidence: dict[str, Any] = {key: recent, "at_start": series[0][1]}
-            if kind == "dead":
-                # Dead over the window of the last DEAD_WINDOW sampled batches, where recorded (one batch alone
-                # overstates it: a unit firing for 5 % of inputs looks dead in a batch of 32 one time in five).
-                window = _series(table, steps, layer, "dead_fraction_window")
-                if window:
-                    recent = window[-1][1]
-                    evidence.update(dead_fraction_window=recent, window_batches=DEAD_WINDOW)
             if recent >= threshold:
                 activation = next((table[(s, layer)].get("activation") for s, _ in reversed(series)), None)
                 evidence.update(activation=activation, threshold=threshold, samples=len(series))

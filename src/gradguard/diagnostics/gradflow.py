@@ -202,15 +202,25 @@ def _abs_maxima(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.maximum(high, low.neg()) for low, high in pairs]
 
 
+def _input_stats(x: Tensor) -> Tensor:
+    """[sum of squares, element count, max |x|] of a batch in float32, without a temporary of the batch's size
+    (a dot product and aminmax instead of square() and abs())."""
+    flat = x.reshape(-1)
+    flat = flat if flat.dtype == torch.float32 else flat.float()
+    low, high = torch.aminmax(flat)
+    return torch.stack([torch.dot(flat, flat), torch.tensor(float(flat.numel()), device=flat.device),
+                        torch.maximum(high, low.neg())])
+
+
 def _read_back(tensors: list[Tensor]) -> list[float]:
     """Scalar tensors as Python floats in one host sync: stack each run of same dtype and device, cast once."""
     if not tensors:
         return []
-    device = tensors[0].device
+    kinds = [(t.dtype, t.device) for t in tensors]
+    device = kinds[0][1]
     parts, start = [], 0
     for end in range(1, len(tensors) + 1):
-        if end == len(tensors) or (tensors[end].dtype, tensors[end].device) != (tensors[start].dtype,
-                                                                                tensors[start].device):
+        if end == len(tensors) or kinds[end] != kinds[start]:
             run = torch.stack(tensors[start:end])
             parts.append(run.to(device=device, dtype=torch.float64))
             start = end
@@ -430,6 +440,7 @@ class GradientMonitor:
         self._snapshot: list[Tensor] | None = None  # all parameters at the first training forward of the step
         self._raw_norms: dict[int, Tensor] = {}  # param position -> ‖grad‖ right after backward (pre-clipping)
         self._raw_pending: list[int] = []  # params whose gradient the running backward pass has accumulated
+        self._old_norms: list[Tensor] | None = None  # ‖θ‖ per param before the step, read with the gradients
         # Per param: gradient norm and max |g| as the optimiser is about to use them (None: no .grad).
         self._gradients: tuple[list[Tensor | None], list[Tensor | None]] | None = None
         self._forward_count = 0  # layers entered so far in this sampled step's training forwards
@@ -470,8 +481,7 @@ class GradientMonitor:
             first = inputs[0] if isinstance(inputs, tuple) and inputs else None
             if state.forward_index == 0 and isinstance(first, Tensor) and first.is_floating_point() and first.numel():
                 x = first.detach()
-                state.input_stats = torch.stack([x.float().square().sum(), torch.tensor(float(x.numel()),
-                                                 device=x.device), x.abs().max().float()])
+                state.input_stats = _input_stats(x)
 
     def _record_activation(self, module: nn.Module, output: Any) -> None:
         state = self._current
@@ -480,10 +490,13 @@ class GradientMonitor:
         out = output.detach()
         if isinstance(module, RELU_TYPES):
             # A unit is a feature (Linear; last dim on sequences) or a channel (dim 1, convolutions).
+            # Over the batch first (an element-wise max of contiguous slices), then what is left of the other
+            # dims: on CPU about 1.5x faster than amax over (0, 2) and 3x faster than one amax over (0, 2, 3).
+            peak = out.amax(dim=0)
             if out.dim() == 3 and isinstance(state.module, nn.Linear):
-                peak = out.amax(dim=(0, 1))
-            else:  # reduce the contiguous trailing dims first: about twice as fast as one amax over (0, 2, 3)
-                peak = (out.flatten(2).amax(dim=2) if out.dim() > 2 else out).amax(dim=0)
+                peak = peak.amax(dim=0)
+            elif peak.dim() > 1:
+                peak = peak.flatten(1).amax(dim=1)
             positive = peak > 0  # no copy of the activation
             state.ever_positive = positive if state.ever_positive is None else state.ever_positive | positive
             state.activation = "relu"
@@ -522,7 +535,10 @@ class GradientMonitor:
         """Per-parameter gradient norm and max |g|, as the optimiser is about to use them."""
         grads = [p.grad.detach() if p.grad is not None else None for p in self._params]
         present = [g for g in grads if g is not None]
-        norms, maxima = iter(_norms(present)), iter(_abs_maxima(present))
+        # The weights' norms before the step (the snapshot) ride along in the same fused call.
+        found = _norms(present + (self._snapshot or []))
+        self._old_norms = found[len(present):]
+        norms, maxima = iter(found[:len(present)]), iter(_abs_maxima(present))
         self._gradients = ([next(norms) if g is not None else None for g in grads],
                            [next(maxima) if g is not None else None for g in grads])
         return self._gradients
@@ -579,24 +595,29 @@ class GradientMonitor:
         count = len(self._params)
         weights = [p.detach() for p in self._params]
         olds = self._snapshot or []  # all parameters; none when no training forward ran in this sampled step
-        weight_norms = _norms(weights + olds)  # ‖θ‖ and ‖θ before the step‖ in one fused call
+        old_norms = self._old_norms if self._old_norms is not None else _norms(olds)  # ‖θ before the step‖
         _subtract_(olds, weights)  # the snapshot buffers now hold -Δθ (they are refilled at the next sample)
+        norms = _norms(weights + olds)  # ‖θ‖ and ‖Δθ‖ in one fused call
         missing: list[Tensor | None] = [None] * count
         per_param: dict[str, list[Tensor | None]] = {
             "grad_norm": grad_norms, "grad_max": grad_maxima,
             "raw_grad_norm": [self._raw_norms.get(i) for i in range(count)],
-            "weight_norm": list(weight_norms[:count]),
-            "old_norm": list(weight_norms[count:]) or missing,
+            "weight_norm": list(norms[:count]),
+            "old_norm": list(old_norms) or missing,
             # (The Δθ norms are kept as "update_norm" for the whole-model update ratio of the lr findings.)
-            "delta_norm": list(_norms(olds)) or missing,
+            "delta_norm": list(norms[count:]) or missing,
         }
         tensors: list[Tensor] = []
         where: dict[tuple[str, int], int] = {}
+        slots: dict[str, list[int]] = {}  # per key and parameter: the value's place in `tensors`, -1 if none
         for key, values in per_param.items():
-            for i, value in enumerate(values):
-                if value is not None:
-                    where[key, i] = len(tensors)
-                    tensors.append(value)
+            present = [value for value in values if value is not None]
+            if len(present) == len(values):
+                slots[key] = list(range(len(tensors), len(tensors) + len(values)))
+            else:
+                places = iter(range(len(tensors), len(tensors) + len(present)))
+                slots[key] = [-1 if value is None else next(places) for value in values]
+            tensors.extend(present)
         for state in self._layers:
             if state.ever_positive is not None:
                 where["dead_fraction", state.index] = len(tensors)
@@ -621,7 +642,8 @@ class GradientMonitor:
         self._bad_loss_step = -1
 
         def combined(key: str, layer: int, reduce: str) -> float | None:
-            values = [numbers[where[key, i]] for i in self._positions[layer] if (key, i) in where]
+            row = slots[key]
+            values = [numbers[row[i]] for i in self._positions[layer] if row[i] >= 0]
             if not values:
                 return None
             if reduce == "max":

@@ -135,38 +135,42 @@ def measure(name: str, builder: Callable[[], nn.Module], batches: Batches, repea
             cockpit_missing: str | None) -> dict:
     torch.manual_seed(0)
     initial = builder()
-    variants: dict[str, Callable[[], float]] = {"plain": lambda: run_plain(copy.deepcopy(initial), batches)}
+    variants: dict[str, Callable[[Batches], float]] = {"plain": lambda b: run_plain(copy.deepcopy(initial), b)}
     for k in INTERVALS:
-        variants[f"monitor_{k}"] = lambda k=k: run_monitor(copy.deepcopy(initial), batches, k)
+        variants[f"monitor_{k}"] = lambda b, k=k: run_monitor(copy.deepcopy(initial), b, k)
     unsupported: dict[str, str] = {}
+    notes: set[str] = set()
     for k in INTERVALS:
         key = f"cockpit_{k}"
         if cockpit_missing is not None:
             unsupported[key] = cockpit_missing
             continue
-        try:  # one short trial run: does BackPACK/Cockpit handle this model at all?
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+        try:  # one short trial run: does BackPACK/Cockpit handle this model at all? (and what does it warn?)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 run_cockpit(cp, copy.deepcopy(initial), batches[:2], k)
+            notes.update(str(w.message).splitlines()[0][:200] for w in caught)
         except Exception as error:  # noqa: BLE001 - any failure means "cannot run this model"
             unsupported[key] = f"unsupported: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
             continue
-        variants[key] = lambda k=k: run_cockpit(cp, copy.deepcopy(initial), batches, k)
-    for fn in variants.values():  # warm-up: allocator, kernels, first-call costs
-        fn_batches_warm(fn)
+        variants[key] = lambda b, k=k: run_cockpit(cp, copy.deepcopy(initial), b, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for fn in variants.values():  # warm-up (allocator, kernels, first-call costs) on a few batches
+            fn(batches[:4])
     times: dict[str, list[float]] = {key: [] for key in variants}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Cockpit warns about unknown optimisers etc. every step
         for round_index in range(repeats):
             order = list(variants) if round_index % 2 == 0 else list(reversed(variants))
             for key in order:
-                times[key].append(variants[key]())
+                times[key].append(variants[key](batches))
             print(f"[{name}] round {round_index + 1}/{repeats}: "
                   + ", ".join(f"{k}={times[k][-1]:.2f}s" for k in variants), file=sys.stderr, flush=True)
     result: dict[str, Any] = {"model": name, "steps": len(batches), "repeats": repeats,
                               "params": sum(p.numel() for p in initial.parameters()),
                               "seconds_median": {k: statistics.median(v) for k, v in times.items()},
-                              "seconds": times}
+                              "seconds": times, "cockpit_warnings": sorted(notes)}
     ratios: dict[str, Any] = {}
     for key in ["monitor_1", "monitor_16", "cockpit_1", "cockpit_16"]:
         if key in unsupported:
@@ -177,12 +181,6 @@ def measure(name: str, builder: Callable[[], nn.Module], batches: Batches, repea
     result["plain_ms_per_step"] = 1e3 * result["seconds_median"]["plain"] / len(batches)
     print(json.dumps({k: v for k, v in result.items() if k != "seconds"}), flush=True)
     return result
-
-
-def fn_batches_warm(fn: Callable[[], float]) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fn()
 
 
 def batches_of(x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int) -> Batches:
@@ -197,14 +195,15 @@ def table(data: dict) -> str:
     def cell(value: Any) -> str:
         return f"{value:.3f}×" if isinstance(value, float) else str(value).replace("|", "/")
 
-    lines = [f"Steps per run: {data['steps']}, rounds: {data['repeats']}, threads: {data['threads']}, "
-             f"batch {data['batch']}, SGD lr {data['lr']}; ratio = median over rounds of variant / plain time.", "",
-             "| model | plain ms/step | plain | monitor every 1 | monitor every 16 | cockpit every 1 | cockpit every 16 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Rounds: {data['repeats']}, threads: {data['threads']}, batch {data['batch']}, SGD lr {data['lr']}; "
+             "ratio = median over rounds of (variant time / plain time) in the same round.", "",
+             "| model | steps | plain ms/step | plain | monitor every 1 | monitor every 16 | cockpit every 1 "
+             "| cockpit every 16 |", "|---|---|---|---|---|---|---|---|"]
     for result in data["results"]:
         r = result["ratio"]
-        lines.append(f"| {result['model']} | {result['plain_ms_per_step']:.1f} | 1.000× | {cell(r['monitor_1'])} | "
-                     f"{cell(r['monitor_16'])} | {cell(r['cockpit_1'])} | {cell(r['cockpit_16'])} |")
+        lines.append(f"| {result['model']} | {result['steps']} | {result['plain_ms_per_step']:.1f} | 1.000× | "
+                     f"{cell(r['monitor_1'])} | {cell(r['monitor_16'])} | {cell(r['cockpit_1'])} | "
+                     f"{cell(r['cockpit_16'])} |")
     return "\n".join(lines)
 
 
@@ -214,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="cnn,resnet,transformer")
+    parser.add_argument("--model-steps", default="", help="per-model step counts overriding --steps, e.g. resnet=48")
     parser.add_argument("--no-cockpit", action="store_true", help="time plain and monitor only")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
@@ -228,10 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cp, missing = (None, "not run (--no-cockpit)") if args.no_cockpit else import_cockpit()
     x_train, y_train, _, _ = load_fashion_mnist()
-    batches = batches_of(x_train, y_train, 128, args.steps)
+    steps = {name: args.steps for name in models}
+    for item in filter(None, args.model_steps.split(",")):
+        name, _, count = item.partition("=")
+        if name not in steps or not count.isdigit() or int(count) < 1:
+            parser.error(f"--model-steps: expected MODEL=STEPS for a model in --models, got {item!r}")
+        steps[name] = int(count)
     data = run_header(threads=args.threads, steps=args.steps, repeats=args.repeats, batch=128, lr=LR,
                       optimizer="SGD (default arguments)", intervals=list(INTERVALS), results=[])
     for name in models:
+        batches = batches_of(x_train, y_train, 128, steps[name])
         data["results"].append(measure(name, MODELS[name], batches, args.repeats, cp, missing))
         write_json(args.out, data)
     print(table(data))

@@ -1,6 +1,6 @@
 """GradientMonitor's training-loop overhead against Cockpit's "economy" configuration (issue 15).
 
-    python bench/monitor_vs_cockpit.py [--steps 96] [--repeats 5] [--models cnn,resnet,transformer]
+    python bench/monitor_vs_cockpit.py [--steps 96] [--repeats 5] [--inner cnn=6] [--model-steps resnet=48]
     python bench/monitor_vs_cockpit.py --table          # the markdown table of the last results JSON
 
 Cockpit is a bench-only dependency (never in requirements.txt / pyproject):
@@ -21,9 +21,11 @@ BackPACK) for every variant. Variants, each on a fresh copy of the same initial 
   ``with cockpit(global_step, info={...}): loss.backward(...)`` with ``configuration("economy",
   track_schedule=schedules.linear(k))``.
 
-k = 1 (every step) and k = 16. A round runs every variant once, in alternating order; the reported ratio is the
-median over rounds of (variant seconds / plain seconds) of the same round. Models Cockpit/BackPACK cannot run
-(BatchNorm in training mode, MultiheadAttention, ...) are recorded as ``"unsupported: <error>"``.
+k = 1 (every step) and k = 16. A round runs the plain and monitor variants ``--inner`` times each (interleaved,
+alternating order) and each Cockpit variant once, in the middle; a variant's time in a round is its mean run time
+there, and the reported ratio is the median over rounds of (variant time / plain time) of the same round. Models
+Cockpit/BackPACK cannot run are recorded as ``"unsupported: <error>"``; what BackPACK warns on a model it does
+run (e.g. BatchNorm in training mode) is kept under ``cockpit_warnings``.
 Targets: monitor <= 1.15x at k=1 and <= 1.02x at k=16.
 """
 from __future__ import annotations
@@ -131,7 +133,7 @@ def run_cockpit(cp: Any, model: nn.Module, batches: Batches, every: int) -> floa
     return time.perf_counter() - start
 
 
-def measure(name: str, builder: Callable[[], nn.Module], batches: Batches, repeats: int, cp: Any,
+def measure(name: str, builder: Callable[[], nn.Module], batches: Batches, repeats: int, inner: int, cp: Any,
             cockpit_missing: str | None) -> dict:
     torch.manual_seed(0)
     initial = builder()
@@ -158,16 +160,26 @@ def measure(name: str, builder: Callable[[], nn.Module], batches: Batches, repea
         warnings.simplefilter("ignore")
         for fn in variants.values():  # warm-up (allocator, kernels, first-call costs) on a few batches
             fn(batches[:4])
+    # One round: the cheap variants (plain, monitor) `inner` times each, interleaved and in alternating order, with
+    # each Cockpit run placed in the middle; a variant's time in a round is its mean over its runs in that round.
+    cheap = [key for key in variants if not key.startswith("cockpit")]
+    costly = [key for key in variants if key.startswith("cockpit")]
     times: dict[str, list[float]] = {key: [] for key in variants}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Cockpit warns about unknown optimisers etc. every step
         for round_index in range(repeats):
-            order = list(variants) if round_index % 2 == 0 else list(reversed(variants))
-            for key in order:
-                times[key].append(variants[key](batches))
+            spent: dict[str, list[float]] = {key: [] for key in variants}
+            for j in range(inner):
+                if j == inner // 2:
+                    for key in costly if round_index % 2 == 0 else reversed(costly):
+                        spent[key].append(variants[key](batches))
+                for key in cheap if (round_index + j) % 2 == 0 else reversed(cheap):
+                    spent[key].append(variants[key](batches))
+            for key in variants:
+                times[key].append(statistics.fmean(spent[key]))
             print(f"[{name}] round {round_index + 1}/{repeats}: "
                   + ", ".join(f"{k}={times[k][-1]:.2f}s" for k in variants), file=sys.stderr, flush=True)
-    result: dict[str, Any] = {"model": name, "steps": len(batches), "repeats": repeats,
+    result: dict[str, Any] = {"model": name, "steps": len(batches), "repeats": repeats, "inner": inner,
                               "params": sum(p.numel() for p in initial.parameters()),
                               "seconds_median": {k: statistics.median(v) for k, v in times.items()},
                               "seconds": times, "cockpit_warnings": sorted(notes)}
@@ -196,7 +208,8 @@ def table(data: dict) -> str:
         return f"{value:.3f}×" if isinstance(value, float) else str(value).replace("|", "/")
 
     lines = [f"Rounds: {data['repeats']}, threads: {data['threads']}, batch {data['batch']}, SGD lr {data['lr']}; "
-             "ratio = median over rounds of (variant time / plain time) in the same round.", "",
+             "ratio = median over rounds of (variant time / plain time) in the same round (runs per round of plain "
+             "and monitor: " + ", ".join(f"{r['model']} {r.get('inner', 1)}" for r in data["results"]) + ").", "",
              "| model | steps | plain ms/step | plain | monitor every 1 | monitor every 16 | cockpit every 1 "
              "| cockpit every 16 |", "|---|---|---|---|---|---|---|---|"]
     for result in data["results"]:
@@ -211,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=96, help="optimiser steps per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--inner", default="1", help="runs of plain/monitor per round (Cockpit: one), as N or "
+                        "MODEL=N,...: more runs of the cheap variants average out the machine's noise")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="cnn,resnet,transformer")
     parser.add_argument("--model-steps", default="", help="per-model step counts overriding --steps, e.g. resnet=48")
@@ -228,17 +243,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cp, missing = (None, "not run (--no-cockpit)") if args.no_cockpit else import_cockpit()
     x_train, y_train, _, _ = load_fashion_mnist()
-    steps = {name: args.steps for name in models}
-    for item in filter(None, args.model_steps.split(",")):
-        name, _, count = item.partition("=")
-        if name not in steps or not count.isdigit() or int(count) < 1:
-            parser.error(f"--model-steps: expected MODEL=STEPS for a model in --models, got {item!r}")
-        steps[name] = int(count)
+    def per_model(option: str, text: str, default: int) -> dict[str, int]:
+        values = {name: default for name in models}
+        for item in filter(None, text.split(",")):
+            name, _, count = item.partition("=")
+            if name not in values or not count.isdigit() or int(count) < 1:
+                parser.error(f"{option}: expected MODEL=N (N >= 1) for a model in --models, got {item!r}")
+            values[name] = int(count)
+        return values
+
+    steps = per_model("--model-steps", args.model_steps, args.steps)
+    inner = (per_model("--inner", "", int(args.inner)) if args.inner.isdigit()
+             else per_model("--inner", args.inner, 1))
     data = run_header(threads=args.threads, steps=args.steps, repeats=args.repeats, batch=128, lr=LR,
                       optimizer="SGD (default arguments)", intervals=list(INTERVALS), results=[])
     for name in models:
         batches = batches_of(x_train, y_train, 128, steps[name])
-        data["results"].append(measure(name, MODELS[name], batches, args.repeats, cp, missing))
+        data["results"].append(measure(name, MODELS[name], batches, args.repeats, inner[name], cp, missing))
         write_json(args.out, data)
     print(table(data))
     return 0

@@ -201,6 +201,30 @@ def test_records_match_hand_computed_norms_and_sgd_update_ratio():
     assert [r["layer"] for r in monitor.records] == ["0", "2"]
 
 
+def test_raw_gradient_norm_is_taken_before_clipping_on_consecutive_sampled_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    expected = []
+    with GradientMonitor(model, every=1, optimizer=opt) as monitor:
+        for _ in range(3):  # every step sampled: the hooks stay registered from one step to the next
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(torch.randn(8, 6) * 10), torch.randint(0, 3, (8,))).backward()
+            raw = {name: math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model[int(name)].parameters()))
+                   for name in ("0", "2")}
+            nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            clipped = {name: max(float(p.grad.abs().max()) for p in model[int(name)].parameters()) for name in raw}
+            expected.append((raw, clipped))
+            opt.step()
+    assert [r["step"] for r in monitor.records] == [0, 0, 1, 1, 2, 2]
+    for record in monitor.records:
+        raw, clipped = expected[record["step"]]
+        assert record["raw_grad_norm"] == pytest.approx(raw[record["layer"]], rel=1e-5)
+        assert record["grad_norm"] < 1e-3 + 1e-9 < raw[record["layer"]]  # what the optimiser applied
+        assert record["grad_max"] == pytest.approx(clipped[record["layer"]], rel=1e-5)
+        assert record["update_ratio"] == pytest.approx(0.05 * record["grad_norm"] / record["weight_norm"], rel=1e-3)
+
+
 def test_dead_and_saturated_fractions_match_constructed_layers():
     relu_layer = nn.Linear(2, 4)
     with torch.no_grad():  # units 0, 1 always positive; units 2, 3 never (inputs are non-negative)

@@ -186,13 +186,50 @@ class _LayerState:
         self.input_stats: Tensor | None = None  # first layer only: [sum of squares, count, max |x|] of its input
 
 
-def _norms(tensors: list[Tensor], order: float = 2.0) -> list[Tensor]:
-    """Per-tensor norms in one fused call where torch has it (as clip_grad_norm_ does)."""
+def _norms(tensors: list[Tensor]) -> list[Tensor]:
+    """Per-tensor L2 norms in one fused call where torch has it (as clip_grad_norm_ does)."""
     if not tensors:
         return []
     if hasattr(torch, "_foreach_norm"):
-        return list(torch._foreach_norm(tensors, order))
-    return [torch.linalg.vector_norm(t, order) for t in tensors]
+        return list(torch._foreach_norm(tensors, 2.0))
+    return [torch.linalg.vector_norm(t) for t in tensors]
+
+
+def _abs_maxima(tensors: list[Tensor]) -> list[Tensor]:
+    """Per-tensor max |x| (NaN if any element is NaN), as max(max x, -min x): one pass per tensor and no temporary,
+    several times cheaper on CPU than the inf-norm kernel (``_foreach_norm(..., inf)``) or abs() + max()."""
+    if not tensors:
+        return []
+    pairs = [torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(())) for t in tensors]
+    if len({(t.dtype, t.device) for t in tensors}) == 1:
+        lows, highs = torch.stack([low for low, _ in pairs]), torch.stack([high for _, high in pairs])
+        return list(torch.maximum(highs, lows.neg()).unbind())
+    return [torch.maximum(high, low.neg()) for low, high in pairs]
+
+
+def _input_stats(x: Tensor) -> Tensor:
+    """[sum of squares, element count, max |x|] of a batch in float32, without a temporary of the batch's size
+    (a dot product and aminmax instead of square() and abs())."""
+    flat = x.reshape(-1)
+    flat = flat if flat.dtype == torch.float32 else flat.float()
+    low, high = torch.aminmax(flat)
+    return torch.stack([torch.dot(flat, flat), torch.tensor(float(flat.numel()), device=flat.device),
+                        torch.maximum(high, low.neg())])
+
+
+def _read_back(tensors: list[Tensor]) -> list[float]:
+    """Scalar tensors as Python floats in one host sync: stack each run of same dtype and device, cast once."""
+    if not tensors:
+        return []
+    kinds = [(t.dtype, t.device) for t in tensors]
+    device = kinds[0][1]
+    parts, start = [], 0
+    for end in range(1, len(tensors) + 1):
+        if end == len(tensors) or kinds[end] != kinds[start]:
+            run = torch.stack(tensors[start:end])
+            parts.append(run.to(device=device, dtype=torch.float64))
+            start = end
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
 
 
 def _copies(tensors: list[Tensor]) -> list[Tensor]:
@@ -201,20 +238,24 @@ def _copies(tensors: list[Tensor]) -> list[Tensor]:
     return [t.clone() for t in tensors]
 
 
-def _differences(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+def _subtract_(a: list[Tensor], b: list[Tensor]) -> None:
+    """a -= b, element-wise per tensor, in place (one fused call where torch has it)."""
     if not a:
-        return []
-    if hasattr(torch, "_foreach_sub"):
-        return list(torch._foreach_sub(a, b))
-    return [x - y for x, y in zip(a, b, strict=True)]
+        return
+    if hasattr(torch, "_foreach_sub_"):
+        torch._foreach_sub_(a, b)
+    else:
+        for x, y in zip(a, b, strict=True):
+            x.sub_(y)
 
 
-def _spread(positions: list[int], values: list[Tensor], count: int) -> list[Tensor | None]:
-    """Place ``values`` at ``positions`` of a list of ``count`` slots (None elsewhere)."""
-    out: list[Tensor | None] = [None] * count
-    for position, value in zip(positions, values, strict=True):
-        out[position] = value
-    return out
+def _engine_callback_queue() -> Callable[[Callable[[], None]], None] | None:
+    """The autograd engine's "run this when the current backward pass ends" (as DDP uses), if available."""
+    engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+    return getattr(engine, "queue_callback", None)
+
+
+_queue_backward_callback = _engine_callback_queue()
 
 
 class GradientMonitor:
@@ -291,6 +332,7 @@ class GradientMonitor:
         self._activations = [m for m in model.modules() if isinstance(m, RELU_TYPES + SIGMOID_TYPES + TANH_TYPES)]
         self._optimizer_handles: list[Any] = []
         self._sample_handles: list[Any] = []
+        self._snapshot_buffers: list[Tensor] | None = None  # reused by every sample's weight snapshot
         self._file: IO[str] | None = None
         self._reset_sample()
         self._loss: Tensor | float | None = None  # the latest loss passed to step()
@@ -348,6 +390,7 @@ class GradientMonitor:
             self._file = None
         self.attached = False
         self._reset_sample()
+        self._snapshot_buffers = None
 
     def __enter__(self) -> "GradientMonitor":
         return self.attach()
@@ -356,7 +399,10 @@ class GradientMonitor:
         self.detach()
 
     def _arm(self) -> None:
-        """Register the model hooks for one sampled step."""
+        """Register the model hooks for one sampled step (or re-enable those kept from the step before)."""
+        if self._sample_handles:
+            self.sampling = True
+            return
         handles = [state.module.register_forward_pre_hook(self._layer_pre_hook) for state in self._layers]
         handles += [module.register_forward_hook(self._activation_hook) for module in self._activations]
         handles += [param.register_post_accumulate_grad_hook(self._raw_gradient_hook) for param in self._params]
@@ -372,6 +418,8 @@ class GradientMonitor:
     # -- hooks (armed on sampled steps only; each also checks the flag) --------------------------
     def _layer_pre_hook(self, module: nn.Module, inputs: Any) -> None:
         if self.sampling:
+            if self._snapshot is None and torch.is_grad_enabled():
+                self._take_snapshot(module)
             self._enter_layer(module, inputs)
 
     def _activation_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
@@ -396,9 +444,29 @@ class GradientMonitor:
         self._current: _LayerState | None = None  # last parameterised layer run in this sampled forward
         self._snapshot: list[Tensor] | None = None  # all parameters at the first training forward of the step
         self._raw_norms: dict[int, Tensor] = {}  # param position -> ‖grad‖ right after backward (pre-clipping)
+        self._raw_pending: list[int] = []  # params whose gradient the running backward pass has accumulated
+        self._old_norms: list[Tensor] | None = None  # ‖θ‖ per param before the step, read with the gradients
         # Per param: gradient norm and max |g| as the optimiser is about to use them (None: no .grad).
         self._gradients: tuple[list[Tensor | None], list[Tensor | None]] | None = None
         self._forward_count = 0  # layers entered so far in this sampled step's training forwards
+
+    def _take_snapshot(self, module: nn.Module) -> None:
+        """At the step's first training forward, copy the weights as it sees them (before the optimiser moves
+        them; needed for ‖Δθ‖) into buffers kept across samples: one fused copy and no allocation after the first
+        sample (the buffers, one copy of the trainable weights, are freed by ``detach``)."""
+        if not self._by_module[id(module)].params[0].requires_grad:
+            return
+        weights = [p.detach() for p in self._params]
+        buffers = self._snapshot_buffers
+        if buffers is None or any(b.shape != w.shape or b.dtype != w.dtype or b.device != w.device
+                                  for b, w in zip(buffers, weights, strict=True)):
+            buffers = self._snapshot_buffers = [torch.empty_like(w) for w in weights]
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(buffers, weights)
+        else:
+            for buffer, weight in zip(buffers, weights, strict=True):
+                buffer.copy_(weight)
+        self._snapshot = buffers
 
     def _enter_layer(self, module: nn.Module, inputs: Any) -> None:
         """Remember the layer for the activation that follows; snapshot weights before the optimiser step;
@@ -418,8 +486,7 @@ class GradientMonitor:
             first = inputs[0] if isinstance(inputs, tuple) and inputs else None
             if state.forward_index == 0 and isinstance(first, Tensor) and first.is_floating_point() and first.numel():
                 x = first.detach()
-                state.input_stats = torch.stack([x.float().square().sum(), torch.tensor(float(x.numel()),
-                                                 device=x.device), x.abs().max().float()])
+                state.input_stats = _input_stats(x)
 
     def _record_activation(self, module: nn.Module, output: Any) -> None:
         state = self._current
@@ -428,8 +495,14 @@ class GradientMonitor:
         out = output.detach()
         if isinstance(module, RELU_TYPES):
             # A unit is a feature (Linear; last dim on sequences) or a channel (dim 1, convolutions).
-            unit_dim = out.dim() - 1 if out.dim() == 3 and isinstance(state.module, nn.Linear) else 1
-            positive = out.amax(dim=[d for d in range(out.dim()) if d != unit_dim]) > 0  # one reduction, no copy
+            # Over the batch first (an element-wise max of contiguous slices), then what is left of the other
+            # dims: on CPU about 1.5x faster than amax over (0, 2) and 3x faster than one amax over (0, 2, 3).
+            peak = out.amax(dim=0)
+            if out.dim() == 3 and isinstance(state.module, nn.Linear):
+                peak = peak.amax(dim=0)
+            elif peak.dim() > 1:
+                peak = peak.flatten(1).amax(dim=1)
+            positive = peak > 0  # no copy of the activation
             state.ever_positive = positive if state.ever_positive is None else state.ever_positive | positive
             state.activation = "relu"
         else:
@@ -443,16 +516,34 @@ class GradientMonitor:
             state.elements += out.numel()
 
     def _record_raw_gradient(self, param: Tensor) -> None:
-        """The accumulated gradient straight after backward, before any clipping (kept as evidence)."""
+        """Note a gradient accumulated by this backward; its norm, before any clipping (kept as evidence), is
+        taken for all of them at once when the backward pass ends."""
         position = self._param_position.get(id(param))
-        if position is not None and param.grad is not None:
-            self._raw_norms[position] = torch.linalg.vector_norm(param.grad.detach())
+        if position is None:
+            return
+        if _queue_backward_callback is None:  # no engine callbacks in this torch: one norm per parameter
+            if param.grad is not None:
+                self._raw_norms[position] = torch.linalg.vector_norm(param.grad.detach())
+            return
+        if not self._raw_pending:
+            _queue_backward_callback(self._read_raw_gradients)
+        self._raw_pending.append(position)
+
+    def _read_raw_gradients(self) -> None:
+        """End of a backward pass: the norms of the gradients it accumulated, in one fused call."""
+        positions = [i for i in self._raw_pending if self._params[i].grad is not None]
+        self._raw_pending = []
+        norms = _norms([self._params[i].grad.detach() for i in positions])  # type: ignore[union-attr]
+        self._raw_norms.update(zip(positions, norms, strict=True))
 
     def _read_gradients(self) -> tuple[list[Tensor | None], list[Tensor | None]]:
         """Per-parameter gradient norm and max |g|, as the optimiser is about to use them."""
         grads = [p.grad.detach() if p.grad is not None else None for p in self._params]
         present = [g for g in grads if g is not None]
-        norms, maxima = iter(_norms(present)), iter(_norms(present, math.inf))
+        # The weights' norms before the step (the snapshot) ride along in the same fused call.
+        found = _norms(present + (self._snapshot or []))
+        self._old_norms = found[len(present):]
+        norms, maxima = iter(found[:len(present)]), iter(_abs_maxima(present))
         self._gradients = ([next(norms) if g is not None else None for g in grads],
                            [next(maxima) if g is not None else None for g in grads])
         return self._gradients
@@ -507,23 +598,31 @@ class GradientMonitor:
     def _layer_records(self, grad_norms: list[Tensor | None], grad_maxima: list[Tensor | None]) -> list[dict]:
         """One record per layer for the sampled step; all tensor results are read back in one sync."""
         count = len(self._params)
-        olds = self._snapshot or []  # empty when no training forward ran in this sampled step
-        armed = list(range(len(olds)))
+        weights = [p.detach() for p in self._params]
+        olds = self._snapshot or []  # all parameters; none when no training forward ran in this sampled step
+        old_norms = self._old_norms if self._old_norms is not None else _norms(olds)  # ‖θ before the step‖
+        _subtract_(olds, weights)  # the snapshot buffers now hold -Δθ (they are refilled at the next sample)
+        norms = _norms(weights + olds)  # ‖θ‖ and ‖Δθ‖ in one fused call
+        missing: list[Tensor | None] = [None] * count
         per_param: dict[str, list[Tensor | None]] = {
             "grad_norm": grad_norms, "grad_max": grad_maxima,
             "raw_grad_norm": [self._raw_norms.get(i) for i in range(count)],
-            "weight_norm": list(_norms([p.detach() for p in self._params])),
-            "old_norm": _spread(armed, _norms(olds), count),
+            "weight_norm": list(norms[:count]),
+            "old_norm": list(old_norms) or missing,
             # (The Δθ norms are kept as "update_norm" for the whole-model update ratio of the lr findings.)
-            "delta_norm": _spread(armed, _norms(_differences([self._params[i].detach() for i in armed], olds)), count),
+            "delta_norm": list(norms[count:]) or missing,
         }
         tensors: list[Tensor] = []
         where: dict[tuple[str, int], int] = {}
+        slots: dict[str, list[int]] = {}  # per key and parameter: the value's place in `tensors`, -1 if none
         for key, values in per_param.items():
-            for i, value in enumerate(values):
-                if value is not None:
-                    where[key, i] = len(tensors)
-                    tensors.append(value)
+            present = [value for value in values if value is not None]
+            if len(present) == len(values):
+                slots[key] = list(range(len(tensors), len(tensors) + len(values)))
+            else:
+                places = iter(range(len(tensors), len(tensors) + len(present)))
+                slots[key] = [-1 if value is None else next(places) for value in values]
+            tensors.extend(present)
         for state in self._layers:
             if state.ever_positive is not None:
                 where["dead_fraction", state.index] = len(tensors)
@@ -541,15 +640,15 @@ class GradientMonitor:
         if isinstance(self._bad_loss_step, Tensor):
             where["bad_loss_step", 0] = len(tensors)
             tensors.append(self._bad_loss_step)
-        device = tensors[0].device if tensors else None
-        numbers = torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors]).tolist() if tensors else []
+        numbers = _read_back(tensors)
         loss = numbers[where["loss", 0]] if ("loss", 0) in where else self._loss
         assert loss is None or isinstance(loss, float)
         bad_loss = int(numbers[where["bad_loss_step", 0]]) if ("bad_loss_step", 0) in where else self._bad_loss_step
         self._bad_loss_step = -1
 
         def combined(key: str, layer: int, reduce: str) -> float | None:
-            values = [numbers[where[key, i]] for i in self._positions[layer] if (key, i) in where]
+            row = slots[key]
+            values = [numbers[row[i]] for i in self._positions[layer] if row[i] >= 0]
             if not values:
                 return None
             if reduce == "max":
@@ -636,7 +735,10 @@ class GradientMonitor:
         sampled = self.sampling
         if sampled:
             self._finish_sample()
-            self._disarm()
+            if self.attached and (self.step_count + 1) % self.every == 0:
+                self.sampling = False  # the next step is sampled too: keep the hooks, idle until _arm
+            else:
+                self._disarm()
             self._reset_sample()
         self._measure_curvature()
         self.step_count += 1

@@ -48,6 +48,21 @@ def load_fashion_mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     return data.x_train, data.y_train, data.x_test, data.y_test
 
 
+def dead_over_inputs(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Per ReLU module: the fraction of its units (features; channels, dim 1) that are positive for no element of
+    any row of ``x`` — dead over these inputs, the ground truth a per-batch monitor can only estimate."""
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
+             for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [float((~(out > 0).movedim(1, 0).reshape(out.shape[1], -1).any(1)).float().mean()) for out in outputs]
+
+
 def fmnist_cnn() -> nn.Module:
     """Conv16-4x4/s2 -> Conv32-4x4/s2 -> FC100 -> FC10 (Wong & Kolter 2018's small Fashion-MNIST CNN), from the zoo."""
     return build_model("fmnist-cnn")

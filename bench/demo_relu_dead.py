@@ -12,25 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from gradguard.data import load_dataset
-from gradguard.diagnostics.gradflow import GradientMonitor
-from gradguard.models import build_model
-
-
-def dead_over_inputs(model: nn.Module, x: torch.Tensor) -> list[float]:
-    """Per ReLU module: fraction of units (features) that are never positive on any row of ``x``."""
-    outputs: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
-             for m in model.modules() if isinstance(m, nn.ReLU)]
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
-    return [round(float((~(out > 0).any(0)).float().mean()), 3) for out in outputs]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import dead_over_inputs  # noqa: E402
+from gradguard.data import load_dataset  # noqa: E402
+from gradguard.diagnostics.gradflow import GradientMonitor  # noqa: E402
+from gradguard.models import build_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             accuracy = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
         findings = [(f.kind, f.layer, round(f.evidence.get("dead_fraction", 0.0), 3)) for f in monitor.findings()]
         print(json.dumps({"lr": args.lr, "seed": seed, "test_accuracy": round(accuracy, 4),
-                          "dead_over_all_inputs": dead_over_inputs(model, x), "findings": findings}), flush=True)
+                          "dead_over_all_inputs": [round(v, 3) for v in dead_over_inputs(model, x)], "findings": findings}), flush=True)
     return 0
 
 

@@ -12,18 +12,20 @@ The output table is copied into docs/diagnose.md.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from gradguard import models
-from gradguard.data import load_dataset
-from gradguard.diagnostics import gradflow
-from gradguard.diagnostics.gradflow import GradientMonitor
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import dead_over_inputs  # noqa: E402
+from gradguard import models  # noqa: E402
+from gradguard.data import load_dataset  # noqa: E402
+from gradguard.diagnostics import gradflow  # noqa: E402
+from gradguard.diagnostics.gradflow import GradientMonitor  # noqa: E402
 
 
 def mlp(linears: int, width: int, activation: type[nn.Module], **kwargs) -> nn.Module:
@@ -80,18 +82,10 @@ def run_demo(builder, optimiser_name: str, lr: float, clip: float | None, seed: 
 
 def whole_data_check(model: nn.Module, data) -> dict:
     """Test accuracy, and the largest fraction of a layer's ReLU units never positive over ALL training inputs."""
-    outputs: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
-             for m in model.modules() if isinstance(m, nn.ReLU)]
     model.eval()
     with torch.no_grad():
         accuracy = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
-        outputs.clear()
-        model(data.x_train)
-    for hook in hooks:
-        hook.remove()
-    dead = [float((~(out > 0).movedim(1, 0).reshape(out.shape[1], -1).any(1)).float().mean()) for out in outputs]
-    return {"test_accuracy": accuracy, "dead_all_inputs_max": max(dead, default=None)}
+    return {"test_accuracy": accuracy, "dead_all_inputs_max": max(dead_over_inputs(model, data.x_train), default=None)}
 
 
 def statistics_of(records: list[dict]) -> dict:

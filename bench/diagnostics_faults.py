@@ -32,7 +32,6 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_header, write_json  # noqa: E402
 from diag_models import build  # noqa: E402
-
 from gradguard.data import load_dataset  # noqa: E402
 from gradguard.diagnostics import gradflow  # noqa: E402
 from gradguard.diagnostics.gradflow import GradientMonitor, findings_from_records  # noqa: E402
@@ -220,10 +219,8 @@ def statistics_of(records: list[dict]) -> dict:
     steps = sorted({r["step"] for r in records})
     layers = layer_order(records)
     table = {(r["step"], r["layer"]): r for r in records}
-    placed = [layer for layer in layers if any(table.get((s, layer), {}).get("forward_index") is not None
-                                               for s in steps)]
-    ends = placed if len(placed) >= 2 else layers
-    depth = gradflow._depth_ratios(table, steps, ends[0], ends[-1]) if len(ends) >= 2 else []
+    ends = gradflow.depth_ends(table, layers)
+    depth = gradflow._depth_ratios(table, steps, *ends) if ends else []
     totals = gradflow._total_grad_norms(table, steps, layers)
     start = statistics.median(v for _, v in totals[:START_SAMPLES]) if totals else 0.0
     updates = {layer: statistics.median(v for _, v in series[-RECENT_SAMPLES:])

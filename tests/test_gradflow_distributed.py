@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from test_train_distributed import _torchrun
+from test_train_distributed import _one_and_two
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
@@ -37,12 +37,9 @@ COMPARED = ("grad_norm", "grad_max", "weight_norm", "update_ratio", "dead_fracti
 
 @pytest.mark.slow
 def test_ddp_records_equal_one_process(tmp_path):
-    script = tmp_path / "monitor.py"
-    script.write_text(SCRIPT)
-    _torchrun(script, tmp_path / "one", 1)
-    _torchrun(script, tmp_path / "two", 2)
-    one = json.loads((tmp_path / "one" / "records-rank0.json").read_text())
-    ranks = [json.loads((tmp_path / "two" / f"records-rank{r}.json").read_text()) for r in (0, 1)]
+    single, double = _one_and_two(tmp_path, SCRIPT)
+    one = json.loads((single / "records-rank0.json").read_text())
+    ranks = [json.loads((double / f"records-rank{r}.json").read_text()) for r in (0, 1)]
     assert one["distributed"] is False and all(rank["distributed"] for rank in ranks)
     assert len(one["records"]) == len(ranks[0]["records"]) == len(ranks[1]["records"]) > 0
     for single, *shards in zip(one["records"], ranks[0]["records"], ranks[1]["records"], strict=True):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,13 +44,19 @@ def _torchrun(script, run_dir, processes: int) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def _one_and_two(tmp_path, source: str) -> tuple[Path, Path]:
+    """Run the script ``source`` under torchrun with 1 and with 2 processes; their output folders."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _torchrun(script, one, 1)
+    _torchrun(script, two, 2)
+    return one, two
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    single, double = tmp_path / "one", tmp_path / "two"
-    _torchrun(script, single, 1)
-    _torchrun(script, double, 2)
+    single, double = _one_and_two(tmp_path, SCRIPT)
     one = json.loads((single / "history-rank0.json").read_text())
     two = [json.loads((double / f"history-rank{r}.json").read_text()) for r in (0, 1)]
     assert one["world"] == 1 and two[0]["world"] == 2
@@ -99,12 +106,9 @@ EVERY_METHOD_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_every_method_matches_one_process_under_two(tmp_path):
     """Random starts and noise are drawn per sample from (seed, epoch, index): the split does not change them."""
-    script = tmp_path / "every.py"
-    script.write_text(EVERY_METHOD_SCRIPT)
-    _torchrun(script, tmp_path / "one", 1)
-    _torchrun(script, tmp_path / "two", 2)
-    one = json.loads((tmp_path / "one" / "weights-rank0.json").read_text())
-    two = json.loads((tmp_path / "two" / "weights-rank0.json").read_text())
+    single, double = _one_and_two(tmp_path, EVERY_METHOD_SCRIPT)
+    one = json.loads((single / "weights-rank0.json").read_text())
+    two = json.loads((double / "weights-rank0.json").read_text())
     assert sorted(one) == sorted(two) and {"fgsm-rs", "pgd", "trades", "gaussian"} <= set(one)
     for name in one:
         for a, b in zip(one[name], two[name], strict=True):

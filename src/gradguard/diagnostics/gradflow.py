@@ -55,7 +55,6 @@ from .plots import plot_all
 
 KINDS = ("nonfinite", "exploding", "lr_too_high", "vanishing", "stalled", "lr_too_low", "dead", "saturated",
          "inputs_not_normalised", "sharpness", "unrecorded")
-# Findings after which training cannot usefully go on: on_finding="stop" stops at these (and warns at the others).
 WHOLE_MODEL = "(whole model)"
 
 ADVICE = {
@@ -139,7 +138,7 @@ class TrainingStopped(RuntimeError):
     def __init__(self, finding: "Finding", step: int):
         self.finding, self.step = finding, step
         super().__init__(f"GradientMonitor stopped training at step {step}: {finding.kind} in {finding.layer} "
-                         f"({', '.join(f'{k}={_short(v)}' for k, v in list(finding.evidence.items())[:4])}). "
+                         f"({finding.numbers(limit=4)}). "
                          f"{finding.advice}")
 
 
@@ -155,9 +154,13 @@ class Finding:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def numbers(self, limit: int | None = None) -> str:
+        """The evidence (its first ``limit`` items) as ``key=value, ...``, floats to 3 significant digits."""
+        items = list(self.evidence.items())[:limit]
+        return ", ".join(f"{key}={_short(value)}" for key, value in items)
+
     def __str__(self) -> str:
-        numbers = ", ".join(f"{key}={_short(value)}" for key, value in self.evidence.items())
-        return f"[{self.kind}] {self.layer}: {numbers}\n  advice: {self.advice}"
+        return f"[{self.kind}] {self.layer}: {self.numbers()}\n  advice: {self.advice}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,12 +233,6 @@ def _read_back(tensors: list[Tensor]) -> list[float]:
             parts.append(run.to(device=device, dtype=torch.float64))
             start = end
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
-
-
-def _copies(tensors: list[Tensor]) -> list[Tensor]:
-    if hasattr(torch, "_foreach_mul"):
-        return list(torch._foreach_mul(tensors, 1.0))  # one fused call; returns new tensors
-    return [t.clone() for t in tensors]
 
 
 def _subtract_(a: list[Tensor], b: list[Tensor]) -> None:
@@ -469,8 +466,8 @@ class GradientMonitor:
         self._snapshot = buffers
 
     def _enter_layer(self, module: nn.Module, inputs: Any) -> None:
-        """Remember the layer for the activation that follows; snapshot weights before the optimiser step;
-        note the forward order, and the scale and finiteness of the first layer's input."""
+        """Remember the layer for the activation that follows; note the forward order, and the scale and
+        finiteness of the first layer's input."""
         state = self._by_module[id(module)]
         # Only forwards that will produce parameter gradients count (not attacks with frozen weights, not
         # evaluation under no_grad).
@@ -478,8 +475,6 @@ class GradientMonitor:
             self._current = None
             return
         self._current = state
-        if self._snapshot is None:  # weights as the forward saw them = before this step's optimiser update
-            self._snapshot = _copies([p.detach() for p in self._params])
         if state.forward_index is None and state.leaf:
             state.forward_index = self._forward_count
             self._forward_count += 1
@@ -951,15 +946,21 @@ def _nonfinite(table: dict, steps: list[int], layers: list[str]) -> list[Finding
     return [Finding("nonfinite", layer, evidence, ADVICE["nonfinite"])]
 
 
+def _growth(totals: list[tuple[int, float]]) -> dict[str, Any]:
+    """Start (median of the first samples), peak and peak/start of a total-gradient-norm series."""
+    start = _median(v for _, v in totals[:START_SAMPLES])
+    peak_step, peak = max(totals, key=lambda item: item[1])
+    return {"start_grad_norm": start, "peak_grad_norm": peak, "peak_step": peak_step,
+            "growth": peak / start if start > 0 else math.inf}
+
+
 def _exploding(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
     totals = _total_grad_norms(table, steps, layers)
     if len(totals) < 2:
         return []
-    start = _median(v for _, v in totals[:START_SAMPLES])
-    peak_step, peak = max(totals, key=lambda item: item[1])
-    jump_step, jump = _largest_jump(totals, start)
-    growth = peak / start if start > 0 else math.inf
-    if growth < EXPLODING_GROWTH and jump < EXPLODING_JUMP:
+    grown = _growth(totals)
+    jump_step, jump = _largest_jump(totals, grown["start_grad_norm"])
+    if grown["growth"] < EXPLODING_GROWTH and jump < EXPLODING_JUMP:
         return []
     # Blame the layer whose own gradient grew the most.
     layer_growth: dict[str, float] = {}
@@ -969,8 +970,7 @@ def _exploding(table: dict, steps: list[int], layers: list[str]) -> list[Finding
             first = _median(v for _, v in series[:START_SAMPLES])
             layer_growth[layer] = max(v for _, v in series) / first if first > 0 else math.inf
     worst = max(layer_growth, key=lambda layer: layer_growth[layer]) if layer_growth else layers[0]
-    evidence = {"start_grad_norm": start, "peak_grad_norm": peak, "peak_step": peak_step, "growth": growth,
-                "largest_jump": jump, "jump_step": jump_step, "layer_growth": layer_growth.get(worst),
+    evidence = {**grown, "largest_jump": jump, "jump_step": jump_step, "layer_growth": layer_growth.get(worst),
                 "growth_threshold": EXPLODING_GROWTH, "jump_threshold": EXPLODING_JUMP}
     return [Finding("exploding", worst, evidence, ADVICE["exploding"])]
 
@@ -984,14 +984,11 @@ def _overflowed(table: dict, steps: list[int], layers: list[str], nonfinite: lis
     losses = _losses(table, steps, layers)
     if len(totals) < 2 or len(losses) < 2:
         return []
-    start = _median(v for _, v in totals[:START_SAMPLES])
-    peak_step, peak = max(totals, key=lambda item: item[1])
-    growth = peak / start if start > 0 else math.inf
+    grown = _growth(totals)
     loss_start = _median(losses[:START_SAMPLES])
-    if growth < EXPLODING_BEFORE_OVERFLOW or losses[-1] <= loss_start:
+    if grown["growth"] < EXPLODING_BEFORE_OVERFLOW or losses[-1] <= loss_start:
         return []
-    evidence = {"start_grad_norm": start, "peak_grad_norm": peak, "peak_step": peak_step, "growth": growth,
-                "overflow_step": nonfinite[0].evidence["first_step"], "loss_start": loss_start,
+    evidence = {**grown, "overflow_step": nonfinite[0].evidence["first_step"], "loss_start": loss_start,
                 "loss_before_overflow": losses[-1], "growth_threshold": EXPLODING_BEFORE_OVERFLOW}
     return [Finding("exploding", WHOLE_MODEL, evidence, ADVICE["exploding"])]
 
@@ -1020,15 +1017,20 @@ def _depth_ratios(table: dict, steps: list[int], first: str, last: str) -> list[
     return ratios
 
 
-def _vanishing(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
-    # The depth ends are the first and last layers the forward pass ran (containers owning parameters have
-    # no forward position; records from before forward_index existed use the registration order).
+def depth_ends(table: dict, layers: list[str]) -> tuple[str, str] | None:
+    """First and last layer the forward pass ran (containers owning parameters have no forward position;
+    records from before ``forward_index`` existed use the registration order); None with fewer than two."""
     placed = {name for (_, name), record in table.items() if record.get("forward_index") is not None}
     ordered = [layer for layer in layers if layer in placed]
     ends = ordered if len(ordered) >= 2 else layers
-    if len(ends) < 2:
+    return (ends[0], ends[-1]) if len(ends) >= 2 else None
+
+
+def _vanishing(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
+    ends = depth_ends(table, layers)
+    if ends is None:
         return []
-    first, last = ends[0], ends[-1]
+    first, last = ends
     ratios = _depth_ratios(table, steps, first, last)
     if not ratios:
         return []

@@ -13,7 +13,10 @@ the framework is missing.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from ..errors import MissingDependencyError
 
 SUBMODULES = ("lightning", "huggingface", "tensorboard")
 __all__ = [*SUBMODULES, "write_tensorboard", "TensorBoardSink"]
@@ -26,3 +29,14 @@ def __getattr__(name: str) -> Any:
     if name in ("write_tensorboard", "TensorBoardSink"):
         return getattr(importlib.import_module(".tensorboard", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@contextmanager
+def optional_dependency(package: str, extra: str, user: str) -> Iterator[None]:
+    """Wrap a submodule's import of its framework: if that import fails, raise ``MissingDependencyError`` naming
+    the module that needs it and the pip extra that installs it."""
+    try:
+        yield
+    except ImportError as error:
+        raise MissingDependencyError(f"{user} needs the `{package}` package ({error}); "
+                                     f"install it with: pip install gradguard[{extra}]") from error

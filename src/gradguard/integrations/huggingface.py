@@ -19,14 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError, MissingDependencyError
+from ..errors import InputError
+from . import optional_dependency
 from ._common import GradientHealthBase, OnFinding, loss_scalar
 
-try:
+with optional_dependency("transformers", extra="huggingface", user=__name__):
     import transformers
-except ImportError as error:
-    raise MissingDependencyError(f"gradguard.integrations.huggingface needs the `transformers` package ({error}); "
-                                 "install it with: pip install gradguard[huggingface]") from error
 
 __all__ = ["GradientHealthCallback"]
 

@@ -17,14 +17,11 @@ from typing import Any
 
 import torch
 
-from ..errors import MissingDependencyError
+from . import optional_dependency
 from ._common import GradientHealthBase, OnFinding
 
-try:
+with optional_dependency("lightning", extra="lightning", user=__name__):
     import lightning.pytorch as pl
-except ImportError as error:
-    raise MissingDependencyError(f"gradguard.integrations.lightning needs the `lightning` package ({error}); "
-                                 "install it with: pip install gradguard[lightning]") from error
 
 __all__ = ["GradientHealthCallback"]
 

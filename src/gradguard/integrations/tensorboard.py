@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..diagnostics.gradflow import Finding, GradientMonitor, findings_from_records, load_gradflow
-from ..errors import InputError, MissingDependencyError
+from ..errors import InputError
+from . import optional_dependency
 
-try:
+with optional_dependency("tensorboard", extra="tensorboard", user=__name__):  # torch.utils.tensorboard needs it
     from torch.utils.tensorboard import SummaryWriter
-except ImportError as error:  # torch.utils.tensorboard needs the tensorboard package
-    raise MissingDependencyError(f"gradguard.integrations.tensorboard needs the `tensorboard` package ({error}); "
-                                 "install it with: pip install gradguard[tensorboard]") from error
 
 PREFIX = "gradflow"
 # Record fields that are not per-layer measurements (identifiers, positions) or are per step (the loss).
@@ -46,13 +44,8 @@ def findings_text(findings: Iterable[Finding]) -> str:
     """Markdown for TensorBoard's text tab: one bullet per finding with its numbers and advice."""
     lines = []
     for finding in findings:
-        numbers = ", ".join(f"{key}={_short(value)}" for key, value in finding.evidence.items())
-        lines.append(f"- **{finding.kind}** in `{finding.layer}`: {numbers}  \n  {finding.advice}")
+        lines.append(f"- **{finding.kind}** in `{finding.layer}`: {finding.numbers()}  \n  {finding.advice}")
     return "\n".join(lines) if lines else "No findings: every rule passed on the sampled steps."
-
-
-def _short(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _open_writer(target: Any) -> tuple[Any, bool]:

@@ -27,7 +27,9 @@ def faults():
 @pytest.mark.parametrize("family", ["mlp", "transformer"])
 def test_every_planted_fault_is_found_and_healthy_runs_stay_quiet(faults, tmp_path, family):
     out = tmp_path / "faults.json"
-    assert faults.main(["--quick", "--families", family, "--steps", "30", "--out", str(out)]) == 0
+    # --threads: the benchmark sets torch's thread count; keep this process's, which later tests rely on
+    assert faults.main(["--quick", "--families", family, "--steps", "30", "--threads", str(torch.get_num_threads()),
+                        "--out", str(out)]) == 0
     import json
 
     result = json.loads(out.read_text())

@@ -19,13 +19,16 @@ def write_model_run(folder: Path, label: str, clean: float, attacks: dict, worst
                                                  "method": "standard", "threat": {"norm": "linf", "eps": 0.1}}))
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_loss": 1.0 / e, "val_clean_acc": clean})
                                                   + "\n" for e in (1, 2, 3)))
+    labels = [0, 1, 2, 0] * 10  # both results record the same 40 samples, so the headline combines them
     (folder / "attacks.json").write_text(json.dumps({
-        "threat": {"norm": "linf", "eps": 0.1}, "n_samples": 40, "clean_accuracy": clean,
+        "threat": {"norm": "linf", "eps": 0.1}, "n_samples": 40, "clean_accuracy": clean, "labels": labels,
+        "sample_set": {"start": 0, "count": 40},
         "results": {name: {"robust_accuracy": value, "mean_distance": 0.09} for name, value in attacks.items()}}))
     (folder / "robustness.json").write_text(json.dumps({
         "clean_accuracy": clean, "robust_accuracy": worst, "per_attack": {"apgd-ce": worst + 0.05, "apgd-t": worst},
         "per_class": {"0": {"clean": 1.0, "robust": 0.5}, "1": {"clean": 0.5, "robust": 0.25}},
-        "n_samples": 40, "threat": {"norm": "linf", "eps": 0.1}, "suite": ["apgd-ce", "apgd-t"], "elapsed_s": 1.5}))
+        "n_samples": 40, "threat": {"norm": "linf", "eps": 0.1}, "suite": ["apgd-ce", "apgd-t"], "elapsed_s": 1.5,
+        "samples": {"label": labels}, "sample_set": {"start": 0, "count": 40}}))
     (folder / "curve.json").write_text(json.dumps({"eps": [0.0, 0.05, 0.1], "robust_accuracy": [clean, 0.5, worst]}))
     (folder / "masking.json").write_text(json.dumps({"verdict": verdict, "checks": [
         {"name": "iterative-beats-single-step", "status": verdict, "evidence": {"fgsm": 0.4, "pgd": 0.3},
@@ -95,7 +98,7 @@ def test_plots_and_markdown_written(suite_run):
     names = {p.name for p in (suite_run / "plots").glob("*.png")}
     assert {"accuracy_vs_eps.png", "per_attack.png", "gradient_flow.png", "examples_0.png", "per_class_0.png"} <= names
     markdown = (suite_run / "report.md").read_text()
-    assert "| standard | standard | 95.0% | 40.0% | 30.0% | 25.0% | 20.0% | WARN |" in markdown
+    assert "| standard | standard | 40 | 95.0% | 40.0% | 30.0% | 25.0% | 20.0% | WARN |" in markdown
 
 
 def test_report_of_a_partial_run_says_what_is_missing(tmp_path):
@@ -123,21 +126,41 @@ def test_worst_case_combines_suite_and_single_attacks_per_sample(tmp_path):
     run = tmp_path / "run"
     write_model_run(run, "m", 1.0, {"fgsm": 0.75, "pgd": 0.75}, 0.75, "PASS")
     attacks = json.loads((run / "attacks.json").read_text())
-    attacks["labels"] = [0, 1, 2, 0]
+    attacks.update(labels=[0, 1, 2, 0], n_samples=4, sample_set={"start": 0, "count": 4})
     attacks["results"]["fgsm"]["correct"] = [1, 0, 1, 1]
     attacks["results"]["pgd"]["correct"] = [1, 1, 1, 0]
     (run / "attacks.json").write_text(json.dumps(attacks))
     robustness = json.loads((run / "robustness.json").read_text())
-    robustness["samples"] = {"label": [0, 1, 2, 0], "robust": [1, 1, 0, 1]}
+    robustness.update(n_samples=4, sample_set={"start": 0, "count": 4},
+                      samples={"label": [0, 1, 2, 0], "robust": [1, 1, 0, 1]})
     (run / "robustness.json").write_text(json.dumps(robustness))
     build_report(run)
     model = json.loads((run / "summary.json").read_text())["models"][0]
     assert model["robust_accuracy"] == 0.25  # only sample 0 survives the suite, FGSM and PGD
     assert model["robust_accuracy_source"] == "suite + single attacks, per sample"
-    robustness["samples"]["label"] = [2, 2, 2, 2]  # other samples: no per-sample combination, the lowest bound
+    assert model["worst_case_over"] == ["suite (apgd-ce, apgd-t)", "FGSM", "PGD"]
+
+
+@pytest.mark.parametrize("other", [{"samples": {"label": [2, 2, 2, 2], "robust": [1, 1, 1, 1]}},  # other labels
+                                   {"sample_set": {"start": 4, "count": 4}},  # same labels, other indices
+                                   {"samples": {"robust": [1, 1, 1, 1]}}])  # samples not recorded
+def test_results_on_other_samples_are_never_mixed_into_the_headline(tmp_path, other):
+    run = tmp_path / "run"
+    write_model_run(run, "m", 1.0, {"fgsm": 0.5, "pgd": 0.5}, 0.75, "PASS")
+    attacks = json.loads((run / "attacks.json").read_text())
+    attacks.update(labels=[0, 1, 2, 0], n_samples=4, clean_accuracy=0.9, sample_set={"start": 0, "count": 4})
+    (run / "attacks.json").write_text(json.dumps(attacks))
+    robustness = json.loads((run / "robustness.json").read_text())
+    robustness.update(n_samples=4, sample_set={"start": 0, "count": 4}, samples={"label": [0, 1, 2, 0]})
+    robustness.update(other)
     (run / "robustness.json").write_text(json.dumps(robustness))
-    build_report(run)
-    assert json.loads((run / "summary.json").read_text())["models"][0]["robust_accuracy"] == 0.75
+    html = build_report(run).read_text()
+    model = json.loads((run / "summary.json").read_text())["models"][0]
+    # not the lowest bound over both sets (0.5): the suite's own worst case, its clean accuracy, no single attacks
+    assert (model["robust_accuracy"], model["clean_accuracy"], model["attacks"]) == (0.75, 1.0, {})
+    [apart] = model["other_samples"]
+    assert (apart["n_samples"], apart["clean_accuracy"], apart["attacks"]) == (4, 0.9, {"fgsm": 0.5, "pgd": 0.5})
+    assert "and are shown apart" in html and 'id="other-threats"' in html
 
 
 def test_fatal_gradient_findings_are_marked_fail(suite_run):

@@ -12,7 +12,7 @@ from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import plots
 from .html import badge, evidence_text, missing, page, percent, png_tag, table
 from .rundir import RunData, attack_groups, read_run, threat_label
-from .summary import layer_series, ordered_attacks, summarize
+from .summary import layer_series, ordered_attacks, summarize, worst_case_text
 
 REPORT_HTML, REPORT_MD, SUMMARY_JSON, PLOTS_DIR = "report.html", "report.md", "summary.json", "plots"
 
@@ -66,46 +66,53 @@ def threat_text(summary: dict) -> str:
     return "not recorded"
 
 
-def other_threat_rows(summary: dict) -> list[tuple[str, dict]]:
-    """(model label, group) for every result at a threat other than its model's headline threat."""
-    return [(m["label"], group) for m in summary["models"] for group in m.get("other_threats") or []]
+def apart_rows(summary: dict) -> list[tuple[str, dict]]:
+    """(model label, group) for every result kept out of its model's headline: single attacks at the headline
+    threat on other samples than the suite, and results at another threat; each group names its threat and count."""
+    return [(m["label"], group) for m in summary["models"]
+            for group in (m.get("other_samples") or []) + (m.get("other_threats") or [])]
+
+
+APART_NOTE = ("Not part of the worst case above, which only combines results at the same threat on the same "
+              "samples.")
 
 
 def _other_threats(summary: dict) -> str:
-    rows = other_threat_rows(summary)
+    rows = apart_rows(summary)
     if not rows:
         return ""
     attacks = ordered_attacks(a for _, g in rows for a in g["attacks"])
-    body = [[escape(label), escape(g["label"]), percent(g.get("clean_accuracy"))]
+    body = [[escape(label), escape(g["label"]), _fmt(g.get("n_samples")), percent(g.get("clean_accuracy"))]
             + [percent(g["attacks"].get(a)) for a in attacks] + [percent(g.get("robust_accuracy"))]
             for label, g in rows]
-    return ("<h3>Results at other threats</h3><p><small>Single attacks run at another norm or eps than the headline "
-            "above. They are not part of its worst case, which only combines results at the same threat.</small></p>"
-            + table(["model", "threat", "clean"] + [escape(a.upper()) for a in attacks] + ["worst case"], body,
-                    table_id="other-threats", numeric_from=2))
+    return ("<h3>Results on other samples or at other threats</h3><p><small>Single attacks run on other test "
+            "samples than the headline's, or at another norm or eps. " + APART_NOTE + "</small></p>"
+            + table(["model", "threat", "samples", "clean"] + [escape(a.upper()) for a in attacks] + ["worst case"],
+                    body, table_id="other-threats", numeric_from=2))
 
 
 def _headline(summary: dict) -> str:
     if not summary["models"]:
         return missing("No model in this run directory (gradient experiments only).")
     attacks = headline_columns(summary)
-    headers = ["model", "method", "clean"] + [escape(a.upper()) for a in attacks] + ["worst case", "masking"]
+    headers = ["model", "method", "samples", "clean"] + [escape(a.upper()) for a in attacks] + ["worst case",
+                                                                                              "masking"]
     rows = []
     for m in summary["models"]:
         worst = percent(m["robust_accuracy"])
         if m["robust_accuracy_source"]:
             worst += f" <small>({escape(m['robust_accuracy_source'])})</small>"
-        rows.append([escape(m["label"]), escape(str(m.get("method") or "—")), percent(m["clean_accuracy"])]
+        rows.append([escape(m["label"]), escape(str(m.get("method") or "—")), _fmt(m.get("n_samples")),
+                     percent(m["clean_accuracy"])]
                     + [percent(m["attacks"].get(a)) for a in attacks]
                     + [worst, badge(m["masking_verdict"]) if m["masking_verdict"] else "not checked"])
     cards = "".join(f'<div class="card"><div class="k">{escape(m["label"])}: clean → worst case</div>'
                     f'<div class="v">{percent(m["clean_accuracy"])} → {percent(m["robust_accuracy"])}</div></div>'
                     for m in summary["models"])
-    suites = sorted({", ".join(m.get("suite_names") or []) for m in summary["models"] if m.get("suite_names")})
-    note = ("<p><small>Robust accuracy = accuracy on adversarial inputs inside the threat model. The worst case "
-            "counts a sample robust only if every attack run on it at the threat "
-            + escape(threat_text(summary)) + " failed (the evaluation suite"
-            + (f": {escape('; '.join(suites))}" if suites else "") + ", and the single attacks above).</small></p>")
+    note = ("<p><small>Robust accuracy = accuracy on adversarial inputs inside the threat model at "
+            + escape(threat_text(summary)) + ". Each row's numbers come from one set of test samples (its "
+            "\"samples\" column). The worst case counts a sample robust only if every attack it includes failed on "
+            "it: " + escape("; ".join(worst_case_text(m) for m in summary["models"])) + ".</small></p>")
     return (f'<div class="cards">{cards}</div>' + table(headers, rows, table_id="headline", numeric_from=2) + note
             + _other_threats(summary))
 
@@ -388,13 +395,16 @@ def markdown(summary: dict, figure_names: list[str]) -> str:
     lines += [f"- generated: {summary['generated_at']}", "", "## Clean vs robust accuracy", ""]
     attacks = headline_columns(summary)
     if summary["models"]:
-        lines.append("| model | method | clean | " + " | ".join(a.upper() for a in attacks) + " | worst case | masking |")
-        lines.append("|---" * (5 + len(attacks)) + "|")
+        lines.append("| model | method | samples | clean | " + " | ".join(a.upper() for a in attacks)
+                     + " | worst case | masking |")
+        lines.append("|---" * (6 + len(attacks)) + "|")
         for m in summary["models"]:
-            cells = [m["label"], str(m.get("method") or "—"), percent(m["clean_accuracy"])]
+            cells = [m["label"], str(m.get("method") or "—"), _plain_count(m.get("n_samples")),
+                     percent(m["clean_accuracy"])]
             cells += [percent(m["attacks"].get(a)) for a in attacks]
             cells += [percent(m["robust_accuracy"]), m["masking_verdict"] or "not checked"]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Worst case: " + "; ".join(worst_case_text(m) for m in summary["models"]) + "."]
     else:
         lines.append("No model in this run.")
     lines += _markdown_other_threats(summary)
@@ -429,16 +439,19 @@ def _markdown_certified(summary: dict) -> list[str]:
 
 
 def _markdown_other_threats(summary: dict) -> list[str]:
-    rows = other_threat_rows(summary)
+    rows = apart_rows(summary)
     if not rows:
         return []
     attacks = ordered_attacks(a for _, g in rows for a in g["attacks"])
-    lines = ["", "## Results at other threats", "",
-             "Not part of the worst case above, which only combines results at the same threat.", "",
-             "| model | threat | clean | " + " | ".join(a.upper() for a in attacks) + " | worst case |",
-             "|---" * (4 + len(attacks)) + "|"]
+    lines = ["", "## Results on other samples or at other threats", "", APART_NOTE, "",
+             "| model | threat | samples | clean | " + " | ".join(a.upper() for a in attacks) + " | worst case |",
+             "|---" * (5 + len(attacks)) + "|"]
     for label, g in rows:
-        cells = [label, g["label"], percent(g.get("clean_accuracy"))]
+        cells = [label, g["label"], _plain_count(g.get("n_samples")), percent(g.get("clean_accuracy"))]
         cells += [percent(g["attacks"].get(a)) for a in attacks] + [percent(g.get("robust_accuracy"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _plain_count(value) -> str:
+    return str(value) if isinstance(value, int) else "—"

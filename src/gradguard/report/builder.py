@@ -169,15 +169,24 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
             suite = [n for n in (m.robustness.get("suite") or []) if isinstance(n, str)]
             order = list(dict.fromkeys([n for n in suite if n in per_attack] + list(per_attack)))
             rows = [[escape(name), percent(per_attack[name])] for name in order]
+            rows += [[f"{escape(str(s.get('label')))} <small>(skipped: {escape(str(s.get('reason')))})</small>",
+                      "not run"] for s in m.robustness.get("skipped") or [] if isinstance(s, dict)]
             rows.append(["<b>worst case</b>", f"<b>{percent(m.robustness.get('robust_accuracy'))}</b>"])
             note = (f"<p><small>Note: {escape(str(m.robustness['fallback']))}.</small></p>"
                     if m.robustness.get("fallback") else "")
             note += "".join(f"<p><b>Warning:</b> {escape(str(w))}.</p>" for w in m.robustness.get("warnings") or [])
             out.append(f"<h3>{escape(m.label)}: evaluation suite at {escape(threat_label(m.robustness.get('threat')))} "
                        f"({m.robustness.get('n_samples', '?')} samples, "
-                       f"{_fmt(m.robustness.get('elapsed_s'))} s)</h3>" + table(["attack", "accuracy"], rows, numeric_from=1)
+                       f"{_fmt(m.robustness.get('elapsed_s'))} s{_parts(m.robustness)})</h3>"
+                       + table(["attack", "accuracy"], rows, numeric_from=1)
                        + note)
     return "".join(out)
+
+
+def _parts(robustness: dict) -> str:
+    """" in 2 parts (resumed)" for an evaluation that was interrupted and resumed: its time is their sum."""
+    parts = robustness.get("elapsed_parts_s") or []
+    return f" in {len(parts)} parts (resumed)" if len(parts) > 1 else ""
 
 
 CERTIFIED_RADII = (0.25, 0.5, 0.75, 1.0)

@@ -118,8 +118,11 @@ def _worst_case_over(robustness: dict, group: dict) -> list[str]:
     """What a worst case includes: "suite (APGD-CE, APGD-T)" and the single attacks, in the papers' order."""
     parts = []
     if robustness:
-        names = [str(n) for n in robustness.get("suite") or []]
-        parts.append(f"suite ({', '.join(names)})" if names else "suite")
+        names = ", ".join(str(n) for n in robustness.get("suite") or [])
+        skipped = "; ".join(f"{s.get('label')} skipped: {s.get('reason')}" for s in robustness.get("skipped") or []
+                            if isinstance(s, dict))
+        inside = "; ".join(part for part in (names, skipped) if part)
+        parts.append(f"suite ({inside})" if inside else "suite")
     return parts + [name.upper() for name in ordered_attacks((group.get("results") or {}))]
 
 

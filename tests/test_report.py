@@ -172,3 +172,32 @@ def test_fatal_gradient_findings_are_marked_fail(suite_run):
     rows = {re.sub(r"<[^>]+>", " ", row).split()[2]: row for row in re.findall(r"<tr>(.*?)</tr>", html, re.S)
             if "sigmoid" in row and ("nonfinite" in row or "lr_too_high" in row)}
     assert 'class="badge FAIL"' in rows["nonfinite"] and 'class="badge WARN"' in rows["lr_too_high"]
+
+
+BACKEND_KEPT = """
+import sys
+import matplotlib
+matplotlib.use("svg")  # the user's own choice, e.g. a notebook's inline backend
+from gradguard.evaluation import RobustnessCurve
+from gradguard.report import build_report
+build_report(sys.argv[1])
+curve = RobustnessCurve(eps=[0.0, 0.1], robust_accuracy=[0.9, 0.5], clean_accuracy=0.9, n_samples=10,
+                        threat={"norm": "linf", "eps": 0.1}, suite=["apgd-ce"], per_attack=[{}, {}], attacked=[9, 9],
+                        elapsed_s=1.0)
+curve.plot(sys.argv[2])
+print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+"""
+
+
+def test_plots_leave_the_users_matplotlib_backend_alone(suite_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", BACKEND_KEPT, str(suite_run), str(tmp_path / "curve.png")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "False"]  # backend unchanged, no pyplot state touched
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (suite_run / "plots" / "per_attack.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

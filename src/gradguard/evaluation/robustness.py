@@ -499,12 +499,12 @@ class RobustnessCurve(_JsonResult):
 
     def plot(self, path: str | Path) -> Path:
         """Write robust accuracy vs eps (and the clean accuracy line) as a PNG; returns the path."""
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(figsize=(5, 3.5), dpi=120)
+        figure = Figure(figsize=(5, 3.5), dpi=120)  # its own canvas: the user's pyplot backend is left alone
+        FigureCanvasAgg(figure)
+        axes = figure.subplots()
         axes.plot(self.eps, [100 * a for a in self.robust_accuracy], marker="o", label="robust (worst case)")
         axes.axhline(100 * self.clean_accuracy, color="grey", linestyle="--", linewidth=1, label="clean")
         axes.set_xlabel(f"eps ({self.threat.get('norm', '')})")
@@ -517,7 +517,6 @@ class RobustnessCurve(_JsonResult):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path)
-        plt.close(figure)
         return path
 
 

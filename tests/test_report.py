@@ -201,3 +201,30 @@ def test_plots_leave_the_users_matplotlib_backend_alone(suite_run, tmp_path):
     assert done.stdout.split() == ["svg", "False"]  # backend unchanged, no pyplot state touched
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (suite_run / "plots" / "per_attack.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_series_keeps_its_colour_in_every_plot(suite_run, monkeypatch):
+    from matplotlib.axes import Axes
+    from matplotlib.colors import to_hex
+
+    (suite_run / "models" / "robust" / "curve.json").unlink()  # "robust" is the first bar, but has no curve
+    for model in ("standard", "robust"):  # no per-class plot: its "clean" / "robust" bars are not the model "robust"
+        robustness = json.loads((suite_run / "models" / model / "robustness.json").read_text())
+        (suite_run / "models" / model / "robustness.json").write_text(json.dumps({**robustness, "per_class": {}}))
+    (suite_run / "models" / "robust" / "gradflow.jsonl").write_text(
+        (suite_run / "gradflow" / "sigmoid" / "gradflow.jsonl").read_text())
+    seen: dict[str, set[str]] = {}
+    for method in ("plot", "bar", "step"):
+        original = getattr(Axes, method)
+
+        def recording(self, *args, _original=original, **kwargs):
+            if kwargs.get("label") and kwargs.get("color"):
+                series = str(kwargs["label"]).split(" (layer")[0]
+                seen.setdefault(series, set()).add(to_hex(kwargs["color"]))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Axes, method, recording)
+    build_report(suite_run)
+    assert {"standard", "robust", "sigmoid", "train_loss", "val_clean_acc"} <= set(seen)
+    assert all(len(colours) == 1 for colours in seen.values()), seen  # accuracy vs eps, bars, gradient flow
+    assert seen["standard"] != seen["robust"]

@@ -117,6 +117,11 @@ def _headline(summary: dict) -> str:
             + _other_threats(summary))
 
 
+def series_colours(run: RunData) -> dict[str, str]:
+    """Each model's and gradient run's colour, the same in every plot of the report."""
+    return plots.series_colours(m.label for m in run.models + run.gradient_runs)
+
+
 def _config(run: RunData) -> str:
     parts = []
     if run.manifest:
@@ -140,7 +145,7 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
     if curves:
         norm = (summary.get("threat") or next((m["threat"] for m in summary["models"] if m.get("threat")), None)
                 or {}).get("norm", "linf")
-        figures["accuracy_vs_eps"] = plots.accuracy_vs_eps(curves, norm)
+        figures["accuracy_vs_eps"] = plots.accuracy_vs_eps(curves, norm, series_colours(run))
         eps = list(dict.fromkeys(e for c in curves.values() for e in c["eps"]))
         rows = [[escape(label)] + [percent(dict(zip(c["eps"], c["robust_accuracy"], strict=True)).get(e)) for e in eps]
                 for label, c in curves.items()]
@@ -150,7 +155,7 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
     bars = {m["label"]: {**m["attacks"], **({"worst case": m["robust_accuracy"]} if m["robust_accuracy"] is not None else {})}
             for m in summary["models"] if m["attacks"] or m["robust_accuracy"] is not None}
     if bars:
-        figures["per_attack"] = plots.per_attack_bars(bars)
+        figures["per_attack"] = plots.per_attack_bars(bars, series_colours(run))
     side_by_side = [png_tag(figures[k], k.replace("_", " ")) for k in ("accuracy_vs_eps", "per_attack") if k in figures]
     if side_by_side:
         out.insert(0, '<div class="grid2">' + "".join(f"<div>{tag}</div>" for tag in side_by_side) + "</div>")
@@ -223,7 +228,8 @@ def _certified(run: RunData, figures: dict) -> str:
                        "then run `gradguard certify RUN_DIR --sigma 0.25`.")
     curves = {m.label: _exact_curve(m.certify) for m in run.models if m.certify and "samples" in m.certify}
     sigmas = {r["sigma"] for r in rows}
-    figures["certified_accuracy"] = plots.certified_accuracy(curves, sigmas.pop() if len(sigmas) == 1 else None)
+    figures["certified_accuracy"] = plots.certified_accuracy(curves, sigmas.pop() if len(sigmas) == 1 else None,
+                                                             series_colours(run))
     radii = list(dict.fromkeys(r for row in rows for r in row["certified_accuracy"]))
     headers = (["model", "σ", "n", "α", "samples", "base model clean", "smoothed (r = 0)", "abstained"]
                + [f"certified r ≥ {r}" for r in radii] + ["empirical robust acc. (base model, attacks)"])
@@ -318,7 +324,7 @@ def _gradients(run: RunData, summary: dict, figures: dict) -> str:
         if series:
             runs[g.label] = series
     if runs:
-        figures["gradient_flow"] = plots.gradient_flow(runs, metric)
+        figures["gradient_flow"] = plots.gradient_flow(runs, metric, series_colours(run))
         out.append(png_tag(figures["gradient_flow"], "gradient flow"))
     rows = []
     for g in summary["gradients"]:
@@ -375,11 +381,12 @@ def _fmt_list(values) -> str:
 
 def _training(run: RunData, figures: dict) -> str:
     out = []
+    metric_colours = plots.series_colours(sorted({k for m in run.models + run.gradient_runs for r in m.metrics for k in r}))
     for index, m in enumerate(run.models + run.gradient_runs):
         if not m.metrics:
             continue
         name = f"training_{index}"
-        figures[name] = plots.training_curves(m.metrics, m.label)
+        figures[name] = plots.training_curves(m.metrics, m.label, metric_colours)
         out.append(png_tag(figures[name], f"{m.label} training curves"))
     return "".join(out) or missing("No training metrics (metrics.jsonl) in this run.")
 

@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 PALETTE = ["#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7ea4", "#57606a"]
+
+
+def series_colours(names: Iterable[str]) -> dict[str, str]:
+    """One fixed colour per series name (a model, a run, a metric), in first-seen order. A report passes the same
+    mapping to every plot, so a series keeps its colour from plot to plot, whichever series a plot leaves out."""
+    return {name: PALETTE[index % len(PALETTE)] for index, name in enumerate(dict.fromkeys(names))}
+
+
+def _colour(colours: Mapping[str, str] | None, name: str, index: int) -> str:
+    return (colours or {}).get(name) or PALETTE[index % len(PALETTE)]
 
 
 def _figure(figsize: tuple[float, float]):
@@ -40,19 +50,21 @@ def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
         ax.spines[side].set_visible(False)
 
 
-def accuracy_vs_eps(curves: Mapping[str, Mapping[str, Sequence[float]]], norm: str = "linf") -> bytes:
+def accuracy_vs_eps(curves: Mapping[str, Mapping[str, Sequence[float]]], norm: str = "linf",
+                    colours: Mapping[str, str] | None = None) -> bytes:
     """Robust accuracy against eps, one line per model (``curves[label] = {"eps": [...], "robust_accuracy": [...]}``)."""
     fig = _figure((6.4, 4.0))
     ax = fig.subplots()
     for index, (label, curve) in enumerate(curves.items()):
-        ax.plot(curve["eps"], curve["robust_accuracy"], marker="o", color=PALETTE[index % len(PALETTE)], label=label)
+        ax.plot(curve["eps"], curve["robust_accuracy"], marker="o", color=_colour(colours, label, index),
+                label=label)
     ax.set_ylim(-0.02, 1.02)
     _style(ax, "Robust accuracy vs perturbation budget", f"eps ({norm})", "robust accuracy")
     ax.legend(frameon=False)
     return _png(fig)
 
 
-def per_attack_bars(table: Mapping[str, Mapping[str, float]]) -> bytes:
+def per_attack_bars(table: Mapping[str, Mapping[str, float]], colours: Mapping[str, str] | None = None) -> bytes:
     """Grouped bars: accuracy per attack (columns) for each model (``table[model][attack] = accuracy``)."""
     attacks = list(dict.fromkeys(a for row in table.values() for a in row))
     fig = _figure((max(6.4, 1.1 * len(attacks) * max(1, len(table))), 4.0))
@@ -61,7 +73,7 @@ def per_attack_bars(table: Mapping[str, Mapping[str, float]]) -> bytes:
     for index, (label, row) in enumerate(table.items()):
         xs = np.arange(len(attacks)) + (index - (len(table) - 1) / 2) * width
         values = [row.get(a, math.nan) for a in attacks]
-        bars = ax.bar(xs, values, width=width, color=PALETTE[index % len(PALETTE)], label=label)
+        bars = ax.bar(xs, values, width=width, color=_colour(colours, label, index), label=label)
         for bar, value in zip(bars, values, strict=True):
             if not math.isnan(value):
                 ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.2f}", ha="center", fontsize=8)
@@ -117,7 +129,8 @@ def example_grid(x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, pred: np.ndarr
     return _png(fig)
 
 
-def training_curves(history: Sequence[Mapping[str, object]], title: str) -> bytes:
+def training_curves(history: Sequence[Mapping[str, object]], title: str,
+                    colours: Mapping[str, str] | None = None) -> bytes:
     """Loss (left) and accuracy (right) per epoch from metrics.jsonl records."""
     epochs = [int(epoch) if isinstance(epoch := r.get("epoch"), (int, float)) else i + 1 for i, r in enumerate(history)]
     keys = [k for k in dict.fromkeys(k for r in history for k in r) if k != "epoch"]
@@ -129,9 +142,9 @@ def training_curves(history: Sequence[Mapping[str, object]], title: str) -> byte
     fig = _figure((9.6, 3.4))
     left, right = fig.subplots(1, 2)
     for index, key in enumerate(loss_keys):
-        left.plot(*_series(epochs, history, key), marker="o", color=PALETTE[index % len(PALETTE)], label=key)
+        left.plot(*_series(epochs, history, key), marker="o", color=_colour(colours, key, index), label=key)
     for index, key in enumerate(acc_keys):
-        right.plot(*_series(epochs, history, key), marker="o", color=PALETTE[index % len(PALETTE)], label=key)
+        right.plot(*_series(epochs, history, key), marker="o", color=_colour(colours, key, index), label=key)
     _style(left, f"{title}: loss", "epoch", "loss")
     _style(right, f"{title}: accuracy", "epoch", "accuracy")
     right.set_ylim(-0.02, 1.02)
@@ -145,7 +158,8 @@ def training_curves(history: Sequence[Mapping[str, object]], title: str) -> byte
     return _png(fig)
 
 
-def gradient_flow(runs: Mapping[str, Mapping[str, Sequence[float]]], metric: str) -> bytes:
+def gradient_flow(runs: Mapping[str, Mapping[str, Sequence[float]]], metric: str,
+                  colours: Mapping[str, str] | None = None) -> bytes:
     """Per-layer gradient size (log scale) for several runs side by side: the vanishing-gradient picture.
 
     ``runs[label] = {layer_name: [value at each sampled step]}``; the left panel shows each layer's mean over
@@ -158,11 +172,11 @@ def gradient_flow(runs: Mapping[str, Mapping[str, Sequence[float]]], metric: str
         names = list(layers)
         longest = names if len(names) > len(longest) else longest
         means = [float(np.mean(layers[n])) if len(layers[n]) else math.nan for n in names]
-        left.plot(range(len(names)), np.maximum(means, 1e-30), marker="o", color=PALETTE[index % len(PALETTE)],
+        left.plot(range(len(names)), np.maximum(means, 1e-30), marker="o", color=_colour(colours, label, index),
                   label=label)
         if names:
             right.plot(np.maximum(np.asarray(layers[names[0]], dtype=float), 1e-30), marker=".",
-                       color=PALETTE[index % len(PALETTE)], label=f"{label} (layer {names[0]})")
+                       color=_colour(colours, label, index), label=f"{label} (layer {names[0]})")
     left.set_yscale("log")
     right.set_yscale("log")
     left.set_xticks(range(len(longest)), longest, fontsize=8)
@@ -193,13 +207,14 @@ def _name(classes: Sequence[str], index) -> str:
     return name if len(name) <= 10 else name[:9] + "…"
 
 
-def certified_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], sigma: float | None = None) -> bytes:
+def certified_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], sigma: float | None = None,
+                       colours: Mapping[str, str] | None = None) -> bytes:
     """Certified accuracy of the *smoothed* classifier against L2 radius, one step line per model
     (``curves[label] = {"radius": [...], "certified_accuracy": [...]}``)."""
     fig = _figure((6.4, 4.0))
     ax = fig.subplots()
     for index, (label, curve) in enumerate(curves.items()):
-        ax.step(curve["radius"], curve["certified_accuracy"], where="post", color=PALETTE[index % len(PALETTE)],
+        ax.step(curve["radius"], curve["certified_accuracy"], where="post", color=_colour(colours, label, index),
                 label=label)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlim(left=0)

@@ -228,3 +228,30 @@ def test_a_series_keeps_its_colour_in_every_plot(suite_run, monkeypatch):
     assert {"standard", "robust", "sigmoid", "train_loss", "val_clean_acc"} <= set(seen)
     assert all(len(colours) == 1 for colours in seen.values()), seen  # accuracy vs eps, bars, gradient flow
     assert seen["standard"] != seen["robust"]
+
+
+def test_gradient_flow_axis_counts_layers_not_module_positions(monkeypatch, tmp_path):
+    """An MLP with 8 hidden layers in an nn.Sequential (Flatten, Linear, ReLU, ...) names its Linear layers 1, 3,
+    ..., 17: the axis counts them 1-9 (8 hidden + output) and keeps the module names, which the findings use."""
+    from matplotlib.axes import Axes
+
+    from gradguard.diagnostics import plots as health_plots
+    from gradguard.report import plots
+
+    ticks: list[list[str]] = []
+    original = Axes.set_xticks
+
+    def recording(self, positions, labels=None, **kwargs):
+        if labels is not None:
+            ticks.append([str(label) for label in labels])
+        return original(self, positions, labels, **kwargs)
+
+    monkeypatch.setattr(Axes, "set_xticks", recording)
+    names = [str(i) for i in range(1, 18, 2)]
+    plots.gradient_flow({"relu-mlp": {name: [1e-3] for name in names}}, "grad_norm")
+    assert [label.split("\n")[0] for label in ticks[-1]] == [str(i) for i in range(1, 10)]
+    assert [label.split("\n")[1] for label in ticks[-1][1:]] == names[1:]
+    records = [{"step": 0, "layer": name, "index": i, "forward_index": i, "type": "Linear", "grad_norm": 1e-3,
+                "grad_max": 1e-3} for i, name in enumerate(names)]
+    health_plots.plot_gradient_flow(records, tmp_path / "flow.png")
+    assert ticks[-1][0] == "1: 1 Linear" and ticks[-1][-1] == "9: 17 Linear"

@@ -813,7 +813,8 @@ def demo_into(out: Path, dataset, threat, settings: dict, *, quick: bool, seed: 
                         epochs=epochs, model_name=model_name, order=order, seed=seed, device=device)
         for order, (label, activation, init) in enumerate((("sigmoid-mlp", "sigmoid", "normal"),
                                                           ("relu-mlp", "relu", "he"))):
-            with timed(f"[demo] gradient monitor on a {settings['grad_depth']}-layer {activation} MLP ({init} init)"):
+            with timed(f"[demo] gradient monitor on an MLP with {settings['grad_depth']} hidden {activation} layers "
+                       f"+ an output layer ({init} init)"):
                 train_into(staging / "gradflow" / label, dataset, model_name="mlp",
                            model_kwargs={"depth": settings["grad_depth"], "width": 64, "activation": activation,
                                          "init": init},

@@ -164,6 +164,11 @@ def gradient_flow(runs: Mapping[str, Mapping[str, Sequence[float]]], metric: str
 
     ``runs[label] = {layer_name: [value at each sampled step]}``; the left panel shows each layer's mean over
     training (input layer first), the right panel the first layer's value over the sampled steps.
+
+    The layer axis counts the monitored layers (those with parameters) 1, 2, ... in forward order, so an MLP with 8
+    hidden layers shows 1-9 (8 hidden + output), not the positions of its modules in an ``nn.Sequential`` (1, 3,
+    ..., 17 when activations sit between them); the module names, which the findings use, stand under the numbers
+    when every run shares them.
     """
     fig = _figure((10.4, 3.8))
     left, right = fig.subplots(1, 2)
@@ -172,15 +177,19 @@ def gradient_flow(runs: Mapping[str, Mapping[str, Sequence[float]]], metric: str
         names = list(layers)
         longest = names if len(names) > len(longest) else longest
         means = [float(np.mean(layers[n])) if len(layers[n]) else math.nan for n in names]
-        left.plot(range(len(names)), np.maximum(means, 1e-30), marker="o", color=_colour(colours, label, index),
-                  label=label)
+        left.plot(range(1, len(names) + 1), np.maximum(means, 1e-30), marker="o",
+                  color=_colour(colours, label, index), label=label)
         if names:
             right.plot(np.maximum(np.asarray(layers[names[0]], dtype=float), 1e-30), marker=".",
                        color=_colour(colours, label, index), label=f"{label} (layer {names[0]})")
     left.set_yscale("log")
     right.set_yscale("log")
-    left.set_xticks(range(len(longest)), longest, fontsize=8)
-    _style(left, "per layer, mean over training", "layer (input → output)", metric)
+    shared = all(list(layers) == longest[:len(layers)] for layers in runs.values())
+    left.set_xticks(range(1, len(longest) + 1),
+                    [f"{i}\n{name}" if shared and name != str(i) else str(i) for i, name in enumerate(longest, 1)],
+                    fontsize=8)
+    _style(left, "per layer, mean over training",
+           "layer with parameters, input → output" + (" (module name below)" if shared else ""), metric)
     _style(right, "first layer, over training", "sampled step", metric)
     fig.suptitle("Gradient flow", fontsize=11)
     for ax in (left, right):

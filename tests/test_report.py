@@ -255,3 +255,34 @@ def test_gradient_flow_axis_counts_layers_not_module_positions(monkeypatch, tmp_
                 "grad_max": 1e-3} for i, name in enumerate(names)]
     health_plots.plot_gradient_flow(records, tmp_path / "flow.png")
     assert ticks[-1][0] == "1: 1 Linear" and ticks[-1][-1] == "9: 17 Linear"
+
+
+def test_masking_evidence_is_rounded_and_leaves_out_empty_fields(tmp_path):
+    from gradguard.diagnostics.masking import format_evidence
+
+    run = tmp_path / "run"
+    write_model_run(run, "m", 0.9, {"pgd": 0.5}, 0.4, "PASS")
+    evidence = {"fraction_zero_or_nonfinite": 0.012345678, "kind": None, "median_grad_l1": 0.004290154669433832,
+                "mean_loss_at_step": {"0": 2.21547532081604, "5": 2.215618371963501}, "eps": [0.025, 0.05],
+                "steps": 20, "finite": True}
+    (run / "masking.json").write_text(json.dumps({"verdict": "PASS", "checks": [
+        {"name": "gradients_nonzero", "status": "PASS", "evidence": evidence, "advice": "fine"}]}))
+    html = build_report(run).read_text()
+    row = re.search(r"<tr><td>gradients_nonzero</td>(.*?)</tr>", html, re.S).group(1)
+    assert "kind" not in row and "None" not in row and "2.2154" not in row and "0.0042901" not in row
+    for shown in ("fraction_zero_or_nonfinite=0.0123", "median_grad_l1=0.00429", "mean_loss_at_step={0: 2.22, 5: 2.22}",
+                  "eps=[0.025, 0.05]", "steps=20", "finite=True"):
+        assert shown in row
+    assert ("kind", "None") not in format_evidence(evidence)
+
+
+def test_checklist_accuracies_say_they_are_on_the_clean_correct_samples(tmp_path):
+    run = tmp_path / "run"
+    write_model_run(run, "m", 0.9, {"pgd": 0.5}, 0.4, "PASS")
+    (run / "masking.json").write_text(json.dumps({"verdict": "PASS", "n_samples": 100, "settings": {"n_correct": 87},
+                                                  "checks": [{"name": "iterative_beats_single_step", "status": "PASS",
+                                                              "evidence": {"pgd_accuracy": 0.6, "pgd_steps": 20},
+                                                              "advice": "fine"}]}))
+    html = build_report(run).read_text()
+    assert "pgd_accuracy on the 87 clean-correct samples=0.6" in html and "pgd_steps=20" in html
+    assert "on the 87 of them classified correctly" in html

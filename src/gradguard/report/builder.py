@@ -308,9 +308,14 @@ def _masking(run: RunData) -> str:
     for m in run.models:
         if not m.masking:
             continue
-        rows = [[escape(str(c.get("name"))), badge(c.get("status")), evidence_text(c.get("evidence")),
+        n_correct = (m.masking.get("settings") or {}).get("n_correct")
+        n_correct = n_correct if isinstance(n_correct, int) else None
+        rows = [[escape(str(c.get("name"))), badge(c.get("status")), evidence_text(c.get("evidence"), n_correct),
                  escape(str(c.get("advice") or ""))] for c in m.masking.get("checks", [])]
-        out.append(f"<h3>{escape(m.label)}: verdict {badge(m.masking.get('verdict'))}</h3>"
+        scope = (f"<p><small>Checked on {escape(str(m.masking.get('n_samples', '?')))} samples; the accuracies in "
+                 f"the evidence are on the {n_correct} of them classified correctly (clean-correct), unlike the "
+                 "headline's, which are on all its samples.</small></p>" if n_correct is not None else "")
+        out.append(f"<h3>{escape(m.label)}: verdict {badge(m.masking.get('verdict'))}</h3>" + scope
                    + table(["check", "status", "evidence", "advice"], rows))
     return "".join(out) or missing("Masking checklist not run: `gradguard diagnose RUN_DIR`.")
 

@@ -70,7 +70,7 @@ def test_attack_on_other_samples_is_shown_apart_with_its_count(evaluated_run, ca
     assert apart["n_samples"] == 40 and apart["clean_accuracy"] == attacks["clean_accuracy"]
     assert apart["attacks"] == {name: attacks["results"][name]["robust_accuracy"] for name in ("fgsm", "pgd")}
 
-    assert "FGSM, PGD ran on 40 other samples and are shown apart" in out
+    assert "FGSM, PGD ran on another set of 40 samples and are shown apart" in out
     table = out.split("on other samples or at other threats (not in the worst case above):\n")[1]
     assert re.search(r"run\s+linf eps=0\.05\s+40\s", table)
     html = (evaluated_run / "report.html").read_text()

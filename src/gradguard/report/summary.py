@@ -136,8 +136,8 @@ def worst_case_text(model: dict) -> str:
     counted = f" on the same {model['n_samples']} samples" if model.get("n_samples") else ""
     text = f"{model['label']}: worst case over {', '.join(over)}{counted}{how}"
     for group in model.get("other_samples") or []:
-        text += (f"; {', '.join(a.upper() for a in group['attacks'])} ran on {group.get('n_samples')} other samples "
-                 "and are shown apart")
+        text += (f"; {', '.join(a.upper() for a in ordered_attacks(group['attacks']))} ran on another set of "
+                 f"{group.get('n_samples')} samples and are shown apart")
     return text
 
 

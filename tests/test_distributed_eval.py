@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
 
     def outcome(report):
         result = report.to_dict()
-        for key in ("elapsed_s", "attack_time_s", "world_size", "attacks"):
+        for key in ("elapsed_s", "attack_time_s", "world_size", "attacks", "elapsed_parts_s"):
             result.pop(key)
         return result
 

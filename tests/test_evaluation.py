@@ -205,7 +205,7 @@ def test_bad_arguments_raise_clear_errors(digits_mlp, data):
     x, y = data
     with pytest.raises(ConfigError, match="suite"):
         evaluate(digits_mlp, data, THREAT, "strongest")
-    with pytest.raises(ConfigError, match="unknown attack"):
+    with pytest.raises(ConfigError, match="'magic' is neither a suite nor an attack"):
         evaluate(digits_mlp, data, THREAT, ["pgd", "magic"])
     with pytest.raises(BoundsError, match="data"):
         evaluate(digits_mlp, (x * 3, y), THREAT, ["fgsm"])

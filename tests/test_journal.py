@@ -53,7 +53,8 @@ def uninterrupted(digits_mlp, data):
 
 
 def outcome(report) -> dict:
-    return {key: value for key, value in report.to_dict().items() if key not in ("elapsed_s", "attack_time_s")}
+    return {key: value for key, value in report.to_dict().items()
+            if key not in ("elapsed_s", "attack_time_s", "elapsed_parts_s")}
 
 
 def test_model_fingerprint_sees_every_weight_and_dtype(digits_mlp):
@@ -91,6 +92,22 @@ def test_resume_after_a_torn_line_reads_only_unfinished_blocks(digits_mlp, data,
     # Block 0 is read for the data fingerprint; blocks 1-4 were finished and are never read.
     assert dataset.read == list(range(BATCH)) + list(range(5 * BATCH, N))
     assert [json.loads(line)["block"] for line in path.read_text().splitlines()[1:]] == list(range(12))
+
+
+def test_a_resumed_run_counts_the_time_of_every_part(digits_mlp, data, tmp_path):
+    path = tmp_path / "journal.jsonl"
+    evaluate(digits_mlp, data, THREAT, SUITE, batch_size=BATCH, seed=5, journal=path)
+    header, *blocks = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [b["part"] for b in blocks] == [1] * len(blocks)
+    assert all(a["part_elapsed_s"] <= b["part_elapsed_s"] for a, b in zip(blocks, blocks[1:], strict=False))  # time so far
+    for number, block in enumerate(blocks[:5]):  # a first part that ran 100 s before it was killed
+        block["part_elapsed_s"] = 20.0 * (number + 1)
+    path.write_text("".join(json.dumps(line) + "\n" for line in [header] + blocks[:5]))
+    resumed = evaluate(digits_mlp, data, THREAT, SUITE, batch_size=BATCH, seed=5, journal=path, resume=True)
+    first, second = resumed.elapsed_parts_s
+    assert first == 100.0 and 0 < second < 100 and resumed.elapsed_s == pytest.approx(first + second, abs=2e-3)
+    assert {json.loads(line)["part"] for line in path.read_text().splitlines()[6:]} == {2}
+    assert resumed.to_dict()["elapsed_parts_s"] == resumed.elapsed_parts_s
 
 
 KILLED = textwrap.dedent("""

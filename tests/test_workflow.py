@@ -50,9 +50,9 @@ def test_worst_case_only_combines_results_at_the_same_threat(small_run, capsys):
     assert [(g["label"], set(g["attacks"])) for g in model["other_threats"]] == [("linf eps=0.5", {"pgd"})]
     assert model["other_threats"][0]["robust_accuracy"] == pytest.approx(pgd_far)
 
-    assert "threat: linf eps=0.02" in out and "at other threats" in out and "linf eps=0.5" in out
+    assert "threat: linf eps=0.02" in out and "or at other threats" in out and "linf eps=0.5" in out
     markdown = (small_run / "report.md").read_text()
-    assert "- threat: linf eps=0.02" in markdown and "## Results at other threats" in markdown
+    assert "- threat: linf eps=0.02" in markdown and "## Results on other samples or at other threats" in markdown
     assert "| linf eps=0.5 |" in markdown
     html = (small_run / "report.html").read_text()
     assert 'id="other-threats"' in html and "single attacks at linf eps=0.5" in html

@@ -439,7 +439,7 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
     """
     from .attacks.base import prepare_model
     from .io import atomic_write_bytes, atomic_write_json
-    from .report.rundir import read_json
+    from .report.rundir import read_json, sample_set
     from .train import distributed
 
     model = prepare_model(model, device, channels_last=channels_last)
@@ -456,8 +456,8 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
     for result in results.values():
         result.update(device_record(device, amp=amp, channels_last=channels_last))
     examples = ExamplePicker.merged(distributed.gather_objects([mine["examples"]]))
-    group = {"threat": threat.to_dict(), "n_samples": int(len(labels)),
-             "clean_accuracy": float(clean_correct.float().mean()), "labels": labels.tolist(),
+    group = {"threat": threat.to_dict(), "n_samples": int(len(labels)), "sample_set": sample_set(len(labels)),
+             "clean_accuracy": int(clean_correct.sum()) / max(1, len(labels)), "labels": labels.tolist(),
              "results": results}
 
     def write() -> dict:
@@ -468,6 +468,24 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
         return payload
 
     return distributed.rank0_first(write)
+
+
+ATTACK_SAMPLES = 1000  # test samples `attack` takes on a run that records none
+
+
+def run_samples(run_dir: Path) -> int | None:
+    """How many test samples the run's headline is measured on: the evaluation's (robustness.json), else the latest
+    single attacks' (attacks.json); None when the run records neither. `attack` takes these by default, so that its
+    results land in the same headline as the evaluation's instead of beside it on other samples."""
+    from .report.rundir import attack_groups, read_json, result_samples
+
+    for result in (read_json(run_dir / "robustness.json"), *attack_groups(read_json(run_dir / "attacks.json"))[:1]):
+        recorded, _, count = result_samples(result)
+        if isinstance(recorded, dict) and recorded.get("start", 0) == 0 and isinstance(recorded.get("count"), int):
+            return recorded["count"]
+        if isinstance(count, int) and count > 0:
+            return count
+    return None
 
 
 def _attack_own_batches(model, attacks, data, samples: int | None, batch_size: int, threat, device) -> dict:
@@ -518,7 +536,7 @@ def _attack_result(attack, name: str, blocks: list[dict], clean_correct, threat,
     distance = torch.cat([block["attacks"][name]["distance"] for block in blocks])
     n_grad = sum(block["attacks"][name]["n_grad"] for block in blocks)
     return {
-        "robust_accuracy": float(correct.float().mean()),
+        "robust_accuracy": int(correct.sum()) / max(1, len(correct)),  # an exact count / n, as evaluate's
         "success_rate": float((~correct & clean_correct).sum() / max(1, int(clean_correct.sum()))),
         "mean_distance": float(distance.mean()), "max_distance": float(distance.max()),
         "n_grad": round(n_grad / max(1, len(correct)), 2),
@@ -567,12 +585,12 @@ class ExamplePicker:
 def merge_attack_results(previous: dict | None, group: dict, dataset: str) -> dict:
     """attacks.json after a new attack run: ``group`` on top; earlier results at the same threat and samples merged
     in, results at other threats kept in ``other_threats`` (each with its own threat, samples and results)."""
-    from .report.rundir import attack_groups, same_threat
+    from .report.rundir import attack_groups, same_samples, same_threat
 
     others = []
     for old in attack_groups(previous):
         if same_threat(old.get("threat"), group["threat"]):
-            if old.get("labels") == group["labels"]:
+            if same_samples(old, group):
                 group = {**group, "results": {**(old.get("results") or {}), **group["results"]}}
             continue  # the same threat on other samples: replaced by the new run
         others.append(old)
@@ -595,6 +613,7 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
     from .attacks.base import prepare_model
     from .evaluation import evaluate, evaluate_curve
     from .io import atomic_write_json
+    from .report.rundir import sample_set
     from .train import distributed
 
     data = test_samples(dataset)
@@ -609,7 +628,8 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
     report = evaluate(model, data, threat, suite=in_layout(suite, channels_last), batch_size=batch_size, seed=seed,
                       max_samples=samples, progress=shown, journal=run_dir / JOURNAL_FILE, resume=resume, amp=amp,
                       compile=compile)
-    robustness = {**_with_class_names(report.to_dict(), data.classes), **record}
+    robustness = {**_with_class_names(report.to_dict(), data.classes), **record,
+                  "sample_set": sample_set(report.n_samples)}
     if note:
         robustness["fallback"] = note
     distributed.barrier()  # every rank's journal is closed before rank 0 removes them
@@ -619,7 +639,7 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
         curve_data = evaluate_curve(model, data, threat, curve, suite=in_layout(curve_suite, channels_last),
                                     batch_size=batch_size, seed=seed, max_samples=samples, progress=shown,
                                     amp=amp, compile=compile).to_dict()
-        curve_data.update(record)
+        curve_data.update(record, sample_set=sample_set(curve_data["n_samples"]))
         if curve_note:
             curve_data["fallback"] = curve_note
         distributed.rank0_first(lambda: atomic_write_json(run_dir / "curve.json", curve_data))
@@ -793,7 +813,8 @@ def demo_into(out: Path, dataset, threat, settings: dict, *, quick: bool, seed: 
                         epochs=epochs, model_name=model_name, order=order, seed=seed, device=device)
         for order, (label, activation, init) in enumerate((("sigmoid-mlp", "sigmoid", "normal"),
                                                           ("relu-mlp", "relu", "he"))):
-            with timed(f"[demo] gradient monitor on a {settings['grad_depth']}-layer {activation} MLP ({init} init)"):
+            with timed(f"[demo] gradient monitor on an MLP with {settings['grad_depth']} hidden {activation} layers "
+                       f"+ an output layer ({init} init)"):
                 train_into(staging / "gradflow" / label, dataset, model_name="mlp",
                            model_kwargs={"depth": settings["grad_depth"], "width": 64, "activation": activation,
                                          "init": init},

@@ -31,7 +31,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                         "(default fgsm,bim,pgd)")
     parser.add_argument("--steps", type=positive_int, help="iterations for iterative attacks (default: each attack's)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
-    data_options(parser, dataset_default=None, samples_default=1000, samples_help="test samples (default 1000)")
+    data_options(parser, dataset_default=None, samples_default=None,
+                 samples_help="test samples (default: as many as the run's evaluation used, so that the report "
+                 "combines them; else 1000)")
     threat_options(parser, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
     device_options(parser)
     parser.set_defaults(handler=run)
@@ -43,14 +45,19 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
     names = parse_names(args.attack, "attack")
     with open_run(args, "attack") as run:
-        payload = workflow.attack_into(run.dir, run.model, run.dataset, run.threat, names, samples=args.samples,
+        samples, chosen = args.samples, ""
+        if samples is None:
+            recorded = workflow.run_samples(run.dir)
+            samples = recorded or workflow.ATTACK_SAMPLES
+            chosen = " (as many as the run's earlier results; --samples N to change)" if recorded else ""
+        payload = workflow.attack_into(run.dir, run.model, run.dataset, run.threat, names, samples=samples,
                                        batch_size=args.batch_size, steps=args.steps, seed=args.seed, device=run.device,
                                        amp=args.amp, channels_last=args.channels_last,
                                        compile=args.compile)
     rows = [["clean", payload["clean_accuracy"], None, None]] + [
         [name, r["robust_accuracy"], r["mean_distance"], r["elapsed_s"]] for name, r in payload["results"].items()
         if name in names]
-    text = (f"{threat_label(payload['threat'])}, {payload['n_samples']} test samples\n"
+    text = (f"{threat_label(payload['threat'])}, {payload['n_samples']} test samples{chosen}\n"
             + format_table(["attack", "accuracy", "mean dist.", "time (s)"], rows))
     kept = payload.get("other_threats") or []
     if kept:

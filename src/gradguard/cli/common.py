@@ -167,23 +167,25 @@ def _cell(value: Any) -> str:
 
 
 def headline_text(summary: dict) -> str:
-    """The report's headline as a table: per model clean, single attacks and worst case at the headline threat;
-    results at other threats below it, each labelled with its threat."""
-    from ..report.builder import headline_columns, other_threat_rows, threat_text
-    from ..report.summary import ordered_attacks
+    """The report's headline as a table: per model its sample count, clean, single attacks and worst case at the
+    headline threat, all on those samples, and what the worst case includes; below it the results kept apart
+    (other samples, other threats), each labelled with its threat and sample count."""
+    from ..report.builder import apart_rows, headline_columns, threat_text
+    from ..report.summary import ordered_attacks, worst_case_text
 
     attacks = headline_columns(summary)
-    rows = [[m["label"], m["clean_accuracy"], *[m["attacks"].get(a) for a in attacks], m["robust_accuracy"],
-             m["masking_verdict"]] for m in summary["models"]]
+    rows = [[m["label"], m.get("n_samples"), m["clean_accuracy"], *[m["attacks"].get(a) for a in attacks],
+             m["robust_accuracy"], m["masking_verdict"]] for m in summary["models"]]
     text = f"threat: {threat_text(summary)}\n"
-    text += format_table(["model", "clean", *attacks, "worst case", "masking"], rows) if rows else "no models"
-    others = other_threat_rows(summary)
+    text += format_table(["model", "samples", "clean", *attacks, "worst case", "masking"], rows) if rows else "no models"
+    text += "".join(f"\n{worst_case_text(m)}" for m in summary["models"])
+    others = apart_rows(summary)
     if others:
         other_attacks = ordered_attacks(a for _, g in others for a in g["attacks"])
-        text += "\n\nat other threats (not in the worst case above):\n" + format_table(
-            ["model", "threat", *other_attacks, "worst case"],
-            [[label, g["label"], *[g["attacks"].get(a) for a in other_attacks], g["robust_accuracy"]]
-             for label, g in others])
+        text += "\n\non other samples or at other threats (not in the worst case above):\n" + format_table(
+            ["model", "threat", "samples", "clean", *other_attacks, "worst case"],
+            [[label, g["label"], g.get("n_samples"), g.get("clean_accuracy"),
+              *[g["attacks"].get(a) for a in other_attacks], g["robust_accuracy"]] for label, g in others])
     for g in summary.get("gradients", []):
         text += f"\ngradient flow {g['label']}: {', '.join(g['kinds']) or 'no issue found'}"
     return text

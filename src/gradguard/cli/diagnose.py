@@ -42,9 +42,12 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
                           if findings else "gradient flow: no issue found")
     curvature = result["diagnosis"].get("curvature")
     wrote = f"{run.shown}/masking.json, {run.shown}/diagnosis.json"
-    if curvature is not None:
+    if curvature is not None and args.curvature:
         text += "\n\n" + _curvature_text(curvature)
         wrote += f", {run.shown}/plots/hessian_density.png, {run.shown}/plots/input_curvature.png"
+    elif curvature is not None:  # diagnosis.json keeps an earlier run's curvature; this run did not touch it
+        text += ("\n\ncurvature: not measured now; diagnosis.json keeps the curvature of an earlier "
+                 "`diagnose --curvature` (add --curvature to measure it again)")
     return result, f"{text}\n\nwrote {wrote}"
 
 

@@ -68,11 +68,16 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     robustness = result["robustness"]
     rows = [["clean", robustness.get("clean_accuracy")]] + [
         [name, value] for name, value in (robustness.get("per_attack") or {}).items()]
+    rows += [[f"{s.get('label')}: skipped, {s.get('reason')}", None] for s in robustness.get("skipped") or []]
     rows.append(["worst case", robustness.get("robust_accuracy")])
     text = format_table(["attack", "accuracy"], rows)
     if result["curve"]:
         text += "\n\n" + format_table(["eps", "robust accuracy"], list(zip(
             result["curve"]["eps"], result["curve"]["robust_accuracy"], strict=True)))
     text += "".join(f"\n\nwarning: {w}" for w in robustness.get("warnings") or [])
+    parts = robustness.get("elapsed_parts_s") or []
+    if parts:
+        text += (f"\n\nelapsed: {robustness.get('elapsed_s'):.1f} s in {len(parts)} parts (resumed; "
+                 + " + ".join(f"{p:.1f}" for p in parts) + " s, each earlier part up to its last journaled batch)")
     header = f"{threat_label(run.threat.to_dict())}, {robustness.get('n_samples')} test samples"
     return result, f"{header}\n{text}\n\nwrote {run.shown}/robustness.json"

@@ -129,6 +129,30 @@ class MaskingReport:
         return self.summary()
 
 
+def format_evidence(evidence: Any, n_correct: int | None = None) -> list[tuple[str, str]]:
+    """A check's (or a gradient finding's) evidence as (key, text) pairs for people: numbers rounded to 3
+    significant digits (integers and booleans as they are), lists and dicts likewise, and fields without a value
+    (None) left out. The JSON keeps the full values. With ``n_correct`` (the checklist's clean-correct samples),
+    each accuracy key says that it is measured on those samples, not on all of them like an evaluation's."""
+    if not isinstance(evidence, dict):
+        return [("", _evidence_value(evidence))]
+    return [(f"{key} on the {n_correct} clean-correct samples" if n_correct is not None and
+             str(key).endswith("accuracy") else str(key), _evidence_value(value))
+            for key, value in evidence.items() if value is not None]
+
+
+def _evidence_value(value: Any) -> str:
+    if isinstance(value, bool) or isinstance(value, int) or isinstance(value, str):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}" if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_evidence_value(v)}" for k, v in value.items() if v is not None) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_evidence_value(v) for v in value) + "]"
+    return str(value)
+
+
 def _grade(value: float, thresholds: tuple[float, float]) -> str:
     warn, fail = thresholds
     return FAIL if value > fail else WARN if value > warn else PASS

@@ -40,9 +40,12 @@ def _checked(records: Iterable[dict]) -> list[dict]:
 
 
 def _labels(records: list[dict], layers: list[str]) -> list[str]:
-    """Layer names, with the module type when the name alone is a bare index (nn.Sequential)."""
+    """Each layer's depth among the monitored layers (1, 2, ... in forward order), then its module name, with the
+    module type when the name alone is a bare index: in an nn.Sequential with activations between the layers the
+    names are 1, 3, 5, ..., which are module positions, not layer counts."""
     types = {r["layer"]: r.get("type") for r in records}
-    return [f"{name} {types[name]}" if name.isdigit() and types.get(name) else name for name in layers]
+    return [f"{depth}: {name} {types[name]}" if name.isdigit() and types.get(name) else f"{depth}: {name}"
+            for depth, name in enumerate(layers, 1)]
 
 
 def _per_layer(records: list[dict], key: str) -> tuple[list[str], list[float | None]]:
@@ -67,7 +70,7 @@ def plot_gradient_flow(records: Iterable[dict], path: str | os.PathLike) -> Path
     axes.plot(positions, [m if m and m > 0 else math.nan for m in maxima], "o-", color="#dd8452", label="max |g|")
     axes.set_yscale("log")
     axes.set_xticks(list(positions), _labels(records, layers), rotation=60, ha="right", fontsize=8)
-    axes.set_xlabel("layer (input → output)")
+    axes.set_xlabel("layer with parameters (depth: module), input → output")
     axes.set_ylabel("gradient (median over sampled steps)")
     axes.set_title("Gradient flow")
     axes.legend(fontsize=8)

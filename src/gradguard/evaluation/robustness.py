@@ -82,6 +82,7 @@ class RobustnessReport(_JsonResult):
     world_size: int = 1
     attack_budget: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    elapsed_parts_s: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready numbers and per-sample lists (``x_adv`` is left out: save it with torch/safetensors)."""
@@ -91,6 +92,7 @@ class RobustnessReport(_JsonResult):
             "threat": self.threat, "suite": list(self.suite), "attacks": self.attacks, "skipped": self.skipped,
             "elapsed_s": self.elapsed_s, "attack_time_s": self.attack_time_s, "attack_budget": self.attack_budget,
             "seed": self.seed, "world_size": self.world_size, "warnings": list(self.warnings),
+            "elapsed_parts_s": list(self.elapsed_parts_s),
             "samples": {"label": self.labels.tolist(), "clean_correct": self.clean_correct.int().tolist(),
                         "robust": self.robust.int().tolist(), "broken_by": self.broken_by.tolist(),
                         "prediction_adv": self.predictions_adv.tolist()},
@@ -112,7 +114,7 @@ class RobustnessReport(_JsonResult):
             attacks=data.get("attacks", []), skipped=data.get("skipped", []),
             attack_time_s=data.get("attack_time_s", {}), seed=data.get("seed"), world_size=data.get("world_size", 1),
             attack_budget=data.get("attack_budget", {}),
-            warnings=data.get("warnings", []),
+            warnings=data.get("warnings", []), elapsed_parts_s=data.get("elapsed_parts_s", []),
         )
 
     def summary(self) -> str:
@@ -179,6 +181,10 @@ def evaluate(
         compile: run every named attack's passes through ``torch.compile`` (an eager fallback with one warning
             if compiling fails); off by default: it pays on larger models only (see ``Attack``).
 
+    ``report.elapsed_s`` is the wall time of the whole evaluation: after ``resume`` the sum of every part's time
+    (each earlier part counted up to its last journaled block, as recorded in the journal), listed part by part in
+    ``report.elapsed_parts_s`` (empty for an evaluation that ran in one go).
+
     The model's mode, parameters, ``requires_grad`` flags and ``.grad`` fields are left as they were.
     """
     started = time.perf_counter()
@@ -190,6 +196,8 @@ def evaluate(
     _check_journal_arguments(journal, resume, return_adversarial)
     cascade = _Cascade(model, specs, seed)
     finished: dict[int, _BlockOutcome] = {}
+    earlier: list[float] = []  # seconds of each earlier part of a resumed evaluation
+    part = 1
     outcomes: list[_BlockOutcome] = []
     writer: JournalWriter | None = None
     n_blocks = 0
@@ -206,20 +214,24 @@ def evaluate(
                         check_same_stream(shard, source.n, block.fingerprint())
                     if journal is not None:
                         header = _journal_header(model, specs, threat, seed, source, block)
-                        finished, writer = _open_journal(Path(journal), header, resume, shard)
+                        finished, earlier, writer = _open_journal(Path(journal), header, resume, shard)
+                        part = len(earlier) + 1
                 if block is None or not shard.owns(index) or index in finished:
                     continue
                 outcome = cascade.run_block(block, threat, keep_adversarial=return_adversarial)
                 outcomes.append(outcome)
-                if writer is not None:
-                    writer.append(outcome.to_record())
+                if writer is not None:  # each block also records its part and that part's time so far
+                    writer.append({**outcome.to_record(), "part": part,
+                                   "part_elapsed_s": round(time.perf_counter() - started, 3)})
                 release_freed_memory()
         finally:
             if writer is not None:
                 writer.close()
     outcomes = shard.gather(outcomes) + [o for o in finished.values() if o.index < n_blocks]
-    report = _report(outcomes, n_blocks, specs, threat, time.perf_counter() - started, seed, shard, return_adversarial)
+    parts = earlier + [round(time.perf_counter() - started, 3)]
+    report = _report(outcomes, n_blocks, specs, threat, sum(parts), seed, shard, return_adversarial)
     report.warnings = notes
+    report.elapsed_parts_s = parts if len(parts) > 1 else []
     return report
 
 
@@ -427,16 +439,23 @@ def _journal_header(model: nn.Module, specs: list[AttackSpec], threat: ThreatMod
             "data": {"n": source.n, "first_block": first.fingerprint()}}
 
 
-def _open_journal(path: Path, header: dict, resume: bool, shard: Shard) -> tuple[dict[int, _BlockOutcome],
-                                                                                    JournalWriter]:
-    """Finished blocks (resume) or a fresh start (the old journals removed), and this rank's writer."""
+def _open_journal(path: Path, header: dict, resume: bool,
+                  shard: Shard) -> tuple[dict[int, _BlockOutcome], list[float], JournalWriter]:
+    """Finished blocks (resume) or a fresh start (the old journals removed), the seconds of each earlier part
+    (per part the slowest rank's time up to its last journaled block), and this rank's writer."""
     finished: dict[int, _BlockOutcome] = {}
+    parts: dict[int, float] = {}
     if resume:
-        finished = {i: _BlockOutcome.from_record(r) for i, r in read_journals(path, header).items()}
+        records = read_journals(path, header)
+        finished = {i: _BlockOutcome.from_record(r) for i, r in records.items()}
+        for record in records.values():
+            if isinstance(record.get("part"), int) and isinstance(record.get("part_elapsed_s"), (int, float)):
+                parts[record["part"]] = max(parts.get(record["part"], 0.0), float(record["part_elapsed_s"]))
     elif shard.rank == 0:
         remove_journals(path)
     shard.barrier()  # every rank has read (or rank 0 has removed) before any rank writes
-    return finished, JournalWriter(own_file(path, shard.rank, shard.world_size), header)
+    earlier = [parts.get(p, 0.0) for p in range(1, max(parts, default=0) + 1)]
+    return finished, earlier, JournalWriter(own_file(path, shard.rank, shard.world_size), header)
 
 
 def per_class_table(y: Tensor, clean_correct: Tensor, robust: Tensor) -> dict[str, dict[str, float]]:
@@ -480,12 +499,12 @@ class RobustnessCurve(_JsonResult):
 
     def plot(self, path: str | Path) -> Path:
         """Write robust accuracy vs eps (and the clean accuracy line) as a PNG; returns the path."""
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(figsize=(5, 3.5), dpi=120)
+        figure = Figure(figsize=(5, 3.5), dpi=120)  # its own canvas: the user's pyplot backend is left alone
+        FigureCanvasAgg(figure)
+        axes = figure.subplots()
         axes.plot(self.eps, [100 * a for a in self.robust_accuracy], marker="o", label="robust (worst case)")
         axes.axhline(100 * self.clean_accuracy, color="grey", linestyle="--", linewidth=1, label="clean")
         axes.set_xlabel(f"eps ({self.threat.get('norm', '')})")
@@ -498,7 +517,6 @@ class RobustnessCurve(_JsonResult):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path)
-        plt.close(figure)
         return path
 
 

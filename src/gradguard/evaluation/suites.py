@@ -201,8 +201,10 @@ def _resolve_spec(item: Any) -> AttackSpec:
     kwargs = dict(item)
     name = str(kwargs.pop("name")).lower()
     label = str(kwargs.pop("label", name))
-    if name not in ATTACKS:
-        raise ConfigError(f"suite: unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
+    if name not in ATTACKS:  # most often a mistyped suite name ("strong"): name the suites first
+        raise ConfigError(f"suite: {name!r} is neither a suite nor an attack; choose a suite from {sorted(SUITES)}, "
+                          "or list attack names from `gradguard list attacks` (one attack alone: `gradguard attack "
+                          "--attack NAME`)")
     if name == "transfer" and kwargs.get("surrogate") is None:
         raise ConfigError("suite: a 'transfer' entry needs its surrogate model: "
                           "{'name': 'transfer', 'surrogate': MODULE_OR_MODEL_SPEC}")

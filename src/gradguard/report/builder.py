@@ -12,7 +12,7 @@ from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import plots
 from .html import badge, evidence_text, missing, page, percent, png_tag, table
 from .rundir import RunData, attack_groups, read_run, threat_label
-from .summary import layer_series, ordered_attacks, summarize
+from .summary import layer_series, ordered_attacks, summarize, worst_case_text
 
 REPORT_HTML, REPORT_MD, SUMMARY_JSON, PLOTS_DIR = "report.html", "report.md", "summary.json", "plots"
 
@@ -66,48 +66,60 @@ def threat_text(summary: dict) -> str:
     return "not recorded"
 
 
-def other_threat_rows(summary: dict) -> list[tuple[str, dict]]:
-    """(model label, group) for every result at a threat other than its model's headline threat."""
-    return [(m["label"], group) for m in summary["models"] for group in m.get("other_threats") or []]
+def apart_rows(summary: dict) -> list[tuple[str, dict]]:
+    """(model label, group) for every result kept out of its model's headline: single attacks at the headline
+    threat on other samples than the suite, and results at another threat; each group names its threat and count."""
+    return [(m["label"], group) for m in summary["models"]
+            for group in (m.get("other_samples") or []) + (m.get("other_threats") or [])]
+
+
+APART_NOTE = ("Not part of the worst case above, which only combines results at the same threat on the same "
+              "samples.")
 
 
 def _other_threats(summary: dict) -> str:
-    rows = other_threat_rows(summary)
+    rows = apart_rows(summary)
     if not rows:
         return ""
     attacks = ordered_attacks(a for _, g in rows for a in g["attacks"])
-    body = [[escape(label), escape(g["label"]), percent(g.get("clean_accuracy"))]
+    body = [[escape(label), escape(g["label"]), _fmt(g.get("n_samples")), percent(g.get("clean_accuracy"))]
             + [percent(g["attacks"].get(a)) for a in attacks] + [percent(g.get("robust_accuracy"))]
             for label, g in rows]
-    return ("<h3>Results at other threats</h3><p><small>Single attacks run at another norm or eps than the headline "
-            "above. They are not part of its worst case, which only combines results at the same threat.</small></p>"
-            + table(["model", "threat", "clean"] + [escape(a.upper()) for a in attacks] + ["worst case"], body,
-                    table_id="other-threats", numeric_from=2))
+    return ("<h3>Results on other samples or at other threats</h3><p><small>Single attacks run on other test "
+            "samples than the headline's, or at another norm or eps. " + APART_NOTE + "</small></p>"
+            + table(["model", "threat", "samples", "clean"] + [escape(a.upper()) for a in attacks] + ["worst case"],
+                    body, table_id="other-threats", numeric_from=2))
 
 
 def _headline(summary: dict) -> str:
     if not summary["models"]:
         return missing("No model in this run directory (gradient experiments only).")
     attacks = headline_columns(summary)
-    headers = ["model", "method", "clean"] + [escape(a.upper()) for a in attacks] + ["worst case", "masking"]
+    headers = ["model", "method", "samples", "clean"] + [escape(a.upper()) for a in attacks] + ["worst case",
+                                                                                              "masking"]
     rows = []
     for m in summary["models"]:
         worst = percent(m["robust_accuracy"])
         if m["robust_accuracy_source"]:
             worst += f" <small>({escape(m['robust_accuracy_source'])})</small>"
-        rows.append([escape(m["label"]), escape(str(m.get("method") or "—")), percent(m["clean_accuracy"])]
+        rows.append([escape(m["label"]), escape(str(m.get("method") or "—")), _fmt(m.get("n_samples")),
+                     percent(m["clean_accuracy"])]
                     + [percent(m["attacks"].get(a)) for a in attacks]
                     + [worst, badge(m["masking_verdict"]) if m["masking_verdict"] else "not checked"])
     cards = "".join(f'<div class="card"><div class="k">{escape(m["label"])}: clean → worst case</div>'
                     f'<div class="v">{percent(m["clean_accuracy"])} → {percent(m["robust_accuracy"])}</div></div>'
                     for m in summary["models"])
-    suites = sorted({", ".join(m.get("suite_names") or []) for m in summary["models"] if m.get("suite_names")})
-    note = ("<p><small>Robust accuracy = accuracy on adversarial inputs inside the threat model. The worst case "
-            "counts a sample robust only if every attack run on it at the threat "
-            + escape(threat_text(summary)) + " failed (the evaluation suite"
-            + (f": {escape('; '.join(suites))}" if suites else "") + ", and the single attacks above).</small></p>")
+    note = ("<p><small>Robust accuracy = accuracy on adversarial inputs inside the threat model at "
+            + escape(threat_text(summary)) + ". Each row's numbers come from one set of test samples (its "
+            "\"samples\" column). The worst case counts a sample robust only if every attack it includes failed on "
+            "it: " + escape("; ".join(worst_case_text(m) for m in summary["models"])) + ".</small></p>")
     return (f'<div class="cards">{cards}</div>' + table(headers, rows, table_id="headline", numeric_from=2) + note
             + _other_threats(summary))
+
+
+def series_colours(run: RunData) -> dict[str, str]:
+    """Each model's and gradient run's colour, the same in every plot of the report."""
+    return plots.series_colours(m.label for m in run.models + run.gradient_runs)
 
 
 def _config(run: RunData) -> str:
@@ -133,7 +145,7 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
     if curves:
         norm = (summary.get("threat") or next((m["threat"] for m in summary["models"] if m.get("threat")), None)
                 or {}).get("norm", "linf")
-        figures["accuracy_vs_eps"] = plots.accuracy_vs_eps(curves, norm)
+        figures["accuracy_vs_eps"] = plots.accuracy_vs_eps(curves, norm, series_colours(run))
         eps = list(dict.fromkeys(e for c in curves.values() for e in c["eps"]))
         rows = [[escape(label)] + [percent(dict(zip(c["eps"], c["robust_accuracy"], strict=True)).get(e)) for e in eps]
                 for label, c in curves.items()]
@@ -143,7 +155,7 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
     bars = {m["label"]: {**m["attacks"], **({"worst case": m["robust_accuracy"]} if m["robust_accuracy"] is not None else {})}
             for m in summary["models"] if m["attacks"] or m["robust_accuracy"] is not None}
     if bars:
-        figures["per_attack"] = plots.per_attack_bars(bars)
+        figures["per_attack"] = plots.per_attack_bars(bars, series_colours(run))
     side_by_side = [png_tag(figures[k], k.replace("_", " ")) for k in ("accuracy_vs_eps", "per_attack") if k in figures]
     if side_by_side:
         out.insert(0, '<div class="grid2">' + "".join(f"<div>{tag}</div>" for tag in side_by_side) + "</div>")
@@ -162,15 +174,24 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
             suite = [n for n in (m.robustness.get("suite") or []) if isinstance(n, str)]
             order = list(dict.fromkeys([n for n in suite if n in per_attack] + list(per_attack)))
             rows = [[escape(name), percent(per_attack[name])] for name in order]
+            rows += [[f"{escape(str(s.get('label')))} <small>(skipped: {escape(str(s.get('reason')))})</small>",
+                      "not run"] for s in m.robustness.get("skipped") or [] if isinstance(s, dict)]
             rows.append(["<b>worst case</b>", f"<b>{percent(m.robustness.get('robust_accuracy'))}</b>"])
             note = (f"<p><small>Note: {escape(str(m.robustness['fallback']))}.</small></p>"
                     if m.robustness.get("fallback") else "")
             note += "".join(f"<p><b>Warning:</b> {escape(str(w))}.</p>" for w in m.robustness.get("warnings") or [])
             out.append(f"<h3>{escape(m.label)}: evaluation suite at {escape(threat_label(m.robustness.get('threat')))} "
                        f"({m.robustness.get('n_samples', '?')} samples, "
-                       f"{_fmt(m.robustness.get('elapsed_s'))} s)</h3>" + table(["attack", "accuracy"], rows, numeric_from=1)
+                       f"{_fmt(m.robustness.get('elapsed_s'))} s{_parts(m.robustness)})</h3>"
+                       + table(["attack", "accuracy"], rows, numeric_from=1)
                        + note)
     return "".join(out)
+
+
+def _parts(robustness: dict) -> str:
+    """" in 2 parts (resumed)" for an evaluation that was interrupted and resumed: its time is their sum."""
+    parts = robustness.get("elapsed_parts_s") or []
+    return f" in {len(parts)} parts (resumed)" if len(parts) > 1 else ""
 
 
 CERTIFIED_RADII = (0.25, 0.5, 0.75, 1.0)
@@ -207,7 +228,8 @@ def _certified(run: RunData, figures: dict) -> str:
                        "then run `gradguard certify RUN_DIR --sigma 0.25`.")
     curves = {m.label: _exact_curve(m.certify) for m in run.models if m.certify and "samples" in m.certify}
     sigmas = {r["sigma"] for r in rows}
-    figures["certified_accuracy"] = plots.certified_accuracy(curves, sigmas.pop() if len(sigmas) == 1 else None)
+    figures["certified_accuracy"] = plots.certified_accuracy(curves, sigmas.pop() if len(sigmas) == 1 else None,
+                                                             series_colours(run))
     radii = list(dict.fromkeys(r for row in rows for r in row["certified_accuracy"]))
     headers = (["model", "σ", "n", "α", "samples", "base model clean", "smoothed (r = 0)", "abstained"]
                + [f"certified r ≥ {r}" for r in radii] + ["empirical robust acc. (base model, attacks)"])
@@ -286,9 +308,14 @@ def _masking(run: RunData) -> str:
     for m in run.models:
         if not m.masking:
             continue
-        rows = [[escape(str(c.get("name"))), badge(c.get("status")), evidence_text(c.get("evidence")),
+        n_correct = (m.masking.get("settings") or {}).get("n_correct")
+        n_correct = n_correct if isinstance(n_correct, int) else None
+        rows = [[escape(str(c.get("name"))), badge(c.get("status")), evidence_text(c.get("evidence"), n_correct),
                  escape(str(c.get("advice") or ""))] for c in m.masking.get("checks", [])]
-        out.append(f"<h3>{escape(m.label)}: verdict {badge(m.masking.get('verdict'))}</h3>"
+        scope = (f"<p><small>Checked on {escape(str(m.masking.get('n_samples', '?')))} samples; the accuracies in "
+                 f"the evidence are on the {n_correct} of them classified correctly (clean-correct), unlike the "
+                 "headline's, which are on all its samples.</small></p>" if n_correct is not None else "")
+        out.append(f"<h3>{escape(m.label)}: verdict {badge(m.masking.get('verdict'))}</h3>" + scope
                    + table(["check", "status", "evidence", "advice"], rows))
     return "".join(out) or missing("Masking checklist not run: `gradguard diagnose RUN_DIR`.")
 
@@ -302,7 +329,7 @@ def _gradients(run: RunData, summary: dict, figures: dict) -> str:
         if series:
             runs[g.label] = series
     if runs:
-        figures["gradient_flow"] = plots.gradient_flow(runs, metric)
+        figures["gradient_flow"] = plots.gradient_flow(runs, metric, series_colours(run))
         out.append(png_tag(figures["gradient_flow"], "gradient flow"))
     rows = []
     for g in summary["gradients"]:
@@ -359,11 +386,12 @@ def _fmt_list(values) -> str:
 
 def _training(run: RunData, figures: dict) -> str:
     out = []
+    metric_colours = plots.series_colours(sorted({k for m in run.models + run.gradient_runs for r in m.metrics for k in r}))
     for index, m in enumerate(run.models + run.gradient_runs):
         if not m.metrics:
             continue
         name = f"training_{index}"
-        figures[name] = plots.training_curves(m.metrics, m.label)
+        figures[name] = plots.training_curves(m.metrics, m.label, metric_colours)
         out.append(png_tag(figures[name], f"{m.label} training curves"))
     return "".join(out) or missing("No training metrics (metrics.jsonl) in this run.")
 
@@ -388,13 +416,16 @@ def markdown(summary: dict, figure_names: list[str]) -> str:
     lines += [f"- generated: {summary['generated_at']}", "", "## Clean vs robust accuracy", ""]
     attacks = headline_columns(summary)
     if summary["models"]:
-        lines.append("| model | method | clean | " + " | ".join(a.upper() for a in attacks) + " | worst case | masking |")
-        lines.append("|---" * (5 + len(attacks)) + "|")
+        lines.append("| model | method | samples | clean | " + " | ".join(a.upper() for a in attacks)
+                     + " | worst case | masking |")
+        lines.append("|---" * (6 + len(attacks)) + "|")
         for m in summary["models"]:
-            cells = [m["label"], str(m.get("method") or "—"), percent(m["clean_accuracy"])]
+            cells = [m["label"], str(m.get("method") or "—"), _plain_count(m.get("n_samples")),
+                     percent(m["clean_accuracy"])]
             cells += [percent(m["attacks"].get(a)) for a in attacks]
             cells += [percent(m["robust_accuracy"]), m["masking_verdict"] or "not checked"]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Worst case: " + "; ".join(worst_case_text(m) for m in summary["models"]) + "."]
     else:
         lines.append("No model in this run.")
     lines += _markdown_other_threats(summary)
@@ -429,16 +460,19 @@ def _markdown_certified(summary: dict) -> list[str]:
 
 
 def _markdown_other_threats(summary: dict) -> list[str]:
-    rows = other_threat_rows(summary)
+    rows = apart_rows(summary)
     if not rows:
         return []
     attacks = ordered_attacks(a for _, g in rows for a in g["attacks"])
-    lines = ["", "## Results at other threats", "",
-             "Not part of the worst case above, which only combines results at the same threat.", "",
-             "| model | threat | clean | " + " | ".join(a.upper() for a in attacks) + " | worst case |",
-             "|---" * (4 + len(attacks)) + "|"]
+    lines = ["", "## Results on other samples or at other threats", "", APART_NOTE, "",
+             "| model | threat | samples | clean | " + " | ".join(a.upper() for a in attacks) + " | worst case |",
+             "|---" * (5 + len(attacks)) + "|"]
     for label, g in rows:
-        cells = [label, g["label"], percent(g.get("clean_accuracy"))]
+        cells = [label, g["label"], _plain_count(g.get("n_samples")), percent(g.get("clean_accuracy"))]
         cells += [percent(g["attacks"].get(a)) for a in attacks] + [percent(g.get("robust_accuracy"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _plain_count(value) -> str:
+    return str(value) if isinstance(value, int) else "—"

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import base64
-import json
 from html import escape
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from .. import __version__
 
@@ -55,17 +54,13 @@ def missing(text: str) -> str:
     return f'<p class="missing">{escape(text)}</p>'
 
 
-def evidence_text(evidence) -> str:
-    if not isinstance(evidence, Mapping):
-        return escape(str(evidence))
-    parts = []
-    for key, value in evidence.items():
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        elif isinstance(value, (list, dict)):
-            value = json.dumps(value)[:120]
-        parts.append(f"{escape(str(key))}={escape(str(value))}")
-    return "<br>".join(parts)
+def evidence_text(evidence, n_correct: int | None = None) -> str:
+    """Evidence of a masking check or gradient finding: one ``key=value`` per line, numbers rounded, no None
+    (``n_correct``: accuracies are on the checklist's clean-correct samples, and say so)."""
+    from ..diagnostics.masking import format_evidence
+
+    return "<br>".join(escape((f"{key}={text}" if key else text)[:240])
+                       for key, text in format_evidence(evidence, n_correct))
 
 
 def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) -> str:

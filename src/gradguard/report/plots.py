@@ -1,4 +1,4 @@
-"""Report figures as PNG bytes (matplotlib, Agg backend: no display, no network).
+"""Report figures as PNG bytes (matplotlib figures on their own Agg canvas: no display, no network, no pyplot).
 
 Each function takes plain data read from a run directory (dicts, lists, arrays) and returns PNG bytes, so
 plots can be embedded inline in report.html (base64) and also written to plots/*.png.
@@ -7,26 +7,37 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 PALETTE = ["#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7ea4", "#57606a"]
 
 
-def _pyplot():
-    import matplotlib
+def series_colours(names: Iterable[str]) -> dict[str, str]:
+    """One fixed colour per series name (a model, a run, a metric), in first-seen order. A report passes the same
+    mapping to every plot, so a series keeps its colour from plot to plot, whichever series a plot leaves out."""
+    return {name: PALETTE[index % len(PALETTE)] for index, name in enumerate(dict.fromkeys(names))}
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
-    return plt
+def _colour(colours: Mapping[str, str] | None, name: str, index: int) -> str:
+    return (colours or {}).get(name) or PALETTE[index % len(PALETTE)]
+
+
+def _figure(figsize: tuple[float, float]):
+    """A matplotlib Figure on its own Agg canvas: no pyplot state and no global backend, so drawing a report in a
+    notebook leaves the user's plotting backend and open figures as they were."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
     return buffer.getvalue()
 
 
@@ -39,28 +50,30 @@ def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
         ax.spines[side].set_visible(False)
 
 
-def accuracy_vs_eps(curves: Mapping[str, Mapping[str, Sequence[float]]], norm: str = "linf") -> bytes:
+def accuracy_vs_eps(curves: Mapping[str, Mapping[str, Sequence[float]]], norm: str = "linf",
+                    colours: Mapping[str, str] | None = None) -> bytes:
     """Robust accuracy against eps, one line per model (``curves[label] = {"eps": [...], "robust_accuracy": [...]}``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig = _figure((6.4, 4.0))
+    ax = fig.subplots()
     for index, (label, curve) in enumerate(curves.items()):
-        ax.plot(curve["eps"], curve["robust_accuracy"], marker="o", color=PALETTE[index % len(PALETTE)], label=label)
+        ax.plot(curve["eps"], curve["robust_accuracy"], marker="o", color=_colour(colours, label, index),
+                label=label)
     ax.set_ylim(-0.02, 1.02)
     _style(ax, "Robust accuracy vs perturbation budget", f"eps ({norm})", "robust accuracy")
     ax.legend(frameon=False)
     return _png(fig)
 
 
-def per_attack_bars(table: Mapping[str, Mapping[str, float]]) -> bytes:
+def per_attack_bars(table: Mapping[str, Mapping[str, float]], colours: Mapping[str, str] | None = None) -> bytes:
     """Grouped bars: accuracy per attack (columns) for each model (``table[model][attack] = accuracy``)."""
-    plt = _pyplot()
     attacks = list(dict.fromkeys(a for row in table.values() for a in row))
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(attacks) * max(1, len(table))), 4.0))
+    fig = _figure((max(6.4, 1.1 * len(attacks) * max(1, len(table))), 4.0))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(table))
     for index, (label, row) in enumerate(table.items()):
         xs = np.arange(len(attacks)) + (index - (len(table) - 1) / 2) * width
         values = [row.get(a, math.nan) for a in attacks]
-        bars = ax.bar(xs, values, width=width, color=PALETTE[index % len(PALETTE)], label=label)
+        bars = ax.bar(xs, values, width=width, color=_colour(colours, label, index), label=label)
         for bar, value in zip(bars, values, strict=True):
             if not math.isnan(value):
                 ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.2f}", ha="center", fontsize=8)
@@ -73,9 +86,9 @@ def per_attack_bars(table: Mapping[str, Mapping[str, float]]) -> bytes:
 
 def per_class_bars(per_class: Mapping[str, Mapping[str, float]], title: str) -> bytes:
     """Clean and robust accuracy per class (``per_class[name] = {"clean": a, "robust": b}``)."""
-    plt = _pyplot()
     names = list(per_class)
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.6 * len(names)), 3.6))
+    fig = _figure((max(6.4, 0.6 * len(names)), 3.6))
+    ax = fig.subplots()
     xs = np.arange(len(names))
     ax.bar(xs - 0.2, [per_class[n].get("clean", math.nan) for n in names], 0.4, color=PALETTE[0], label="clean")
     ax.bar(xs + 0.2, [per_class[n].get("robust", math.nan) for n in names], 0.4, color=PALETTE[1], label="robust")
@@ -89,9 +102,9 @@ def per_class_bars(per_class: Mapping[str, Mapping[str, float]], title: str) -> 
 def example_grid(x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, pred: np.ndarray, pred_adv: np.ndarray,
                  classes: Sequence[str], title: str) -> bytes:
     """Rows: clean image (true label / prediction), adversarial image (prediction), perturbation (amplified)."""
-    plt = _pyplot()
     n = len(x)
-    fig, axes = plt.subplots(3, n, figsize=(1.25 * n, 4.3), squeeze=False)
+    fig = _figure((1.25 * n, 4.3))
+    axes = fig.subplots(3, n, squeeze=False)
     delta = x_adv - x
     scale = float(np.abs(delta).max()) or 1.0
     for column in range(n):
@@ -116,9 +129,9 @@ def example_grid(x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, pred: np.ndarr
     return _png(fig)
 
 
-def training_curves(history: Sequence[Mapping[str, object]], title: str) -> bytes:
+def training_curves(history: Sequence[Mapping[str, object]], title: str,
+                    colours: Mapping[str, str] | None = None) -> bytes:
     """Loss (left) and accuracy (right) per epoch from metrics.jsonl records."""
-    plt = _pyplot()
     epochs = [int(epoch) if isinstance(epoch := r.get("epoch"), (int, float)) else i + 1 for i, r in enumerate(history)]
     keys = [k for k in dict.fromkeys(k for r in history for k in r) if k != "epoch"]
     numeric = [k for k in keys if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
@@ -126,11 +139,12 @@ def training_curves(history: Sequence[Mapping[str, object]], title: str) -> byte
                and any(r.get(k) is not None for r in history)]
     loss_keys = [k for k in numeric if "loss" in k or "objective" in k]
     acc_keys = [k for k in numeric if "acc" in k]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    fig = _figure((9.6, 3.4))
+    left, right = fig.subplots(1, 2)
     for index, key in enumerate(loss_keys):
-        left.plot(*_series(epochs, history, key), marker="o", color=PALETTE[index % len(PALETTE)], label=key)
+        left.plot(*_series(epochs, history, key), marker="o", color=_colour(colours, key, index), label=key)
     for index, key in enumerate(acc_keys):
-        right.plot(*_series(epochs, history, key), marker="o", color=PALETTE[index % len(PALETTE)], label=key)
+        right.plot(*_series(epochs, history, key), marker="o", color=_colour(colours, key, index), label=key)
     _style(left, f"{title}: loss", "epoch", "loss")
     _style(right, f"{title}: accuracy", "epoch", "accuracy")
     right.set_ylim(-0.02, 1.02)
@@ -144,28 +158,38 @@ def training_curves(history: Sequence[Mapping[str, object]], title: str) -> byte
     return _png(fig)
 
 
-def gradient_flow(runs: Mapping[str, Mapping[str, Sequence[float]]], metric: str) -> bytes:
+def gradient_flow(runs: Mapping[str, Mapping[str, Sequence[float]]], metric: str,
+                  colours: Mapping[str, str] | None = None) -> bytes:
     """Per-layer gradient size (log scale) for several runs side by side: the vanishing-gradient picture.
 
     ``runs[label] = {layer_name: [value at each sampled step]}``; the left panel shows each layer's mean over
     training (input layer first), the right panel the first layer's value over the sampled steps.
+
+    The layer axis counts the monitored layers (those with parameters) 1, 2, ... in forward order, so an MLP with 8
+    hidden layers shows 1-9 (8 hidden + output), not the positions of its modules in an ``nn.Sequential`` (1, 3,
+    ..., 17 when activations sit between them); the module names, which the findings use, stand under the numbers
+    when every run shares them.
     """
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    fig = _figure((10.4, 3.8))
+    left, right = fig.subplots(1, 2)
     longest: list[str] = []
     for index, (label, layers) in enumerate(runs.items()):
         names = list(layers)
         longest = names if len(names) > len(longest) else longest
         means = [float(np.mean(layers[n])) if len(layers[n]) else math.nan for n in names]
-        left.plot(range(len(names)), np.maximum(means, 1e-30), marker="o", color=PALETTE[index % len(PALETTE)],
-                  label=label)
+        left.plot(range(1, len(names) + 1), np.maximum(means, 1e-30), marker="o",
+                  color=_colour(colours, label, index), label=label)
         if names:
             right.plot(np.maximum(np.asarray(layers[names[0]], dtype=float), 1e-30), marker=".",
-                       color=PALETTE[index % len(PALETTE)], label=f"{label} (layer {names[0]})")
+                       color=_colour(colours, label, index), label=f"{label} (layer {names[0]})")
     left.set_yscale("log")
     right.set_yscale("log")
-    left.set_xticks(range(len(longest)), longest, fontsize=8)
-    _style(left, "per layer, mean over training", "layer (input → output)", metric)
+    shared = all(list(layers) == longest[:len(layers)] for layers in runs.values())
+    left.set_xticks(range(1, len(longest) + 1),
+                    [f"{i}\n{name}" if shared and name != str(i) else str(i) for i, name in enumerate(longest, 1)],
+                    fontsize=8)
+    _style(left, "per layer, mean over training",
+           "layer with parameters, input → output" + (" (module name below)" if shared else ""), metric)
     _style(right, "first layer, over training", "sampled step", metric)
     fig.suptitle("Gradient flow", fontsize=11)
     for ax in (left, right):
@@ -192,13 +216,14 @@ def _name(classes: Sequence[str], index) -> str:
     return name if len(name) <= 10 else name[:9] + "…"
 
 
-def certified_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], sigma: float | None = None) -> bytes:
+def certified_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], sigma: float | None = None,
+                       colours: Mapping[str, str] | None = None) -> bytes:
     """Certified accuracy of the *smoothed* classifier against L2 radius, one step line per model
     (``curves[label] = {"radius": [...], "certified_accuracy": [...]}``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig = _figure((6.4, 4.0))
+    ax = fig.subplots()
     for index, (label, curve) in enumerate(curves.items()):
-        ax.step(curve["radius"], curve["certified_accuracy"], where="post", color=PALETTE[index % len(PALETTE)],
+        ax.step(curve["radius"], curve["certified_accuracy"], where="post", color=_colour(colours, label, index),
                 label=label)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlim(left=0)
@@ -210,8 +235,8 @@ def certified_accuracy(curves: Mapping[str, Mapping[str, Sequence[float]]], sigm
 
 def hessian_density(grid: Sequence[float], density: Sequence[float], top: Sequence[float] = ()) -> bytes:
     """Eigenvalue density of the loss Hessian (stochastic Lanczos quadrature), log scale, top eigenvalues marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig = _figure((6.4, 3.6))
+    ax = fig.subplots()
     values = np.maximum(np.asarray(density, dtype=float), 1e-12)
     ax.semilogy(grid, values, color=PALETTE[0])
     for value in top:
@@ -222,8 +247,8 @@ def hessian_density(grid: Sequence[float], density: Sequence[float], top: Sequen
 
 def input_curvature_histogram(values: Sequence[float], quantiles: Mapping[str, float]) -> bytes:
     """Histogram of per-sample input curvature ĝᵀ∇²ℓĝ, with the median and the 95th percentile marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig = _figure((6.4, 3.6))
+    ax = fig.subplots()
     ax.hist(np.asarray(values, dtype=float), bins=min(40, max(5, len(values) // 5)), color=PALETTE[0], alpha=0.8)
     for key, color in (("q50", PALETTE[2]), ("q95", PALETTE[1])):
         if key in quantiles:

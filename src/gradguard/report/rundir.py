@@ -156,10 +156,42 @@ def attack_groups(attacks: dict | None) -> list[dict]:
     eps (a file written before that list existed is one group)."""
     if not attacks:
         return []
-    keys = ("threat", "n_samples", "clean_accuracy", "labels", "results")
+    keys = ("threat", "n_samples", "sample_set", "clean_accuracy", "labels", "results")
     latest = {key: attacks.get(key) for key in keys if key in attacks}
     groups = [latest] if latest.get("results") else []
     return groups + [dict(group) for group in attacks.get("other_threats") or [] if isinstance(group, dict)]
+
+
+def sample_set(count: int, start: int = 0) -> dict:
+    """Which test samples a result used: ``count`` consecutive samples of the run's test split from index ``start``
+    (recorded as ``sample_set`` in robustness.json and in each attacks.json group)."""
+    return {"start": int(start), "count": int(count)}
+
+
+def result_samples(result: dict | None) -> tuple[dict | None, list | None, int | None]:
+    """(sample set, per-sample labels, sample count) of robustness.json or of one attacks.json group."""
+    if not isinstance(result, dict):
+        return None, None, None
+    labels = result.get("labels")
+    if labels is None and isinstance(result.get("samples"), dict):
+        labels = result["samples"].get("label")
+    recorded = result.get("sample_set")
+    return (recorded if isinstance(recorded, dict) else None), (labels if isinstance(labels, list) else None), \
+        result.get("n_samples")
+
+
+def same_samples(a: dict | None, b: dict | None) -> bool:
+    """Whether two results (robustness.json, attacks.json groups) were measured on the same test samples: the same
+    labels in the same order, the same count and, where both recorded it, the same sample set (first index, count).
+    A result that recorded no per-sample labels is never taken to share samples with another: its numbers are then
+    shown apart rather than mixed."""
+    set_a, labels_a, n_a = result_samples(a)
+    set_b, labels_b, n_b = result_samples(b)
+    if labels_a is None or labels_b is None or labels_a != labels_b:
+        return False
+    if n_a is not None and n_b is not None and n_a != n_b:
+        return False
+    return set_a is None or set_b is None or set_a == set_b
 
 
 def same_threat(a: dict | None, b: dict | None) -> bool:

@@ -5,7 +5,7 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
-from .rundir import ModelRun, RunData, attack_groups, same_threat, threat_label
+from .rundir import ModelRun, RunData, attack_groups, result_samples, same_samples, same_threat, threat_label
 
 HEADLINE_ATTACK_ORDER = ("fgsm", "bim", "pgd", "mifgsm", "apgd-ce", "apgd-dlr", "apgd-t", "square", "cw", "deepfool")
 GRADIENT_METRIC_PREFERENCE = ("grad_norm", "gradient_norm", "grad_rms", "grad_mean_abs")
@@ -33,11 +33,18 @@ def summarize(run: RunData, display_path=None) -> dict:
 
 
 def model_summary(model: ModelRun, root) -> dict:
+    """One model's headline: clean, single-attack and worst-case accuracy measured on ONE set of test samples at
+    the headline threat. Single attacks at that threat that ran on other samples than the evaluation suite are not
+    mixed into it: they go to ``other_samples`` (with their own count, clean accuracy and worst case)."""
     threat = headline_threat(model)
     groups = attack_groups(model.attacks)
-    headline = next((g for g in groups if same_threat(g.get("threat"), threat)), None)
-    suite = dict((model.robustness or {}).get("per_attack") or {}) if _suite_counts(model, threat) else {}
-    robust, source = worst_case(model)
+    at_threat = next((g for g in groups if same_threat(g.get("threat"), threat)), None)
+    robustness = (model.robustness or {}) if _suite_counts(model, threat) else {}
+    headline = at_threat
+    if robustness and at_threat is not None and not same_samples(robustness, at_threat):
+        headline = None  # the single attacks saw other samples: shown apart, never in this headline
+    robust, source = _combined(robustness, headline or {})
+    basis = robustness or headline or {}
     return {
         "label": model.label,
         "path": _relative(model.path, root),
@@ -45,14 +52,17 @@ def model_summary(model: ModelRun, root) -> dict:
         "model_source": model.manifest.get("model_source_text") or _described_source(model),
         "method": _method_name(model),
         "threat": threat,
-        "clean_accuracy": clean_accuracy(model),
+        "clean_accuracy": _number(basis.get("clean_accuracy")) if basis else clean_accuracy(model),
         "attacks": _accuracies(headline),
-        "suite": suite,
-        "suite_names": (model.robustness or {}).get("suite") if suite else None,
+        "suite": dict(robustness.get("per_attack") or {}),
+        "suite_names": robustness.get("suite") if robustness else None,
         "robust_accuracy": robust,
         "robust_accuracy_source": source,
-        "n_samples": ((model.robustness or {}).get("n_samples") if suite else None) or (headline or {}).get("n_samples"),
-        "other_threats": [_threat_group_summary(g) for g in groups if g is not headline],
+        "worst_case_over": _worst_case_over(robustness, headline or {}) if robust is not None else [],
+        "n_samples": basis.get("n_samples"),
+        "sample_set": result_samples(basis)[0],
+        "other_samples": [_threat_group_summary(at_threat)] if at_threat is not None and headline is None else [],
+        "other_threats": [_threat_group_summary(g) for g in groups if g is not at_threat],
         "masking_verdict": (model.masking or {}).get("verdict"),
         "masking_checks": {c.get("name"): c.get("status") for c in (model.masking or {}).get("checks", [])},
         "epochs": len(model.metrics),
@@ -75,25 +85,26 @@ def headline_threat(model: ModelRun) -> dict | None:
 
 
 def worst_case(model: ModelRun) -> tuple[float | None, str | None]:
-    """Robust accuracy at the model's headline threat over everything run there: per sample across the suite and
-    the single attacks when they saw the same samples (a sample is robust only if no attack broke it), else the
-    lowest of the accuracies (each is an upper bound on the true robust accuracy, so the lowest is the tightest).
-    Results at any other threat never enter it."""
-    threat = headline_threat(model)
-    robustness = (model.robustness or {}) if _suite_counts(model, threat) else {}
-    group = next((g for g in attack_groups(model.attacks) if same_threat(g.get("threat"), threat)), {})
-    return _combined(robustness, group)
+    """Robust accuracy at the model's headline threat over everything run there ON THE SAME SAMPLES: per sample
+    across the suite and the single attacks (a sample is robust only if no attack broke it), else the lowest of
+    their accuracies (each is an upper bound on the true robust accuracy of those samples, so the lowest is the
+    tightest). Single attacks on other samples, and results at any other threat, never enter it."""
+    summary = model_summary(model, model.path)
+    return summary["robust_accuracy"], summary["robust_accuracy_source"]
 
 
 def _combined(robustness: dict, group: dict) -> tuple[float | None, str | None]:
+    """The worst case over the suite (``robustness``) and the single attacks (``group``), which the caller has
+    checked ran on the same samples (or either is empty)."""
     results = group.get("results") or {}
-    samples = robustness.get("samples") or {}
-    robust = samples.get("robust")
-    same_samples = isinstance(robust, list) and samples.get("label") == group.get("labels")
+    robust = (robustness.get("samples") or {}).get("robust") if robustness else None
     per_sample = [r["correct"] for r in results.values() if isinstance(r.get("correct"), list)]
-    if same_samples and isinstance(robust, list) and per_sample and all(len(c) == len(robust) for c in per_sample):
-        combined = [all(values) for values in zip(robust, *per_sample, strict=True)]
-        return sum(combined) / max(1, len(combined)), "suite + single attacks, per sample"
+    lists: list[list] = ([robust] if isinstance(robust, list) else []) + per_sample
+    complete = (not robustness or isinstance(robust, list)) and len(per_sample) == len(results)
+    if complete and len(lists) > 1 and len({len(values) for values in lists}) == 1:
+        combined = [all(values) for values in zip(*lists, strict=True)]
+        return sum(combined) / max(1, len(combined)), ("suite + single attacks, per sample" if robustness
+                                                       else "single attacks, per sample")
     candidates = {"suite": robustness.get("robust_accuracy"),
                   **{name: r.get("robust_accuracy") for name, r in results.items()}}
     numbers = {k: float(v) for k, v in candidates.items() if isinstance(v, (int, float))}
@@ -101,6 +112,37 @@ def _combined(robustness: dict, group: dict) -> tuple[float | None, str | None]:
         return None, None
     best = min(numbers, key=lambda k: numbers[k])
     return numbers[best], ("suite" if best == "suite" else "lowest single attack")
+
+
+def _worst_case_over(robustness: dict, group: dict) -> list[str]:
+    """What a worst case includes: "suite (APGD-CE, APGD-T)" and the single attacks, in the papers' order."""
+    parts = []
+    if robustness:
+        names = ", ".join(str(n) for n in robustness.get("suite") or [])
+        skipped = "; ".join(f"{s.get('label')} skipped: {s.get('reason')}" for s in robustness.get("skipped") or []
+                            if isinstance(s, dict))
+        inside = "; ".join(part for part in (names, skipped) if part)
+        parts.append(f"suite ({inside})" if inside else "suite")
+    return parts + [name.upper() for name in ordered_attacks((group.get("results") or {}))]
+
+
+def worst_case_text(model: dict) -> str:
+    """One sentence: what a model's headline worst case combines and on how many samples, and what is apart."""
+    over = model.get("worst_case_over") or []
+    if model.get("robust_accuracy") is None or not over:
+        return f"{model['label']}: no robust accuracy measured"
+    how = (" (per sample)" if "per sample" in str(model.get("robust_accuracy_source"))
+           else " (the lowest of them)" if len(over) > 1 else "")
+    counted = f" on the same {model['n_samples']} samples" if model.get("n_samples") else ""
+    text = f"{model['label']}: worst case over {', '.join(over)}{counted}{how}"
+    for group in model.get("other_samples") or []:
+        text += (f"; {', '.join(a.upper() for a in ordered_attacks(group['attacks']))} ran on another set of "
+                 f"{group.get('n_samples')} samples and are shown apart")
+    return text
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _suite_counts(model: ModelRun, threat: dict | None) -> bool:
@@ -114,7 +156,8 @@ def _suite_counts(model: ModelRun, threat: dict | None) -> bool:
 def _threat_group_summary(group: dict) -> dict:
     robust, source = _combined({}, group)
     return {"threat": group.get("threat"), "label": threat_label(group.get("threat")),
-            "n_samples": group.get("n_samples"), "clean_accuracy": group.get("clean_accuracy"),
+            "n_samples": group.get("n_samples"), "sample_set": group.get("sample_set"),
+            "clean_accuracy": group.get("clean_accuracy"),
             "attacks": _accuracies(group), "robust_accuracy": robust, "robust_accuracy_source": source}
 
 

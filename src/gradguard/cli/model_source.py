@@ -68,7 +68,8 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
         model = workflow.load_run_model(run_dir, device)
         workflow.check_writable(run_dir)
         dataset = workflow.run_dataset(run_dir, args.dataset, args.data_root, resize=args.resize,
-                                       center_crop=args.center_crop)
+                                       center_crop=args.center_crop, split=getattr(args, "split", None),
+                                       classes=args.classes)
         yield OpenRun(run_dir, run_dir, model, dataset, workflow.run_threat(run_dir, args.norm, args.eps), device)
         return
     if args.run_dir is not None:
@@ -78,7 +79,8 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
     model = workflow.resolve_model(args.model, weights=args.weights, kwargs=_factory_kwargs(args), mean=args.mean,
                                    std=args.std, device=device)
     dataset_name = args.dataset or "digits"
-    dataset = workflow.open_test_split(dataset_name, args.data_root, resize=args.resize, center_crop=args.center_crop)
+    dataset = workflow.open_test_split(dataset_name, args.data_root, resize=args.resize, center_crop=args.center_crop,
+                                       split=getattr(args, "split", None), classes=args.classes)
     threat = workflow.make_threat_from(args.norm, args.eps)
     out = Path(args.out)
     resume = bool(getattr(args, "resume", False))

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     from .. import workflow
 
     device = workflow.resolve_device(args.device)
-    dataset = workflow.load_data(args.dataset, args.data_root, resize=args.resize, center_crop=args.center_crop)
+    dataset = workflow.load_data(args.dataset, args.data_root, resize=args.resize, center_crop=args.center_crop,
+                                 classes=args.classes)
     from ..train import METHODS
 
     method = METHODS.get(args.method)

@@ -219,8 +219,23 @@ def evaluate(
                 writer.close()
     outcomes = shard.gather(outcomes) + [o for o in finished.values() if o.index < n_blocks]
     report = _report(outcomes, n_blocks, specs, threat, time.perf_counter() - started, seed, shard, return_adversarial)
-    report.warnings = notes
+    report.warnings = notes + chance_warnings(data, report)
     return report
+
+
+def chance_warnings(data: Any, report: RobustnessReport) -> list[str]:
+    """Clean accuracy at chance level or below it: the signature of labels that do not match the model's outputs
+    (a folder's class order, most often); the warning names that cause (``gradguard.data.chance_warning``)."""
+    from ..data.labels import chance_warning
+
+    classes = getattr(data, "classes", None)
+    num_classes = len(classes) if classes else len(report.per_class or {})
+    note = chance_warning(report.clean_accuracy, num_classes, report.n_samples, getattr(data, "name", None),
+                          getattr(data, "class_source", None))
+    if note is None:
+        return []
+    warnings.warn(f"evaluate: {note}", stacklevel=3)
+    return [note]
 
 
 def randomness_warnings(model: nn.Module, x: Tensor, threat: ThreatModel, suite: Any) -> list[str]:

@@ -124,7 +124,7 @@ def folder_classes(class_root: Path, folder: Path, given: list[str] | None) -> t
         names = read_classes_file(listed)
         match_subfolders(names, found, str(class_root), repr(str(listed)))
         return names, str(listed)
-    return found, "subfolder names in alphabetical order"
+    return found, "the subfolder names in alphabetical order"
 
 
 def class_names(path: Path) -> list[str]:

@@ -14,9 +14,10 @@ from typing import Any
 from ..errors import ConfigError, DataError
 
 CLASSES_FILE = "classes.txt"
-GIVEN = "given (--classes / classes=)"
+GIVEN = "the class list given (--classes / classes=)"
 MAPPING_SHOWN = 20  # labels spelled out on the console; longer lists end with "..."
 CHANCE_STANDARD_ERRORS = 2.0  # the margin above chance: two binomial standard errors of a chance-level classifier
+CHANCE_MARGIN_CAP = 0.5  # ... but at most half the chance rate itself
 
 
 def parse_classes(value: Any) -> list[str] | None:
@@ -70,14 +71,16 @@ def mapping_text(classes: Sequence[str], shown: int = MAPPING_SHOWN) -> str:
 
 
 def chance_threshold(num_classes: int, n_samples: int) -> float:
-    """1/K plus two standard errors of a chance-level classifier's accuracy on ``n_samples`` samples.
+    """1/K plus a margin: two standard errors of a chance-level classifier's accuracy on ``n_samples`` samples,
+    at most half of 1/K.
 
     A classifier that guesses (or whose labels are shuffled against its outputs) scores 1/K on average with
-    standard error sqrt(p(1-p)/n); it stays under this line about 97.5 % of the time, while a model with real skill
-    clears it easily (10 classes, 1000 samples: 11.9 %; 200 samples: 14.2 %).
+    standard error sqrt(p(1-p)/n); it stays under 1/K + 2 SE about 97.5 % of the time, while a model with real
+    skill clears it easily (10 classes, 1000 samples: 11.9 %; 200 samples: 14.2 %). The cap keeps a handful of
+    samples from calling a clearly better score "chance" (2 classes, 4 samples: 75 %, not 100 %).
     """
     p = 1.0 / max(1, num_classes)
-    return p + CHANCE_STANDARD_ERRORS * math.sqrt(p * (1.0 - p) / max(1, n_samples))
+    return p + min(CHANCE_STANDARD_ERRORS * math.sqrt(p * (1.0 - p) / max(1, n_samples)), CHANCE_MARGIN_CAP * p)
 
 
 def chance_warning(accuracy: float | None, num_classes: int, n_samples: int, source: str | None = None,

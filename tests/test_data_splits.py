@@ -301,7 +301,7 @@ def test_an_old_run_dir_with_a_relative_data_path_still_loads_from_its_directory
     assert run_cli(capsys, "evaluate", *BRIGHT, "--dataset", "npy:data_npy", "--suite", "fgsm", "--out", "run")[0] == 0
     manifest = json.loads((workdir / "run" / "run.json").read_text())
     for key in ("dataset_given", "split", "class_source"):
-        manifest.pop(key)
+        manifest.pop(key, None)
     manifest["dataset"] = "npy:data_npy"  # as runs were written before data paths were stored absolute
     (workdir / "run" / "run.json").write_text(json.dumps(manifest))
     code, _, err = run_cli(capsys, "attack", "run", "--attack", "fgsm")

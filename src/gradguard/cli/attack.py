@@ -31,7 +31,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                         "(default fgsm,bim,pgd)")
     parser.add_argument("--steps", type=positive_int, help="iterations for iterative attacks (default: each attack's)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
-    data_options(parser, dataset_default=None, samples_default=1000, samples_help="samples (default 1000)", split=True)
+    data_options(parser, dataset_default=None, samples_default=1000, split=True,
+                 samples_help="use the first N samples (default 1000)")
     threat_options(parser, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
     device_options(parser)
     parser.set_defaults(handler=run)

@@ -217,6 +217,7 @@ def load_data(name: str, root: str | None = None, *, resize: Any = None, center_
     says so, with the counts and the class mapping."""
     from .data import load_dataset
 
+    NOTES.clear()
     dataset = load_dataset(name, root=root, resize=resize, center_crop=center_crop, classes=classes)
     train, test = dataset.split_info.get("train") or {}, dataset.split_info.get("test") or {}
     if train.get("how") == "seeded":
@@ -236,6 +237,7 @@ def open_test_split(name: str, root: str | None = None, *, resize: Any = None, c
 
     if split is None:
         split = "test" if has_own_split(name) else "all"
+    NOTES.clear()
     samples = open_split(name, split, root, resize=resize, center_crop=center_crop, classes=classes)
     info = samples.split_info
     hints = {"all": "; --split test would take a seeded 25 % of them", "seeded": note}
@@ -258,12 +260,23 @@ def samples_label(samples, n: int | None) -> str:
     return f"{n} {kind}"
 
 
+NOTES: list[str] = []  # data lines for the console, said once a command has done its work (say_notes)
+
+
 def say(message: str) -> None:
-    """One ``[gradguard]`` console line (stderr), once under torchrun."""
+    """Keep one ``[gradguard]`` console line for ``say_notes``: a command that fails before its work is done
+    still ends with its one-line error alone."""
+    NOTES.append(f"[gradguard] {message}")
+
+
+def say_notes() -> None:
+    """Print the kept console lines (stderr), once under torchrun; the CLI calls it when a command succeeded."""
     from .train import distributed
 
     if distributed.is_main_process():
-        log(f"[gradguard] {message}")
+        for message in NOTES:
+            log(message)
+    NOTES.clear()
 
 
 def say_classes(classes: Sequence[str], source: str) -> None:

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     started = time.perf_counter()
     summary = workflow.demo_into(out, dataset, threat, settings, quick=args.quick, seed=args.seed, device=device,
                                  force=args.force)
+    workflow.say_notes()
     report_path = out / "report.html"
     seconds = time.perf_counter() - started
     text = headline_text(summary) + f"\n\ndemo finished in {seconds:.0f} s\nreport: {report_path}"

@@ -71,6 +71,7 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
                                        center_crop=args.center_crop, split=getattr(args, "split", None),
                                        classes=args.classes)
         yield OpenRun(run_dir, run_dir, model, dataset, workflow.run_threat(run_dir, args.norm, args.eps), device)
+        workflow.say_notes()  # which samples, which classes: said once the work is done (an error stays one line)
         return
     if args.run_dir is not None:
         raise ConfigError(f"model: pass either RUN_DIR ({args.run_dir!r}) or --model SPEC, not both")
@@ -89,6 +90,7 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
             staging, model, dataset=dataset, dataset_name=dataset_name, data_root=args.data_root, threat=threat,
             seed=args.seed, command=command, label=out.name, resize=args.resize, center_crop=args.center_crop))
         yield OpenRun(staging, out, model, dataset, threat, device)
+    workflow.say_notes()
 
 
 def _factory_kwargs(args: argparse.Namespace) -> dict:

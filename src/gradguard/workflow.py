@@ -328,7 +328,10 @@ def test_samples(dataset):
 
     if isinstance(dataset, SampleSet):
         return dataset
-    return TensorSampleSet(dataset.name, dataset.classes, dataset.x_test, dataset.y_test)
+    samples = TensorSampleSet(dataset.name, dataset.classes, dataset.x_test, dataset.y_test)
+    samples.split_info = dict((getattr(dataset, "split_info", None) or {}).get("test") or {})
+    samples.class_source = getattr(dataset, "class_source", "")
+    return samples
 
 
 def test_split(dataset, samples: int | None):
@@ -912,8 +915,9 @@ def demo_into(out: Path, dataset, threat, settings: dict, *, quick: bool, seed: 
     replace = force or (read_manifest(out).get("command") == "demo" if out.is_dir() else False)
     model_name = "mlp" if dataset.input_shape[-1] <= 16 else "fmnist-cnn"
     with staged_run_dir(out, replace=replace) as staging:
-        write_manifest(staging, kind="suite", command="demo", quick=bool(quick), dataset=dataset.name,
-                       classes=dataset.classes, threat=threat.to_dict(), seed=seed, settings=settings)
+        write_manifest(staging, kind="suite", command="demo", quick=bool(quick), dataset=absolute_source(dataset.name),
+                       dataset_given=dataset.name, classes=dataset.classes, threat=threat.to_dict(), seed=seed,
+                       settings=settings)
         for order, (label, method, epochs) in enumerate((("standard", "standard", settings["epochs"]),
                                                         ("adversarial", "pgd", settings["at_epochs"]))):
             _demo_model(staging / "models" / label, dataset, threat, settings, label=label, method=method,

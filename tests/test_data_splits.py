@@ -306,4 +306,4 @@ def test_an_old_run_dir_with_a_relative_data_path_still_loads_from_its_directory
     (workdir / "run" / "run.json").write_text(json.dumps(manifest))
     code, _, err = run_cli(capsys, "attack", "run", "--attack", "fgsm")
     assert code == 0, err
-    assert json.loads((workdir / "run" / "attacks.json").read_text())["n_samples"] == 8
+    assert json.loads((workdir / "run" / "attacks.json").read_text())["n_samples"] == 2  # its seeded test part, as then

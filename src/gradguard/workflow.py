@@ -405,6 +405,9 @@ def run_dataset(run_dir: Path, dataset: str | None, data_root: str | None, *, re
             note = "; the model was trained on the other part"
         elif split is None and stored.get("split") in ("all", "test", "train"):
             split = stored["split"]
+        elif split is None and manifest and "split" not in manifest:  # a run made before splits were recorded
+            split = "test"
+            note = "; the split this run directory was made with (it predates split records)"
         from .data.labels import GIVEN
 
         if classes is None and manifest.get("class_source") == GIVEN:

@@ -307,3 +307,19 @@ def test_an_old_run_dir_with_a_relative_data_path_still_loads_from_its_directory
     code, _, err = run_cli(capsys, "attack", "run", "--attack", "fgsm")
     assert code == 0, err
     assert json.loads((workdir / "run" / "attacks.json").read_text())["n_samples"] == 2  # its seeded test part, as then
+
+
+def test_chance_level_of_plain_tensors_counts_the_models_outputs():
+    class Picks(torch.nn.Module):  # ten logits: the input itself
+        def forward(self, x):
+            return x.flatten(1) * 10
+
+    x = torch.zeros(50, 10)
+    x[:20, 0], x[20:, 5] = 1.0, 1.0
+    y = (torch.arange(50) >= 20).long()  # labels 0 and 1 only: right for the first 20 (40 %), chance is 1/10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = evaluate(Picks(), (x, y), Linf(eps=1e-3), suite=["fgsm"])
+    assert report.clean_accuracy == pytest.approx(0.4) and report.warnings == []
+    with pytest.warns(UserWarning, match="at or below chance level for 10 classes"):
+        evaluate(Picks(), (x, torch.full((50,), 9)), Linf(eps=1e-3), suite=["fgsm"])

@@ -312,7 +312,7 @@ def test_list_datasets_names_every_source():
 
 
 def test_unknown_split_is_a_data_error():
-    with pytest.raises(DataError, match="split: expected 'train' or 'test'"):
+    with pytest.raises(DataError, match="split: expected 'all', 'test' or 'train'"):
         open_split("digits", "validation")
 
 

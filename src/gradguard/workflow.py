@@ -210,18 +210,116 @@ def one_line(error: BaseException) -> str:
 # ================================================================================================
 # What a command works on: data, threat, model, attacks
 # ================================================================================================
-def load_data(name: str, root: str | None = None, *, resize: Any = None, center_crop: Any = None):
-    """Both splits of a dataset in memory (``gradguard.data.load_dataset``): for training."""
+def load_data(name: str, root: str | None = None, *, resize: Any = None, center_crop: Any = None,
+              classes: Any = None):
+    """Both splits of a dataset in memory (``gradguard.data.load_dataset``): for training. A source without a
+    train/test split of its own keeps its seeded split (train on one part, validate on the other), and the console
+    says so, with the counts and the class mapping."""
     from .data import load_dataset
 
-    return load_dataset(name, root=root, resize=resize, center_crop=center_crop)
+    NOTES.clear()
+    dataset = load_dataset(name, root=root, resize=resize, center_crop=center_crop, classes=classes)
+    train, test = dataset.split_info.get("train") or {}, dataset.split_info.get("test") or {}
+    if train.get("how") == "seeded":
+        say(f"data: training on {train['text']}; validating on the other {test['n']}")
+    elif train:
+        say(f"data: training on {train['text']}; validating on {test['text']}")
+    say_classes(dataset.classes, dataset.class_source)
+    return dataset
 
 
-def open_test_split(name: str, root: str | None = None, *, resize: Any = None, center_crop: Any = None):
-    """The test split as a streamed ``SampleSet`` (``gradguard.data.open_split``): read batch by batch, never whole."""
-    from .data import open_split
+def open_test_split(name: str, root: str | None = None, *, resize: Any = None, center_crop: Any = None,
+                    split: str | None = None, classes: Any = None, note: str = ""):
+    """The samples a command evaluates, as a streamed ``SampleSet`` (``gradguard.data.open_split``): read batch by
+    batch, never whole. ``split`` None is the source's own test split, or all of a source without one (which the
+    console says, with the counts); "test" of such a source is a seeded 25 %, "train" the other 75 %."""
+    from .data import has_own_split, open_split
 
-    return open_split(name, "test", root, resize=resize, center_crop=center_crop)
+    if split is None:
+        split = "test" if has_own_split(name) else "all"
+    NOTES.clear()
+    samples = open_split(name, split, root, resize=resize, center_crop=center_crop, classes=classes)
+    info = samples.split_info
+    hints = {"all": "; --split test would take a seeded 25 % of them", "seeded": note}
+    hint = hints.get(str(info.get("how")), "")
+    say(f"data: evaluating {info.get('text') or f'{len(samples)} samples of {name}'}{hint}")
+    say_classes(samples.classes, samples.class_source)
+    return samples
+
+
+def samples_label(samples, n: int | None) -> str:
+    """The samples a command's header counts: "1000 samples (all of the data)", "250 test samples (of the 250 in a
+    seeded split of 1000)", "10000 test samples"."""
+    info = getattr(samples, "split_info", None) or {}
+    if info.get("split") == "all":
+        return f"{n} samples (" + ("all of the data" if n == info.get("n") else
+                                   f"the first {n} of all {info.get('n')}, in a seeded order") + ")"
+    kind = "training samples" if info.get("split") == "train" else "test samples"
+    if info.get("how") == "seeded":
+        return f"{n} {kind} (of the {info.get('n')} in a seeded split of {info.get('of')})"
+    return f"{n} {kind}"
+
+
+NOTES: list[str] = []  # data lines for the console, said once a command has done its work (say_notes)
+
+
+def say(message: str) -> None:
+    """Keep one ``[gradguard]`` console line for ``say_notes``: a command that fails before its work is done
+    still ends with its one-line error alone."""
+    NOTES.append(f"[gradguard] {message}")
+
+
+def say_notes() -> None:
+    """Print the kept console lines (stderr), once under torchrun; the CLI calls it when a command succeeded."""
+    from .train import distributed
+
+    if distributed.is_main_process():
+        for message in NOTES:
+            log(message)
+    NOTES.clear()
+
+
+def say_classes(classes: Sequence[str], source: str) -> None:
+    from .data import mapping_text
+
+    say(f"classes (label name): {mapping_text(classes)}" + (f" — from {source}" if source else ""))
+
+
+def absolute_source(name: str | None) -> str | None:
+    """A data source with its path made absolute (``npy:data`` -> ``npy:/home/me/data``), so that a run directory
+    works from any directory; built-in names as they are."""
+    if not isinstance(name, str):
+        return name
+    for prefix in ("npz:", "npy:", "folder:"):
+        if name.startswith(prefix):
+            return prefix + os.path.abspath(os.path.expanduser(name[len(prefix):]))
+    return name
+
+
+def absolute_path(path: str | None) -> str | None:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def data_record(samples, given: str, data_root: str | None = None) -> dict:
+    """run.json's data fields: the source (absolute) and as given, the root, which samples and why, the classes
+    in label order and where that order came from."""
+    record: dict[str, Any] = {"dataset": absolute_source(given), "dataset_given": given,
+                              "data_root": absolute_path(data_root)}
+    if data_root and absolute_path(data_root) != data_root:
+        record["data_root_given"] = data_root
+    record.update(split=getattr(samples, "split_info", None) or None, classes=list(samples.classes),
+                  class_source=getattr(samples, "class_source", "") or None)
+    return record
+
+
+def chance_note(accuracy: float | None, n: int, samples) -> str | None:
+    """The chance-level warning (``gradguard.data.chance_warning``) for clean accuracy on ``samples``, logged."""
+    from .data import chance_warning
+
+    note = chance_warning(accuracy, len(samples.classes), n, samples.name, getattr(samples, "class_source", ""))
+    if note:
+        say(f"warning: {note}")
+    return note
 
 
 def test_samples(dataset):
@@ -230,7 +328,10 @@ def test_samples(dataset):
 
     if isinstance(dataset, SampleSet):
         return dataset
-    return TensorSampleSet(dataset.name, dataset.classes, dataset.x_test, dataset.y_test)
+    samples = TensorSampleSet(dataset.name, dataset.classes, dataset.x_test, dataset.y_test)
+    samples.split_info = dict((getattr(dataset, "split_info", None) or {}).get("test") or {})
+    samples.class_source = getattr(dataset, "class_source", "")
+    return samples
 
 
 def test_split(dataset, samples: int | None):
@@ -283,15 +384,36 @@ def load_run_model(run_dir: Path, device):
 
 
 def run_dataset(run_dir: Path, dataset: str | None, data_root: str | None, *, resize: Any = None,
-                center_crop: Any = None):
-    """The test split (streamed) of the dataset named on the command line, else the run's own (run.json, with its
-    data root, resize and crop), else digits."""
+                center_crop: Any = None, split: str | None = None, classes: Any = None):
+    """The samples to evaluate (streamed) of the dataset named on the command line, else the run's own (run.json,
+    with its data root, resize, crop, split and a class list given when the run was made), else digits.
+
+    A model gradguard trained on a source without a split of its own is evaluated on the held-out part
+    (``split`` "test") unless told otherwise; a run made by another command keeps the split it was made with."""
     manifest = read_manifest(run_dir)
-    if dataset is None:
-        resize = resize if resize is not None else manifest.get("resize")
-        center_crop = center_crop if center_crop is not None else manifest.get("center_crop")
-    return open_test_split(dataset or manifest.get("dataset") or "digits", data_root or manifest.get("data_root"),
-                           resize=resize, center_crop=center_crop)
+    recorded = manifest.get("dataset")
+    own = dataset is None or (recorded is not None and absolute_source(dataset) == absolute_source(recorded))
+    note = ""
+    if own:
+        if dataset is None:
+            resize = resize if resize is not None else manifest.get("resize")
+            center_crop = center_crop if center_crop is not None else manifest.get("center_crop")
+        stored = manifest.get("split")
+        stored = stored if isinstance(stored, dict) else {}
+        if split is None and manifest.get("command") == "train":
+            split = "test"
+            note = "; the model was trained on the other part"
+        elif split is None and stored.get("split") in ("all", "test", "train"):
+            split = stored["split"]
+        elif split is None and manifest and "split" not in manifest:  # a run made before splits were recorded
+            split = "test"
+            note = "; the split this run directory was made with (it predates split records)"
+        from .data.labels import GIVEN
+
+        if classes is None and manifest.get("class_source") == GIVEN:
+            classes = manifest.get("classes")
+    return open_test_split(dataset or recorded or "digits", data_root or manifest.get("data_root"),
+                           resize=resize, center_crop=center_crop, split=split, classes=classes, note=note)
 
 
 def resolve_model(spec: str, *, weights: str | None = None, kwargs: dict | None = None,
@@ -312,10 +434,10 @@ def start_model_run(run_dir: Path, model, *, dataset, dataset_name: str, data_ro
     from .models import describe_source, model_source, save
 
     source = model_source(model)
-    save(model, run_dir, dataset=dataset_name)
+    save(model, run_dir, dataset=absolute_source(dataset_name))
     return write_manifest(
-        run_dir, kind="model", command=command, label=label, dataset=dataset_name, data_root=data_root,
-        resize=resize, center_crop=center_crop, classes=list(dataset.classes), input_shape=list(dataset.input_shape),
+        run_dir, kind="model", command=command, label=label, **data_record(dataset, dataset_name, data_root),
+        resize=resize, center_crop=center_crop, input_shape=list(dataset.input_shape),
         threat=threat.to_dict(), seed=seed, model_source=source, model_source_text=describe_source(source))
 
 
@@ -404,9 +526,15 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
     with (monitor if monitor is not None else contextlib.nullcontext()):
         history = trainer.fit((x, y), val)
     record = device_record(device, channels_last=channels_last)
+    splits = getattr(dataset, "split_info", None) or {}
+    extra = dict(extra or {})
+    if extra.get("data_root"):
+        extra["data_root"] = absolute_path(extra["data_root"])
     fields = dict(
-        kind="model", command="train", label=label, order=order, dataset=dataset.name,
-        classes=dataset.classes, input_shape=list(dataset.input_shape), model=model_name, model_kwargs=model_kwargs,
+        kind="model", command="train", label=label, order=order, dataset=absolute_source(dataset.name),
+        dataset_given=dataset.name, split=splits.get("train"), validation_split=splits.get("test"),
+        classes=dataset.classes, class_source=getattr(dataset, "class_source", "") or None,
+        input_shape=list(dataset.input_shape), model=model_name, model_kwargs=model_kwargs,
         method=method, method_kwargs=method_kwargs or {}, threat=threat.to_dict() if threat is not None else None,
         epochs=epochs, seed=seed, n_train=int(y.shape[0]), train_seconds=round(time.perf_counter() - started, 2),
         **record, **(extra or {}))
@@ -459,6 +587,9 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
     group = {"threat": threat.to_dict(), "n_samples": int(len(labels)), "sample_set": sample_set(len(labels)),
              "clean_accuracy": int(clean_correct.sum()) / max(1, len(labels)), "labels": labels.tolist(),
              "results": results}
+    group.update(split=getattr(data, "split_info", None) or None, classes=list(data.classes),
+                 class_source=getattr(data, "class_source", "") or None,
+                 warnings=[note for note in [chance_note(group["clean_accuracy"], len(labels), data)] if note])
 
     def write() -> dict:
         payload = merge_attack_results(read_json(run_dir / "attacks.json"), group, dataset.name)
@@ -630,6 +761,8 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
                       compile=compile)
     robustness = {**_with_class_names(report.to_dict(), data.classes), **record,
                   "sample_set": sample_set(report.n_samples)}
+    robustness.update(split=getattr(data, "split_info", None) or None, classes=list(data.classes),
+                      class_source=getattr(data, "class_source", "") or None)
     if note:
         robustness["fallback"] = note
     distributed.barrier()  # every rank's journal is closed before rank 0 removes them
@@ -805,8 +938,9 @@ def demo_into(out: Path, dataset, threat, settings: dict, *, quick: bool, seed: 
     replace = force or (read_manifest(out).get("command") == "demo" if out.is_dir() else False)
     model_name = "mlp" if dataset.input_shape[-1] <= 16 else "fmnist-cnn"
     with staged_run_dir(out, replace=replace) as staging:
-        write_manifest(staging, kind="suite", command="demo", quick=bool(quick), dataset=dataset.name,
-                       classes=dataset.classes, threat=threat.to_dict(), seed=seed, settings=settings)
+        write_manifest(staging, kind="suite", command="demo", quick=bool(quick), dataset=absolute_source(dataset.name),
+                       dataset_given=dataset.name, classes=dataset.classes, threat=threat.to_dict(), seed=seed,
+                       settings=settings)
         for order, (label, method, epochs) in enumerate((("standard", "standard", settings["epochs"]),
                                                         ("adversarial", "pgd", settings["at_epochs"]))):
             _demo_model(staging / "models" / label, dataset, threat, settings, label=label, method=method,

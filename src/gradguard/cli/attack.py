@@ -31,7 +31,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                         "(default fgsm,bim,pgd)")
     parser.add_argument("--steps", type=positive_int, help="iterations for iterative attacks (default: each attack's)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
-    data_options(parser, dataset_default=None, samples_default=None,
+    data_options(parser, dataset_default=None, samples_default=None, split=True,
                  samples_help="test samples (default: as many as the run's evaluation used, so that the report "
                  "combines them; else 1000)")
     threat_options(parser, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     rows = [["clean", payload["clean_accuracy"], None, None]] + [
         [name, r["robust_accuracy"], r["mean_distance"], r["elapsed_s"]] for name, r in payload["results"].items()
         if name in names]
-    text = (f"{threat_label(payload['threat'])}, {payload['n_samples']} test samples{chosen}\n"
+    text = (f"{threat_label(payload['threat'])}, {workflow.samples_label(run.dataset, payload['n_samples'])}{chosen}\n"
             + format_table(["attack", "accuracy", "mean dist.", "time (s)"], rows))
     kept = payload.get("other_threats") or []
     if kept:

@@ -35,7 +35,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                        "(default 0.001)")
     group.add_argument("--batch-size", type=positive_int, default=1000, help="noise draws per forward pass "
                        "(default 1000)")
-    data_options(parser, dataset_default=None, samples_default=100, samples_help="test samples (default 100)")
+    data_options(parser, dataset_default=None, samples_default=100, split=True,
+                 samples_help="use the first N samples (default 100)")
     data = next(g for g in parser._action_groups if g.title == "data")
     data.add_argument("--max-samples", dest="samples", type=positive_int, default=argparse.SUPPRESS,
                       help="the same as --samples")

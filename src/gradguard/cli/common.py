@@ -69,7 +69,9 @@ def threat_options(parser: argparse.ArgumentParser, eps_help: str) -> None:
 
 
 def data_options(parser: argparse.ArgumentParser, *, dataset_default: str | None, samples_default: int | None,
-                 samples_help: str) -> None:
+                 samples_help: str, split: bool = False) -> None:
+    """--dataset --data-root --resize --center-crop --classes --samples, and --split for the commands that only
+    evaluate (``split=True``)."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default=dataset_default,
                        help="digits | mnist | fashion-mnist | cifar10 | cifar100 | npz:PATH | npy:DIR | folder:PATH" + (
@@ -79,6 +81,14 @@ def data_options(parser: argparse.ArgumentParser, *, dataset_default: str | None
     group.add_argument("--resize", metavar="H[,W]", help="folder: resize each image (the short side to H, or to "
                        "H x W) as it is read")
     group.add_argument("--center-crop", metavar="H[,W]", help="folder: then crop the centre H x H (or H x W)")
+    group.add_argument("--classes", metavar="A,B,...", help="the class names in label order (label 0 first): a "
+                       "folder's class subfolders, each once (else classes.txt in the folder, else alphabetical), or "
+                       "names for npy:/npz: labels")
+    if split:
+        group.add_argument("--split", choices=["all", "test", "train"], default=None,
+                           help="which samples: the source's test split (default where it has one), all of a "
+                           "source without one (the default there, except for a model trained on its seeded split: "
+                           "test), or the seeded 25 %% test / 75 %% train part of it")
     group.add_argument("--samples", type=positive_int, default=samples_default, help=samples_help)
 
 

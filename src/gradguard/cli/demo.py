@@ -36,12 +36,14 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     device = workflow.resolve_device(args.device)
     settings = workflow.demo_settings(quick=args.quick, dataset=args.dataset, epochs=args.epochs,
                                       suite=suite_arg(args.suite) if args.suite is not None else None)
-    dataset = workflow.load_data(args.dataset, args.data_root, resize=args.resize, center_crop=args.center_crop)
+    dataset = workflow.load_data(args.dataset, args.data_root, resize=args.resize, center_crop=args.center_crop,
+                                 classes=args.classes)
     threat = workflow.make_threat_from(args.norm, args.eps)
     out = Path(args.out)
     started = time.perf_counter()
     summary = workflow.demo_into(out, dataset, threat, settings, quick=args.quick, seed=args.seed, device=device,
                                  force=args.force)
+    workflow.say_notes()
     report_path = out / "report.html"
     seconds = time.perf_counter() - started
     text = headline_text(summary) + f"\n\ndemo finished in {seconds:.0f} s\nreport: {report_path}"

@@ -20,7 +20,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--curvature", action="store_true",
                         help="also measure curvature: Hessian top-5 eigenvalues, trace, density and per-layer "
                         "table on 64 test images, input curvature of every sample (plots in RUN_DIR/plots)")
-    data_options(parser, dataset_default=None, samples_default=200, samples_help="test samples (default 200)")
+    data_options(parser, dataset_default=None, samples_default=200, split=True,
+                 samples_help="use the first N samples (default 200)")
     threat_options(parser, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
     device_options(parser, amp=False)  # the checklist judges gradients: it always runs in float32
     parser.set_defaults(handler=run)

@@ -39,7 +39,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1")
     parser.add_argument("--curve-suite", default="quick", help="suite for the curve (default quick)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
-    data_options(parser, dataset_default=None, samples_default=1000, samples_help="test samples (default 1000)")
+    data_options(parser, dataset_default=None, samples_default=1000, split=True,
+                 samples_help="use the first N samples (default 1000)")
     threat_options(parser, "perturbation budget (default: the run's training eps, else 0.1 for linf)")
     device_options(parser)
     parser.set_defaults(handler=run)
@@ -79,5 +80,5 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     if parts:
         text += (f"\n\nelapsed: {robustness.get('elapsed_s'):.1f} s in {len(parts)} parts (resumed; "
                  + " + ".join(f"{p:.1f}" for p in parts) + " s, each earlier part up to its last journaled batch)")
-    header = f"{threat_label(run.threat.to_dict())}, {robustness.get('n_samples')} test samples"
+    header = f"{threat_label(run.threat.to_dict())}, {workflow.samples_label(run.dataset, robustness.get('n_samples'))}"
     return result, f"{header}\n{text}\n\nwrote {run.shown}/robustness.json"

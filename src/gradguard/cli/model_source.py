@@ -68,8 +68,10 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
         model = workflow.load_run_model(run_dir, device)
         workflow.check_writable(run_dir)
         dataset = workflow.run_dataset(run_dir, args.dataset, args.data_root, resize=args.resize,
-                                       center_crop=args.center_crop)
+                                       center_crop=args.center_crop, split=getattr(args, "split", None),
+                                       classes=args.classes)
         yield OpenRun(run_dir, run_dir, model, dataset, workflow.run_threat(run_dir, args.norm, args.eps), device)
+        workflow.say_notes()  # which samples, which classes: said once the work is done (an error stays one line)
         return
     if args.run_dir is not None:
         raise ConfigError(f"model: pass either RUN_DIR ({args.run_dir!r}) or --model SPEC, not both")
@@ -78,7 +80,8 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
     model = workflow.resolve_model(args.model, weights=args.weights, kwargs=_factory_kwargs(args), mean=args.mean,
                                    std=args.std, device=device)
     dataset_name = args.dataset or "digits"
-    dataset = workflow.open_test_split(dataset_name, args.data_root, resize=args.resize, center_crop=args.center_crop)
+    dataset = workflow.open_test_split(dataset_name, args.data_root, resize=args.resize, center_crop=args.center_crop,
+                                       split=getattr(args, "split", None), classes=args.classes)
     threat = workflow.make_threat_from(args.norm, args.eps)
     out = Path(args.out)
     resume = bool(getattr(args, "resume", False))
@@ -87,6 +90,7 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
             staging, model, dataset=dataset, dataset_name=dataset_name, data_root=args.data_root, threat=threat,
             seed=args.seed, command=command, label=out.name, resize=args.resize, center_crop=args.center_crop))
         yield OpenRun(staging, out, model, dataset, threat, device)
+    workflow.say_notes()
 
 
 def _factory_kwargs(args: argparse.Namespace) -> dict:

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     from .. import workflow
 
     device = workflow.resolve_device(args.device)
-    dataset = workflow.load_data(args.dataset, args.data_root, resize=args.resize, center_crop=args.center_crop)
+    dataset = workflow.load_data(args.dataset, args.data_root, resize=args.resize, center_crop=args.center_crop,
+                                 classes=args.classes)
     from ..train import METHODS
 
     method = METHODS.get(args.method)
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             method_kwargs=key_values(args.method_arg, "method-arg"),
             schedule=args.schedule, eps_warmup_epochs=args.eps_warmup_epochs, resume=args.resume,
             channels_last=args.channels_last, **averaging)
+    workflow.say_notes()  # which samples, which classes: said once the work is done (an error stays one line)
     history = manifest.pop("history")
     rows = [[r.get("epoch"), r.get("train_loss"), r.get("train_clean_acc"), r.get("val_clean_acc"),
              r.get("val_robust_acc")] for r in history]

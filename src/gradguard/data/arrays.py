@@ -7,8 +7,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
-from .samples import ArraySampleSet, ImageTransform, TensorSampleSet, split_rows, to_unit_images
+from ..errors import ConfigError, DataError
+from .labels import CLASSES_FILE, GIVEN
+from .samples import ArraySampleSet, ImageTransform, TensorSampleSet, split_info, split_rows, to_unit_images
 
 DEFAULT_TEST_FRACTION = 0.25
 
@@ -18,22 +19,30 @@ DEFAULT_TEST_FRACTION = 0.25
 # ------------------------------------------------------------------------------------------------
 def open_digits(split: str, transform: ImageTransform | None = None, test_fraction: float = DEFAULT_TEST_FRACTION,
                 split_seed: int = 0) -> TensorSampleSet:
-    """scikit-learn's bundled 8x8 digits, with a fixed seeded 75/25 split."""
+    """scikit-learn's bundled 8x8 digits, with a fixed seeded 75/25 split (``split="all"``: all 1797)."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = torch.tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)  # (1797, 1, 8, 8), [0, 1]
     y = torch.tensor(bunch.target, dtype=torch.int64)
     rows = torch.from_numpy(split_rows(len(y), split, test_fraction, split_seed))
-    return TensorSampleSet("digits", [str(i) for i in range(10)], x[rows], y[rows], transform)
+    samples = TensorSampleSet("digits", [str(i) for i in range(10)], x[rows], y[rows], transform)
+    samples.split_info = split_info("digits", split, len(rows), how="all" if split == "all" else "fixed",
+                                    total=len(y), test_fraction=test_fraction, split_seed=split_seed)
+    samples.class_source = "the dataset's own"
+    return samples
 
 
 # ------------------------------------------------------------------------------------------------
 # npz: one archive, decompressed into memory
 # ------------------------------------------------------------------------------------------------
 def open_npz(path: Path, split: str, transform: ImageTransform | None = None,
-             test_fraction: float = DEFAULT_TEST_FRACTION, split_seed: int = 0) -> TensorSampleSet:
-    """A ``.npz`` with ``x``, ``y`` (and optionally ``x_test``, ``y_test``, ``classes``), read without pickle."""
+             test_fraction: float = DEFAULT_TEST_FRACTION, split_seed: int = 0,
+             classes: list[str] | None = None) -> TensorSampleSet:
+    """A ``.npz`` with ``x``, ``y`` (and optionally ``x_test``, ``y_test``, ``classes``), or ``x_test``, ``y_test``
+    alone (a test split only), read without pickle. Without test arrays ``split="all"`` is every sample (in a
+    seeded order) and "train"/"test" a seeded split. ``classes`` (names, label order) wins over the archive's."""
+    name = f"npz:{path}"
     if not path.is_file():
         raise DataError(f"npz: no file at {str(path)!r}; pass npz:PATH to a .npz with arrays x and y")
     try:
@@ -42,29 +51,58 @@ def open_npz(path: Path, split: str, transform: ImageTransform | None = None,
     except Exception as error:  # zipfile.BadZipFile, ValueError (pickled arrays), OSError, EOFError ...
         raise DataError(f"npz: cannot read {str(path)!r} ({type(error).__name__}: {error}); the file is corrupt "
                         "or not a NumPy .npz archive (object arrays are refused: save plain numeric arrays)") from None
-    missing = [key for key in ("x", "y") if key not in arrays]
-    if missing:
-        raise DataError(f"npz: {str(path)!r} lacks array(s) {missing}; found {sorted(arrays)} — save with "
-                        "np.savez(path, x=images, y=labels[, x_test=..., y_test=...])")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise DataError(f"npz: {str(path)!r} has only one of x_test / y_test; save both or neither")
-    x, y = _npz_images(arrays["x"], "x"), _npz_labels(arrays["y"], "y", len(arrays["x"]))
-    if "x_test" in arrays:
+    test_only = "x_test" in arrays and "x" not in arrays and "y" not in arrays
+    missing = [key for key in ("x", "y") if key not in arrays]
+    if missing and not test_only:
+        raise DataError(f"npz: {str(path)!r} lacks array(s) {missing}; found {sorted(arrays)} — save with "
+                        "np.savez(path, x=images, y=labels[, x_test=..., y_test=...])")
+    if test_only:
+        if split == "train":
+            raise DataError(f"npz: {str(path)!r} holds only x_test / y_test, no training arrays; save x and y too "
+                            "(or train on another source)")
+        x = x_test = _npz_images(arrays["x_test"], "x_test")
+        y = y_test = _npz_labels(arrays["y_test"], "y_test", len(arrays["x_test"]))
+        info = split_info(name, split, len(y_test), how="test-only")
+    else:
+        x, y = _npz_images(arrays["x"], "x"), _npz_labels(arrays["y"], "y", len(arrays["x"]))
+    if "x_test" in arrays and not test_only:
+        if split == "all":
+            raise ConfigError(f"split: {name} has its own test arrays (x_test, y_test); choose --split test or "
+                              "train (split='test' / 'train')")
         x_test = _npz_images(arrays["x_test"], "x_test")
         y_test = _npz_labels(arrays["y_test"], "y_test", len(arrays["x_test"]))
         if x_test.shape[1:] != x.shape[1:]:
             raise DataError(f"npz: x_test images {tuple(x_test.shape[1:])} differ from x images {tuple(x.shape[1:])}")
+        info = split_info(name, split, len(y if split == "train" else y_test), how="own")
+    elif not test_only:
+        total = len(y)
+        if split == "all":
+            rows = torch.from_numpy(split_rows(total, "all", test_fraction, split_seed))
+            x, y, x_test, y_test = x[rows], y[rows], x[rows], y[rows]
+        else:
+            test_rows = torch.from_numpy(split_rows(total, "test", test_fraction, split_seed))
+            train_rows = torch.from_numpy(split_rows(total, "train", test_fraction, split_seed))
+            x, y, x_test, y_test = x[train_rows], y[train_rows], x[test_rows], y[test_rows]
+        info = split_info(name, split, len(y if split == "train" else y_test), how="all" if split == "all" else
+                          "seeded", total=total, test_fraction=test_fraction, split_seed=split_seed)
+    num_classes = int(max(y.max() if y.numel() else 0, y_test.max() if y_test.numel() else 0)) + 1
+    if classes is not None:
+        names, source = list(classes), GIVEN
+        if len(names) < num_classes:
+            raise ConfigError(f"classes: {len(names)} names given but the labels of {name} go up to {num_classes - 1}; "
+                              "name every class, in label order")
+    elif "classes" in arrays:
+        names, source = [str(c) for c in arrays["classes"].tolist()], "the archive's 'classes' array"
     else:
-        test_rows = torch.from_numpy(split_rows(len(y), "test", test_fraction, split_seed))
-        train_rows = torch.from_numpy(split_rows(len(y), "train", test_fraction, split_seed))
-        x, y, x_test, y_test = x[train_rows], y[train_rows], x[test_rows], y[test_rows]
-    num_classes = int(max(y.max(), y_test.max() if y_test.numel() else 0)) + 1
-    classes = [str(c) for c in arrays["classes"].tolist()] if "classes" in arrays else [str(i) for i in range(num_classes)]
-    if len(classes) < num_classes:
-        raise DataError(f"npz: 'classes' names {len(classes)} classes but labels go up to {num_classes - 1}")
-    if split == "train":
-        return TensorSampleSet(f"npz:{path}", classes, x, y, transform)
-    return TensorSampleSet(f"npz:{path}", classes, x_test, y_test, transform)
+        names, source = [str(i) for i in range(num_classes)], "label indices (no class names given)"
+    if len(names) < num_classes:
+        raise DataError(f"npz: 'classes' names {len(names)} classes but labels go up to {num_classes - 1}")
+    samples = TensorSampleSet(name, names, x, y, transform) if split == "train" else TensorSampleSet(
+        name, names, x_test, y_test, transform)
+    samples.split_info, samples.class_source = info, source
+    return samples
 
 
 def _npz_images(array: np.ndarray, key: str) -> Tensor:
@@ -108,18 +146,29 @@ def image_layout(shape: tuple[int, ...], what: str) -> str:
 # npy: a folder of memory-mapped arrays
 # ------------------------------------------------------------------------------------------------
 def open_npy(folder: Path, split: str, transform: ImageTransform | None = None,
-             test_fraction: float = DEFAULT_TEST_FRACTION, split_seed: int = 0) -> ArraySampleSet:
-    """``DIR/x.npy``, ``DIR/y.npy`` (optionally ``x_test.npy``, ``y_test.npy``, ``classes.txt``), memory-mapped.
+             test_fraction: float = DEFAULT_TEST_FRACTION, split_seed: int = 0,
+             classes: list[str] | None = None) -> ArraySampleSet:
+    """``DIR/x.npy``, ``DIR/y.npy`` (optionally ``x_test.npy``, ``y_test.npy``, ``classes.txt``), or ``x_test.npy``,
+    ``y_test.npy`` alone (a test split only), memory-mapped.
 
     Shapes, dtypes and lengths are checked here; pixel values are checked per batch as they are read.
-    Without test arrays the "test" split is a seeded index split of ``x.npy``.
+    Without test arrays ``split="all"`` is every row of ``x.npy`` (in a seeded order) and "train"/"test" a seeded
+    index split. ``classes`` (names, label order) wins over ``classes.txt``.
     """
+    name = f"npy:{folder}"
     if not folder.is_dir():
         raise DataError(f"npy: no directory at {str(folder)!r}; pass npy:DIR to a folder holding x.npy and y.npy")
     has_test = [(folder / f"{key}.npy").is_file() for key in ("x_test", "y_test")]
     if any(has_test) and not all(has_test):
         raise DataError(f"npy: {str(folder)!r} has only one of x_test.npy / y_test.npy; save both or neither")
-    pairs = {"train": ("x", "y")} | ({"test": ("x_test", "y_test")} if all(has_test) else {})
+    test_only = all(has_test) and not any((folder / f"{key}.npy").is_file() for key in ("x", "y"))
+    if test_only and split == "train":
+        raise DataError(f"npy: {str(folder)!r} holds only x_test.npy / y_test.npy, no training arrays; save x.npy "
+                        "and y.npy too (or train on another source)")
+    if all(has_test) and not test_only and split == "all":
+        raise ConfigError(f"split: {name} has its own test arrays (x_test.npy, y_test.npy); choose --split test or "
+                          "train (split='test' / 'train')")
+    pairs = ({} if test_only else {"train": ("x", "y")}) | ({"test": ("x_test", "y_test")} if all(has_test) else {})
     layouts, label_max = {}, -1
     for images_key, labels_key in pairs.values():
         images = _map_npy(folder, images_key)
@@ -127,20 +176,26 @@ def open_npy(folder: Path, split: str, transform: ImageTransform | None = None,
         layouts[images_key] = _check_npy_pair(folder, images_key, images, labels_key, labels)
         if labels.size:
             label_max = max(label_max, int(labels.max()))
-    if all(has_test):
+    if all(has_test) and not test_only:
         train_shape, test_shape = (_chw(_map_npy(folder, k).shape, layouts[k]) for k in ("x", "x_test"))
         if train_shape != test_shape:
             raise DataError(f"npy: x_test.npy images {test_shape} differ from x.npy images {train_shape} "
                             f"(as C, H, W) in {str(folder)!r}")
-    classes = _npy_classes(folder, label_max + 1)
+    names, source = _npy_classes(folder, label_max + 1, classes)
     if all(has_test):
-        (images_key, labels_key), rows = pairs[split], None
+        (images_key, labels_key), rows = pairs["train" if split == "train" else "test"], None
+        info = split_info(name, split, len(_map_npy(folder, labels_key)), how="test-only" if test_only else "own")
     else:  # one set of arrays: the split is a seeded index split, nothing is copied
         (images_key, labels_key) = pairs["train"]
-        rows = split_rows(len(_map_npy(folder, "y")), split, test_fraction, split_seed)
-    return ArraySampleSet(f"npy:{folder}", classes, folder / f"{images_key}.npy", folder / f"{labels_key}.npy",
-                          layout=layouts[images_key], rows=rows, transform=transform,
-                          source=str(folder / f"{images_key}.npy"))
+        total = len(_map_npy(folder, "y"))
+        rows = split_rows(total, split, test_fraction, split_seed)
+        info = split_info(name, split, len(rows), how="all" if split == "all" else "seeded", total=total,
+                          test_fraction=test_fraction, split_seed=split_seed)
+    samples = ArraySampleSet(name, names, folder / f"{images_key}.npy", folder / f"{labels_key}.npy",
+                             layout=layouts[images_key], rows=rows, transform=transform,
+                             source=str(folder / f"{images_key}.npy"))
+    samples.split_info, samples.class_source = info, source
+    return samples
 
 
 def _map_npy(folder: Path, key: str) -> np.ndarray:
@@ -175,12 +230,18 @@ def _chw(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     return tuple(shape[1:]) if layout == "NCHW" else (shape[3], shape[1], shape[2])
 
 
-def _npy_classes(folder: Path, num_classes: int) -> list[str]:
-    path = folder / "classes.txt"
+def _npy_classes(folder: Path, num_classes: int, given: list[str] | None = None) -> tuple[list[str], str]:
+    """Class names in label order and where they came from: ``given``, else ``classes.txt``, else the indices."""
+    if given is not None:
+        if len(given) < num_classes:
+            raise ConfigError(f"classes: {len(given)} names given but the labels in {str(folder)!r} go up to "
+                              f"{num_classes - 1}; name every class, in label order")
+        return list(given), GIVEN
+    path = folder / CLASSES_FILE
     if not path.is_file():
-        return [str(i) for i in range(num_classes)]
+        return [str(i) for i in range(num_classes)], "label indices (no class names given)"
     names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(names) < num_classes:
         raise DataError(f"npy: {str(path)!r} names {len(names)} classes but labels go up to {num_classes - 1}; "
                         "write one class name per line")
-    return names
+    return names, str(path)

@@ -1,4 +1,5 @@
-"""Image folders: one subfolder per class (or ``train/`` and ``test/`` each holding them), decoded on access.
+"""Image folders: one subfolder per class (or ``train/`` and ``test/``, or ``test/`` alone, holding them), decoded
+on access.
 
 Files are listed when the folder is opened and decoded only when a sample is read; ``resize`` / ``center_crop``
 bring photos of mixed sizes to one shape. Grayscale images in a colour
@@ -13,8 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
-from .samples import ImageTransform, SampleSet, split_rows
+from ..errors import ConfigError, DataError
+from .labels import CLASSES_FILE, GIVEN, match_subfolders, read_classes_file
+from .samples import ImageTransform, SampleSet, split_info, split_rows
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 CHANNEL_PROBES = 8  # images decoded at open, spread over the folder, to choose 1 or 3 channels
@@ -63,20 +65,66 @@ class FolderSampleSet(SampleSet):
 
 
 def open_folder(path: Path, split: str, transform: ImageTransform | None = None, test_fraction: float = 0.25,
-                split_seed: int = 0) -> FolderSampleSet:
-    """Open ``split`` of an image folder (its own ``train/``/``test/`` folders, else a seeded split)."""
+                split_seed: int = 0, classes: list[str] | None = None) -> FolderSampleSet:
+    """Open ``split`` of an image folder: its own ``train/``/``test/`` folders, a ``test/`` folder alone, or class
+    subfolders without a split (``split="all"``: every image, in a seeded order; "train"/"test": a seeded split).
+
+    Labels follow ``classes`` (a list of the subfolder names), else ``classes.txt`` in the folder, else the
+    subfolder names in alphabetical order; ``class_source`` on the result says which.
+    """
     if not path.is_dir():
         raise DataError(f"folder: no directory at {str(path)!r}; pass folder:PATH to a folder with one "
                         "subfolder of images per class")
-    if (path / "train").is_dir() and (path / "test").is_dir():
-        classes = class_names(path / "train")
+    name = f"folder:{path}"
+    layout = folder_layout(path)
+    if layout == "split":
+        if split == "all":
+            raise ConfigError(f"split: {name} has its own train/ and test/ folders; choose --split test or train "
+                              "(split='test' / 'train')")
+        classes, source = folder_classes(path / "train", path, classes)
         files, labels = list_class_files(path / split, classes)
+        info = split_info(name, split, len(files), how="own")
+    elif layout == "test-only":
+        if split == "train":
+            raise DataError(f"folder: {str(path)!r} holds only a test/ folder, no training images; add a train/ "
+                            "folder beside it (or train on another source)")
+        classes, source = folder_classes(path / "test", path, classes)
+        files, labels = list_class_files(path / "test", classes)
+        info = split_info(name, split, len(files), how="test-only")
     else:
-        classes = class_names(path)
+        classes, source = folder_classes(path, path, classes)
         files, labels = list_class_files(path, classes)
         rows = split_rows(len(files), split, test_fraction, split_seed)
+        info = split_info(name, split, len(rows), how="all" if split == "all" else "seeded", total=len(files),
+                          test_fraction=test_fraction, split_seed=split_seed)
         files, labels = [files[row] for row in rows], [labels[row] for row in rows]
-    return FolderSampleSet(f"folder:{path}", classes, files, labels, transform)
+    samples = FolderSampleSet(name, classes, files, labels, transform)
+    samples.split_info, samples.class_source = info, source
+    return samples
+
+
+def folder_layout(path: Path) -> str:
+    """"split" (train/ and test/), "test-only" (test/ is its only subfolder) or "flat" (class subfolders)."""
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        return "split"
+    subfolders = [p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return "test-only" if subfolders == ["test"] else "flat"
+
+
+def folder_classes(class_root: Path, folder: Path, given: list[str] | None) -> tuple[list[str], str]:
+    """The class order of a folder and where it came from: ``given``, else ``folder/classes.txt``, else alphabetical.
+
+    A list must name every class subfolder of ``class_root`` once, nothing else."""
+    found = class_names(class_root)
+    if given is not None:
+        match_subfolders(given, found, str(class_root), f"--classes (classes=) {','.join(given)}")
+        return list(given), GIVEN
+    listed = folder / CLASSES_FILE
+    if listed.is_file():
+        names = read_classes_file(listed)
+        match_subfolders(names, found, str(class_root), repr(str(listed)))
+        return names, str(listed)
+    return found, "the subfolder names in alphabetical order"
 
 
 def class_names(path: Path) -> list[str]:

@@ -116,7 +116,13 @@ def to_unit_images(batch: np.ndarray, layout: str, source: str) -> Tensor:
 
 
 def split_rows(n: int, split: str, test_fraction: float, split_seed: int) -> np.ndarray:
-    """The rows of a fixed, seeded train/test split for data that ships without one (indices, no copies)."""
+    """The rows of a fixed, seeded train/test split for data that ships without one (indices, no copies).
+
+    ``split="all"`` is every row, in the same seeded order (the test rows first), so that the first N of them
+    are a random sample of the data rather than its first class folder.
+    """
+    if split == "all":
+        return np.random.default_rng(split_seed).permutation(n)
     if not 0.0 < float(test_fraction) < 1.0:
         raise DataError(f"test_fraction: must lie in (0, 1), got {test_fraction!r}")
     if n < 2:
@@ -124,6 +130,34 @@ def split_rows(n: int, split: str, test_fraction: float, split_seed: int) -> np.
     order = np.random.default_rng(split_seed).permutation(n)
     n_test = min(max(1, int(round(test_fraction * n))), n - 1)
     return order[:n_test] if split == "test" else order[n_test:]
+
+
+def split_info(name: str, split: str, n: int, *, how: str, total: int | None = None,
+               test_fraction: float | None = None, split_seed: int | None = None) -> dict[str, Any]:
+    """What samples a set holds and why, for the console, run.json and the report.
+
+    ``how``: "own" (the split the source ships), "fixed" (digits: gradguard's fixed seeded split), "seeded" (a
+    seeded split of a source that has none), "all" (every sample of a source without a split), "test-only" (a
+    source that holds only a test split). ``text`` says it in one sentence with the counts.
+    """
+    info: dict[str, Any] = {"split": split, "how": how, "n": int(n), "of": None if total is None else int(total)}
+    if how in ("seeded", "fixed"):
+        info.update(test_fraction=float(test_fraction or 0), split_seed=split_seed)
+        test_pct = round(100 * float(test_fraction or 0))
+        shape = f"{100 - test_pct}/{test_pct}"
+        if how == "fixed":
+            info["text"] = (f"{n} of {total} samples: the {split} part of the fixed seeded {shape} split of {name} "
+                            f"(split_seed {split_seed})")
+        else:
+            info["text"] = (f"{n} of {total} samples: the {split} part of a seeded {shape} split (split_seed "
+                            f"{split_seed}), made because {name} has no train/test split of its own")
+    elif how == "all":
+        info["text"] = f"all {n} samples of {name}: it has no train/test split of its own"
+    elif how == "test-only":
+        info["text"] = f"all {n} samples of {name}: it holds only a test split"
+    else:
+        info["text"] = f"{n} samples: the {split} split that {name} ships"
+    return info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,6 +172,8 @@ class SampleSet(TorchDataset):
         self.classes = list(classes)
         self.transform = transform or ImageTransform()
         self._input_shape = tuple(int(d) for d in input_shape)
+        self.split_info: dict[str, Any] = {}  # which samples and why (``split_info``), set by the opener
+        self.class_source = ""  # where ``classes`` (the label order) came from, set by the opener
 
     @property
     def num_classes(self) -> int:

@@ -202,6 +202,7 @@ def evaluate(
     writer: JournalWriter | None = None
     n_blocks = 0
     notes: list[str] = []
+    outputs: int | None = None
     with model_guard(model):
         try:
             for index, read in _progress_blocks(source, progress, shard):
@@ -210,6 +211,7 @@ def evaluate(
                 if index == 0:
                     assert block is not None
                     notes = randomness_warnings(model, block.x.to(cascade.device), threat, suite)
+                    outputs = output_width(model, block.x[:1].to(cascade.device))
                     if shard.active:
                         check_same_stream(shard, source.n, block.fingerprint())
                     if journal is not None:
@@ -230,9 +232,37 @@ def evaluate(
     outcomes = shard.gather(outcomes) + [o for o in finished.values() if o.index < n_blocks]
     parts = earlier + [round(time.perf_counter() - started, 3)]
     report = _report(outcomes, n_blocks, specs, threat, sum(parts), seed, shard, return_adversarial)
-    report.warnings = notes
+    report.warnings = notes + chance_warnings(data, report, outputs)
     report.elapsed_parts_s = parts if len(parts) > 1 else []
     return report
+
+
+def output_width(model: nn.Module, x: Tensor) -> int | None:
+    """The number of logits the model returns for one sample (None when its output is not a (1, K) tensor),
+    from a pass that leaves the random number generators as they were."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            out = model(x)
+    except Exception:  # the evaluation's own passes report a bad model
+        return None
+    return int(out.shape[-1]) if isinstance(out, Tensor) and out.ndim == 2 else None
+
+
+def chance_warnings(data: Any, report: RobustnessReport, outputs: int | None = None) -> list[str]:
+    """Clean accuracy at chance level or below it: the signature of labels that do not match the model's outputs
+    (a folder's class order, most often); the warning names that cause (``gradguard.data.chance_warning``).
+    Chance is 1/K for the data's classes, else the model's ``outputs``, else the classes seen in the labels."""
+    from ..data.labels import chance_warning
+
+    classes = getattr(data, "classes", None)
+    num_classes = len(classes) if classes else outputs or len(report.per_class or {})
+    note = chance_warning(report.clean_accuracy, num_classes, report.n_samples, getattr(data, "name", None),
+                          getattr(data, "class_source", None))
+    if note is None:
+        return []
+    warnings.warn(f"evaluate: {note}", stacklevel=3)
+    return [note]
 
 
 def randomness_warnings(model: nn.Module, x: Tensor, threat: ThreatModel, suite: Any) -> list[str]:

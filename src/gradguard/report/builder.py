@@ -36,6 +36,7 @@ def build_report(run_dir: str | Path, *, display_path: str | Path | None = None)
         ("gradients", "Gradient health", _gradients(run, summary, figures)),
         ("curvature", "Curvature", _curvature(run, figures)),
         ("training", "Training curves", _training(run, figures)),
+        ("data", "Data: samples and class mapping", _data(summary)),
         ("config", "Run configuration", _config(run)),
     ]
     parts = [f"run: {summary['run_dir']}", f"dataset: {summary.get('dataset') or 'unknown'}",
@@ -120,6 +121,26 @@ def _headline(summary: dict) -> str:
 def series_colours(run: RunData) -> dict[str, str]:
     """Each model's and gradient run's colour, the same in every plot of the report."""
     return plots.series_colours(m.label for m in run.models + run.gradient_runs)
+
+
+def _data(summary: dict) -> str:
+    """Per model: the data source (as given, and absolute), which samples each step used and why, the label
+    mapping and where its order came from, and any chance-level warning."""
+    parts: list[str] = []
+    for d in summary.get("data") or []:
+        rows = [["source", escape(str(d.get("dataset") or "not recorded"))
+                 + (f" <small>({escape(d['dataset_absolute'])})</small>"
+                    if d.get("dataset_absolute") and d.get("dataset_absolute") != d.get("dataset") else "")]]
+        rows += [[escape(s["step"]), escape(s["text"])] for s in d.get("splits") or []]
+        classes = d.get("classes") or []
+        if classes:
+            mapping = ", ".join(f"{i} → {escape(str(name))}" for i, name in enumerate(classes))
+            rows.append(["classes (label → name)", mapping + (f" <small>(order from {escape(d['class_source'])})"
+                                                              "</small>" if d.get("class_source") else "")])
+        parts.append((f"<h3>{escape(d['label'])}</h3>" if len(summary.get("data") or []) > 1 else "")
+                     + table(["", ""], rows, table_id="data" if len(parts) == 0 else None)
+                     + "".join(f"<p><b>Warning:</b> {escape(str(w))}.</p>" for w in d.get("warnings") or []))
+    return "".join(parts) or missing("No data recorded.")
 
 
 def _config(run: RunData) -> str:

@@ -23,7 +23,8 @@ def summarize(run: RunData, display_path=None) -> dict:
         "format": "gradguard-summary", "format_version": 2,
         "run_dir": str(display_path if display_path is not None else run.path),
         "command": run.manifest.get("command"),
-        "dataset": run.manifest.get("dataset") or next((m.manifest.get("dataset") for m in run.models), None),
+        "dataset": _dataset_shown(run.manifest) or next((_dataset_shown(m.manifest) for m in run.models), None),
+        "data": [data_summary(m) for m in run.models],
         "threat": _common_threat(models) or run.manifest.get("threat"),
         "model_source": models[0]["model_source"] if len(models) == 1 else None,
         "models": models,
@@ -271,3 +272,29 @@ def _relative(path, root) -> str:
         return str(path.relative_to(root)) or "."
     except ValueError:
         return str(path)
+
+
+def _dataset_shown(manifest: dict) -> str | None:
+    """The data source as the user spelled it (run.json ``dataset_given``), else as stored."""
+    return manifest.get("dataset_given") or manifest.get("dataset")
+
+
+def data_summary(model: ModelRun) -> dict:
+    """Which samples each step of a model's run used and why (the split record of run.json, robustness.json and
+    attacks.json), the class mapping (label order) and where it came from, and the data warnings (chance level)."""
+    manifest, robustness = model.manifest, model.robustness or {}
+    groups = attack_groups(model.attacks)
+    latest = groups[0] if groups else {}
+    classes = next((r for r in (robustness, latest, manifest) if r.get("classes")), {})  # the latest mapping used
+    used = []
+    for step, record in (("run made on" if manifest.get("command") != "train" else "trained on", manifest.get("split")),
+                         ("validated on", manifest.get("validation_split")), ("evaluate", robustness.get("split")),
+                         ("attack", latest.get("split"))):
+        if isinstance(record, dict) and record.get("text"):
+            used.append({"step": step, **record})
+    return {
+        "label": model.label, "dataset": _dataset_shown(manifest), "dataset_absolute": manifest.get("dataset"),
+        "splits": used,
+        "classes": classes.get("classes"), "class_source": classes.get("class_source"),
+        "warnings": list(latest.get("warnings") or []),
+    }

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..attacks.base import check_labels, check_logits, model_guard, voted_logits
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
+from ..models.outputs import as_logits_model
 from ..threat import ThreatModel, threat_from_dict
 from .distributed import Shard, batch_seed, check_same_stream, resolve_shard
 from .journal import FORMAT as JOURNAL_FORMAT
@@ -183,6 +184,7 @@ def evaluate(
     """
     started = time.perf_counter()
     _check_model(model)
+    model = as_logits_model(model)  # a dict / tuple / ModelOutput: its logits (gradguard.models.Logits)
     _check_threat(threat)
     specs = resolve_suite(suite, amp=amp, compile=compile)
     source = BlockSource(data, threat, batch_size, max_samples)
@@ -526,6 +528,7 @@ def evaluate_curve(
     """
     started = time.perf_counter()
     _check_model(model)
+    model = as_logits_model(model)  # a dict / tuple / ModelOutput: its logits (gradguard.models.Logits)
     _check_threat(threat)
     eps_list = _eps_values(eps_values)
     specs = resolve_suite(suite, amp=amp, compile=compile)

@@ -29,7 +29,7 @@ from ..attacks.base import as_labels, check_inputs, model_guard, positive_float,
 from ..diagnostics.gradflow import GradientMonitor, TrainingStopped
 from ..errors import CheckpointError, ConfigError, InputError
 from ..io import atomic_write_json, atomic_write_text
-from ..models import model_spec, state_tensors, unwrap
+from ..models import as_logits_model, model_spec, state_tensors, unwrap
 from ..models import save as save_model
 from ..rng import per_sample_generators
 from ..threat import Linf, ThreatModel
@@ -189,7 +189,7 @@ class Trainer:
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if threat is not None and not isinstance(threat, ThreatModel):
             raise ConfigError(f"threat: expected a ThreatModel such as Linf(eps=0.1), got {type(threat).__name__}")
-        self.model = model
+        self.model = as_logits_model(model)  # a dict / tuple / ModelOutput: its logits (gradguard.models.Logits)
         self.threat = threat
         self.method = get_method(method, threat, **(method_kwargs or {}))
         if self.method.threat is None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..attacks.base import check_labels, check_logits, model_guard, voted_logits
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
-from ..models.outputs import as_logits_model
+from ..models.outputs import as_logits_model, inner_model
 from ..threat import ThreatModel, threat_from_dict
 from .distributed import Shard, batch_seed, check_same_stream, resolve_shard
 from .journal import FORMAT as JOURNAL_FORMAT
@@ -207,7 +207,7 @@ def evaluate(
                     if shard.active:
                         check_same_stream(shard, source.n, block.fingerprint())
                     if journal is not None:
-                        header = _journal_header(model, specs, threat, seed, source, block)
+                        header = _journal_header(inner_model(model), specs, threat, seed, source, block)
                         finished, writer = _open_journal(Path(journal), header, resume, shard)
                 if block is None or not shard.owns(index) or index in finished:
                     continue

@@ -20,7 +20,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from ..errors import GradguardError, ModelOutputError, ShapeError
+from ..errors import ConfigError, GradguardError, ModelOutputError, ShapeError
 
 LogitsKey = Union[str, int]
 AUTO_KEY = "logits"
@@ -39,6 +39,9 @@ def select_logits(output: Any, key: LogitsKey | None = None) -> Tensor:
             return found
         raise ModelOutputError(f"model: the model returned {describe_output(output)}, not a logits tensor; "
                                f"{_advice(output)}")
+    if isinstance(output, Tensor):
+        raise ModelOutputError(f"logits: the model already returns a logits tensor (shape {tuple(output.shape)}), "
+                               f"so there is nothing to select with {key!r}; drop {FLAG} (Python: Logits)")
     found = _lookup(output, key)
     if found is _MISSING:
         raise ModelOutputError(f"logits: the model's output has no {_key_text(output, key)} (it returned "
@@ -134,8 +137,8 @@ def parse_logits_key(text: str | int | None) -> LogitsKey | None:
         return text
     text = text.strip()
     if not text:
-        raise ModelOutputError(f"logits: expected a key name or an integer index, e.g. {FLAG} logits or {FLAG} 0; "
-                               "got an empty string")
+        raise ConfigError(f"logits: expected a key name or an integer index, e.g. {FLAG} logits or {FLAG} 0; "
+                          "got an empty string")
     try:
         return int(text)
     except ValueError:
@@ -156,8 +159,8 @@ class Logits(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ModelOutputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if key is not None and not isinstance(key, (str, int)) or isinstance(key, bool):
-            raise ModelOutputError(f"logits: expected a key name (str) or an index (int), got {key!r}")
+        if isinstance(key, bool) or (key is not None and not isinstance(key, (str, int))):
+            raise ConfigError(f"logits: expected a key name (str) or an index (int), got {key!r}")
         self.model = model
         self.key = key
 
@@ -278,7 +281,7 @@ def with_logits(model: nn.Module, key: LogitsKey | None) -> nn.Module:
     if key is None:
         return model
     if isinstance(key, bool) or not isinstance(key, (str, int)):
-        raise ModelOutputError(f"logits: expected a key name (str) or an index (int), got {key!r}")
+        raise ConfigError(f"logits: expected a key name (str) or an index (int), got {key!r}")
     inner = inner_model(model)
     source, spec = model_source(model), model_spec(model)
     wrapped = Logits(inner, key)

@@ -107,7 +107,7 @@ def test_class_with_kwargs_is_built_with_them_and_recorded(user_module, tmp_path
     assert model.conv.out_channels == 2 and model(torch.rand(1, *SHAPE)).shape == (1, 5)
     assert model_source(model) == {"spec": f"{user_module}:Net", "kwargs": {"width": 2, "num_classes": 5},
                                    "weights": None, "weights_sha256": None, "mean": None, "std": None,
-                                   "module_file": str(tmp_path / f"{user_module}.py")}
+                                   "module_file": str(tmp_path / f"{user_module}.py"), "logits": None}
 
 
 def test_kwargs_json_cannot_hold_leave_the_model_unrecorded(user_module):

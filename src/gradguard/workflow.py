@@ -418,16 +418,36 @@ def run_dataset(run_dir: Path, dataset: str | None, data_root: str | None, *, re
 
 def resolve_model(spec: str, *, weights: str | None = None, kwargs: dict | None = None,
                   mean: str | float | Sequence[float] | None = None, std: str | float | Sequence[float] | None = None,
-                  device: Any = "cpu"):
+                  device: Any = "cpu", logits: str | int | None = None):
     """Any model gradguard.models.resolve accepts (``package.module:callable`` + weights, ``torchvision:NAME``,
-    a run directory, a .safetensors file), in eval mode on ``device``."""
+    a run directory, a .safetensors file), in eval mode on ``device``; ``logits`` selects the logits in an output
+    that is not a tensor (``--logits KEY|INDEX``)."""
     from .models import resolve
 
-    return resolve(spec, weights, mean=mean, std=std, map_location=device, **(kwargs or {})).eval()
+    return resolve(spec, weights, mean=mean, std=std, map_location=device, logits=logits, **(kwargs or {})).eval()
+
+
+def check_first_pass(model, dataset, device, *, logits: str | int | None = None, split: str = "test"):
+    """``gradguard.models.first_pass`` on the first two samples of ``dataset`` (an opened split, or the ``split``
+    of an in-memory ``Dataset``), before any work: channels of data, mean/std and first layer agree, the model
+    runs, and its logits are found. Returns the ``FirstPass`` (its ``model`` is the one to use)."""
+    import numpy as np
+
+    from .models import first_pass
+
+    if hasattr(dataset, "x_train"):
+        x = (dataset.x_train if split == "train" else dataset.x_test)[:2]
+    else:
+        x = dataset.get_batch(np.arange(min(2, len(dataset))))[0]
+    found = first_pass(model, x.to(device), logits)
+    if found.output != "tensor":
+        log(f"[gradguard] model output: {found.output} (the logits of the model's output)")
+    return found
 
 
 def start_model_run(run_dir: Path, model, *, dataset, dataset_name: str, data_root: str | None, threat, seed: int,
-                    command: str, label: str, resize: Any = None, center_crop: Any = None) -> dict:
+                    command: str, label: str, resize: Any = None, center_crop: Any = None,
+                    model_output: str | None = None) -> dict:
     """Make ``run_dir`` a model run for a model that gradguard did not train: its weights and the source it was
     resolved from (model.safetensors + model.json, so ``load_run_model`` rebuilds it) and run.json, which also
     records the data (name, root, resize, crop) so later commands on the run directory reopen the same split."""
@@ -438,7 +458,8 @@ def start_model_run(run_dir: Path, model, *, dataset, dataset_name: str, data_ro
     return write_manifest(
         run_dir, kind="model", command=command, label=label, **data_record(dataset, dataset_name, data_root),
         resize=resize, center_crop=center_crop, input_shape=list(dataset.input_shape),
-        threat=threat.to_dict(), seed=seed, model_source=source, model_source_text=describe_source(source))
+        threat=threat.to_dict(), seed=seed, model_source=source, model_source_text=describe_source(source),
+        model_output=model_output)
 
 
 def available_attacks() -> list[str]:
@@ -481,12 +502,15 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
                extra: dict | None = None, order: int = 0, method_kwargs: dict | None = None,
                schedule: str = "constant", eps_warmup_epochs: float = 0.0, resume: bool = False,
                channels_last: bool = False, ema_decay: float | None = None,
-               early_stop: str | None = None, on_finding: str | None = None) -> dict:
+               early_stop: str | None = None, on_finding: str | None = None,
+               mean: Any = None, std: Any = None, logits: str | int | None = None) -> dict:
     """Train one model into ``run_dir`` with gradguard.train.Trainer; returns the manifest (with ``history``).
 
     ``model_name`` is a zoo name (built for the data's input shape and classes) or any spec
     ``gradguard.models.resolve`` takes (``package.module:callable``, ``torchvision:NAME``), called with
-    ``model_kwargs``; either way model.json records how to rebuild it.
+    ``model_kwargs``; either way model.json records how to rebuild it. ``mean``/``std`` normalise inputs inside the
+    model (``Normalized``); ``logits`` selects the logits in an output that is not a tensor (``Logits``). One
+    forward pass on two training samples checks model and data before any training (``check_first_pass``).
 
     ``run_dir`` is a fresh folder, or with ``resume`` one holding the checkpoints of an interrupted run with the same
     settings (the Trainer refuses different ones). Under torchrun the Trainer wraps the model in
@@ -495,16 +519,19 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
 
     from .attacks.base import prepare_model
     from .io import atomic_write_json
-    from .models import MODELS, build_model, resolve
+    from .models import MODELS, build_model, parse_stats, resolve
     from .train import Trainer, distributed
 
+    mean, std = parse_stats(mean, std)
     torch.manual_seed(seed)
     if model_name in MODELS:  # the zoo takes its input shape and class count from the data
         model = build_model(model_name, input_shape=list(dataset.input_shape), num_classes=dataset.num_classes,
-                            **model_kwargs)
+                            mean=mean, std=std, **model_kwargs)
     else:  # package.module:callable, torchvision:NAME, ...: the factory's own keywords only
-        model = resolve(model_name, **model_kwargs)
+        model = resolve(model_name, mean=mean, std=std, **model_kwargs)
     prepare_model(model, device, channels_last=channels_last)
+    first = check_first_pass(model, dataset, device, logits=logits, split="train")
+    model = first.model
     x, y = dataset.x_train, dataset.y_train
     if train_samples is not None:
         x, y = x[:train_samples], y[:train_samples]
@@ -512,8 +539,9 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
     monitor = None
     if monitor_every:  # on every rank (the Trainer combines activation statistics across them); rank 0 writes
         from .diagnostics import GradientMonitor
+        from .models import unwrap
 
-        monitor = GradientMonitor(model, every=monitor_every, on_finding=on_finding,
+        monitor = GradientMonitor(unwrap(model), every=monitor_every, on_finding=on_finding,
                                   path=run_dir / "gradflow.jsonl" if distributed.is_main_process() else None)
     trainer = Trainer(model, method, threat=threat if (method != "standard" or val_attack) else None, epochs=epochs,
                       batch_size=batch_size, optimizer=optimizer, lr=lr, clip_grad_norm=clip_grad_norm,
@@ -535,6 +563,7 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
         dataset_given=dataset.name, split=splits.get("train"), validation_split=splits.get("test"),
         classes=dataset.classes, class_source=getattr(dataset, "class_source", "") or None,
         input_shape=list(dataset.input_shape), model=model_name, model_kwargs=model_kwargs,
+        mean=mean, std=std, model_output=first.output,
         method=method, method_kwargs=method_kwargs or {}, threat=threat.to_dict() if threat is not None else None,
         epochs=epochs, seed=seed, n_train=int(y.shape[0]), train_seconds=round(time.perf_counter() - started, 2),
         **record, **(extra or {}))
@@ -567,10 +596,11 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
     """
     from .attacks.base import prepare_model
     from .io import atomic_write_bytes, atomic_write_json
+    from .models import as_logits_model
     from .report.rundir import read_json, sample_set
     from .train import distributed
 
-    model = prepare_model(model, device, channels_last=channels_last)
+    model = as_logits_model(prepare_model(model, device, channels_last=channels_last))
     attacks = [(name, make_attack(name, model, threat, seed=seed, steps=steps, amp=amp, channels_last=channels_last,
                             compile=compile))
                for name in names]  # validate first

@@ -202,12 +202,15 @@ def model_guard(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def check_logits(logits: Any, batch: int, argument: str = "model", amp: torch.dtype | None = None) -> Tensor:
-    """Raise ModelOutputError unless ``logits`` is a finite (batch, classes) float tensor."""
+    """The logits in a model's output, checked: a finite (batch, classes) float tensor, else ModelOutputError.
+
+    An output that is not a tensor goes through the output adapter (``gradguard.models.select_logits``): its
+    ``logits`` attribute or key is used (a Hugging Face ``ModelOutput``, a dict); any other output is refused with
+    a message that says how to select the logits (``--logits``, ``gradguard.models.Logits``)."""
     if not isinstance(logits, Tensor):
-        raise ModelOutputError(
-            f"{argument}: expected the model to return a logits tensor, got {type(logits).__name__}; "
-            "wrap the model so forward() returns (batch, classes) logits"
-        )
+        from ..models.outputs import select_logits
+
+        logits = select_logits(logits)
     if logits.dim() != 2 or logits.shape[0] != batch or logits.shape[1] < 2:
         raise ModelOutputError(
             f"{argument}: expected (batch={batch}, classes>=2) logits, got shape {tuple(logits.shape)}; "
@@ -252,8 +255,7 @@ def input_gradient(model: Callable[[Tensor], Any], x: Tensor, labels: Tensor, ob
     if amp is None:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            logits = model(x)
-            check_logits(logits, x.shape[0])
+            logits = check_logits(model(x), x.shape[0])
             values = objective(logits, labels, targeted)
             (grad,) = torch.autograd.grad(values.sum(), x)
         return grad, logits.detach(), values.detach()

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from ..errors import ConfigError
 from .common import key_values, positive_int
 
-MODEL_FLAGS = ("weights", "model_kwargs", "mean", "std", "num_classes")
+MODEL_FLAGS = ("weights", "model_kwargs", "mean", "std", "num_classes", "logits")
 
 
 @dataclass
@@ -47,8 +47,16 @@ def model_source_options(parser: argparse.ArgumentParser) -> None:
                        "channel, e.g. 0.49,0.48,0.45 (eps stays in pixel space)")
     group.add_argument("--std", metavar="S", help="input normalisation: one value or one per channel")
     group.add_argument("--num-classes", type=positive_int, help="passed to the factory as num_classes=N")
+    logits_option(group)
     group.add_argument("--out", metavar="DIR", help="the new run directory for --model (must not exist unless --force)")
     group.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def logits_option(group: Any) -> None:
+    """--logits KEY|INDEX: where the logits are in a model output that is not a tensor."""
+    group.add_argument("--logits", metavar="KEY|INDEX", help="for a model whose forward() returns a dict, a tuple or "
+                       "an object: the key or index that holds the logits, e.g. out or 0 (an output with .logits "
+                       "or a 'logits' key is used without it)")
 
 
 @contextlib.contextmanager
@@ -56,6 +64,7 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
     """The run a command works on: RUN_DIR as it is, or a new run at --out built from --model (staged, so that
     it appears only complete; for a command with --resume an interrupted run is kept for it)."""
     from .. import workflow
+    from ..models.outputs import parse_logits_key
     from ..train import distributed
 
     device = workflow.resolve_device(args.device)
@@ -70,6 +79,7 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
         dataset = workflow.run_dataset(run_dir, args.dataset, args.data_root, resize=args.resize,
                                        center_crop=args.center_crop, split=getattr(args, "split", None),
                                        classes=args.classes)
+        model = workflow.check_first_pass(model, dataset, device).model
         yield OpenRun(run_dir, run_dir, model, dataset, workflow.run_threat(run_dir, args.norm, args.eps), device)
         workflow.say_notes()  # which samples, which classes: said once the work is done (an error stays one line)
         return
@@ -78,17 +88,20 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
     if not args.out:
         raise ConfigError("out: --model makes a new run directory; add --out DIR")
     model = workflow.resolve_model(args.model, weights=args.weights, kwargs=_factory_kwargs(args), mean=args.mean,
-                                   std=args.std, device=device)
+                                   std=args.std, device=device, logits=parse_logits_key(args.logits))
     dataset_name = args.dataset or "digits"
     dataset = workflow.open_test_split(dataset_name, args.data_root, resize=args.resize, center_crop=args.center_crop,
                                        split=getattr(args, "split", None), classes=args.classes)
+    first = workflow.check_first_pass(model, dataset, device)
+    model = first.model
     threat = workflow.make_threat_from(args.norm, args.eps)
     out = Path(args.out)
     resume = bool(getattr(args, "resume", False))
     with workflow.staged_run_dir(out, replace=args.force, resumable=hasattr(args, "resume"), resume=resume) as staging:
         distributed.rank0_first(lambda: workflow.start_model_run(
             staging, model, dataset=dataset, dataset_name=dataset_name, data_root=args.data_root, threat=threat,
-            seed=args.seed, command=command, label=out.name, resize=args.resize, center_crop=args.center_crop))
+            seed=args.seed, command=command, label=out.name, resize=args.resize, center_crop=args.center_crop,
+            model_output=first.output))
         yield OpenRun(staging, out, model, dataset, threat, device)
     workflow.say_notes()
 

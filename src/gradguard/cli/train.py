@@ -15,6 +15,7 @@ from .common import (
     positive_int,
     threat_options,
 )
+from .model_source import logits_option
 
 MLP_OPTIONS = ("depth", "width", "activation", "init")
 
@@ -41,6 +42,10 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", help="mlp: default, he, xavier, normal (N(0, 0.01²)), large (N(0, 1))")
     parser.add_argument("--model-arg", "--model-kwargs", dest="model_arg", action="append", metavar="KEY=VALUE",
                         help="any other model keyword (repeatable)")
+    parser.add_argument("--mean", metavar="M", help="input normalisation inside the model: one value or one per "
+                        "channel, e.g. 0.49,0.48,0.45 (eps stays in pixel space)")
+    parser.add_argument("--std", metavar="S", help="input normalisation: one value or one per channel")
+    logits_option(parser)
     parser.add_argument("--method", default="standard",
                         help="standard | fgsm | fgsm-rs | pgd | trades | gaussian | input-grad-reg | cure | gradalign "
                         "| mart (default standard; `gradguard list methods`)")
@@ -83,6 +88,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> tuple[dict, str]:
     from .. import workflow
+    from ..models.outputs import parse_logits_key
 
     device = workflow.resolve_device(args.device)
     dataset = workflow.load_data(args.dataset, args.data_root, resize=args.resize, center_crop=args.center_crop,
@@ -106,7 +112,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             label=out.name, extra={"data_root": args.data_root, "resize": args.resize, "center_crop": args.center_crop},
             method_kwargs=key_values(args.method_arg, "method-arg"),
             schedule=args.schedule, eps_warmup_epochs=args.eps_warmup_epochs, resume=args.resume,
-            channels_last=args.channels_last, **averaging)
+            channels_last=args.channels_last, mean=args.mean, std=args.std,
+            logits=parse_logits_key(args.logits), **averaging)
     workflow.say_notes()  # which samples, which classes: said once the work is done (an error stays one line)
     history = manifest.pop("history")
     rows = [[r.get("epoch"), r.get("train_loss"), r.get("train_clean_acc"), r.get("val_clean_acc"),

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from ..attacks.base import positive_float, positive_int
 from ..errors import ConfigError, InputError, ShapeError
+from ..models.outputs import select_logits
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 LANCZOS_BASIS_BYTES = 1 << 30  # above this, top_hessian_eigenvalue runs power iteration (no stored basis)
@@ -76,7 +77,7 @@ def _check_data(model: nn.Module, x: Tensor, y: Tensor) -> None:
 
 def _summed_loss(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
     """Sum of per-sample losses (a 0-dim loss is read as a batch mean)."""
-    values = loss_fn(model(x), y)
+    values = loss_fn(select_logits(model(x)), y)  # a dict / ModelOutput with .logits: its logits
     if values.dim() == 0:
         return values * x.shape[0]
     if values.shape[0] != x.shape[0]:
@@ -649,7 +650,7 @@ class SharpnessTracker:
         x = x.detach()
         if targets is None:
             with torch.no_grad(), _eval_mode(self.model):
-                targets = self.model(x).argmax(1)
+                targets = select_logits(self.model(x)).argmax(1)
         lr, threshold, scale, measure = self._threshold()
         with _products(self.model, x, targets.detach(), self.loss_fn, None) as products:
             matvec, size = products.operator()

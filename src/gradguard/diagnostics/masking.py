@@ -32,6 +32,7 @@ from ..attacks import APGD, FGSM, PGD
 from ..attacks.base import Attack, check_logits, input_gradient, model_guard, positive_int
 from ..attacks.losses import cross_entropy, margin
 from ..errors import InputError
+from ..models.outputs import as_logits_model
 from ..threat import ThreatModel
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
@@ -178,6 +179,7 @@ def check_masking(model: nn.Module, data: Any, threat: ThreatModel, *, n_samples
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    model = as_logits_model(model)  # a dict / tuple / ModelOutput: its logits (gradguard.models.Logits)
     _check_threat(threat)
     n_samples, steps = positive_int(n_samples, "n_samples"), positive_int(steps, "steps")
     square_queries, noise_draws = positive_int(square_queries, "square_queries"), positive_int(noise_draws, "noise_draws")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..attacks.base import check_labels, check_logits, model_guard, positive_int
 from ..errors import ConfigError, InputError, ModelOutputError
 from ..io import atomic_write_bytes, atomic_write_text
+from ..models.outputs import as_logits_model
 from ..threat import L2
 from .stream import BlockSource
 
@@ -243,6 +244,7 @@ def certify(
     batch_size = positive_int(batch_size, "batch_size")
     if not isinstance(model, nn.Module):
         raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    model = as_logits_model(model)  # a dict / tuple / ModelOutput: its logits (gradguard.models.Logits)
     where = _device(model, device)
     source = BlockSource(_as_data(data), _UNBOUNDED, _DATA_BLOCK, max_samples)
     voter = _Voter(model, sigma, batch_size, where)
@@ -288,6 +290,7 @@ def predict(model: nn.Module, x: Tensor, sigma: float, n: int = 100_000, alpha: 
     batch_size = positive_int(batch_size, "batch_size")
     if not isinstance(x, Tensor) or x.dim() < 2 or not x.is_floating_point():
         raise InputError("x: expected a floating-point (batch, ...) tensor; add a batch dimension with x.unsqueeze(0)")
+    model = as_logits_model(model)
     where = _device(model, None)
     voter = _Voter(model, sigma, batch_size, where)
     predictions = []

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..attacks.base import check_labels, check_logits, model_guard, voted_logits
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
+from ..models.outputs import as_logits_model, inner_model
 from ..threat import ThreatModel, threat_from_dict
 from .distributed import Shard, batch_seed, check_same_stream, resolve_shard
 from .journal import FORMAT as JOURNAL_FORMAT
@@ -189,6 +190,7 @@ def evaluate(
     """
     started = time.perf_counter()
     _check_model(model)
+    model = as_logits_model(model)  # a dict / tuple / ModelOutput: its logits (gradguard.models.Logits)
     _check_threat(threat)
     specs = resolve_suite(suite, amp=amp, compile=compile)
     source = BlockSource(data, threat, batch_size, max_samples)
@@ -215,7 +217,7 @@ def evaluate(
                     if shard.active:
                         check_same_stream(shard, source.n, block.fingerprint())
                     if journal is not None:
-                        header = _journal_header(model, specs, threat, seed, source, block)
+                        header = _journal_header(inner_model(model), specs, threat, seed, source, block)
                         finished, earlier, writer = _open_journal(Path(journal), header, resume, shard)
                         part = len(earlier) + 1
                 if block is None or not shard.owns(index) or index in finished:
@@ -574,6 +576,7 @@ def evaluate_curve(
     """
     started = time.perf_counter()
     _check_model(model)
+    model = as_logits_model(model)  # a dict / tuple / ModelOutput: its logits (gradguard.models.Logits)
     _check_threat(threat)
     eps_list = _eps_values(eps_values)
     specs = resolve_suite(suite, amp=amp, compile=compile)

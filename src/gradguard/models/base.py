@@ -9,12 +9,12 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 
 Stats = Union[float, Sequence[float], str]
 SPEC_ATTRIBUTE = "gradguard_spec"
 SOURCE_ATTRIBUTE = "gradguard_source"
-SOURCE_KEYS = ("spec", "kwargs", "weights", "weights_sha256", "mean", "std", "module_file")
+SOURCE_KEYS = ("spec", "kwargs", "weights", "weights_sha256", "mean", "std", "module_file", "logits")
 
 
 class Normalized(nn.Module):
@@ -39,14 +39,24 @@ class Normalized(nn.Module):
         self.register_buffer("std", std_t.reshape(shape) if shape else std_t)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.mean.dim() == 4 and (x.dim() != 4 or x.shape[1] != self.mean.shape[1]):
+            # broadcasting would silently turn a 1-channel image into a C-channel one
+            raise ShapeError(f"mean/std: {self.mean.shape[1]} values, one per channel, but the input has shape "
+                             f"{tuple(x.shape)} ({x.shape[1] if x.dim() > 1 else 'no'} channels); give one value per "
+                             "input channel, or a single value for all")
         return self.model((x - self.mean) / self.std)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers and the output adapter
+    ``Logits`` (which holds no weights): the module whose state dict and records a run directory stores."""
+    from .outputs import Logits
+
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
+        elif isinstance(model, Logits):
+            model = model.model
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod  # type: ignore[assignment]
         else:
@@ -141,9 +151,13 @@ def _stat_values(value: Stats, argument: str) -> list[float]:
 
 def normalise(model: nn.Module, mean, std) -> nn.Module:
     """``Normalized(model, mean, std)`` carrying ``model``'s records with mean/std added; ``model`` if both None."""
+    from .outputs import Logits, with_logits
+
     if mean is None:
         return model
-    if isinstance(model, Normalized):
+    if isinstance(model, Logits):  # normalise inside the output adapter, as a rebuilt model has it
+        return with_logits(normalise(model.model, mean, std), model.key)
+    if isinstance(unwrap(model), Normalized):
         raise ConfigError("mean/std: the model already normalises its inputs (it is a Normalized model, e.g. from a "
                           "run directory); drop --mean/--std")
     wrapped = Normalized(model, mean, std)

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from .base import Normalized, Stats, make_source, model_source, normalise, parse_stats, record, unwrap
 from .checkpoint import WEIGHTS_FILE, fit_state_dict, load, read_state_dict
+from .outputs import LogitsKey, parse_logits_key, with_logits
 from .zoo import MODELS, build_model, list_models
 
 CALLABLE_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -33,7 +34,7 @@ SPEC_FORMS = ("a zoo name", "a run directory", "a .safetensors file", "package.m
 
 def resolve(spec: nn.Module | str | os.PathLike, weights: str | os.PathLike | None = None, *,
             mean: Stats | None = None, std: Stats | None = None, map_location: str | torch.device = "cpu",
-            **kwargs) -> nn.Module:
+            logits: LogitsKey | None = None, **kwargs) -> nn.Module:
     """The model ``spec`` names, with ``weights`` loaded and, given ``mean``/``std``, wrapped in ``Normalized``.
 
     ``spec``: an ``nn.Module`` (used as is); a gradguard run directory or ``.safetensors`` file; a zoo name
@@ -41,14 +42,15 @@ def resolve(spec: nn.Module | str | os.PathLike, weights: str | os.PathLike | No
     ``torchvision:NAME`` / ``timm:NAME`` (built without pretrained weights, with ``**kwargs``).
     ``weights``: ``.safetensors`` or a ``.pt``/``.pth``/``.bin`` state dict (read tensors-only), loaded strictly into
     the model before normalisation. ``mean``/``std``: one value or one per channel, so eps stays in pixel space.
-    The mode (train/eval) is left as the builder made it. Errors name the argument (``model``, ``weights``,
+    ``logits``: for a model whose output is not a logits tensor, the key or index that holds them (``Logits``;
+    an output with ``.logits`` needs none), recorded so that a run directory rebuilds the same selection. The mode (train/eval) is left as the builder made it. Errors name the argument (``model``, ``weights``,
     ``model_kwargs``, ``mean``/``std``) and the fix.
     """
     mean, std = parse_stats(mean, std)
     model = _base_model(spec, kwargs)
     if weights is not None:
         model = _load_weights(model, weights)
-    return normalise(model, mean, std).to(map_location)
+    return with_logits(normalise(model, mean, std), parse_logits_key(logits)).to(map_location)
 
 
 def resolve_source(source: dict, *, with_weights: bool = True, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -65,7 +67,7 @@ def resolve_source(source: dict, *, with_weights: bool = True, map_location: str
         _check_recorded_weights(Path(weights), source.get("weights_sha256"))
     try:
         return resolve(source["spec"], weights, mean=source.get("mean"), std=source.get("std"),
-                       map_location=map_location, **kwargs)
+                       map_location=map_location, logits=source.get("logits"), **kwargs)
     except ConfigError as error:
         if source.get("module_file") and "no module" in str(error):
             raise ConfigError(f"{error} (when recorded it was {source['module_file']})") from None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from .rundir import ModelRun, RunData, attack_groups, result_samples, same_samples, same_threat, threat_label
@@ -47,10 +48,12 @@ def model_summary(model: ModelRun, root) -> dict:
     robust, source = _combined(robustness, headline or {})
     basis = robustness or headline or {}
     return {
-        "label": model.label,
+        "label": model_label(model),
         "path": _relative(model.path, root),
         "architecture": ((model.sidecar or {}).get("model") or {}).get("name"),
-        "model_source": model.manifest.get("model_source_text") or _described_source(model),
+        "model_source": _with_output(model.manifest.get("model_source_text") or _described_source(model),
+                                     model.manifest.get("model_output")),
+        "model_output": model.manifest.get("model_output"),
         "method": _method_name(model),
         "threat": threat,
         "clean_accuracy": _number(basis.get("clean_accuracy")) if basis else clean_accuracy(model),
@@ -160,6 +163,23 @@ def _threat_group_summary(group: dict) -> dict:
             "n_samples": group.get("n_samples"), "sample_set": group.get("sample_set"),
             "clean_accuracy": group.get("clean_accuracy"),
             "attacks": _accuracies(group), "robust_accuracy": robust, "robust_accuracy_source": source}
+
+
+def model_label(model: ModelRun) -> str:
+    """A model's name in the report's table and cards: for a model gradguard did not train (``--model SPEC``), its
+    source (``mymodels:Net + net.pth``), not the run directory's name; else the run's own label."""
+    source = model.manifest.get("model_source")
+    if model.manifest.get("command") == "train" or not isinstance(source, dict) or not source.get("spec"):
+        return model.label
+    weights = source.get("weights")
+    return str(source["spec"]) + (f" + {Path(str(weights)).name}" if weights else "")
+
+
+def _with_output(text: str | None, output: str | None) -> str | None:
+    """The model's source line with where its logits came from (``model output: .logits``) when not a tensor."""
+    if not output or output in ("tensor", "unknown"):
+        return text
+    return f"{text or 'model'}; model output: {output}"
 
 
 def _described_source(model: ModelRun) -> str | None:

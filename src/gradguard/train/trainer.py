@@ -29,7 +29,7 @@ from ..attacks.base import as_labels, check_inputs, model_guard, positive_float,
 from ..diagnostics.gradflow import GradientMonitor, TrainingStopped
 from ..errors import CheckpointError, ConfigError, InputError
 from ..io import atomic_write_json, atomic_write_text
-from ..models import model_spec, state_tensors, unwrap
+from ..models import as_logits_model, model_spec, state_tensors, unwrap
 from ..models import save as save_model
 from ..rng import per_sample_generators
 from ..threat import Linf, ThreatModel
@@ -190,6 +190,8 @@ class Trainer:
         if threat is not None and not isinstance(threat, ThreatModel):
             raise ConfigError(f"threat: expected a ThreatModel such as Linf(eps=0.1), got {type(threat).__name__}")
         self.model = model
+        # what training passes run: the model's logits, also for a dict / tuple / ModelOutput (models.Logits)
+        self.logits_model = as_logits_model(model)
         self.threat = threat
         self.method = get_method(method, threat, **(method_kwargs or {}))
         if self.method.threat is None:
@@ -278,11 +280,11 @@ class Trainer:
         self.config = self._resolved_config()
         self.ema = WeightAverage(unwrap(self.model), self.ema_decay) if self.ema_decay is not None else None
         start_epoch = self._prepare_run_dir()
-        self.train_model = self.model
+        self.train_model = self.logits_model
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.train_model is not self.model and hasattr(self.monitor, "distributed"):
+                self.logits_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.train_model is not self.logits_model and hasattr(self.monitor, "distributed"):
             self.monitor.distributed = True  # combine activation statistics over ranks: records as one process
         self.guard_batch = self._guard_batch() if self.co_guard else None
         last_good = self._snapshot()
@@ -345,7 +347,7 @@ class Trainer:
             # Random starts and noise keyed by (seed, epoch, sample): the same draws on 1 or N processes.
             with (per_sample_generators(self.seed, epoch, indices) if indices is not None
                   else contextlib.nullcontext()):
-                output = self.method.compute(self.train_model, self.model, x, y, threat)
+                output = self.method.compute(self.train_model, self.logits_model, x, y, threat)
             objective = self.loss_weight * output.loss + (self.l2 * self.l2_penalty() if self.l2 > 0 else 0.0)
             (objective * share).backward()
             grad_norm = self._clip_gradients()
@@ -425,7 +427,7 @@ class Trainer:
         """Clean logits for the accuracy display when a method trains on adversarial points only (eval mode,
         so BatchNorm statistics stay untouched)."""
         with model_guard(self.model):
-            return self.model(x)
+            return self.logits_model(x)
 
     # ------------------------------------------------------------------------------------------------
     # Schedules
@@ -860,7 +862,7 @@ def final_evaluation(model: nn.Module, data: tuple[Tensor, Tensor], threat: Thre
                     "n_samples": report.n_samples}
     x, y = data
     with model_guard(model), torch.no_grad():
-        clean = float((model(x).argmax(1) == y).float().mean())
+        clean = float((as_logits_model(model)(x).argmax(1) == y).float().mean())
     result = PGD(model, threat, steps=50, restarts=5, seed=seed).run(x, y)
     return {"suite": f"pgd-50x5 (fallback: {note})", "clean_acc": clean,
             "robust_acc": result.accuracy, "n_samples": int(y.shape[0])}

@@ -1,0 +1,291 @@
+"""The output adapter: where in a model's output its logits are, and the first-pass check of model and data.
+
+Models do not all return a logits tensor: Hugging Face classifiers return a ``ModelOutput`` with ``.logits``, others
+a dict or a ``(logits, features)`` tuple. ``select_logits`` is the one place that finds the logits in an output:
+a tensor is used as is, an output with a ``logits`` attribute or key is used through it automatically, any other
+output needs an explicit key or index — ``Logits(model, key)`` in Python, ``--logits KEY|INDEX`` on the command
+line — and without one the error names that option and shows what the output looked like.
+
+``first_pass`` runs a model once on a couple of samples before any work: it checks that the data, the
+normalisation (``mean``/``std``) and the model's first layer agree on the number of channels, turns an exception
+of the model into one line naming the input shape (chained, so Python still shows the original), and says where
+the logits were found (``"model output: .logits"``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, GradguardError, ModelOutputError, ShapeError
+
+LogitsKey = Union[str, int]
+AUTO_KEY = "logits"
+FLAG = "--logits"
+
+
+def select_logits(output: Any, key: LogitsKey | None = None) -> Tensor:
+    """The logits tensor in ``output``: ``output[key]`` / ``output.key`` for a string key, ``output[key]`` for an
+    integer index; with ``key=None`` the output itself when it is a tensor, else its ``logits`` attribute or key.
+    Raises ModelOutputError naming ``--logits`` / ``Logits(model, key)`` and the output's structure otherwise."""
+    if key is None:
+        if isinstance(output, Tensor):
+            return output
+        found = _lookup(output, AUTO_KEY)
+        if isinstance(found, Tensor):
+            return found
+        raise ModelOutputError(f"model: the model returned {describe_output(output)}, not a logits tensor; "
+                               f"{_advice(output)}")
+    if isinstance(output, Tensor):
+        raise ModelOutputError(f"logits: the model already returns a logits tensor (shape {tuple(output.shape)}), "
+                               f"so there is nothing to select with {key!r}; drop {FLAG} (Python: Logits)")
+    found = _lookup(output, key)
+    if found is _MISSING:
+        raise ModelOutputError(f"logits: the model's output has no {_key_text(output, key)} (it returned "
+                               f"{describe_output(output)}); {_advice(output, key)}")
+    if not isinstance(found, Tensor):
+        raise ModelOutputError(f"logits: the model's output{_key_text(output, key)} is {describe_output(found)}, not a "
+                               f"logits tensor (the model returned {describe_output(output)}); {_advice(output, key)}")
+    return found
+
+
+_MISSING: Any = object()
+
+
+def _lookup(output: Any, key: LogitsKey) -> Any:
+    if isinstance(key, int) and not isinstance(key, bool):
+        if isinstance(output, (tuple, list)):
+            return output[key] if -len(output) <= key < len(output) else _MISSING
+        if isinstance(output, Mapping):  # a dict keyed by integers, or a ModelOutput (indexable by position)
+            if key in output:
+                return output[key]
+            values = list(output.values())
+            return values[key] if hasattr(output, "to_tuple") and -len(values) <= key < len(values) else _MISSING
+        return _MISSING
+    if isinstance(output, Mapping) and key in output:
+        return output[key]
+    if not isinstance(output, (Tensor, Mapping, tuple, list)) and isinstance(key, str):
+        return getattr(output, key, _MISSING)
+    return _MISSING
+
+
+def _key_text(output: Any, key: LogitsKey) -> str:
+    """How ``key`` reads on ``output``: ``.logits`` for an attribute (a ModelOutput), ``['out']``, ``[0]``."""
+    if isinstance(key, str) and (hasattr(output, "to_tuple") or not isinstance(output, (Mapping, tuple, list))):
+        return f".{key}"
+    return f"[{key!r}]"
+
+
+def output_label(output: Any, key: LogitsKey | None) -> str:
+    """Where the logits came from, for run.json and the report: ``tensor``, ``.logits``, ``['out']``, ``[0]``."""
+    if key is None:
+        if isinstance(output, Tensor):
+            return "tensor"
+        key = AUTO_KEY
+    return _key_text(output, key)
+
+
+def describe_output(output: Any, depth: int = 0) -> str:
+    """A short picture of a model's output: ``a dict {'out': Tensor(2, 10), 'feat': Tensor(2, 64)}``."""
+    def inner(value: Any) -> str:
+        if isinstance(value, Tensor):
+            return f"Tensor{tuple(value.shape)}"
+        if depth >= 1 or not isinstance(value, (Mapping, tuple, list)):
+            return type(value).__name__
+        return describe_output(value, depth + 1).removeprefix("a ")
+
+    if isinstance(output, Tensor):
+        return f"a tensor of shape {tuple(output.shape)}"
+    if isinstance(output, Mapping):
+        items = list(output.items())[:6]
+        text = ", ".join(f"{k!r}: {inner(v)}" for k, v in items) + (", …" if len(output) > 6 else "")
+        return f"a {type(output).__name__} {{{text}}}"
+    if isinstance(output, (tuple, list)):
+        text = ", ".join(inner(v) for v in list(output)[:6]) + (", …" if len(output) > 6 else "")
+        return f"a {type(output).__name__} of {len(output)} ({text})"
+    fields = {name: value for name, value in vars(output).items() if not name.startswith("_")} \
+        if hasattr(output, "__dict__") else {}
+    if fields:
+        return f"a {type(output).__name__} ({', '.join(f'{k}: {inner(v)}' for k, v in list(fields.items())[:6])})"
+    return f"a {type(output).__name__}"
+
+
+def _candidates(output: Any) -> list[LogitsKey]:
+    """Keys / indices of ``output`` that hold 2-D tensors (batch, classes): the likely logits, first first."""
+    if isinstance(output, Mapping):
+        pairs: list[tuple[LogitsKey, Any]] = list(output.items())
+    elif isinstance(output, (tuple, list)):
+        pairs = list(enumerate(output))
+    else:
+        return []
+    return [k for k, v in pairs if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] >= 2]
+
+
+def _advice(output: Any, key: LogitsKey | None = None) -> str:
+    candidates = [k for k in _candidates(output) if k != key]
+    example: LogitsKey = candidates[0] if candidates else (0 if isinstance(output, (tuple, list)) else "KEY")
+    return (f"say which part holds the logits with {FLAG} {example} (Python: gradguard.models.Logits(model, "
+            f"{example!r})), or make forward() return the logits tensor")
+
+
+def parse_logits_key(text: str | int | None) -> LogitsKey | None:
+    """``--logits`` as typed: an integer index (``0``, ``-1``) or a key name (``out``); None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    text = text.strip()
+    if not text:
+        raise ConfigError(f"logits: expected a key name or an integer index, e.g. {FLAG} logits or {FLAG} 0; "
+                          "got an empty string")
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+class Logits(nn.Module):
+    """``model`` whose forward returns only its logits tensor: ``Logits(model, "out")`` for a dict or an object with
+    that key/attribute, ``Logits(model, 0)`` for a ``(logits, features)`` tuple, ``Logits(model)`` (``key=None``) for
+    the automatic choice — a tensor as is, else the output's ``logits``.
+
+    Every gradguard entry point adapts a model this way by itself when its output has ``logits``; pass the wrapper
+    for any other output. It holds no weights of its own: run directories store the wrapped model's weights and
+    record ``key``, so a reloaded model selects the same part (``gradguard.models.unwrap`` looks through it).
+    """
+
+    def __init__(self, model: nn.Module, key: LogitsKey | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ModelOutputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(key, bool) or (key is not None and not isinstance(key, (str, int))):
+            raise ConfigError(f"logits: expected a key name (str) or an index (int), got {key!r}")
+        self.model = model
+        self.key = key
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return select_logits(self.model(*args, **kwargs), self.key)
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}"
+
+
+def as_logits_model(model: nn.Module) -> nn.Module:
+    """``model`` adapted so that calling it gives a logits tensor: a ``Logits`` model as it is, any other wrapped
+    in the automatic ``Logits(model)``. What every Python entry point (evaluate, check_masking, certify,
+    curvature, Trainer) does first."""
+    return model if isinstance(model, Logits) else Logits(model)
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The model inside ``Logits`` wrappers (the one whose layers and weights are the user's)."""
+    while isinstance(model, Logits):
+        model = model.model
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# The first pass: model, data and normalisation agree before any work
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class FirstPass:
+    """What the first pass found: the model to use (adapted to return logits), where its logits came from
+    (``tensor``, ``.logits``, ``['out']``, ``[0]``), the number of classes and the input shape it was given."""
+
+    model: nn.Module
+    output: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+def first_pass(model: nn.Module, x: Tensor, logits: LogitsKey | None = None) -> FirstPass:
+    """Run ``model`` once on ``x`` (a couple of samples) in eval mode without gradients and check it before any work.
+
+    The data's channels, the per-channel ``mean``/``std`` of a ``Normalized`` model and the model's first layer must
+    agree (one line naming the three otherwise); an exception of the model becomes one ``ModelOutputError`` line
+    naming the input shape (chained to the original); the logits are found in the output (``select_logits``,
+    ``logits`` as the key or index; None is automatic) and checked to be (batch, classes) finite numbers. Returns
+    the model to use — wrapped in ``Logits`` (and recording the key) when its output is not a tensor — with a
+    label saying where the logits came from.
+    """
+    from ..attacks.base import check_logits, model_guard
+    from .base import Normalized
+
+    if logits is not None:
+        model = with_logits(model, logits)
+    if x.shape[0] == 0:  # nothing to run on: the command's own checks refuse empty data
+        return FirstPass(model, "unknown", 0, tuple(x.shape))
+    data_channels = int(x.shape[1]) if x.dim() == 4 else None
+    normalized = _find(model, Normalized)
+    stats = int(normalized.mean.shape[1]) if normalized is not None and normalized.mean.dim() == 4 else None
+    first, expects = _first_layer(model)
+    if data_channels is not None and stats is not None and stats != data_channels:
+        raise ShapeError(f"mean/std: {_channels(data_channels, stats, expects)}; give --mean/--std one value per data "
+                         f"channel ({data_channels}) or a single value for all")
+    try:
+        with model_guard(model), torch.no_grad():
+            output = model.model(x) if isinstance(model, Logits) else model(x)
+    except GradguardError:
+        raise
+    except Exception as error:
+        if data_channels is not None and expects is not None and expects != data_channels:
+            raise ShapeError(f"model: {_channels(data_channels, stats, expects)} ({first}); use data with {expects} "
+                             f"channel{'s' if expects != 1 else ''} or a model built for {data_channels}") from error
+        raise ModelOutputError(f"model: the first forward pass, on an input of shape {tuple(x.shape)}, raised "
+                               f"{type(error).__name__}: {_first_line(error)}; check that the model fits this data "
+                               "(channels, image size, dtype)") from error
+    key = logits if logits is not None else getattr(model, "key", None)
+    tensor = select_logits(output, key)
+    check_logits(tensor, x.shape[0])
+    label = output_label(output, key)
+    if not isinstance(output, Tensor) and not isinstance(model, Logits):
+        model = with_logits(model, AUTO_KEY)
+    return FirstPass(model, label, int(tensor.shape[1]), tuple(x.shape))
+
+
+def _channels(data: int, stats: int | None, expects: int | None) -> str:
+    parts = [f"the data has {data} channel{'s' if data != 1 else ''}"]
+    parts.append(f"--mean/--std have {stats} values" if stats is not None else "no per-channel --mean/--std")
+    if expects is not None:
+        parts.append(f"the model's first layer expects {expects}")
+    return ", ".join(parts)
+
+
+def _first_line(error: BaseException) -> str:
+    text = " ".join(str(error).strip().splitlines()[:1]).strip()
+    return text[:300] or "(no message)"
+
+
+def _find(model: nn.Module, kind: type) -> Any:
+    from .base import unwrap
+
+    return next((m for m in unwrap(model).modules() if isinstance(m, kind)), None)
+
+
+def _first_layer(model: nn.Module) -> tuple[str, int | None]:
+    """The first convolution in ``model`` (name and class) and the channels it takes, or ("", None)."""
+    from .base import unwrap
+
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+            return f"{name or 'the model'}: {type(module).__name__}", int(module.in_channels)
+    return "", None
+
+
+def with_logits(model: nn.Module, key: LogitsKey | None) -> nn.Module:
+    """``Logits(model, key)`` carrying ``model``'s records with ``logits=key`` added (so a run directory rebuilds the
+    same selection); a model that already selects is re-keyed. ``model`` itself when ``key`` is None."""
+    from .base import model_source, model_spec, record, unwrap
+
+    if key is None:
+        return model
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise ConfigError(f"logits: expected a key name (str) or an index (int), got {key!r}")
+    inner = inner_model(model)
+    source, spec = model_source(model), model_spec(model)
+    wrapped = Logits(inner, key)
+    if source is not None:
+        source["logits"] = key
+        record(unwrap(wrapped), source=source, spec=spec)
+    return wrapped

@@ -592,12 +592,16 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
     ``amp`` runs the attacks' gradients and queries under autocast (successes re-checked in float32);
     ``channels_last`` runs model and attacks in the NHWC layout. Under torchrun ``evaluate`` shards the batches
     over the ranks itself (each rank journals its own file); rank 0 alone writes the results."""
+    import math
+
     from .attacks.base import prepare_model
     from .evaluation import evaluate, evaluate_curve
     from .io import atomic_write_json
     from .train import distributed
 
     data = test_samples(dataset)
+    if curve:  # the curve runs after the evaluation: its eps are checked for units now, before any work
+        threat.with_eps(max(curve)).check_input_size(math.prod(data.input_shape))
     if resume and not holds_journal(run_dir):
         raise ConfigError(f"resume: no unfinished evaluation in {str(run_dir)!r} (no {JOURNAL_FILE}); run without "
                           "--resume")

@@ -1,5 +1,6 @@
 """The eps check on the command line: an eps in the wrong units is refused in one line with no run directory, a
-large one warns, fractions such as 8/255 are accepted (flags and config files)."""
+large one warns, fractions such as 8/255 are accepted (flags and config files); and the refusal to resume with a
+changed threat, worded for the command line."""
 from __future__ import annotations
 
 import json
@@ -155,3 +156,63 @@ def test_config_files_take_fractions(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--out", tmp_path / "t", "--config", config)
     one_line(code, err, "did you mean 8/255 = 0.0314?")
     assert not (tmp_path / "t").exists()
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_resuming_with_a_changed_threat_shows_both_and_the_flags_that_fix_it(model_flags, tmp_path, capsys):
+    from gradguard.evaluation import journal
+
+    settings = [*model_flags, "--suite", "fgsm", "--samples", "24", "--batch-size", "8"]
+    runs = tmp_path / "runs"
+    append = journal.JournalWriter.append
+    calls = []
+
+    def ctrl_c_after_the_first_block(self, record):
+        append(self, record)
+        calls.append(record)
+        if len(calls) == 2:  # the header, then one finished block
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(journal.JournalWriter, "append", ctrl_c_after_the_first_block)
+        code, _, err = run_cli(capsys, "evaluate", *settings, "--eps", "0.1", "--out", runs / "run")
+    assert code == 130
+    code, _, err = run_cli(capsys, "evaluate", *settings, "--eps", "0.2", "--out", runs / "run", "--resume")
+    line = one_line(code, err, "resume: the interrupted evaluation in", ".run.partial",
+                    "threat: recorded linf eps=0.1, given linf eps=0.2", "pass the recorded --norm linf --eps 0.1",
+                    "choose a new --out", "drop --resume and add --force")
+    assert "add --resume" not in line and "resume=False" not in line
+    assert (runs / ".run.partial" / "robustness.journal.jsonl").is_file()  # the finished work is still kept
+    code, _, err = run_cli(capsys, "evaluate", *settings, "--eps", "0.1", "--out", runs / "run", "--resume")
+    assert code == 0, err
+
+    calls.clear()
+    with pytest.MonkeyPatch.context() as patch:  # in an existing run directory: dropping --resume starts over
+        patch.setattr(journal.JournalWriter, "append", ctrl_c_after_the_first_block)
+        assert run_cli(capsys, "evaluate", runs / "run", *QUICK[:2], "--samples", "24", "--batch-size", "8")[0] == 130
+    code, _, err = run_cli(capsys, "evaluate", runs / "run", *QUICK[:2], "--samples", "24", "--batch-size", "8",
+                           "--eps", "8/255", "--seed", "2", "--resume")
+    line = one_line(code, err, "threat: recorded linf eps=0.1, given linf eps=0.0313725",
+                    "seed: recorded 0, given 2", "--norm linf --eps 0.1 --seed 0", "drop --resume to start over")
+    assert "add --resume" not in line and "resume=False" not in line and "--out" not in line
+
+
+def test_resuming_training_with_a_changed_threat_shows_both(tmp_path, capsys, monkeypatch):
+    from gradguard.train import Trainer
+
+    settings = ["--epochs", "2", "--train-samples", "100", "--samples", "20", "--method", "fgsm", "--seed", "4"]
+    end_of_epoch = Trainer._end_of_epoch
+
+    def ctrl_c_after_epoch_1(self, epoch, metrics, step_log):
+        end_of_epoch(self, epoch, metrics, step_log)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_end_of_epoch", ctrl_c_after_epoch_1)
+    out = tmp_path / "run"
+    assert run_cli(capsys, "train", "--out", out, *settings, "--eps", "0.1")[0] == 130
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "train", "--out", out, *settings, "--eps", "0.2", "--resume")
+    line = one_line(code, err, "resume: the interrupted training in", "threat: recorded linf eps=0.1, given linf "
+                    "eps=0.2", "pass the recorded --norm linf --eps 0.1", "choose a new --out")
+    assert "add --resume" not in line and "run_dir" not in line
+    assert (tmp_path / ".run.partial").is_dir() and not out.exists()

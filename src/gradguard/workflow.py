@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, GradguardError
+from .errors import CheckpointError, ConfigError, GradguardError, ResumeMismatchError
 
 DEFAULT_EPS = {"linf": 0.1, "l2": 1.0, "l1": 5.0}
 # name -> (class name in gradguard.attacks, default keyword arguments); classes that have not landed are skipped.
@@ -118,7 +118,10 @@ def staged_run_dir(out: str | Path, *, replace: bool = False, resumable: bool = 
             if made:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        hint = f"the finished work is kept in {str(staging)!r}; add --resume to the same command to continue"
+        if isinstance(error, ResumeMismatchError):  # kept; its message says how to continue it
+            raise
+        again = "run the same command again" if resume else "add --resume to the same command"
+        hint = f"the finished work is kept in {str(staging)!r}; {again} to continue"
         if isinstance(error, GradguardError):
             raise type(error)(f"{one_line(error)}; {hint}") from error
         if isinstance(error, KeyboardInterrupt):

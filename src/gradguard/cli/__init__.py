@@ -17,9 +17,10 @@ import warnings
 from typing import Any, Iterator, Sequence
 
 from .. import __version__
-from ..errors import ConfigError, GradguardError
+from ..errors import ConfigError, GradguardError, ResumeMismatchError
 from . import attack, certify, demo, diagnose, evaluate, listing, report, train
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, OneLineParser, common_options
+from .resume import resume_refusal
 
 COMMAND_MODULES = (demo, train, attack, evaluate, certify, diagnose, report, listing)
 
@@ -109,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         with process_group(args), _warning_lines(rank):
             result, text = args.handler(args)
+    except ResumeMismatchError as error:  # worded for the command line: flags, not resume=False
+        assert args is not None
+        return _fail(f"error: {resume_refusal(error, args)}", error, rank, EXIT_ERROR)
     except GradguardError as error:
         return _fail(f"error: {one_line(error)}", error, rank, EXIT_ERROR, in_options=args is None)
     except KeptPartialRun as interrupted:

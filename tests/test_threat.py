@@ -205,3 +205,18 @@ def test_check_eps_false_allows_a_deliberate_whole_box_ball():
     assert threat == Linf(eps=1.0, check_eps=False) and threat.to_dict() == {"norm": "linf", "eps": 1.0,
                                                                               "bounds": [0.0, 1.0]}
     assert Linf(eps=0.1).with_eps(2.0, check_eps=False).eps == 2.0
+
+
+def test_an_eps_warmup_warns_once_not_at_every_step_of_its_ramp():
+    from gradguard.threat import LargeEpsWarning
+    from gradguard.train import Trainer
+
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Trainer(model, "fgsm", threat=Linf(eps=0.5), epochs=2, batch_size=8, eps_warmup_epochs=1, progress=False,
+                val_attack=None).fit((x, y))
+    assert sum(issubclass(w.category, LargeEpsWarning) for w in seen) == 1  # the full eps, when it was built
+    with pytest.raises(ConfigError, match="L2 diameter"):  # and the full eps is checked against the data
+        Trainer(model, "fgsm", threat=L2(eps=8.0), epochs=1, eps_warmup_epochs=1, progress=False).fit((x, y))

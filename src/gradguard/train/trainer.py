@@ -445,7 +445,10 @@ class Trainer:
         if self.threat is None or self.eps_warmup_epochs == 0:
             return self.threat
         fraction = min(1.0, (step + 1) / (self.eps_warmup_epochs * self.steps_per_epoch))
-        return self.threat.with_eps(self.threat.eps * fraction)
+        if fraction == 1.0:
+            return self.threat
+        # below the full eps, which is checked for units: no second check (a warning) at every step of the ramp
+        return self.threat.with_eps(self.threat.eps * fraction, check_eps=False)
 
     # ------------------------------------------------------------------------------------------------
     # Data

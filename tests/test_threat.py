@@ -202,8 +202,8 @@ def test_check_eps_false_allows_a_deliberate_whole_box_ball():
     threat = Linf(eps=1.0, check_eps=False)
     threat.check_against(torch.rand(2, 5))
     L2(eps=100.0, check_eps=False).check_against(torch.rand(2, 5))
-    assert threat == Linf(eps=1.0, check_eps=False) and threat.to_dict() == {"norm": "linf", "eps": 1.0,
-                                                                              "bounds": [0.0, 1.0]}
+    assert threat == Linf(eps=1.0, check_eps=False) and threat_from_dict(threat.to_dict()).check_eps is False
+    assert Linf(eps=0.1).to_dict() == {"norm": "linf", "eps": 0.1, "bounds": [0.0, 1.0]}  # as before
     assert Linf(eps=0.1).with_eps(2.0, check_eps=False).eps == 2.0
 
 

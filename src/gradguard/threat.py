@@ -162,7 +162,8 @@ class ThreatModel:
         return step_size * self._unit_direction(grad, x_adv)
 
     def to_dict(self) -> dict:
-        return {"norm": self.norm, "eps": self.eps, "bounds": list(self.bounds)}
+        unchecked = {} if self.check_eps else {"check_eps": False}  # a deliberate whole-box ball reads back as one
+        return {"norm": self.norm, "eps": self.eps, "bounds": list(self.bounds), **unchecked}
 
     # -- what each norm defines -----------------------------------------------------------------
     def _norm(self, flat: Tensor) -> Tensor:
@@ -313,6 +314,8 @@ def threat_from_dict(spec: dict) -> ThreatModel:
     if norm not in kinds:
         raise ConfigError(f"norm: unknown threat norm {spec.get('norm')!r}; choose one of {sorted(kinds)}")
     extra = {"sparsity": spec["sparsity"]} if norm == "l1" and "sparsity" in spec else {}
+    if spec.get("check_eps") is False:
+        extra["check_eps"] = False
     return kinds[norm](eps=spec["eps"], bounds=tuple(spec.get("bounds", (0.0, 1.0))), **extra)
 
 

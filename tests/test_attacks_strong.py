@@ -66,7 +66,7 @@ def test_strong_attack_stays_in_ball_and_bounds_and_leaves_model_untouched(
     model[1].weight.requires_grad_(False)  # and a frozen parameter must stay frozen
     x = torch.rand(batch, channels, side, side)
     y = torch.randint(0, classes, (batch,))
-    threat = NORMS[norm](eps=eps)
+    threat = NORMS[norm](eps=eps, check_eps=False)  # the invariants hold for any radius, also past the box
     before = model_state(model)
     attack = build(model, threat, targeted=targeted and can_target, restarts=restarts, early_stop=early_stop, seed=seed)
     result = attack.run(x, y)
@@ -166,7 +166,7 @@ def linear_problem():
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_deepfool_matches_the_minimal_perturbation_on_a_linear_model(linear_problem, norm):
     model, w, b, x, labels = linear_problem
-    threat = NORMS[norm](eps=100.0, bounds=(-50.0, 50.0))
+    threat = NORMS[norm](eps=100.0, bounds=(-50.0, 50.0), check_eps=False)  # no budget: the raw minimum
     result = DeepFool(model, threat).run(x, labels)
     margin = (x @ w + b).abs()
     dual = w.norm() if norm == "l2" else w.abs().sum()
@@ -179,7 +179,7 @@ def test_deepfool_matches_the_minimal_perturbation_on_a_linear_model(linear_prob
 
 def test_cw_finds_nearly_the_minimal_l2_perturbation_on_a_linear_model(linear_problem):
     model, w, b, x, labels = linear_problem
-    threat = L2(eps=100.0, bounds=(-1.5, 1.5))
+    threat = L2(eps=100.0, bounds=(-1.5, 1.5), check_eps=False)  # no budget: the raw minimum
     result = CW(model, threat, steps=200).run(x, labels)  # default lr 0.01, 9 binary-search steps
     minimal = (x @ w + b).abs() / w.norm()
     distance = threat.distance(result.x_adv, x)
@@ -270,7 +270,8 @@ def test_deepfool_and_cw_flip_most_digits_with_a_generous_l2_budget(digits_mlp, 
 
 def test_cw_confidence_is_met_when_the_budget_allows(digits_mlp, digits_batch):
     x, y = digits_batch[0][:15], digits_batch[1][:15]
-    result = CW(digits_mlp, L2(eps=10.0), steps=100, binary_search_steps=5, confidence=2.0, lr=0.05).run(x, y)
+    unbounded = L2(eps=10.0, check_eps=False)  # past the box's L2 diameter (8): no budget
+    result = CW(digits_mlp, unbounded, steps=100, binary_search_steps=5, confidence=2.0, lr=0.05).run(x, y)
     assert bool(result.success.all())
     assert bool((result.loss >= 2.0 - 1e-4).all())  # the margin max_{i≠y} z_i − z_y at the returned point
     assert math.isfinite(float(result.loss.sum()))

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gradguard import Linf
-from gradguard.errors import ConfigError
+from gradguard.errors import ConfigError, ResumeMismatchError
 from gradguard.evaluation import evaluate
 from gradguard.evaluation.journal import model_fingerprint
 
@@ -161,9 +161,14 @@ def test_a_journal_of_another_configuration_is_refused(digits_mlp, data, tmp_pat
                 batch_size=BATCH, seed=5)
     for name, change in changes.items():
         arguments = {**base, **change}
-        with pytest.raises(ConfigError, match=f"another {name}.*delete the journal"):
+        with pytest.raises(ResumeMismatchError, match=f"another .*{name}.*pass resume=False") as refused:
             evaluate(arguments.pop("model"), arguments.pop("data"), arguments.pop("threat"), journal=path,
                      resume=True, **arguments)
+        assert name in refused.value.changes and refused.value.where == str(tmp_path)
+    with pytest.raises(ResumeMismatchError, match=r"\(threat: recorded linf eps=0\.1, given linf eps=0\.2; seed: "
+                       r"recorded 5, given 6\)"):  # the recorded values beside the given ones
+        evaluate(digits_mlp, base["data"], Linf(eps=0.2), ["fgsm"], batch_size=BATCH, seed=6, journal=path,
+                 resume=True)
 
 
 def test_resume_needs_a_journal_and_no_adversarial_points(digits_mlp, data, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def _batch(seed: int, shape=(4, 1, 5, 5)) -> torch.Tensor:
 @settings(max_examples=25, deadline=None)
 @given(eps=st.floats(0.0, 3.0), seed=st.integers(0, 10_000), scale=st.floats(0.01, 10.0))
 def test_project_lands_in_ball_and_box(kind, eps, seed, scale):
-    threat = kind(eps=eps)
+    threat = kind(eps=eps, check_eps=False)  # the geometry holds for any radius, also one past the box
     x = _batch(seed)
     wild = x + scale * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
     projected = threat.project(wild, x)
@@ -35,7 +36,7 @@ def test_project_lands_in_ball_and_box(kind, eps, seed, scale):
 @settings(max_examples=20, deadline=None)
 @given(eps=st.floats(0.0, 2.0), seed=st.integers(0, 10_000))
 def test_random_start_inside_ball_and_box(kind, eps, seed):
-    threat = kind(eps=eps)
+    threat = kind(eps=eps, check_eps=False)
     x = _batch(seed)
     start = threat.random_start(x, torch.Generator().manual_seed(seed))
     assert bool(threat.contains(start, x).all())
@@ -58,7 +59,7 @@ def test_linf_random_start_fills_the_ball():
 
 @pytest.mark.parametrize("kind,expected", [(Linf, 1.0), (L2, 1.0), (L1, 1.0)])
 def test_ascent_step_has_the_requested_length(kind, expected):
-    threat = kind(eps=1.0)
+    threat = kind(eps=1.0, check_eps=False)
     grad = torch.randn(6, 3, 4, 4)
     step = threat.ascent_step(grad, 0.5)
     norms = threat.distance(step, torch.zeros_like(step))
@@ -100,7 +101,7 @@ def test_l1_projection_is_the_euclidean_projection(seed, radius):
 def test_distance_per_norm():
     x = torch.zeros(1, 4)
     x_adv = torch.tensor([[0.3, -0.4, 0.0, 0.0]])
-    assert math.isclose(float(Linf(eps=1).distance(x_adv, x)), 0.4, rel_tol=1e-6)
+    assert math.isclose(float(Linf(eps=0.1).distance(x_adv, x)), 0.4, rel_tol=1e-6)
     assert math.isclose(float(L2(eps=1).distance(x_adv, x)), 0.5, rel_tol=1e-6)
     assert math.isclose(float(L1(eps=1).distance(x_adv, x)), 0.7, rel_tol=1e-6)
 
@@ -110,7 +111,7 @@ def test_contains_rejects_points_outside_ball_or_box():
     x = torch.full((3, 2), 0.5)
     candidates = torch.tensor([[0.55, 0.45], [0.7, 0.5], [0.5, 0.5]])
     assert threat.contains(candidates, x).tolist() == [True, False, True]
-    assert not bool(Linf(eps=1.0).contains(torch.tensor([[1.2, 0.5]]), torch.tensor([[0.9, 0.5]])))
+    assert not bool(Linf(eps=0.3).contains(torch.tensor([[1.2, 0.5]]), torch.tensor([[0.9, 0.5]])))
 
 
 @pytest.mark.parametrize("eps", [-0.1, float("nan"), float("inf"), "abc"])
@@ -131,3 +132,91 @@ def test_threat_round_trips_through_dict():
     assert make_threat("l2", 0.5) == L2(eps=0.5)
     with pytest.raises(ConfigError, match="norm"):
         make_threat("l7", 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The eps check: a ball that holds the whole box is a units mistake
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eps,intent", [(8, "did you mean 8/255 = 0.0314?"), (2, "did you mean 2/255 = 0.00784?"),
+                                        (1.0, "did you mean 1/255")])
+def test_linf_eps_that_covers_the_box_is_refused_naming_the_likely_intent(eps, intent):
+    with pytest.raises(ConfigError, match="eps: ") as refused:
+        Linf(eps=eps)
+    message = str(refused.value)
+    assert intent in message and "width of the box [0, 1]" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="eps: "):
+        make_threat("linf", eps)  # the spelling the command line takes
+    with pytest.raises(ConfigError, match="eps: "):
+        Linf(eps=0.1).with_eps(eps)  # a curve's or a schedule's eps too
+
+
+def test_linf_eps_is_measured_against_the_box_width():
+    with pytest.raises(ConfigError, match=r"did you mean 8/255 of the box width = 0\.0627\?"):
+        Linf(eps=8, bounds=(-1, 1))
+    with pytest.raises(ConfigError, match="units of the bounds"):  # not a pixel level either: no guess
+        Linf(eps=300)
+    assert Linf(eps=8, bounds=(0, 255)).eps == 8  # pixel levels on a [0, 255] box are fine
+
+
+def test_large_linf_eps_warns_and_customary_budgets_do_not():
+    from gradguard.threat import LargeEpsWarning
+
+    with pytest.warns(LargeEpsWarning, match=r"eps: 0\.5 is more than 0\.3 x the width of the box \[0, 1\]"):
+        Linf(eps=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for eps in (0.0, 8 / 255, 0.1, 0.3):  # 0.3: MNIST's customary budget, the largest in common use
+            assert Linf(eps=eps).eps == eps
+        L2(eps=0.5).check_against(torch.rand(2, 3, 32, 32))
+        L1(eps=12.0).check_against(torch.rand(2, 3, 32, 32))
+
+
+def test_l2_and_l1_eps_past_the_boxs_diameter_are_refused_on_the_first_input():
+    x = torch.rand(2, 1, 4, 4)  # 16 values: L2 diameter 4, L1 diameter 16
+    l2 = L2(eps=4.0)  # built: the input size is not known yet
+    with pytest.raises(ConfigError, match=r"L2 diameter of the box \[0, 1\] for inputs of 16 values \(4\)"):
+        l2.check_against(x)
+    with pytest.raises(ConfigError, match=r"did you mean 20/255 = 0\.0784\?"):
+        L1(eps=20.0).check_against(x)
+    from gradguard.threat import LargeEpsWarning
+
+    with pytest.warns(LargeEpsWarning, match="L2 diameter"):
+        L2(eps=2.0).check_against(x)
+    L2(eps=1.0).check_against(x)
+
+
+def test_every_attack_and_evaluation_checks_the_eps_against_its_inputs():
+    from gradguard import evaluate
+    from gradguard.attacks import PGD
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ConfigError, match="L2 diameter"):
+        PGD(model, L2(eps=5.0), steps=2).run(x, y)
+    with pytest.raises(ConfigError, match="L1 diameter"):
+        evaluate(model, (x, y), L1(eps=16.0), ["fgsm"])
+    assert PGD(model, L2(eps=0.5), steps=2).run(x, y).x_adv.shape == x.shape  # valid usage still works
+
+
+def test_check_eps_false_allows_a_deliberate_whole_box_ball():
+    threat = Linf(eps=1.0, check_eps=False)
+    threat.check_against(torch.rand(2, 5))
+    L2(eps=100.0, check_eps=False).check_against(torch.rand(2, 5))
+    assert threat == Linf(eps=1.0, check_eps=False) and threat_from_dict(threat.to_dict()).check_eps is False
+    assert Linf(eps=0.1).to_dict() == {"norm": "linf", "eps": 0.1, "bounds": [0.0, 1.0]}  # as before
+    assert Linf(eps=0.1).with_eps(2.0, check_eps=False).eps == 2.0
+
+
+def test_an_eps_warmup_warns_once_not_at_every_step_of_its_ramp():
+    from gradguard.threat import LargeEpsWarning
+    from gradguard.train import Trainer
+
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Trainer(model, "fgsm", threat=Linf(eps=0.5), epochs=2, batch_size=8, eps_warmup_epochs=1, progress=False,
+                val_attack=None).fit((x, y))
+    assert sum(issubclass(w.category, LargeEpsWarning) for w in seen) == 1  # the full eps, when it was built
+    with pytest.raises(ConfigError, match="L2 diameter"):  # and the full eps is checked against the data
+        Trainer(model, "fgsm", threat=L2(eps=8.0), epochs=1, eps_warmup_epochs=1, progress=False).fit((x, y))

@@ -260,7 +260,8 @@ def test_existing_run_is_not_overwritten_without_resume(digits, tmp_path):
     train("standard", digits, epochs=1, run_dir=tmp_path)
     with pytest.raises(ConfigError, match="resume=True"):
         train("standard", digits, epochs=1, run_dir=tmp_path)
-    with pytest.raises(ConfigError, match="different settings"):
+    with pytest.raises(ConfigError, match=r"other settings \(lr: recorded [0-9.e-]+, given 0\.5\); resume with the "
+                       "recorded settings"):
         train("standard", digits, epochs=1, run_dir=tmp_path, resume=True, lr=0.5)
 
 

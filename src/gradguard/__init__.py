@@ -18,12 +18,12 @@ from .evaluation import RobustnessCurve, RobustnessReport, evaluate, evaluate_cu
 from .evaluation.certify import CertifyResult, certify  # noqa: E402
 from .models import Logits, Normalized, build_model, list_models  # noqa: E402
 from .report import build_report  # noqa: E402
-from .threat import L1, L2, Linf, ThreatModel, make_threat  # noqa: E402
+from .threat import L1, L2, LargeEpsWarning, Linf, ThreatModel, make_threat  # noqa: E402
 from .train import Trainer  # noqa: E402
 
 __all__ = [
     # threat models and attacks
-    "Linf", "L2", "L1", "ThreatModel", "make_threat", "Logits", "Normalized", "attacks",
+    "Linf", "L2", "L1", "ThreatModel", "make_threat", "LargeEpsWarning", "Logits", "Normalized", "attacks",
     # evaluation and diagnostics
     "evaluate", "evaluate_curve", "RobustnessReport", "RobustnessCurve", "check_masking",
     "GradientMonitor", "Finding", "certify", "CertifyResult",

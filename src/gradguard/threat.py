@@ -7,7 +7,8 @@ distance — so an attack is written once and works for every norm.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -16,6 +17,15 @@ from torch import Tensor
 from .errors import ConfigError
 
 _TINY = 1e-12
+# An eps above this fraction of the box's diameter in the threat's norm gets a LargeEpsWarning: for L∞ on [0, 1]
+# that is 0.3, MNIST's customary budget and the largest in common use (CIFAR-10 uses 8/255 ≈ 0.031).
+LARGE_EPS_FRACTION = 0.3
+_CUSTOMARY = {"linf": "L∞: 0.3 on MNIST, 8/255 = 0.0314 on CIFAR-10", "l2": "L2: 2 on MNIST, 0.5 on CIFAR-10",
+              "l1": "L1: 10 on MNIST, 12 on CIFAR-10"}
+
+
+class LargeEpsWarning(UserWarning):
+    """An eps that is allowed but larger than any customary budget: most likely in the wrong units."""
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -32,10 +42,17 @@ class ThreatModel:
     """An Lp ball of radius ``eps`` intersected with the box ``bounds``.
 
     Subclasses fix the norm. All methods take batched tensors (batch, ...) and work per sample.
+
+    An eps whose ball holds the whole box (L∞: eps >= the box width; L2 / L1: eps >= the box's diameter in that
+    norm, known once the input size is, see ``check_input_size``) is refused as a units mistake (``8`` meant
+    ``8/255``), and one above ``LARGE_EPS_FRACTION`` of it warns (``LargeEpsWarning``). ``check_eps=False``
+    turns both off, for deliberate whole-box probes (a minimal-perturbation attack with a huge eps, the
+    masking checklist's unbounded attack).
     """
 
     eps: float
     bounds: tuple[float, float] = (0.0, 1.0)
+    check_eps: bool = field(default=True, kw_only=True, compare=False, repr=False)
     norm: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
@@ -53,6 +70,50 @@ class ThreatModel:
             raise ConfigError(f"bounds: need finite low < high, got {self.bounds!r}; e.g. bounds=(0, 1)")
         object.__setattr__(self, "eps", eps)
         object.__setattr__(self, "bounds", (lo, hi))
+        self._check_eps_size(None, stacklevel=4)  # L∞ here; L2 and L1 once the input size is known
+
+    # -- the eps check: a ball that holds the whole box is a units mistake ----------------------------------
+    def diameter(self, size: int | None) -> float | None:
+        """The radius at which the ball around any point of the box holds the whole box, for inputs of ``size``
+        values per sample; None while the size is not known (L∞ does not need it)."""
+        return None
+
+    def check_input_size(self, size: int) -> None:
+        """Refuse an eps at or above the box's diameter for inputs of ``size`` elements per sample (ConfigError,
+        naming the likely intent); warn above ``LARGE_EPS_FRACTION`` of it. Called on every attack's, evaluation's
+        and training's inputs (``attacks.base.check_inputs``), before any work."""
+        if self.diameter(None) is None:  # else (L∞) it was checked when built
+            self._check_eps_size(int(size), stacklevel=3)
+
+    def check_against(self, x: Tensor) -> None:
+        """``check_input_size`` for a batch ``x`` of shape (batch, ...)."""
+        self.check_input_size(math.prod(x.shape[1:]))
+
+    def _check_eps_size(self, size: int | None, stacklevel: int) -> None:
+        diameter = self.diameter(size)
+        if not self.check_eps or diameter is None:
+            return
+        lo, hi = self.bounds
+        box = f"[{lo:g}, {hi:g}]"
+        what = (f"width of the box {box}" if size is None else
+                f"{self.norm.upper()} diameter of the box {box} for inputs of {size} values ({diameter:.4g})")
+        if self.eps >= diameter:
+            raise ConfigError(f"eps: {self.eps:g} is at least the {what}, so the {self.norm} ball holds every input "
+                              f"and no robust accuracy means anything; {self._likely_intent(diameter)}")
+        if self.eps > LARGE_EPS_FRACTION * diameter:
+            warnings.warn(f"eps: {self.eps:g} is more than {LARGE_EPS_FRACTION:g} x the {what}, larger than any "
+                          f"customary budget ({_CUSTOMARY.get(self.norm, 'see docs/evaluate.md')}); check its units",
+                          LargeEpsWarning, stacklevel=stacklevel)
+
+    def _likely_intent(self, diameter: float) -> str:
+        """An eps given in 0-255 pixel levels, scaled to the box: the fix the refusal suggests."""
+        lo, hi = self.bounds
+        guess = self.eps / 255 * (hi - lo)
+        if guess <= LARGE_EPS_FRACTION * diameter:
+            of_width = "" if hi - lo == 1 else " of the box width"
+            return f"did you mean {self.eps:g}/255{of_width} = {guess:.3g}? (eps is in the units of the bounds)"
+        return (f"give eps in the units of the bounds [{lo:g}, {hi:g}] (for images in [0, 1]: 8/255 = 0.0314 for 8 "
+                "of 255 pixel levels)")
 
     # -- geometry every norm shares -------------------------------------------------------------
     def clip(self, x: Tensor) -> Tensor:
@@ -86,9 +147,9 @@ class ThreatModel:
         in_box = _flat((x_adv >= lo - tol) & (x_adv <= hi + tol)).all(dim=1)
         return in_box & (self.distance(x_adv, x) <= self.eps + tol)
 
-    def with_eps(self, eps: float) -> "ThreatModel":
-        """The same threat model with another radius."""
-        return replace(self, eps=eps)
+    def with_eps(self, eps: float, *, check_eps: bool | None = None) -> "ThreatModel":
+        """The same threat model with another radius (``check_eps``: as this one's unless given)."""
+        return replace(self, eps=eps) if check_eps is None else replace(self, eps=eps, check_eps=check_eps)
 
     def ascent_step(self, grad: Tensor, step_size: float | Tensor, x_adv: Tensor | None = None) -> Tensor:
         """The steepest-ascent step of length ``step_size`` in this norm for gradient ``grad``.
@@ -101,7 +162,8 @@ class ThreatModel:
         return step_size * self._unit_direction(grad, x_adv)
 
     def to_dict(self) -> dict:
-        return {"norm": self.norm, "eps": self.eps, "bounds": list(self.bounds)}
+        unchecked = {} if self.check_eps else {"check_eps": False}  # a deliberate whole-box ball reads back as one
+        return {"norm": self.norm, "eps": self.eps, "bounds": list(self.bounds), **unchecked}
 
     # -- what each norm defines -----------------------------------------------------------------
     def _norm(self, flat: Tensor) -> Tensor:
@@ -122,6 +184,9 @@ class Linf(ThreatModel):
     """L∞ ball: every pixel moves by at most ``eps``."""
 
     norm: ClassVar[str] = "linf"
+
+    def diameter(self, size: int | None) -> float | None:
+        return self.bounds[1] - self.bounds[0]
 
     def _norm(self, flat: Tensor) -> Tensor:
         return flat.abs().amax(dim=1)
@@ -146,6 +211,9 @@ class L2(ThreatModel):
     """L2 ball: the perturbation's Euclidean norm is at most ``eps``."""
 
     norm: ClassVar[str] = "l2"
+
+    def diameter(self, size: int | None) -> float | None:
+        return None if size is None else (self.bounds[1] - self.bounds[0]) * math.sqrt(size)
 
     def _norm(self, flat: Tensor) -> Tensor:
         return flat.norm(p=2, dim=1)
@@ -185,6 +253,9 @@ class L1(ThreatModel):
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "sparsity": self.sparsity}
+
+    def diameter(self, size: int | None) -> float | None:
+        return None if size is None else (self.bounds[1] - self.bounds[0]) * size
 
     def _norm(self, flat: Tensor) -> Tensor:
         return flat.abs().sum(dim=1)
@@ -243,6 +314,8 @@ def threat_from_dict(spec: dict) -> ThreatModel:
     if norm not in kinds:
         raise ConfigError(f"norm: unknown threat norm {spec.get('norm')!r}; choose one of {sorted(kinds)}")
     extra = {"sparsity": spec["sparsity"]} if norm == "l1" and "sparsity" in spec else {}
+    if spec.get("check_eps") is False:
+        extra["check_eps"] = False
     return kinds[norm](eps=spec["eps"], bounds=tuple(spec.get("bounds", (0.0, 1.0))), **extra)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, GradguardError
+from .errors import CheckpointError, ConfigError, GradguardError, ResumeMismatchError
 
 DEFAULT_EPS = {"linf": 0.1, "l2": 1.0, "l1": 5.0}
 # name -> (class name in gradguard.attacks, default keyword arguments); classes that have not landed are skipped.
@@ -118,7 +118,10 @@ def staged_run_dir(out: str | Path, *, replace: bool = False, resumable: bool = 
             if made:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        hint = f"the finished work is kept in {str(staging)!r}; add --resume to the same command to continue"
+        if isinstance(error, ResumeMismatchError):  # kept; its message says how to continue it
+            raise
+        again = "run the same command again" if resume else "add --resume to the same command"
+        hint = f"the finished work is kept in {str(staging)!r}; {again} to continue"
         if isinstance(error, GradguardError):
             raise type(error)(f"{one_line(error)}; {hint}") from error
         if isinstance(error, KeyboardInterrupt):
@@ -771,6 +774,8 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
     ``amp`` runs the attacks' gradients and queries under autocast (successes re-checked in float32);
     ``channels_last`` runs model and attacks in the NHWC layout. Under torchrun ``evaluate`` shards the batches
     over the ranks itself (each rank journals its own file); rank 0 alone writes the results."""
+    import math
+
     from .attacks.base import prepare_model
     from .evaluation import evaluate, evaluate_curve
     from .io import atomic_write_json
@@ -778,6 +783,8 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
     from .train import distributed
 
     data = test_samples(dataset)
+    if curve:  # the curve runs after the evaluation: its eps are checked for units now, before any work
+        threat.with_eps(max(curve)).check_input_size(math.prod(data.input_shape))
     if resume and not holds_journal(run_dir):
         raise ConfigError(f"resume: no unfinished evaluation in {str(run_dir)!r} (no {JOURNAL_FILE}); run without "
                           "--resume")

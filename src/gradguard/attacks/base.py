@@ -696,7 +696,8 @@ class Attack:
 # Argument checks shared with evaluation and training
 # ------------------------------------------------------------------------------------------------
 def check_inputs(x: Any, threat: ThreatModel, argument: str = "x") -> Tensor:
-    """A finite floating (batch, ...) tensor inside the threat model's bounds."""
+    """A finite floating (batch, ...) tensor inside the threat model's bounds, for which the threat's eps is not
+    larger than the box (``ThreatModel.check_against``: an eps in the wrong units is refused here, before work)."""
     if not isinstance(x, Tensor):
         raise InputError(f"{argument}: expected a torch.Tensor, got {type(x).__name__}; use torch.as_tensor(...)")
     if not x.is_floating_point():
@@ -707,6 +708,7 @@ def check_inputs(x: Any, threat: ThreatModel, argument: str = "x") -> Tensor:
     if x.dim() < 2:
         raise ShapeError(f"{argument}: expected shape (batch, ...) with at least 2 dims, got {tuple(x.shape)}; "
                          f"add a batch dimension with {argument}.unsqueeze(0)")
+    threat.check_against(x)
     x = x.detach()
     if x.numel() == 0:
         return x

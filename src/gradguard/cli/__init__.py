@@ -10,14 +10,17 @@ Errors: a ``GradguardError`` or a bad argument exits non-zero with one line on s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from typing import Any, Sequence
+import warnings
+from typing import Any, Iterator, Sequence
 
 from .. import __version__
-from ..errors import ConfigError, GradguardError
+from ..errors import ConfigError, GradguardError, ResumeMismatchError
 from . import attack, certify, demo, diagnose, evaluate, listing, report, train
 from .common import EXIT_ERROR, EXIT_INTERRUPTED, OneLineParser, common_options
+from .resume import resume_refusal
 
 COMMAND_MODULES = (demo, train, attack, evaluate, certify, diagnose, report, listing)
 
@@ -105,8 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         if not runs_here(args, rank):
             return 0
-        with process_group(args):
+        with process_group(args), _warning_lines(rank):
             result, text = args.handler(args)
+    except ResumeMismatchError as error:  # worded for the command line: flags, not resume=False
+        assert args is not None
+        return _fail(f"error: {resume_refusal(error, args)}", error, rank, EXIT_ERROR)
     except GradguardError as error:
         return _fail(f"error: {one_line(error)}", error, rank, EXIT_ERROR, in_options=args is None)
     except KeptPartialRun as interrupted:
@@ -133,6 +139,26 @@ def _fail(message: str, error: BaseException, rank: int, status: int, *, in_opti
         where = f" (rank {rank})" if rank else ""
         print(f"gradguard{where}: {message}", file=sys.stderr)
     return status
+
+
+@contextlib.contextmanager
+def _warning_lines(rank: int) -> Iterator[None]:
+    """A gradguard warning (an eps far above customary budgets) is one "gradguard: warning: ..." line on stderr,
+    from rank 0, once per message; other warnings show as Python shows them."""
+    from ..threat import LargeEpsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", LargeEpsWarning)
+        shown = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *where: Any, **more: Any) -> None:
+            if not issubclass(category, LargeEpsWarning):
+                shown(message, category, *where, **more)
+            elif rank == 0:
+                print(f"gradguard: warning: {message}", file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
 
 
 def _json_default(value: Any) -> Any:

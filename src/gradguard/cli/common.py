@@ -65,7 +65,9 @@ def device_options(parser: argparse.ArgumentParser, *, amp: bool = True) -> None
 def threat_options(parser: argparse.ArgumentParser, eps_help: str) -> None:
     group = parser.add_argument_group("threat model")
     group.add_argument("--norm", choices=["linf", "l2", "l1"], default=None, help="perturbation norm (default linf)")
-    group.add_argument("--eps", type=non_negative_float, default=None, help=eps_help)
+    group.add_argument("--eps", type=eps_value, default=None, help=f"{eps_help}; a number or a fraction such as "
+                       "8/255, in the data's units (images in [0, 1]); an eps that covers the whole box is refused, "
+                       "one above 0.3 of it warns (docs/evaluate.md)")
 
 
 def data_options(parser: argparse.ArgumentParser, *, dataset_default: str | None, samples_default: int | None,
@@ -103,6 +105,28 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def eps_value(text: str) -> float:
+    """An eps: a number >= 0 or a fraction such as 8/255 (8 of 255 pixel levels, exactly the float 8/255)."""
+    try:
+        value = number_or_fraction(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def number_or_fraction(text: str) -> float:
+    """"0.03" -> 0.03, "8/255" -> 8 / 255; a ValueError that says what is wrong otherwise."""
+    numerator, slash, denominator = str(text).strip().partition("/")
+    try:
+        return float(numerator) / float(denominator) if slash else float(numerator)
+    except ZeroDivisionError:
+        raise ValueError(f"{text!r} divides by zero; write a fraction such as 8/255") from None
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number or a fraction such as 8/255") from None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -114,12 +138,13 @@ def positive_int(text: str) -> int:
 
 
 def parse_eps_list(text: str | Sequence[float]) -> list[float]:
-    """"0,0.05,0.1" (or a list from a config file) -> sorted distinct eps values, each finite and >= 0."""
+    """"0,0.05,0.1" or "0,2/255,8/255" (or a list from a config file) -> sorted distinct eps values, each finite
+    and >= 0."""
     values = text if isinstance(text, (list, tuple)) else [v for v in str(text).split(",") if v.strip()]
     try:
-        eps = [float(v) for v in values]
-    except ValueError:
-        raise ConfigError(f"curve: expected comma-separated numbers such as 0,0.05,0.1, got {text!r}") from None
+        eps = [number_or_fraction(v) for v in values]
+    except ValueError as error:
+        raise ConfigError(f"curve: {error} (in {text!r})") from None
     if not eps or any(not math.isfinite(e) or e < 0 for e in eps):
         raise ConfigError(f"curve: eps values must be finite and >= 0, got {text!r}")
     return sorted(set(eps))

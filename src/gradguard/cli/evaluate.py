@@ -36,7 +36,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                         "(in RUN_DIR, or for --out DIR in .DIR.partial); same model, data, suite and threat")
     parser.add_argument("--suite", default="standard", help="quick | fast | lite | standard | rand | classic | "
                         "comma-separated attack names (default standard; rand for randomised models)")
-    parser.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1")
+    parser.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1 "
+                        "or 0,2/255,8/255 (each checked like --eps)")
     parser.add_argument("--curve-suite", default="quick", help="suite for the curve (default quick)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default 256)")
     data_options(parser, dataset_default=None, samples_default=1000, split=True,

@@ -336,7 +336,9 @@ class _Probe:
 
     def monotone_in_eps(self, x: Tensor, y: Tensor, pgd_acc: float, cause: str) -> Check:
         eps_values = [m * self.threat.eps for m in EPS_MULTIPLIERS]
-        accuracies = [pgd_acc if m == 1.0 else _mean(self.correct_after(self.pgd(self.threat.with_eps(e)), x, y))
+        # up to 4x eps on purpose: no units check (the user's eps was checked)
+        accuracies = [pgd_acc if m == 1.0 else
+                      _mean(self.correct_after(self.pgd(self.threat.with_eps(e, check_eps=False)), x, y))
                       for m, e in zip(EPS_MULTIPLIERS, eps_values, strict=True)]
         rise = max([0.0] + [b - a for a, b in zip(accuracies[:-1], accuracies[1:], strict=True)])
         status = _grade(rise, NOT_MONOTONE)
@@ -348,7 +350,8 @@ class _Probe:
 
     def unbounded(self, x: Tensor, y: Tensor, cause: str) -> Check:
         eps = self.box_eps(x)
-        accuracy = _mean(self.correct_after(self.pgd(self.threat.with_eps(eps), steps=max(self.steps, 50)), x, y))
+        whole_box = self.threat.with_eps(eps, check_eps=False)  # the ball holds the box on purpose
+        accuracy = _mean(self.correct_after(self.pgd(whole_box, steps=max(self.steps, 50)), x, y))
         status = _grade(accuracy, UNBOUNDED_ACCURACY)
         return Check("unbounded_attack_succeeds", status, {"eps": eps, "pgd_accuracy": accuracy},
                      "with the whole box allowed, PGD breaks every sample" if status == PASS else

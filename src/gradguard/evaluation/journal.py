@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ResumeMismatchError, describe_changes
 
 FORMAT = 1
 CHECKED = ("model", "suite", "threat", "seed", "batch_size", "max_samples", "data")
+UNSHOWN = ("model", "data")  # fingerprints: a refusal names them without their values
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -115,8 +116,11 @@ def _check_header(file: Path, found: Any, expected: dict) -> None:
                           "pass another journal path, or delete the file")
     differs = [key for key in CHECKED if not _same(key, found.get(key), expected.get(key))]
     if differs:
-        raise ConfigError(f"journal: {str(file)!r} was written for another {', '.join(differs)}; delete the journal "
-                          "(or pass resume=False to start over) to evaluate this configuration")
+        changes = {key: None if key in UNSHOWN else (found.get(key), expected.get(key)) for key in differs}
+        raise ResumeMismatchError(
+            f"journal: {str(file)!r} was written for another {', '.join(differs)} ({describe_changes(changes)}); "
+            "to continue it, call again with the recorded settings; to evaluate these, pass resume=False (the "
+            "journal is replaced) or another journal path", changes, where=str(file.parent))
 
 
 def _same(key: str, found: Any, expected: Any) -> bool:

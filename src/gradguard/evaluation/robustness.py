@@ -579,8 +579,9 @@ def evaluate_curve(
     model = as_logits_model(model)  # a dict / tuple / ModelOutput: its logits (gradguard.models.Logits)
     _check_threat(threat)
     eps_list = _eps_values(eps_values)
+    largest = threat.with_eps(eps_list[-1])  # an eps in the wrong units is refused (L2 / L1: at the first block)
     specs = resolve_suite(suite, amp=amp, compile=compile)
-    source = BlockSource(data, threat, batch_size, max_samples)
+    source = BlockSource(data, largest, batch_size, max_samples)
     shard = resolve_shard(distributed)
     cascade = _Cascade(model, specs, seed)
     tallies: list[dict] = []

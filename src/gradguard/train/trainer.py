@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..attacks import FGSM, PGD
 from ..attacks.base import as_labels, check_inputs, model_guard, positive_float, positive_int
 from ..diagnostics.gradflow import GradientMonitor, TrainingStopped
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError, ResumeMismatchError, describe_changes
 from ..io import atomic_write_json, atomic_write_text
 from ..models import as_logits_model, model_spec, state_tensors, unwrap
 from ..models import save as save_model
@@ -447,7 +447,10 @@ class Trainer:
         if self.threat is None or self.eps_warmup_epochs == 0:
             return self.threat
         fraction = min(1.0, (step + 1) / (self.eps_warmup_epochs * self.steps_per_epoch))
-        return self.threat.with_eps(self.threat.eps * fraction)
+        if fraction == 1.0:
+            return self.threat
+        # below the full eps, which is checked for units: no second check (a warning) at every step of the ramp
+        return self.threat.with_eps(self.threat.eps * fraction, check_eps=False)
 
     # ------------------------------------------------------------------------------------------------
     # Data
@@ -769,8 +772,10 @@ class Trainer:
         if stored.get("method", {}).get("name") != current["method"]["name"]:
             different.append("method")
         if different:
-            raise ConfigError(f"resume: the run in {str(run_dir)!r} used different settings for {different}; "
-                              "resume with the same settings or start a new run_dir")
+            changes = {key: (stored.get(key), current.get(key)) for key in different}
+            raise ResumeMismatchError(f"resume: the run in {str(run_dir)!r} was trained with other settings "
+                                      f"({describe_changes(changes)}); resume with the recorded settings, or train "
+                                      "into a new run_dir", changes, where=str(run_dir))
 
     def _end_of_epoch(self, epoch: int, metrics: dict, step_log: list[dict]) -> None:
         if self.is_main and self.run_dir is not None:

@@ -107,8 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.manual_seed(args.seed)
-        if args.threads is not None:
-            threads = torch.get_num_threads()
+        if args.threads is not None:  # intra-op threads only: the inter-op count can be set once per process and
+            threads = torch.get_num_threads()  # never restored, and tests call main in-process
             torch.set_num_threads(args.threads)
         if not runs_here(args, rank):
             return 0

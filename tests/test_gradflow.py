@@ -341,7 +341,8 @@ def test_monitor_does_no_work_on_non_sampled_steps(monkeypatch):
         # 3 layer pre-hooks (Linear, BatchNorm, Linear) + 2 activation hooks + 6 parameter gradient hooks
         assert len(hooks) == 3 + 2 + 6
         assert [name for s, name in calls if s == step].count("_finish_sample") == 1
-    assert hooks_on_step_8 == 0 and hooks_on_step_10 == 3 + 2
+    # step 10's model hooks: 3 layer pre-hooks + 2 activation hooks + the model's own output hook (its width C)
+    assert hooks_on_step_8 == 0 and hooks_on_step_10 == 3 + 2 + 1
     assert model_hooks() == 0 and monitor.step_count == 10
 
 

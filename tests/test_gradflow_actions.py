@@ -207,3 +207,76 @@ def test_trainer_stops_on_a_fatal_finding_records_it_and_keeps_the_last_saved_ep
     assert all(torch.isfinite(p).all() for p in saved.parameters())  # the saved epoch-1 model, not the NaN one
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "stopped" and "nonfinite" in events[-1]["rule"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Not learning: thrown off by a too-large step, then stuck at (or above) chance
+# ------------------------------------------------------------------------------------------------
+def small_cnn(seed: int = 0) -> nn.Module:
+    """Two strided convolutions, global average pooling, a linear head: at SGD lr 2 its gradient spikes and the loss
+    then sits above chance (the fault benchmark's CNN, smaller)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def train_cnn(digits, optimiser: str, lr: float, steps: int = 60) -> tuple[GradientMonitor, list[str]]:
+    model = small_cnn()
+    opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if optimiser == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=lr))
+    generator, seen = torch.Generator().manual_seed(0), []
+    with GradientMonitor(model, every=2, optimizer=opt, on_finding=lambda f: seen.append(f.kind)) as monitor:
+        for _ in range(steps):
+            batch = torch.randint(0, len(digits.y_train), (64,), generator=generator)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(digits.x_train[batch]), digits.y_train[batch])
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+    return monitor, seen
+
+
+def test_a_cnn_thrown_off_by_a_too_high_lr_and_stuck_at_chance_is_not_learning(digits):
+    monitor, _ = train_cnn(digits, "sgd", lr=2.0)
+    found = [f for f in monitor.findings() if f.kind == "not_learning"]
+    assert found, [f.kind for f in monitor.findings()]
+    evidence = found[0].evidence
+    assert evidence["output_width"] == 10 and evidence["chance_loss"] == pytest.approx(2.302585, rel=1e-6)
+    assert evidence["loss_recent"] >= max(evidence["loss_start"], evidence["chance_loss"])
+    assert evidence["ratio"] >= 1.0 and evidence["grad_growth"] >= 4.0
+    assert all(r["output_width"] == 10 for r in monitor.records)
+    assert "learning rate" in found[0].advice
+
+
+def test_a_healthy_cnn_is_never_flagged_as_not_learning(digits):
+    monitor, seen = train_cnn(digits, "adam", lr=1e-2)
+    assert "not_learning" not in kinds(monitor.findings()) and "not_learning" not in seen  # not even for a while
+
+
+def test_not_learning_rule_on_records():
+    def records(losses: list[float], norms: list[float], width: int | None = 10) -> list[dict]:
+        return [{"step": s, "layer": "a", "index": 0, "weight_norm": 1.0, "update_ratio": 1e-3, "update_norm": 1e-3,
+                 "grad_norm": norm, "numel": 1, "loss": loss, "output_width": width}
+                for s, (loss, norm) in enumerate(zip(losses, norms, strict=True))]
+
+    spike = [1.0, 1.0, 1.0, 50.0, 20.0, 10.0, 5.0, 5.0, 5.0, 5.0]
+    flat = [1.0] * 10
+    stuck = [2.30, 2.30, 2.30, 4.0, 3.0, 2.5, 2.4, 2.37, 2.36, 2.36]  # recent 2.37: 3 % above ln 10 and its start
+    assert kinds(findings_from_records(records(stuck, spike))) == {"not_learning"}
+    # a slow starter: the same loss level with a gradient that never spiked
+    assert kinds(findings_from_records(records(stuck, flat))) == set()
+    # diverged: 13 % above chance and its start, whatever the gradient did
+    diverged = [2.30, 2.30, 2.30, 2.4, 2.5, 2.6, 2.6, 2.6, 2.6, 2.6]
+    found = findings_from_records(records(diverged, flat))
+    assert kinds(found) == {"not_learning"} and found[0].evidence["ratio"] == pytest.approx(2.6 / 2.302585)
+    # a spike the run recovered from: the loss fell below its start
+    assert kinds(findings_from_records(records([2.3, 2.3, 2.3, 4.0, 2.0, 1.5, 1.2, 1.1, 1.0, 0.9], spike))) == set()
+    # a loss that started above chance (a ViT's init) and fell, though it is still above chance: learning
+    assert kinds(findings_from_records(records([2.6, 2.6, 2.6, 3.0, 2.5, 2.45, 2.4, 2.4, 2.4, 2.4], spike))) == set()
+    # a fine-tune below chance that diverged past it; without a known width, the start is the bar
+    assert kinds(findings_from_records(records([0.3, 0.3, 0.3, 5.0, 3.0, 2.6, 2.5, 2.5, 2.5, 2.5], spike))) \
+        == {"not_learning"}
+    assert kinds(findings_from_records(records([0.3, 0.3, 0.3, 5.0, 1.0, 0.6, 0.5, 0.5, 0.5, 0.5], spike,
+                                               width=None))) == {"not_learning"}
+    # the warm-up: fewer than START_SAMPLES + RECENT_SAMPLES losses decide nothing
+    assert kinds(findings_from_records(records(stuck[:7], spike[:7]))) == set()

@@ -69,10 +69,14 @@ def resolve_device(name: str | None) -> Any:
 
 
 def device_record(device, *, amp: str | None = None, channels_last: bool = False) -> dict:
-    """How a command ran, for its results: device, autocast precision, memory layout and process count."""
+    """How a command ran, for its results: device, autocast precision, memory layout, process count and the CPU
+    threads torch used (``--threads``)."""
+    import torch
+
     from .train.distributed import world_size
 
-    return {"device": str(device), "amp": amp, "channels_last": bool(channels_last), "world_size": world_size()}
+    return {"device": str(device), "amp": amp, "channels_last": bool(channels_last), "world_size": world_size(),
+            "threads": torch.get_num_threads()}
 
 
 # ================================================================================================

@@ -2,16 +2,19 @@
 
 Built on argparse (standard library, no dependency; see docs/cli.md). One module per command registers its
 options and turns the parsed arguments into a call to ``gradguard.workflow``, which does the work; the command
-then prints a short table (or JSON with ``--json``). Every command takes ``--seed``, ``--device``, ``--config FILE``
-and ``--json``.
+then prints a short table (or JSON with ``--json``). Every command takes ``--seed``, ``--device``, ``--threads N``,
+``--config FILE`` and ``--json``.
 
-Errors: a ``GradguardError`` or a bad argument exits non-zero with one line on stderr and no traceback.
+Errors: a ``GradguardError`` or a bad argument exits non-zero with one line on stderr and no traceback. A reader
+that closes the pipe early (``gradguard list --json | head -1``) ends the command quietly: exit 0 when only the
+printing of a finished result was cut short, ``EXIT_CLOSED_PIPE`` (141) when the work itself was stopped.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import sys
 import warnings
 from typing import Any, Iterator, Sequence
@@ -19,7 +22,7 @@ from typing import Any, Iterator, Sequence
 from .. import __version__
 from ..errors import ConfigError, GradguardError, ResumeMismatchError
 from . import attack, certify, demo, diagnose, evaluate, listing, report, train
-from .common import EXIT_ERROR, EXIT_INTERRUPTED, OneLineParser, common_options
+from .common import EXIT_CLOSED_PIPE, EXIT_ERROR, EXIT_INTERRUPTED, OneLineParser, common_options
 from .resume import resume_refusal
 
 COMMAND_MODULES = (demo, train, attack, evaluate, certify, diagnose, report, listing)
@@ -101,11 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rank = launch_rank()
     args = None
+    threads = None  # torch's thread count before --threads, restored on return (tests call main in-process)
     try:
         args = parse_args(argv)
         import torch
 
         torch.manual_seed(args.seed)
+        if args.threads is not None:  # intra-op threads only: the inter-op count can be set once per process and
+            threads = torch.get_num_threads()  # never restored, and tests call main in-process
+            torch.set_num_threads(args.threads)
         if not runs_here(args, rank):
             return 0
         with process_group(args), _warning_lines(rank):
@@ -113,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ResumeMismatchError as error:  # worded for the command line: flags, not resume=False
         assert args is not None
         return _fail(f"error: {resume_refusal(error, args)}", error, rank, EXIT_ERROR)
+    except BrokenPipeError:  # progress written to a pipe whose reader has gone (`gradguard train 2>&1 | head -1`)
+        return _closed_pipe(0 if args is None else EXIT_CLOSED_PIPE)
     except GradguardError as error:
         return _fail(f"error: {one_line(error)}", error, rank, EXIT_ERROR, in_options=args is None)
     except KeptPartialRun as interrupted:
@@ -121,13 +130,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("interrupted; nothing half-written was kept", interrupted, rank, EXIT_INTERRUPTED)
     except OSError as error:  # disk full, permission denied while writing, ...
         return _fail(f"error: {one_line(error)}", error, rank, EXIT_ERROR)
+    finally:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
     if rank != 0:
         return 0
-    if args.json:
-        print(json.dumps(result, indent=2, default=_json_default))
-    else:
-        print(text)
+    try:
+        print(json.dumps(result, indent=2, default=_json_default) if args.json else text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader took what it wanted (`gradguard list --json | head -1`): the work is done
+        return _closed_pipe(0)
     return 0
+
+
+def _closed_pipe(status: int) -> int:
+    """A closed pipe is a quiet exit: point stdout and stderr at the null device, so that neither what is left in
+    their buffers nor the interpreter's final flush raises again (and prints a traceback), and return ``status``."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            descriptor = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor (tests)
+            continue
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, descriptor)
+        finally:
+            os.close(null)
+    return status
 
 
 def _fail(message: str, error: BaseException, rank: int, status: int, *, in_options: bool = False) -> int:
@@ -137,7 +168,10 @@ def _fail(message: str, error: BaseException, rank: int, status: int, *, in_opti
 
     if rank == 0 or (not in_options and shown_error(error, rank)):
         where = f" (rank {rank})" if rank else ""
-        print(f"gradguard{where}: {message}", file=sys.stderr)
+        try:
+            print(f"gradguard{where}: {message}", file=sys.stderr)
+        except BrokenPipeError:  # nobody reads stderr any more: the status still says it
+            _closed_pipe(status)
     return status
 
 

@@ -11,6 +11,10 @@ from ..errors import ConfigError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# The reader of stdout/stderr went away while the command was still working (`gradguard train 2>&1 | head -1`):
+# 128 + SIGPIPE, the status a shell shows for a program that a closed pipe ended. Once the work is done and only
+# the printing of its result is cut short (`gradguard list --json | head -1`), the exit status is 0.
+EXIT_CLOSED_PIPE = 141
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -34,12 +38,15 @@ def add_command(commands: Any, name: str, *, examples: Sequence[str], **kwargs: 
 
 # ------------------------------------------------------------------------------------------------ option groups
 def common_options() -> argparse.ArgumentParser:
-    """--seed, --device, --config, --json: taken by every command (argparse ``parents=``)."""
+    """--seed, --device, --threads, --config, --json: taken by every command (argparse ``parents=``)."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("common options")
     group.add_argument("--seed", type=int, default=0, help="fixes data order, random starts and restarts (default 0)")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N; under "
                        "torchrun each process takes cuda:LOCAL_RANK")
+    group.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                       help="CPU threads torch uses for this command (torch.set_num_threads; default: torch's own, "
+                       "one per core); lower it on a shared machine or with several torchrun processes per node")
     group.add_argument("--config", metavar="FILE", help="read options from a .toml/.json (or .yaml with PyYAML) file; "
                        "flags on the command line win")
     group.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")

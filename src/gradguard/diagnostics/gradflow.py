@@ -42,6 +42,9 @@ from .health import (
     LR_HIGH_RATIO,
     LR_LOW_LOSS_CHANGE,
     LR_LOW_RATIO,
+    NOT_LEARNING_DIVERGED,
+    NOT_LEARNING_GROWTH,
+    NOT_LEARNING_RATIO,
     RECENT_SAMPLES,
     SATURATED_FRACTION,
     SATURATION_DERIVATIVE,
@@ -53,7 +56,7 @@ from .health import (
 )
 from .plots import plot_all
 
-KINDS = ("nonfinite", "exploding", "lr_too_high", "vanishing", "stalled", "lr_too_low", "dead", "saturated",
+KINDS = ("nonfinite", "exploding", "lr_too_high", "not_learning", "vanishing", "stalled", "lr_too_low", "dead", "saturated",
          "inputs_not_normalised", "sharpness", "unrecorded")
 WHOLE_MODEL = "(whole model)"
 
@@ -73,6 +76,13 @@ ADVICE = {
         "The weights barely move (updates below one millionth of their size) and the loss does not change: "
         "the learning rate is too small to train. Raise it (typical: 1e-3 for Adam, 1e-2 to 1e-1 for SGD), "
         "or check that the schedule does not start at zero."
+    ),
+    "not_learning": (
+        "The loss has not fallen: it sits at or above both where it started and the chance level ln(C) (what a "
+        "model guessing uniformly over C classes scores), after a gradient spike or clearly above them (diverged), "
+        "so the model is learning nothing. "
+        "The usual cause is a learning rate too high for the model (a step that threw it off, from which it "
+        "never recovered): lower it 10x, add warm-up, or clip gradients by norm (Trainer(clip_grad_norm=1.0))."
     ),
     "inputs_not_normalised": (
         "The inputs reaching the first layer are large (pixels left in 0-255?), which inflates the first "
@@ -333,6 +343,7 @@ class GradientMonitor:
         self._file: IO[str] | None = None
         self._reset_sample()
         self._loss: Tensor | float | None = None  # the latest loss passed to step()
+        self._output_width: int | None = None  # C of the model's (batch, C) training output, once seen
         self._bad_loss_step: Tensor | int = -1  # first step since the last sample whose loss was NaN/inf
         self._warned_no_grad = self._warned_unrecorded = False
         self.sharpness = (SharpnessTracker(model, curvature_every, optimizer=optimizer, lr=lr, iters=curvature_iters,
@@ -403,6 +414,7 @@ class GradientMonitor:
         handles = [state.module.register_forward_pre_hook(self._layer_pre_hook) for state in self._layers]
         handles += [module.register_forward_hook(self._activation_hook) for module in self._activations]
         handles += [param.register_post_accumulate_grad_hook(self._raw_gradient_hook) for param in self._params]
+        handles.append(self.model.register_forward_hook(self._output_hook))
         self._sample_handles = handles
         self.sampling = True
 
@@ -422,6 +434,11 @@ class GradientMonitor:
     def _activation_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self.sampling:
             self._record_activation(module, output)
+
+    def _output_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        # The width of a (batch, C) output: C classes, whose chance loss ln(C) the "not_learning" rule compares.
+        if self.sampling and torch.is_grad_enabled() and isinstance(output, Tensor) and output.dim() == 2:
+            self._output_width = int(output.shape[1])
 
     def _raw_gradient_hook(self, param: Tensor) -> None:
         if self.sampling:
@@ -679,7 +696,8 @@ class GradientMonitor:
                 "saturated_fraction": saturated, "forward_index": state.forward_index,
                 "update_norm": _finite_or_none(delta_norm),
                 "loss": _finite_or_none(loss), "loss_finite": None if loss is None else math.isfinite(loss),
-                "loss_nonfinite_step": bad_loss if bad_loss >= 0 else None, **inputs,
+                "loss_nonfinite_step": bad_loss if bad_loss >= 0 else None, "output_width": self._output_width,
+                **inputs,
             })
         return records
 
@@ -885,7 +903,8 @@ def findings_from_records(records: Iterable[dict]) -> list[Finding]:
         vanishing = []  # an exactly-zero gradient behind dead units is blocked, not vanishing: "dead" says why
     high, low = _learning_rate(table, steps, layers)
     exploding = _exploding(table, steps, layers) or _overflowed(table, steps, layers, nonfinite)
-    return (nonfinite + exploding + high + vanishing + _stalled(table, steps, layers) + low
+    return (nonfinite + exploding + high + _not_learning(table, steps, layers) + vanishing
+            + _stalled(table, steps, layers) + low
             + activation + _inputs(table, steps, layers))
 
 
@@ -1125,6 +1144,40 @@ def _learning_rate(table: dict, steps: list[int], layers: list[str]) -> tuple[li
         evidence.update(threshold=LR_LOW_RATIO, loss_change=change, loss_change_threshold=LR_LOW_LOSS_CHANGE)
         return [], [Finding("lr_too_low", WHOLE_MODEL, evidence, ADVICE["lr_too_low"])]
     return [], []
+
+
+def not_learning_level(table: dict, steps: list[int], layers: list[str]) -> dict[str, Any] | None:
+    """The loss numbers the "not_learning" rule compares: the start (median of the first samples) and recent (median
+    of the latest) loss, the chance loss ln(C) when the output width C >= 2 is recorded, and ``ratio`` = recent /
+    max(start, chance). None before START_SAMPLES + RECENT_SAMPLES losses (the warm-up)."""
+    losses = _losses(table, steps, layers)
+    if len(losses) < START_SAMPLES + RECENT_SAMPLES:
+        return None
+    start, recent = _median(losses[:START_SAMPLES]), _median(losses[-RECENT_SAMPLES:])
+    widths = [record["output_width"] for record in table.values() if record.get("output_width")]
+    width = widths[-1] if widths else None
+    chance = math.log(width) if width is not None and width >= 2 else None
+    level = max(start, chance) if chance is not None else start
+    return {"loss_start": start, "loss_recent": recent, "chance_loss": chance, "output_width": width,
+            "ratio": recent / level if level > 0 else None, "samples": len(losses)}
+
+
+def _not_learning(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:
+    """Not learning: the recent loss sits at or above NOT_LEARNING_RATIO x the higher of its start and ln(C) after the
+    total gradient norm peaked NOT_LEARNING_GROWTH x above its start (a slow starter's gradient stays flat), or at or
+    above NOT_LEARNING_DIVERGED x that level whatever the gradient did (diverged)."""
+    level = not_learning_level(table, steps, layers)
+    if level is None or level["ratio"] is None or level["ratio"] < NOT_LEARNING_RATIO:
+        return []
+    totals = _total_grad_norms(table, steps, layers)
+    growth = _growth(totals)["growth"] if len(totals) >= 2 else None
+    if level["ratio"] < NOT_LEARNING_DIVERGED and (growth is None or growth < NOT_LEARNING_GROWTH):
+        return []
+    evidence = {**level, "grad_growth": growth, "ratio_threshold": NOT_LEARNING_RATIO,
+                "growth_threshold": NOT_LEARNING_GROWTH, "diverged_threshold": NOT_LEARNING_DIVERGED,
+                "measure": "ratio = median of the recent losses / max(median of the first losses, ln(output width)); "
+                           "grad_growth = peak / start of the total gradient norm"}
+    return [Finding("not_learning", WHOLE_MODEL, evidence, ADVICE["not_learning"])]
 
 
 def _inputs(table: dict, steps: list[int], layers: list[str]) -> list[Finding]:

@@ -60,6 +60,20 @@ LR_HIGH_RATIO = 1e-1
 # batches, so 1 % missed 3 of 4 frozen runs; healthy runs have ratios >= 1.8e-3, Adam at lr 1e-9 <= 1.5e-8.
 LR_LOW_RATIO = 1e-6
 LR_LOW_LOSS_CHANGE = 5e-2
+# Not learning: after START_SAMPLES + RECENT_SAMPLES samples, ``ratio`` = the recent median loss / the higher of its
+# start (median of the first samples) and the chance loss ln(C) (C = the width of the model's 2-D output, when it
+# has one; a model guessing uniformly scores ln(C) under cross-entropy). Flagged when ratio >= NOT_LEARNING_RATIO and
+# the total gradient norm peaked >= NOT_LEARNING_GROWTH x above its start (thrown off by a too-large step and stuck at
+# or above chance), or when ratio >= NOT_LEARNING_DIVERGED whatever the gradient did (the loss rose clearly above
+# both: diverged). The loss alone cannot tell a stuck run from a slow starter within 100 steps
+# (bench/diagnostics_faults.py): the digits ViT under SGD 0.02 hovers at chance (ratio up to 1.016, its gradient
+# flat) and frozen or dead models reach 1.031 from batch noise, while the planted CNN at SGD lr 2 sits at
+# 1.007-1.105. The gradient tells them apart: healthy runs with ratio >= 0.95 grow it <= 2.5x (frozen ones <= 2.6x),
+# healthy runs growing >= 4x are learning (ratio <= 0.945), and 19 of the 20 planted runs spike 5.9-1.3e5x; the
+# 20th (3.0x, its ReLUs dead) sits at ratio 1.07. The measured distributions are in docs/diagnose.md.
+NOT_LEARNING_RATIO = 1.0
+NOT_LEARNING_GROWTH = 4.0
+NOT_LEARNING_DIVERGED = 1.05
 # Inputs not normalised: RMS of the first layer's input (median over samples) above this. Standardised inputs
 # have RMS ~1 and [0, 1] pixels ~0.3-0.5; pixels left in 0-255 have RMS ~70-120.
 INPUT_RMS_LIMIT = 10.0

@@ -48,8 +48,8 @@ def process_group(args: argparse.Namespace) -> Iterator[None]:
     from ..workflow import resolve_device
 
     # train wraps the model in DistributedDataParallel; --compile runs torch.compile (see distributed.setup)
-    compiled = args.command == "train" or bool(getattr(args, "compile", False))
-    distributed.setup(resolve_device(args.device), timeout=COLLECTIVE_TIMEOUT, compiled=compiled)
+    dynamo = args.command == "train" or bool(getattr(args, "compile", False))
+    distributed.setup(resolve_device(args.device), timeout=COLLECTIVE_TIMEOUT, dynamo=dynamo)
     try:
         yield
     finally:

@@ -38,17 +38,18 @@ def local_device(device: torch.device) -> torch.device:
 
 
 def setup(device: torch.device | None = None, timeout: timedelta | None = None, *,
-          compiled: bool = True) -> tuple[int, int]:
+          dynamo: bool = True) -> tuple[int, int]:
     """(rank, world_size), initialising the default process group from torchrun's environment if needed
-    (``timeout``: how long a collective waits for a slow rank; torch's default when None). ``compiled``: the
-    process will use DistributedDataParallel or torch.compile, whose modules are then imported before the group
-    exists (see ``_import_before_group``); False spares a command that uses neither their import time."""
+    (``timeout``: how long a collective waits for a slow rank; torch's default when None). ``dynamo``: the
+    process may use DistributedDataParallel or torch.compile, so torch._dynamo, which both import, is imported
+    before the group exists (see ``_import_before_group``); False spares a command that uses neither its import
+    time."""
     if not dist.is_available():
         return 0, 1
     if not dist.is_initialized():
         if not launched_by_torchrun():
             return 0, 1
-        if compiled:
+        if dynamo:
             _import_before_group()
         cuda = device is not None and device.type == "cuda"
         # on GPUs nccl for CUDA tensors and gloo for the CPU tensors that counts and results travel in
@@ -78,7 +79,6 @@ def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
-        gc.collect()
 
 
 def is_distributed() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -41,6 +42,16 @@ def torchrun(*argv, processes: int = 2, cwd: Path | None = None) -> subprocess.C
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "gradguard.cli", *[str(a) for a in argv]]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=cwd)
+
+
+def torchrun_script(script: Path, *argv) -> subprocess.CompletedProcess:
+    """``script`` under torchrun in 2 gloo processes, with this checkout's gradguard."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
 
 
 def read(path: Path) -> dict:
@@ -158,3 +169,57 @@ def test_a_failure_on_one_rank_leaves_no_run_directory(tmp_path):
     assert not (tmp_path / "runs" / "mine").exists()
     left = sorted(p.name for p in (tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else []
     assert left == []  # no staging folder either
+
+
+TEARDOWN = textwrap.dedent("""
+    import os
+
+    import torch
+    from torch import nn
+
+    from gradguard.train import distributed
+
+    def gloo_threads():
+        names = [open(f"/proc/self/task/{task}/comm").read() for task in os.listdir("/proc/self/task")]
+        return sum(name.startswith(("pt_gloo", "gloo")) for name in names)
+
+    def train():  # as the Trainer wraps its model, then hands rank 0's result to every rank
+        model = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+        model(torch.ones(3, 4)).sum().backward()
+        return distributed.broadcast_object(distributed.rank())
+
+    distributed.setup(torch.device("cpu"))
+    assert train() == 0
+    running = gloo_threads()
+    distributed.teardown()
+    print(f"rank {os.environ['RANK']}: {running} gloo threads before teardown, {gloo_threads()} after", flush=True)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_teardown_joins_the_gloo_threads_after_ddp(tmp_path):
+    """The cause of a random SIGABRT at exit ("terminate called without an active exception"): a gloo worker
+    thread still alive when the interpreter exits. DistributedDataParallel imports torch._dynamo, which imported
+    while the group is up keeps the group alive after destroy_process_group (a default argument), so its threads
+    were never joined. After teardown none may be left."""
+    (tmp_path / "teardown.py").write_text(TEARDOWN)
+    done = torchrun_script(tmp_path / "teardown.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the two ranks print to one pipe: their lines may interleave
+    counts = re.findall(r"rank (\d): (\d+) gloo threads before teardown, (\d+) after", done.stdout)
+    assert sorted(rank for rank, _, _ in counts) == ["0", "1"], done.stdout
+    for rank, before, after in counts:
+        assert int(before) > 0 and int(after) == 0, (rank, before, after)  # they ran, and teardown joined them
+
+
+@pytest.mark.slow
+def test_an_error_under_torchrun_exits_cleanly(tmp_path):
+    """A refused --out on every rank: exit status 1 from the error itself (no rank aborted at exit), one line."""
+    (tmp_path / "run").mkdir()
+    done = torchrun("train", "--out", tmp_path / "run", *TINY, "--epochs", "1", "--train-samples", "100",
+                    "--samples", "50", "--depth", "1", "--width", "8", "--val-attack", "none")
+    assert done.returncode == 1
+    assert done.stderr.count("already exists") == 1, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr and "SIGABRT" not in done.stderr, done.stderr[-3000:]
+    assert list((tmp_path / "run").iterdir()) == []

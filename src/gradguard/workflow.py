@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -159,10 +161,52 @@ def _make_staging(out: Path, partial: Path | None) -> Path:
         if partial is not None:
             partial.mkdir(exist_ok=True)
             return partial
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        _clear_stale_staging(out.parent)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.{_staging_owner()}.", suffix=".tmp", dir=out.parent))
     except OSError as error:
         raise ConfigError(f"out: cannot create a run directory next to {str(out)!r} ({error.strerror or error}); "
                           "choose a writable --out") from None
+
+
+# a staging folder's name: .<out name>.<host>-<pid>.<8 random characters>.tmp (tempfile.mkdtemp's)
+_STAGING_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)-(?P<pid>[0-9]+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def _staging_owner() -> str:
+    """``<host>-<pid>`` of this process, recorded in its staging folders' names (``_clear_stale_staging``)."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname())[:40]
+
+
+def _clear_stale_staging(folder: Path) -> None:
+    """Remove the staging folders in ``folder`` left by processes of this host that are gone (killed with
+    SIGKILL, a crash, a power cut: nothing of theirs could clean up). A live process's, another host's (a shared
+    file system) and any folder not named by ``_make_staging`` are left alone."""
+    host = _host()
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _STAGING_NAME.match(entry.name)
+        if match and match["host"] == host and entry.is_dir() and not _process_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (True when that cannot be told: nothing is removed on a guess)."""
+    if os.name != "posix" or pid <= 0:
+        return True  # os.kill(pid, 0) is no existence check on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by another user
+        return True
+    return True
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

@@ -100,11 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Under torchrun every rank runs a heavy command in one process group (see ``cli.launch``); rank 0 alone
     prints the result, and an error once."""
     from ..workflow import KeptPartialRun, one_line
-    from .launch import launch_rank, process_group, runs_here
+    from .launch import interrupt_on_sigterm, launch_rank, process_group, restore_sigterm, runs_here
 
     rank = launch_rank()
     args = None
     threads = None  # torch's thread count before --threads, restored on return (tests call main in-process)
+    sigterm = interrupt_on_sigterm()  # SIGTERM stops a command as Ctrl-C does
     try:
         args = parse_args(argv)
         import torch
@@ -131,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:  # disk full, permission denied while writing, ...
         return _fail(f"error: {one_line(error)}", error, rank, EXIT_ERROR)
     finally:
+        restore_sigterm(sigterm)
         if threads is not None:
             import torch
 

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import os
 import signal
+import threading
 from datetime import timedelta
 from typing import Any, Iterator
 
@@ -36,9 +37,9 @@ def runs_here(args: argparse.Namespace, rank: int) -> bool:
 
 @contextlib.contextmanager
 def process_group(args: argparse.Namespace) -> Iterator[None]:
-    """Under torchrun and for a heavy command: the process group for the command's lifetime, with SIGTERM
-    (torchrun stopping the others when one rank fails) raised as KeyboardInterrupt so that nothing
-    half-written is left behind. Elsewhere: nothing."""
+    """Under torchrun and for a heavy command: the process group for the command's lifetime, torn down on every
+    way out (success, error, Ctrl-C, SIGTERM: torchrun stopping the others when one rank fails), with Ctrl-C and
+    SIGTERM held back until it is done. Elsewhere: nothing."""
     from ..train import distributed
 
     if args.command not in HEAVY_COMMANDS or not distributed.launched_by_torchrun():
@@ -46,17 +47,52 @@ def process_group(args: argparse.Namespace) -> Iterator[None]:
         return
     from ..workflow import resolve_device
 
-    distributed.setup(resolve_device(args.device), timeout=COLLECTIVE_TIMEOUT)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # train wraps the model in DistributedDataParallel; --compile runs torch.compile (see distributed.setup)
+    dynamo = args.command == "train" or bool(getattr(args, "compile", False))
+    distributed.setup(resolve_device(args.device), timeout=COLLECTIVE_TIMEOUT, dynamo=dynamo)
     try:
         yield
     finally:
+        with _signals_held():
+            distributed.teardown()
+
+
+def interrupt_on_sigterm() -> Any:
+    """Make SIGTERM (``kill``, a scheduler, torchrun stopping the other ranks) raise KeyboardInterrupt like Ctrl-C,
+    so that every command cleans up the same way (no staging folder left behind); returns the handler it replaced
+    for ``restore_sigterm`` (None outside the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
+def restore_sigterm(previous: Any) -> None:
+    """Put back the SIGTERM handler that ``interrupt_on_sigterm`` replaced."""
+    if previous is not None:
         signal.signal(signal.SIGTERM, previous)
-        distributed.teardown()
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while the block runs (the process group's teardown, which must not stop half
+    way), then raise KeyboardInterrupt if one came."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held = [number for number in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(number) is not None]
+    previous = {number: signal.signal(number, lambda signum, frame: came.append(signum)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if came:
+        raise KeyboardInterrupt
 
 
 def shown_error(error: BaseException, rank: int) -> bool:

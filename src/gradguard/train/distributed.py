@@ -8,6 +8,7 @@ system and the others follow it.
 """
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
@@ -36,14 +37,20 @@ def local_device(device: torch.device) -> torch.device:
     return local
 
 
-def setup(device: torch.device | None = None, timeout: timedelta | None = None) -> tuple[int, int]:
+def setup(device: torch.device | None = None, timeout: timedelta | None = None, *,
+          dynamo: bool = True) -> tuple[int, int]:
     """(rank, world_size), initialising the default process group from torchrun's environment if needed
-    (``timeout``: how long a collective waits for a slow rank; torch's default when None)."""
+    (``timeout``: how long a collective waits for a slow rank; torch's default when None). ``dynamo``: the
+    process may use DistributedDataParallel or torch.compile, so torch._dynamo, which both import, is imported
+    before the group exists (see ``_import_before_group``); False spares a command that uses neither its import
+    time."""
     if not dist.is_available():
         return 0, 1
     if not dist.is_initialized():
         if not launched_by_torchrun():
             return 0, 1
+        if dynamo:
+            _import_before_group()
         cuda = device is not None and device.type == "cuda"
         # on GPUs nccl for CUDA tensors and gloo for the CPU tensors that counts and results travel in
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout,
@@ -51,9 +58,26 @@ def setup(device: torch.device | None = None, timeout: timedelta | None = None) 
     return dist.get_rank(), dist.get_world_size()
 
 
+def _import_before_group() -> None:
+    """Import torch._dynamo (DistributedDataParallel and torch.compile import it on first use) while no process
+    group exists yet.
+
+    Some torch modules it imports take ``dist.group.WORLD`` as a default argument, evaluated at import time
+    (``ShardedGradScaler(process_group=dist.group.WORLD)``): imported while the group is up, they keep it alive
+    after ``destroy_process_group``, so its gloo worker threads are never joined. One of them still releasing the
+    tensors of the last collective at interpreter exit then needs the GIL during finalization and aborts the
+    process ("terminate called without an active exception", SIGABRT), at random, more often on a loaded
+    machine. Imported first, the default is None and teardown joins those threads."""
+    import torch._dynamo  # noqa: F401
+
+
 def teardown() -> None:
-    """Destroy the default process group if one is up (at the end of a command under torchrun)."""
+    """Destroy the default process group if one is up (at the end of a command under torchrun, on every exit
+    path). Wrappers held only by reference cycles (a DistributedDataParallel model and its reducer) are collected
+    first, so that destroying the group drops its last reference: torch then waits for the gloo worker threads to
+    finish their work and joins them (the GIL released), and none is left running when the interpreter exits."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

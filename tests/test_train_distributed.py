@@ -110,7 +110,10 @@ def test_every_method_matches_one_process_under_two(tmp_path):
     one = json.loads((single / "weights-rank0.json").read_text())
     two = json.loads((double / "weights-rank0.json").read_text())
     assert sorted(one) == sorted(two) and {"fgsm-rs", "pgd", "trades", "gaussian"} <= set(one)
+    # Two processes sum the gradient in another order (two half-batch sums, all-reduced): float32 rounding,
+    # which TRADES' sign steps on the KL carry into a few weights near zero (1.5e-5 measured after 2 epochs).
+    # Another trainer seed (other starts and order) moves them by 8e-3 (measured), so 5e-5 still tells them apart.
     for name in one:
         for a, b in zip(one[name], two[name], strict=True):
-            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5,
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=5e-5,
                                        msg=lambda m, name=name: f"{name}: {m}")

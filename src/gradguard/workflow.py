@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckpointError, ConfigError, GradguardError, ResumeMismatchError
 
 DEFAULT_EPS = {"linf": 0.1, "l2": 1.0, "l1": 5.0}

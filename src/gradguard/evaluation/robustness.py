@@ -461,7 +461,7 @@ def _check_journal_arguments(journal: str | Path | None, resume: bool, return_ad
 
 def _journal_header(model: nn.Module, specs: list[AttackSpec], threat: ThreatModel, seed: int | None,
                     source: BlockSource, first: Block) -> dict:
-    from .. import __version__
+    from .._version import __version__
 
     suite = [{"label": s.label, "name": s.name, "instance": type(s.instance).__name__} if s.instance is not None
              else s.to_dict() for s in specs]

@@ -62,7 +62,6 @@ KNOWN: set[tuple] = {
     ('R1', 'gradguard.evaluation.certify', 'gradguard.report.plots'),
     ('R1', 'gradguard.evaluation.robustness', 'gradguard.diagnostics.masking'),
     ('R1', 'gradguard.models.outputs', 'gradguard.attacks.base'),
-    ('R1', 'gradguard.models.zoo', 'gradguard.attacks.base'),
     ('R2', 'gradguard.attacks.base'),
     ('R2', 'gradguard.cli.__init__'),
     ('R2', 'gradguard.cli.listing'),

@@ -13,9 +13,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .base import Attack, BestIterate, Iterate, expand_mask, positive_float, positive_int
+from .base import Attack, BestIterate, Iterate, expand_mask
 
 MOMENTUM = 0.75
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..threat import ThreatModel
 from .apgd import _check_norm
-from .base import Attack, Iterate, expand_mask, positive_float, positive_int
+from .base import Attack, Iterate, expand_mask
 
 NO_UPPER_BOUND = 1e10
 ATANH_SHRINK = 1 - 1e-4  # keeps atanh finite (and gradients far from denormal) for pixels at the bounds

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..threat import ThreatModel
 from .apgd import _check_norm
-from .base import Attack, Iterate, expand_mask, input_gradient, positive_float, positive_int
+from .base import Attack, Iterate, expand_mask, input_gradient
 
 _TINY = 1e-8
 PUSH = 1e-4  # the reference implementation's extra push past the linearised boundary

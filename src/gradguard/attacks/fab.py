@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError, InputError
 from ..threat import ThreatModel
 from .apgd import _any_per_owner, _check_norm
-from .base import Attack, Iterate, expand_mask, input_gradient, positive_float, positive_int
+from .base import Attack, Iterate, expand_mask, input_gradient
 from .deepfool import logit_difference
 
 MIN_STEP_NORM = 1e-8  # the reference's floor on the projection lengths, so alpha stays defined

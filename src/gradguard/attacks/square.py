@@ -7,10 +7,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..threat import ThreatModel
 from .apgd import _check_norm
-from .base import Attack, BestIterate, Iterate, expand_mask, positive_float, positive_int
+from .base import Attack, BestIterate, Iterate, expand_mask
 
 # Iterations (on the paper's 10 000-query scale) after which the square's area fraction p halves.
 P_HALVING_POINTS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)

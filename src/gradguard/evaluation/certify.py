@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import check_labels, check_logits, model_guard, positive_int
+from ..attacks.base import check_logits, model_guard
+from ..checks import check_labels, positive_int
 from ..errors import ConfigError, InputError, ModelOutputError
 from ..io import atomic_write_bytes, atomic_write_text
 from ..models.outputs import as_logits_model

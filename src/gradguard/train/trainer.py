@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import FGSM, PGD
-from ..attacks.base import as_labels, check_inputs, model_guard, positive_float, positive_int
+from ..attacks.base import model_guard
+from ..checks import as_labels, check_inputs, positive_float, positive_int
 from ..diagnostics.gradflow import GradientMonitor, TrainingStopped
 from ..errors import CheckpointError, ConfigError, InputError, ResumeMismatchError, describe_changes
 from ..io import atomic_write_json, atomic_write_text

@@ -403,6 +403,16 @@ def expand_mask(mask: Tensor, like: Tensor) -> Tensor:
     return mask.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def any_per_owner(success: Tensor, owner: Tensor, n_owners: int | None = None) -> Tensor:
+    """Per row: has any row with the same owner succeeded (rows that are copies of one sample).
+
+    ``n_owners`` bounds the owner ids (default: the row count, right while no row has been dropped); passing it
+    avoids reading ``owner.max()`` back from the device."""
+    hit = torch.zeros(owner.shape[0] if n_owners is None else n_owners, dtype=torch.bool, device=owner.device)
+    hit[owner[success]] = True
+    return hit[owner]
+
+
 # ------------------------------------------------------------------------------------------------
 # The attack base class
 # ------------------------------------------------------------------------------------------------
@@ -486,6 +496,10 @@ class Attack:
         self.generator: torch.Generator | None = None
         self._n_grad = 0
         self._n_forward = 0
+        norms = self.supported_norms  # each attack lists the norms it works under; the others are refused here, once
+        if threat.norm not in norms:
+            raise ConfigError(f"threat: {type(self).__name__} supports the norms {norms}, got a {threat.norm!r} "
+                              f"threat model; use one of " + ", ".join(n.capitalize() if n != "linf" else "Linf" for n in norms))
 
     # -- public API ---------------------------------------------------------------------------------
     def __call__(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:

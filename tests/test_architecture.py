@@ -85,11 +85,7 @@ KNOWN: set[tuple] = {
     ('R5', 'train/trainer.py'),
     ('R5', 'workflow.py'),
     ('R7', 'train/methods.py'),
-    ('R8', 'evaluation/certify.py', 'tqdm'),
     ('R8', 'evaluation/robustness.py', 'matplotlib'),
-    ('R8', 'evaluation/robustness.py', 'tqdm'),
-    ('R8', 'train/trainer.py', 'tqdm'),
-    ('R8', 'workflow.py', 'tqdm'),
 }
 
 

@@ -45,9 +45,9 @@ def log(message: str) -> None:
 
 def progress(iterable, **kwargs):
     """tqdm on a terminal (stderr), silent otherwise."""
-    from tqdm.auto import tqdm
+    from .runtime.progress import progress_bar
 
-    return tqdm(iterable, disable=None, leave=False, file=sys.stderr, **kwargs)
+    return progress_bar(iterable, terminal_only=True, **kwargs)
 
 
 @contextlib.contextmanager

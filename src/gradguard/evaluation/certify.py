@@ -368,9 +368,9 @@ def _inputs(source: BlockSource, voter: _Voter, progress: bool) -> Iterator[tupl
     """(x, y, base logits) per input, read block by block; the clean forward also checks the labels."""
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..runtime.progress import progress_bar
 
-        bar = tqdm(total=source.n, desc="certify", unit="sample", leave=False)
+        bar = progress_bar(total=source.n, desc="certify", unit="sample")
     try:
         for _, read in source.blocks():
             block = read()

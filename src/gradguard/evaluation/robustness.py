@@ -442,10 +442,10 @@ def _complete(outcomes: list[_BlockOutcome], n_blocks: int) -> list[_BlockOutcom
 def _progress_blocks(source: BlockSource, progress: bool, shard: Shard) -> Iterator[tuple[int, Callable[[], Block]]]:
     if not progress or shard.rank != 0:
         return source.blocks()
-    from tqdm.auto import tqdm
+    from ..runtime.progress import progress_bar
 
     total = None if source.n is None else math.ceil(source.n / source.batch_size)
-    return iter(tqdm(source.blocks(), total=total, desc="blocks", leave=False))
+    return iter(progress_bar(source.blocks(), total=total, desc="blocks"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -337,9 +337,9 @@ class Trainer:
         batches = self._train_batches(epoch)
         bar = None
         if self.progress and self.is_main:
-            from tqdm.auto import tqdm
+            from ..runtime.progress import progress_bar
 
-            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False)
+            bar = progress_bar(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}")
         for x, y, share, indices in batches:
             lr, threat = self._lr_at(self.global_step), self._threat_at(self.global_step)
             for group in self.optimizer.param_groups:

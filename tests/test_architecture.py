@@ -71,7 +71,6 @@ KNOWN: set[tuple] = {
     ('R2', 'gradguard.models.checkpoint'),
     ('R2', 'gradguard.models.outputs'),
     ('R2', 'gradguard.models.sources'),
-    ('R3', 'gradguard.diagnostics.masking', 'gradguard.evaluation.robustness', '_check_threat'),
     ('R3', 'gradguard.diagnostics.masking', 'gradguard.evaluation.robustness', '_read_json'),
     ('R3', 'gradguard.evaluation.robustness', 'gradguard.diagnostics.masking', '_Probe'),
     ('R5', 'attacks/base.py'),

@@ -25,6 +25,7 @@ from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
 from ..models.outputs import as_logits_model, inner_model
 from ..threat import ThreatModel, threat_from_dict
+from ..threat import check_threat as _check_threat  # its home is threat.py now
 from .distributed import Shard, batch_seed, check_same_stream, resolve_shard
 from .journal import FORMAT as JOURNAL_FORMAT
 from .journal import JournalWriter, model_fingerprint, own_file, read_journals, remove_journals
@@ -649,11 +650,6 @@ def _eps_values(eps_values: Iterable[float]) -> list[float]:
 # ------------------------------------------------------------------------------------------------
 # Input handling
 # ------------------------------------------------------------------------------------------------
-def _check_threat(threat: Any) -> None:
-    if not isinstance(threat, ThreatModel):
-        raise InputError(f"threat: expected a ThreatModel such as Linf(eps=0.1) or L2(eps=1.0), got {type(threat).__name__}")
-
-
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

@@ -19,7 +19,7 @@ from ..checks import BOUNDS_TOLERANCE as BOUNDS_TOLERANCE  # the argument checks
 from ..checks import as_labels, check_inputs, check_labels, positive_int
 from ..checks import positive_float as positive_float
 from ..errors import ConfigError, InputError, ModelOutputError
-from ..threat import ThreatModel
+from ..threat import ThreatModel, check_threat
 from .losses import LossSpec, Objective, resolve_objective
 
 TARGET_POLICIES = ("random", "least-likely")
@@ -470,10 +470,7 @@ class Attack:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(threat, ThreatModel):
-            raise InputError(
-                f"threat: expected a ThreatModel such as Linf(eps=0.1) or L2(eps=1.0), got {type(threat).__name__}"
-            )
+        check_threat(threat)
         if target_policy not in TARGET_POLICIES:
             raise ConfigError(f"target_policy: expected one of {TARGET_POLICIES}, got {target_policy!r}")
         self.model = model

@@ -83,6 +83,24 @@ def test_threat_and_model_types_are_checked(model):
         PGD(lambda x: x, Linf(eps=0.1))
 
 
+def test_the_base_class_refuses_a_norm_the_attack_does_not_list(model):
+    """A new attack declares ``supported_norms`` and gets the check from ``Attack.__init__``, with the same
+    message the strong attacks give (it used to be each attack's own call to a private apgd helper)."""
+    from gradguard import L2
+    from gradguard.attacks import Attack, Iterate
+
+    class OnlyL2(Attack):
+        supported_norms = ("l2",)
+
+        def _perturb(self, x, labels):
+            return Iterate(x)
+
+    with pytest.raises(ConfigError, match=r"^threat: OnlyL2 supports the norms \('l2',\), got a 'linf' threat "
+                                          r"model; use one of L2$"):
+        OnlyL2(model, Linf(eps=0.1))
+    OnlyL2(model, L2(eps=0.5))  # a listed norm is accepted
+
+
 @pytest.mark.parametrize(
     "fn",
     [

@@ -220,3 +220,14 @@ def test_an_eps_warmup_warns_once_not_at_every_step_of_its_ramp():
     assert sum(issubclass(w.category, LargeEpsWarning) for w in seen) == 1  # the full eps, when it was built
     with pytest.raises(ConfigError, match="L2 diameter"):  # and the full eps is checked against the data
         Trainer(model, "fgsm", threat=L2(eps=8.0), epochs=1, eps_warmup_epochs=1, progress=False).fit((x, y))
+
+
+def test_check_threat_refuses_anything_but_a_threat_model():
+    """One check for evaluate, evaluate_curve and the masking checklist (it lived privately in evaluation)."""
+    from gradguard import InputError
+    from gradguard.threat import check_threat
+
+    check_threat(L2(eps=0.5))
+    with pytest.raises(InputError, match=r"^threat: expected a ThreatModel such as Linf\(eps=0.1\) or L2\(eps=1.0\), "
+                                         r"got float$"):
+        check_threat(0.1)

@@ -1,7 +1,7 @@
 """gradguard: attack, harden and diagnose PyTorch models through their gradients."""
-__version__ = "0.1.0"  # first: models.save and the report footer read it while the package is importing
 
 from . import attacks  # noqa: E402  (gradguard.attacks.FGSM, PGD, APGD, ...)
+from ._version import __version__ as __version__  # the version lives in its own module
 from .data import Dataset, SampleSet, list_datasets, load_dataset, open_split  # noqa: E402
 from .diagnostics import Finding, GradientMonitor, check_masking  # noqa: E402
 from .errors import (  # noqa: E402

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 _TINY = 1e-12
 # An eps above this fraction of the box's diameter in the threat's norm gets a LargeEpsWarning: for L∞ on [0, 1]
@@ -317,6 +317,12 @@ def threat_from_dict(spec: dict) -> ThreatModel:
     if spec.get("check_eps") is False:
         extra["check_eps"] = False
     return kinds[norm](eps=spec["eps"], bounds=tuple(spec.get("bounds", (0.0, 1.0))), **extra)
+
+
+def check_threat(threat: Any) -> None:
+    """Refuse anything but a ``ThreatModel`` (evaluate, evaluate_curve and the masking checklist take one)."""
+    if not isinstance(threat, ThreatModel):
+        raise InputError(f"threat: expected a ThreatModel such as Linf(eps=0.1) or L2(eps=1.0), got {type(threat).__name__}")
 
 
 def make_threat(norm: str, eps: float, bounds: tuple[float, float] = (0.0, 1.0)) -> ThreatModel:

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckpointError, ConfigError, GradguardError, ResumeMismatchError
 
 DEFAULT_EPS = {"linf": 0.1, "l2": 1.0, "l1": 5.0}
@@ -47,9 +47,9 @@ def log(message: str) -> None:
 
 def progress(iterable, **kwargs):
     """tqdm on a terminal (stderr), silent otherwise."""
-    from tqdm.auto import tqdm
+    from .runtime.progress import progress_bar
 
-    return tqdm(iterable, disable=None, leave=False, file=sys.stderr, **kwargs)
+    return progress_bar(iterable, terminal_only=True, **kwargs)
 
 
 @contextlib.contextmanager

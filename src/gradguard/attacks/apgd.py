@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .base import Attack, BestIterate, Iterate, expand_mask, positive_float, positive_int
+from .base import Attack, BestIterate, Iterate, any_per_owner, expand_mask
 
 MOMENTUM = 0.75
 
@@ -77,7 +77,6 @@ class APGD(Attack):
     def __init__(self, model: nn.Module, threat: ThreatModel, *, loss="ce", steps: int = 100, rho: float = 0.75,
                  initial_step: float = 2.0, **kwargs) -> None:
         super().__init__(model, threat, loss=loss, **kwargs)
-        _check_norm(self, threat)
         self.steps = positive_int(steps, "steps")
         self.rho = positive_float(rho, "rho")
         if self.rho > 1:
@@ -115,7 +114,7 @@ class APGD(Attack):
         last_checkpoint = 0
         for iteration in range(1, self.steps + 1):
             if self.early_stop and bool(success.any()):
-                keep = ~success if owner is None else ~_any_per_owner(success, owner, n_owners)
+                keep = ~success if owner is None else ~any_per_owner(success, owner, n_owners)
                 if not bool(keep.any()):
                     break
                 index = keep.nonzero().squeeze(1) if index is None else index[keep]
@@ -251,28 +250,3 @@ class APGDT(APGD):
     def __repr__(self) -> str:
         return (f"APGDT(threat={self.threat!r}, steps={self.steps}, n_target_classes={self.n_target_classes}, "
                 f"restarts={self.target_restarts}, target_batch={self.target_batch})")
-
-
-def _any_per_owner(success: Tensor, owner: Tensor, n_owners: int | None = None) -> Tensor:
-    """Per row: has any row with the same owner succeeded (rows that are copies of one sample).
-
-    ``n_owners`` bounds the owner ids (default: the row count, right while no row has been dropped); passing it
-    avoids reading ``owner.max()`` back from the device."""
-    hit = torch.zeros(owner.shape[0] if n_owners is None else n_owners, dtype=torch.bool, device=owner.device)
-    hit[owner[success]] = True
-    return hit[owner]
-
-
-class _NormLimited(Protocol):
-    """An attack that works under some norms only (its class lists them)."""
-
-    @property
-    def supported_norms(self) -> tuple[str, ...]: ...
-
-
-def _check_norm(attack: _NormLimited, threat: ThreatModel) -> None:
-    norms = attack.supported_norms
-    if threat.norm not in norms:
-        raise ConfigError(f"threat: {type(attack).__name__} supports the norms {norms}, got a {threat.norm!r} "
-                          f"threat model; use one of " + ", ".join(n.capitalize() if n != "linf" else "Linf" for n in norms))
-

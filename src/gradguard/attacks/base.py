@@ -7,7 +7,6 @@ point, budget counting, mixed precision and memory layout — lives here once.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -16,12 +15,14 @@ from typing import Any, Callable, ClassVar, ContextManager, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..errors import BoundsError, ConfigError, InputError, ModelOutputError, ShapeError
-from ..threat import ThreatModel
+from ..checks import BOUNDS_TOLERANCE as BOUNDS_TOLERANCE  # the argument checks, re-exported from their old home
+from ..checks import as_labels, check_inputs, check_labels, positive_int
+from ..checks import positive_float as positive_float
+from ..errors import ConfigError, InputError, ModelOutputError
+from ..threat import ThreatModel, check_threat
 from .losses import LossSpec, Objective, resolve_objective
 
 TARGET_POLICIES = ("random", "least-likely")
-BOUNDS_TOLERANCE = 1e-6
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 # fp16 has 5 exponent bits: small input gradients underflow to zero unless the loss is scaled up first.
@@ -402,6 +403,16 @@ def expand_mask(mask: Tensor, like: Tensor) -> Tensor:
     return mask.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def any_per_owner(success: Tensor, owner: Tensor, n_owners: int | None = None) -> Tensor:
+    """Per row: has any row with the same owner succeeded (rows that are copies of one sample).
+
+    ``n_owners`` bounds the owner ids (default: the row count, right while no row has been dropped); passing it
+    avoids reading ``owner.max()`` back from the device."""
+    hit = torch.zeros(owner.shape[0] if n_owners is None else n_owners, dtype=torch.bool, device=owner.device)
+    hit[owner[success]] = True
+    return hit[owner]
+
+
 # ------------------------------------------------------------------------------------------------
 # The attack base class
 # ------------------------------------------------------------------------------------------------
@@ -459,10 +470,7 @@ class Attack:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(threat, ThreatModel):
-            raise InputError(
-                f"threat: expected a ThreatModel such as Linf(eps=0.1) or L2(eps=1.0), got {type(threat).__name__}"
-            )
+        check_threat(threat)
         if target_policy not in TARGET_POLICIES:
             raise ConfigError(f"target_policy: expected one of {TARGET_POLICIES}, got {target_policy!r}")
         self.model = model
@@ -485,6 +493,10 @@ class Attack:
         self.generator: torch.Generator | None = None
         self._n_grad = 0
         self._n_forward = 0
+        norms = self.supported_norms  # each attack lists the norms it works under; the others are refused here, once
+        if threat.norm not in norms:
+            raise ConfigError(f"threat: {type(self).__name__} supports the norms {norms}, got a {threat.norm!r} "
+                              f"threat model; use one of " + ", ".join(n.capitalize() if n != "linf" else "Linf" for n in norms))
 
     # -- public API ---------------------------------------------------------------------------------
     def __call__(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
@@ -690,75 +702,3 @@ class Attack:
         extra += f", success_votes={self.success_votes}" if self.success_votes > 1 else ""
         return (f"{type(self).__name__}(threat={self.threat!r}, loss={self.loss!r}, targeted={self.targeted}, "
                 f"restarts={self.restarts}{extra})")
-
-
-# ------------------------------------------------------------------------------------------------
-# Argument checks shared with evaluation and training
-# ------------------------------------------------------------------------------------------------
-def check_inputs(x: Any, threat: ThreatModel, argument: str = "x") -> Tensor:
-    """A finite floating (batch, ...) tensor inside the threat model's bounds, for which the threat's eps is not
-    larger than the box (``ThreatModel.check_against``: an eps in the wrong units is refused here, before work)."""
-    if not isinstance(x, Tensor):
-        raise InputError(f"{argument}: expected a torch.Tensor, got {type(x).__name__}; use torch.as_tensor(...)")
-    if not x.is_floating_point():
-        raise InputError(
-            f"{argument}: expected a floating-point tensor, got {x.dtype}; convert with {argument}.float() "
-            "(and scale to the bounds, e.g. / 255)"
-        )
-    if x.dim() < 2:
-        raise ShapeError(f"{argument}: expected shape (batch, ...) with at least 2 dims, got {tuple(x.shape)}; "
-                         f"add a batch dimension with {argument}.unsqueeze(0)")
-    threat.check_against(x)
-    x = x.detach()
-    if x.numel() == 0:
-        return x
-    lo, hi = threat.bounds
-    smallest, largest = (float(v) for v in torch.aminmax(x))  # one pass; NaN and inf propagate into these
-    if not (math.isfinite(smallest) and math.isfinite(largest)):
-        raise BoundsError(f"{argument}: contains NaN or inf; clean the data before attacking")
-    if smallest < lo - BOUNDS_TOLERANCE or largest > hi + BOUNDS_TOLERANCE:
-        raise BoundsError(
-            f"{argument}: values span [{smallest:.4g}, {largest:.4g}] but the threat model's bounds are "
-            f"{threat.bounds}; scale the data into the bounds (normalisation belongs inside the model: Normalized)"
-        )
-    return x if lo <= smallest and largest <= hi else x.clamp(lo, hi)  # clamp only float dust at the edges
-
-
-def as_labels(y: Any, batch: int, argument: str = "y") -> Tensor:
-    """A (batch,) int64 label tensor."""
-    if not isinstance(y, Tensor):
-        raise InputError(f"{argument}: expected a torch.Tensor of class indices, got {type(y).__name__}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise InputError(f"{argument}: expected integer class indices, got {y.dtype}; convert with {argument}.long()")
-    if y.dim() != 1 or y.shape[0] != batch:
-        raise ShapeError(
-            f"{argument}: expected shape ({batch},) — one label per input — got {tuple(y.shape)}"
-        )
-    return y.detach().long()
-
-
-def check_labels(y: Tensor, num_classes: int, argument: str = "y") -> None:
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise InputError(
-            f"{argument}: labels must lie in [0, {num_classes - 1}] for a model with {num_classes} classes, "
-            f"got values in [{int(y.min())}, {int(y.max())}]"
-        )
-
-
-def positive_int(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{argument}: expected an integer >= 1, got {value!r}")
-    return value
-
-
-def positive_float(value: Any, argument: str, allow_zero: bool = False, hint: str = "") -> float:
-    """``value`` as a finite float > 0 (>= 0 with ``allow_zero``); ``hint`` says in the error what it means."""
-    bound = ">= 0" if allow_zero else "> 0"
-    meaning = f" ({hint})" if hint else ""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{argument}: expected a finite number {bound}{meaning}, got {value!r}") from None
-    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
-        raise ConfigError(f"{argument}: expected a finite number {bound}{meaning}, got {value!r}")
-    return number

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .apgd import _check_norm
-from .base import Attack, Iterate, expand_mask, positive_float, positive_int
+from .base import Attack, Iterate, expand_mask
 
 NO_UPPER_BOUND = 1e10
 ATANH_SHRINK = 1 - 1e-4  # keeps atanh finite (and gradients far from denormal) for pixels at the bounds
@@ -37,7 +37,6 @@ class CW(Attack):
         if "loss" in kwargs:
             raise ConfigError("loss: CW always uses the Carlini-Wagner margin; pass confidence= to change it")
         super().__init__(model, threat, loss="margin", **kwargs)
-        _check_norm(self, threat)
         self.steps = positive_int(steps, "steps")
         self.binary_search_steps = positive_int(binary_search_steps, "binary_search_steps")
         self.initial_const = positive_float(initial_const, "initial_const")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .apgd import _check_norm
-from .base import Attack, Iterate, expand_mask, input_gradient, positive_float, positive_int
+from .base import Attack, Iterate, expand_mask, input_gradient
 
 _TINY = 1e-8
 PUSH = 1e-4  # the reference implementation's extra push past the linearised boundary
@@ -43,7 +43,6 @@ class DeepFool(Attack):
         if "loss" in kwargs:
             raise ConfigError("loss: DeepFool uses logit differences, it takes no loss")
         super().__init__(model, threat, loss="margin", **kwargs)
-        _check_norm(self, threat)
         self.steps = positive_int(steps, "steps")
         self.overshoot = positive_float(overshoot, "overshoot", allow_zero=True)
         self.candidates = positive_int(candidates, "candidates")

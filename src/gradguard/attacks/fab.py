@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError, InputError
 from ..threat import ThreatModel
-from .apgd import _any_per_owner, _check_norm
-from .base import Attack, Iterate, expand_mask, input_gradient, positive_float, positive_int
+from .base import Attack, Iterate, any_per_owner, expand_mask, input_gradient
 from .deepfool import logit_difference
 
 MIN_STEP_NORM = 1e-8  # the reference's floor on the projection lengths, so alpha stays defined
@@ -118,7 +118,6 @@ class FAB(Attack):
             raise ConfigError("target_policy: FAB-T picks the top n_target_classes by clean logits; "
                               "set n_target_classes instead")
         super().__init__(model, threat, loss="margin", restarts=1, **kwargs)
-        _check_norm(self, threat)
         self.per_target = bool(targeted)
         self.n_target_classes = positive_int(n_target_classes, "n_target_classes")
         self.steps = positive_int(steps, "steps")
@@ -233,7 +232,7 @@ class FAB(Attack):
             if self.early_stop:
                 open_rows = best_norm > self.threat.eps
                 if owner is not None:
-                    open_rows = ~_any_per_owner(~open_rows, owner)
+                    open_rows = ~any_per_owner(~open_rows, owner)
                 active = active[open_rows[active]]
                 if active.numel() == 0:
                     break

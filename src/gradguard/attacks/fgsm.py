@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..checks import positive_float
 from ..threat import ThreatModel
-from .base import Attack, Iterate, positive_float
+from .base import Attack, Iterate
 
 
 class FGSM(Attack):

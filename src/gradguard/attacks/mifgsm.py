@@ -5,8 +5,8 @@ from typing import Dict
 
 from torch import Tensor, nn
 
+from ..checks import positive_float
 from ..threat import ThreatModel
-from .base import positive_float
 from .pgd import PGD
 
 

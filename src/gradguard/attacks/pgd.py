@@ -5,9 +5,10 @@ from typing import Dict
 
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .base import Attack, BestIterate, Iterate, positive_float, positive_int
+from .base import Attack, BestIterate, Iterate
 
 INITS = ("random", "zero", "fgsm")
 

@@ -7,10 +7,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .apgd import _check_norm
-from .base import Attack, BestIterate, Iterate, expand_mask, positive_float, positive_int
+from .base import Attack, BestIterate, Iterate, expand_mask
 
 # Iterations (on the paper's 10 000-query scale) after which the square's area fraction p halves.
 P_HALVING_POINTS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -41,7 +41,6 @@ class Square(Attack):
     def __init__(self, model: nn.Module, threat: ThreatModel, *, queries: int = 5000, p_init: float = 0.8,
                  loss="margin", **kwargs) -> None:
         super().__init__(model, threat, loss=loss, **kwargs)
-        _check_norm(self, threat)
         self.queries = positive_int(queries, "queries")
         self.p_init = positive_float(p_init, "p_init")
         if self.p_init > 1:

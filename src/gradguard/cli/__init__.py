@@ -19,7 +19,7 @@ import sys
 import warnings
 from typing import Any, Iterator, Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ConfigError, GradguardError, ResumeMismatchError
 from . import attack, certify, demo, diagnose, evaluate, listing, report, train
 from .common import EXIT_CLOSED_PIPE, EXIT_ERROR, EXIT_INTERRUPTED, OneLineParser, common_options

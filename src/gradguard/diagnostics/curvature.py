@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..attacks.base import positive_float, positive_int
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError, InputError, ShapeError
 from ..models.outputs import select_logits
 

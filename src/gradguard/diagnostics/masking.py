@@ -33,7 +33,7 @@ from ..attacks.base import Attack, check_logits, input_gradient, model_guard, po
 from ..attacks.losses import cross_entropy, margin
 from ..errors import InputError
 from ..models.outputs import as_logits_model
-from ..threat import ThreatModel
+from ..threat import ThreatModel, check_threat
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 SEVERITY = {PASS: 0, WARN: 1, FAIL: 2}
@@ -174,13 +174,13 @@ def check_masking(model: nn.Module, data: Any, threat: ThreatModel, *, n_samples
     queries) and random noise (``noise_draws`` uniform points per sample from the ball) are compared with.
     The model is left untouched.
     """
-    from ..evaluation.robustness import _check_threat, collect_data
+    from ..evaluation.robustness import collect_data
 
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     model = as_logits_model(model)  # a dict / tuple / ModelOutput: its logits (gradguard.models.Logits)
-    _check_threat(threat)
+    check_threat(threat)
     n_samples, steps = positive_int(n_samples, "n_samples"), positive_int(steps, "steps")
     square_queries, noise_draws = positive_int(square_queries, "square_queries"), positive_int(noise_draws, "noise_draws")
     x, y = collect_data(data, threat, max_samples=n_samples)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import check_labels, check_logits, model_guard, positive_int
+from ..attacks.base import check_logits, model_guard
+from ..checks import check_labels, positive_int
 from ..errors import ConfigError, InputError, ModelOutputError
 from ..io import atomic_write_bytes, atomic_write_text
 from ..models.outputs import as_logits_model
@@ -367,9 +368,9 @@ def _inputs(source: BlockSource, voter: _Voter, progress: bool) -> Iterator[tupl
     """(x, y, base logits) per input, read block by block; the clean forward also checks the labels."""
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..runtime.progress import progress_bar
 
-        bar = tqdm(total=source.n, desc="certify", unit="sample", leave=False)
+        bar = progress_bar(total=source.n, desc="certify", unit="sample")
     try:
         for _, read in source.blocks():
             block = read()

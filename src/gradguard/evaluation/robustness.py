@@ -25,6 +25,7 @@ from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
 from ..models.outputs import as_logits_model, inner_model
 from ..threat import ThreatModel, threat_from_dict
+from ..threat import check_threat as _check_threat  # its home is threat.py now
 from .distributed import Shard, batch_seed, check_same_stream, resolve_shard
 from .journal import FORMAT as JOURNAL_FORMAT
 from .journal import JournalWriter, model_fingerprint, own_file, read_journals, remove_journals
@@ -442,10 +443,10 @@ def _complete(outcomes: list[_BlockOutcome], n_blocks: int) -> list[_BlockOutcom
 def _progress_blocks(source: BlockSource, progress: bool, shard: Shard) -> Iterator[tuple[int, Callable[[], Block]]]:
     if not progress or shard.rank != 0:
         return source.blocks()
-    from tqdm.auto import tqdm
+    from ..runtime.progress import progress_bar
 
     total = None if source.n is None else math.ceil(source.n / source.batch_size)
-    return iter(tqdm(source.blocks(), total=total, desc="blocks", leave=False))
+    return iter(progress_bar(source.blocks(), total=total, desc="blocks"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,7 +462,7 @@ def _check_journal_arguments(journal: str | Path | None, resume: bool, return_ad
 
 def _journal_header(model: nn.Module, specs: list[AttackSpec], threat: ThreatModel, seed: int | None,
                     source: BlockSource, first: Block) -> dict:
-    from .. import __version__
+    from .._version import __version__
 
     suite = [{"label": s.label, "name": s.name, "instance": type(s.instance).__name__} if s.instance is not None
              else s.to_dict() for s in specs]
@@ -649,11 +650,6 @@ def _eps_values(eps_values: Iterable[float]) -> list[float]:
 # ------------------------------------------------------------------------------------------------
 # Input handling
 # ------------------------------------------------------------------------------------------------
-def _check_threat(threat: Any) -> None:
-    if not isinstance(threat, ThreatModel):
-        raise InputError(f"threat: expected a ThreatModel such as Linf(eps=0.1) or L2(eps=1.0), got {type(threat).__name__}")
-
-
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
-from ..attacks.base import as_labels, check_inputs, positive_int
+from ..checks import as_labels, check_inputs, positive_int
 from ..errors import InputError
 from ..threat import ThreatModel
 

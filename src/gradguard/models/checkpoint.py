@@ -53,7 +53,7 @@ def save(model: nn.Module, path, **metadata) -> Path:
     import safetensors
     from safetensors.torch import save as to_bytes
 
-    from .. import __version__
+    from .._version import __version__
     from ..io import atomic_write_bytes, atomic_write_json, sha256_file
 
     weights_path, sidecar_path = _resolve_paths(path)

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..checks import positive_int
 from ..errors import ConfigError
 from .base import Stats, make_source, normalise, parse_stats, record
 
@@ -55,7 +56,6 @@ def mlp(*, depth: int = 3, width: int = 128, activation: str = "relu", init: str
 
     ``norm`` puts a BatchNorm1d between each hidden Linear and its activation. ``bias`` sets every hidden bias
     to that constant after ``init`` (e.g. -5 starts a ReLU net with dead units: a diagnostics test case)."""
-    from ..attacks.base import positive_int
 
     positive_int(depth, "depth"), positive_int(width, "width")
     _check_choice(activation, ACTIVATIONS, "activation"), _check_choice(init, INITS, "init")
@@ -78,7 +78,6 @@ def fmnist_cnn(*, input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 1
     """The (Fashion-)MNIST CNN of Wong & Kolter (2018) and fast AT (Wong et al. 2020):
     Conv16 4×4/s2 → Conv32 4×4/s2 → FC100 → FC ``num_classes``, ReLU between; ``width`` multiplies every
     layer's size (1 = the paper's network)."""
-    from ..attacks.base import positive_int
 
     w = positive_int(width, "width")
     features = nn.Sequential(nn.Conv2d(input_shape[0], 16 * w, 4, stride=2, padding=1), nn.ReLU(),

@@ -5,7 +5,7 @@ import base64
 from html import escape
 from typing import Sequence
 
-from .. import __version__
+from .._version import __version__
 
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}

@@ -26,7 +26,8 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from ..attacks import FGSM, PGD
-from ..attacks.base import input_gradient, model_guard, positive_float, positive_int
+from ..attacks.base import input_gradient, model_guard
+from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..rng import noise_like
 from ..threat import ThreatModel

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import FGSM, PGD
-from ..attacks.base import as_labels, check_inputs, model_guard, positive_float, positive_int
+from ..attacks.base import model_guard
+from ..checks import as_labels, check_inputs, positive_float, positive_int
 from ..diagnostics.gradflow import GradientMonitor, TrainingStopped
 from ..errors import CheckpointError, ConfigError, InputError, ResumeMismatchError, describe_changes
 from ..io import atomic_write_json, atomic_write_text
@@ -336,9 +337,9 @@ class Trainer:
         batches = self._train_batches(epoch)
         bar = None
         if self.progress and self.is_main:
-            from tqdm.auto import tqdm
+            from ..runtime.progress import progress_bar
 
-            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False)
+            bar = progress_bar(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}")
         for x, y, share, indices in batches:
             lr, threat = self._lr_at(self.global_step), self._threat_at(self.global_step)
             for group in self.optimizer.param_groups:

@@ -33,7 +33,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_fashion_mnist  # noqa: E402
-
 from gradguard import Linf, evaluate  # noqa: E402
 from gradguard.attacks import BPDA  # noqa: E402
 from gradguard.evaluation import get_suite  # noqa: E402

@@ -25,7 +25,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import accuracy, fmnist_cnn, interleaved_medians, load_fashion_mnist, train_quick  # noqa: E402
-
 from gradguard import Linf  # noqa: E402
 from gradguard.attacks import FGSM, PGD  # noqa: E402
 

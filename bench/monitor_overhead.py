@@ -23,7 +23,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmnist_cnn, load_fashion_mnist  # noqa: E402
-
 from gradguard.data import load_dataset  # noqa: E402
 from gradguard.diagnostics import GradientMonitor  # noqa: E402
 from gradguard.models import build_model  # noqa: E402
@@ -60,7 +59,7 @@ def measure(name: str, build, batches, repeats: int) -> dict:
         order = list(variants) if round_index % 2 == 0 else list(reversed(variants))
         for key in order:
             times[key].append(train_steps(copy.deepcopy(initial), batches, variants[key]))
-    ratio = {key: statistics.median(t / p for t, p in zip(times[key], times["plain"])) for key in variants if key != "plain"}
+    ratio = {key: statistics.median(t / p for t, p in zip(times[key], times["plain"], strict=False)) for key in variants if key != "plain"}
     result = {"workload": name, "steps": len(batches), "repeats": repeats,
               "plain_s_median": statistics.median(times["plain"]),
               "every10_s_median": statistics.median(times["every=10"]),

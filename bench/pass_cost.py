@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_fashion_mnist  # noqa: E402
-
 from gradguard.models import load  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import accuracy, fmnist_cnn, interleaved_medians, load_fashion_mnist, train_quick  # noqa: E402
-
 from gradguard import L2, Linf  # noqa: E402
 from gradguard.attacks import APGD, APGDT, CW, PGD, DeepFool, Square  # noqa: E402
 

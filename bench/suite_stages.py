@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_suite import OUT as CIFAR_OUT  # noqa: E402
 from cifar_suite import reference_stages, run_cascade, run_gradguard  # noqa: E402
 from common import load_fashion_mnist, run_header, write_json  # noqa: E402
-
 from gradguard import Linf  # noqa: E402
 from gradguard.models import load  # noqa: E402
 

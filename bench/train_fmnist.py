@@ -35,7 +35,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_fashion_mnist  # noqa: E402
-
 from gradguard.attacks import PGD  # noqa: E402
 from gradguard.models import build_model  # noqa: E402
 from gradguard.threat import Linf  # noqa: E402

@@ -18,9 +18,9 @@ def model_state(model: nn.Module):
 def assert_same_state(before, after) -> None:
     assert before[0] == after[0], "train/eval modes changed"
     assert before[1] == after[1], "requires_grad flags changed"
-    for a, b in zip(before[2], after[2]):
+    for a, b in zip(before[2], after[2], strict=False):
         assert torch.equal(a, b), "parameters changed"
-    for a, b in zip(before[3], after[3]):
+    for a, b in zip(before[3], after[3], strict=False):
         assert (a is None and b is None) or torch.equal(a, b), ".grad changed"
 
 

@@ -7,11 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from model_checks import ExplodingModel, assert_same_state, model_state
-
 from gradguard import L1, L2, Linf, Normalized
 from gradguard.attacks import BIM, FGSM, MIFGSM, PGD
 from gradguard.attacks.bim import kurakin_defaults
+from model_checks import ExplodingModel, assert_same_state, model_state
 
 ATTACKS = {
     "fgsm": lambda m, t, **kw: FGSM(m, t, **kw),
@@ -143,7 +142,7 @@ def test_more_steps_never_raise_robust_accuracy(digits, digits_mlp):
     x, y = digits.x_test[:200], digits.y_test[:200]
     successes = [PGD(digits_mlp, Linf(eps=0.05), steps=s, step_size=0.01, seed=1).run(x, y).success
                  for s in (1, 3, 10, 30)]
-    for fewer, more in zip(successes, successes[1:]):
+    for fewer, more in zip(successes, successes[1:], strict=False):
         assert bool((more | ~fewer).all()), "a sample broken with fewer steps survived more steps"
     assert successes[-1].sum() > successes[0].sum()
 
@@ -151,7 +150,7 @@ def test_more_steps_never_raise_robust_accuracy(digits, digits_mlp):
 def test_more_restarts_never_raise_robust_accuracy(digits, digits_mlp):
     x, y = digits.x_test[:200], digits.y_test[:200]
     successes = [PGD(digits_mlp, L2(eps=0.6), steps=5, restarts=r, seed=2).run(x, y).success for r in (1, 2, 4)]
-    for fewer, more in zip(successes, successes[1:]):
+    for fewer, more in zip(successes, successes[1:], strict=False):
         assert bool((more | ~fewer).all())
 
 

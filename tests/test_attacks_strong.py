@@ -10,11 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from model_checks import ExplodingModel, assert_same_state, model_state
-
 from gradguard import L1, L2, ConfigError, Linf
 from gradguard.attacks import APGD, APGDT, CW, PGD, DeepFool, Square, apgd_checkpoints, square_p_schedule
 from gradguard.attacks.apgd import targeted_dlr
+from model_checks import ExplodingModel, assert_same_state, model_state
 
 NORMS = {"linf": Linf, "l2": L2, "l1": L1}
 # name -> (builder with a small budget, supported norms, supports targeted)

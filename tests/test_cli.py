@@ -11,13 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from gradguard.cli import main
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import ctrl_c_after_the_first_block, run_cli
 from gradguard.cli import main, parse_args
 
 USER_MODULE = '''
@@ -24,12 +25,6 @@ class Net(nn.Module):
         return self.fc(x.flatten(1))
 '''
 MODULE_NAME = "gradguard_eps_models"  # a name no installed package has
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line(code: int, err: str, *fragments: str) -> str:
@@ -160,21 +155,9 @@ def test_config_files_take_fractions(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ resume
 def test_resuming_with_a_changed_threat_shows_both_and_the_flags_that_fix_it(model_flags, tmp_path, capsys):
-    from gradguard.evaluation import journal
-
     settings = [*model_flags, "--suite", "fgsm", "--samples", "24", "--batch-size", "8"]
     runs = tmp_path / "runs"
-    append = journal.JournalWriter.append
-    calls = []
-
-    def ctrl_c_after_the_first_block(self, record):
-        append(self, record)
-        calls.append(record)
-        if len(calls) == 2:  # the header, then one finished block
-            raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(journal.JournalWriter, "append", ctrl_c_after_the_first_block)
+    with ctrl_c_after_the_first_block():
         code, _, err = run_cli(capsys, "evaluate", *settings, "--eps", "0.1", "--out", runs / "run")
     assert code == 130
     code, _, err = run_cli(capsys, "evaluate", *settings, "--eps", "0.2", "--out", runs / "run", "--resume")
@@ -186,9 +169,7 @@ def test_resuming_with_a_changed_threat_shows_both_and_the_flags_that_fix_it(mod
     code, _, err = run_cli(capsys, "evaluate", *settings, "--eps", "0.1", "--out", runs / "run", "--resume")
     assert code == 0, err
 
-    calls.clear()
-    with pytest.MonkeyPatch.context() as patch:  # in an existing run directory: dropping --resume starts over
-        patch.setattr(journal.JournalWriter, "append", ctrl_c_after_the_first_block)
+    with ctrl_c_after_the_first_block():  # in an existing run directory: dropping --resume starts over
         assert run_cli(capsys, "evaluate", runs / "run", *QUICK[:2], "--samples", "24", "--batch-size", "8")[0] == 130
     code, _, err = run_cli(capsys, "evaluate", runs / "run", *QUICK[:2], "--samples", "24", "--batch-size", "8",
                            "--eps", "8/255", "--seed", "2", "--resume")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradguard.cli import main
+from cli_helpers import ctrl_c_after_the_first_block, run_cli
 
 USER_MODULE = '''
 import torch.nn as nn
@@ -25,12 +25,6 @@ class Net(nn.Module):
         return self.head(self.features(x).flatten(1))
 '''
 MODULE_NAME = "gradguard_user_models"  # a name no installed package has
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def write_cifar10(folder: Path, n_test: int = 24) -> None:
@@ -95,22 +89,10 @@ def test_model_flags_need_model_and_out(user_files, capsys):
 
 
 def test_interrupted_evaluation_resumes_to_the_uninterrupted_report(user_files, capsys):
-    from gradguard.evaluation import journal
-
     settings = [*model_flags(user_files), "--suite", "quick", "--samples", "24", "--batch-size", "8", "--seed", "3"]
     runs = user_files["root"] / "runs"
     assert run_cli(capsys, "evaluate", *settings, "--out", runs / "straight")[0] == 0
-    append = journal.JournalWriter.append
-    calls = []
-
-    def ctrl_c_after_the_first_block(self, record):
-        append(self, record)
-        calls.append(record)
-        if len(calls) == 2:  # the header, then one finished block
-            raise KeyboardInterrupt
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(journal.JournalWriter, "append", ctrl_c_after_the_first_block)
+    with ctrl_c_after_the_first_block():
         code, _, err = run_cli(capsys, "evaluate", *settings, "--out", runs / "run")
     assert code == 130 and "--resume" in err
     assert not (runs / "run").exists() and (runs / ".run.partial" / "robustness.journal.jsonl").is_file()
@@ -124,9 +106,7 @@ def test_interrupted_evaluation_resumes_to_the_uninterrupted_report(user_files, 
         assert resumed[key] == straight[key], key
     assert not (runs / ".run.partial").exists()
 
-    calls.clear()
-    with pytest.MonkeyPatch.context() as patch:  # now in an existing run directory
-        patch.setattr(journal.JournalWriter, "append", ctrl_c_after_the_first_block)
+    with ctrl_c_after_the_first_block():  # now in an existing run directory
         code, _, err = run_cli(capsys, "evaluate", runs / "run", "--suite", "quick", "--samples", "24",
                                "--batch-size", "8", "--seed", "3")
     assert code == 130 and "journaled" in err and "--resume" in err

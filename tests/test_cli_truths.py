@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_cli
 from gradguard.cli import main
 
 TINY_TRAIN = ["--epochs", "1", "--train-samples", "200", "--samples", "32", "--val-attack", "none", "--seed", "4"]
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

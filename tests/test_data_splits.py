@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from gradguard import Linf, evaluate
-from gradguard.cli import main
 from gradguard.data import open_split
 from gradguard.errors import ConfigError, DataError
 
@@ -35,12 +35,6 @@ class Bright(nn.Module):
         return torch.cat([-brightness, brightness], 1) * self.scale
 '''
 BRIGHT = ["--model", f"{MODULE}:Bright"]
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def dark_and_light(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

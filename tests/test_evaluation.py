@@ -11,8 +11,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from gradguard import L1, L2, Linf
 from gradguard.attacks import Attack, Iterate
 from gradguard.errors import BoundsError, ConfigError, InputError
-from gradguard.evaluation import (SUITES, RobustnessCurve, RobustnessReport, evaluate, evaluate_curve, get_suite,
-                                  resolve_suite)
+from gradguard.evaluation import (
+    SUITES,
+    RobustnessCurve,
+    RobustnessReport,
+    evaluate,
+    evaluate_curve,
+    get_suite,
+    resolve_suite,
+)
 
 THREAT = Linf(eps=0.1)
 # Deterministic attacks (no random start): each sample's outcome does not depend on the batch it is in.
@@ -44,7 +51,7 @@ def report(digits_mlp, data):
 
 
 def test_worst_case_is_at_most_every_single_attack(digits_mlp, data, report):
-    for spec, label in zip(DETERMINISTIC, report.suite):
+    for spec, label in zip(DETERMINISTIC, report.suite, strict=False):
         alone = evaluate(digits_mlp, data, THREAT, [spec], batch_size=64)
         assert report.robust_accuracy <= alone.robust_accuracy
         assert bool((report.robust <= alone.robust).all()), label  # per sample: robust to the suite ⇒ robust alone
@@ -193,7 +200,7 @@ def test_curve_is_non_increasing_and_reuses_work(digits_mlp, data, tmp_path):
     assert curve.robust_accuracy == sorted(curve.robust_accuracy, reverse=True)
     # Only samples robust at the previous eps are attacked at the next one.
     assert curve.attacked[1:] == [round(a * n) for a in curve.robust_accuracy[:-1]]
-    for eps, accuracy in zip(curve.eps, curve.robust_accuracy):
+    for eps, accuracy in zip(curve.eps, curve.robust_accuracy, strict=False):
         alone = evaluate(digits_mlp, data, THREAT.with_eps(eps), DETERMINISTIC[:2], batch_size=64)
         assert accuracy <= alone.robust_accuracy  # reuse only ever adds adversarial points that are valid
     png = curve.plot(tmp_path / "curve.png")

@@ -52,7 +52,7 @@ def test_a_monitor_that_recorded_nothing_says_so(digits):
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="recorded nothing"):
-        with GradientMonitor(model, every=5) as monitor:  # the new user's first try: no optimizer=, no step()
+        with GradientMonitor(model, every=5):  # the new user's first try: no optimizer=, no step()
             for start in range(0, 256, 64):
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(digits.x_train[start:start + 64]),

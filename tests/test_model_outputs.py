@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
+from cli_helpers import run_cli
 from gradguard import Linf, Logits, ModelOutputError, ShapeError, certify, check_masking, evaluate
 from gradguard.attacks import PGD
-from gradguard.cli import main
 from gradguard.diagnostics.curvature import hessian_trace, input_curvature
 from gradguard.models import Normalized, first_pass, resolve, select_logits
 from gradguard.train import Trainer
@@ -91,12 +91,6 @@ def user(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     importlib.invalidate_caches()
     return importlib.import_module(MODULE)
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def digits(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:

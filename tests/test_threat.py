@@ -88,7 +88,7 @@ def test_l1_projection_is_the_euclidean_projection(seed, radius):
     p = _project_l1_ball(v, radius)
     assert bool((p.abs().sum(1) <= radius + 1e-9).all())
     # KKT: inside points are untouched; outside points are soft-thresholded onto the sphere.
-    for row_v, row_p in zip(v, p):
+    for row_v, row_p in zip(v, p, strict=False):
         if row_v.abs().sum() <= radius:
             assert torch.equal(row_v, row_p)
         else:

@@ -62,7 +62,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert one["world"] == 1 and two[0]["world"] == 2
     untimed = [[{k: v for k, v in m.items() if k != "time_s"} for m in run["history"]] for run in two]
     assert untimed[0] == untimed[1]  # all-reduced: every rank reports the same numbers
-    for a, b in zip(one["history"], two[0]["history"]):
+    for a, b in zip(one["history"], two[0]["history"], strict=False):
         for key in ("train_loss", "train_objective", "train_clean_acc", "train_robust_acc", "val_clean_acc",
                     "val_robust_acc"):
             assert a[key] == pytest.approx(b[key], abs=2e-3), key

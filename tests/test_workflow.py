@@ -7,16 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_cli
 from gradguard.cli import build_parser, main
 from gradguard.workflow import merge_attack_results
 
 TINY_TRAIN = ["--epochs", "1", "--train-samples", "200", "--samples", "32", "--val-attack", "none", "--seed", "2"]
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,36 @@
+"""Helpers the command-line tests share: run a command in this process, and stop an evaluation mid-way."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import pytest
+
+from gradguard.cli import main
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``gradguard ARGV`` in this process: (exit status, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@contextlib.contextmanager
+def ctrl_c_after_the_first_block() -> Iterator[None]:
+    """Inside: an evaluation's journal raises KeyboardInterrupt right after its first finished block (the header,
+    then one block), as Ctrl-C there would."""
+    from gradguard.evaluation import journal
+
+    append = journal.JournalWriter.append
+    calls = []
+
+    def interrupt(self, record):
+        append(self, record)
+        calls.append(record)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(journal.JournalWriter, "append", interrupt)
+        yield

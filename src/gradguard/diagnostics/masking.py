@@ -129,6 +129,60 @@ class MaskingReport:
         return self.summary()
 
 
+# ------------------------------------------------------------------------------------------------
+# Per-sample measurements shared with the "adaptive" evaluation suite (gradguard.evaluation.evidence)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LogitChanges:
+    """Two identical forward passes, per sample: the largest absolute logit change, the largest absolute logit of
+    the first pass (the scale), and whether the prediction flipped."""
+
+    change: Tensor
+    scale: Tensor
+    flipped: Tensor
+
+
+@torch.no_grad()
+def logit_changes(model: nn.Module, x: Tensor, batch_size: int) -> LogitChanges:
+    """The determinism measurement: ``x`` through ``model`` twice, compared sample by sample."""
+    first = torch.cat([model(b) for b in x.split(batch_size)])
+    second = torch.cat([model(b) for b in x.split(batch_size)])
+    change = (first - second).abs().amax(dim=1)
+    change = torch.where(torch.isfinite(first).all(dim=1), change, torch.full_like(change, float("inf")))
+    return LogitChanges(change, first.abs().amax(dim=1), first.argmax(1) != second.argmax(1))
+
+
+@dataclass
+class GradientHealth:
+    """Per sample: the flattened input gradients of CE and of the logit margin at ``x``, whether each is finite and
+    non-zero (``*_live``), and whether the CE one is finite."""
+
+    ce: Tensor
+    margin: Tensor
+    ce_finite: Tensor
+    ce_live: Tensor
+    margin_live: Tensor
+
+
+def gradient_health(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> GradientHealth:
+    """The zero-gradient measurement: CE and margin input gradients (zero CE but live margin gradients: a saturated
+    softmax; both zero: shattered gradients). Two gradients per sample."""
+    ce_grads, margin_grads = [], []
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+        ce_grads.append(input_gradient(model, xb, yb, cross_entropy, False)[0])
+        margin_grads.append(input_gradient(model, xb, yb, margin, False)[0])
+    ce = torch.cat(ce_grads).reshape(x.shape[0], -1)
+    margin_flat = torch.cat(margin_grads).reshape(x.shape[0], -1)
+    finite = torch.isfinite(ce).all(dim=1)
+    return GradientHealth(ce, margin_flat, finite, finite & (ce.abs().amax(dim=1) > 1e-20),
+                          torch.isfinite(margin_flat).all(dim=1) & (margin_flat.abs().amax(dim=1) > 1e-20))
+
+
+def loss_rose(start: Tensor, best: Tensor) -> Tensor:
+    """Per sample: did the attack loss rise above its starting value (by more than float noise)?"""
+    return best > start + 1e-3 * start.abs() + 1e-6
+
+
 def _grade(value: float, thresholds: tuple[float, float]) -> str:
     warn, fail = thresholds
     return FAIL if value > fail else WARN if value > warn else PASS
@@ -235,13 +289,11 @@ class _Probe:
                          pgd_doubled=self.correct_after(self.pgd(self.threat, steps=2 * self.steps, restarts=2), x, y),
                          apgd=self.correct_after(self.apgd(), x, y))
 
-    @torch.no_grad()
     def determinism(self, x: Tensor) -> Check:
-        first = torch.cat([self.model(b) for b in x.split(self.batch_size)])
-        second = torch.cat([self.model(b) for b in x.split(self.batch_size)])
-        scale = float(first.abs().max().clamp_min(1e-12))
-        change = float((first - second).abs().max()) / scale if torch.isfinite(first).all() else float("inf")
-        flips = float((first.argmax(1) != second.argmax(1)).float().mean())
+        changes = logit_changes(self.model, x, self.batch_size)
+        scale = float(changes.scale.max().clamp_min(1e-12))
+        change = float(changes.change.max()) / scale if bool(torch.isfinite(changes.change).all()) else float("inf")
+        flips = float(changes.flipped.float().mean())
         status = _grade(change, NON_DETERMINISM)
         return Check("deterministic", status, {"max_relative_logit_change": change, "prediction_flips": flips},
                      "the model gives the same logits twice" if status == PASS else
@@ -251,15 +303,10 @@ class _Probe:
     def gradients(self, x: Tensor, y: Tensor) -> Check:
         """Input gradients of CE, and of the logit margin: zero CE but live margin gradients mean a saturated
         softmax (a loss problem); both zero mean shattered gradients (a layer problem)."""
-        ce_grads, margin_grads = [], []
-        for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True):
-            ce_grads.append(input_gradient(self.model, xb, yb, cross_entropy, False)[0])
-            margin_grads.append(input_gradient(self.model, xb, yb, margin, False)[0])
-        flat = torch.cat(ce_grads).reshape(x.shape[0], -1)
-        finite = torch.isfinite(flat).all(dim=1)
-        bad = 1.0 - _mean(finite & (flat.abs().amax(dim=1) > 1e-20))
-        margin_flat = torch.cat(margin_grads).reshape(x.shape[0], -1)
-        margin_bad = 1.0 - _mean(torch.isfinite(margin_flat).all(dim=1) & (margin_flat.abs().amax(dim=1) > 1e-20))
+        health = gradient_health(self.model, x, y, self.batch_size)
+        flat, finite = health.ce, health.ce_finite
+        bad = 1.0 - _mean(health.ce_live)
+        margin_bad = 1.0 - _mean(health.margin_live)
         status = FAIL if not bool(finite.all()) else _grade(bad, ZERO_GRADIENTS)
         kind = SATURATED if _grade(margin_bad, ZERO_GRADIENTS) == PASS and bool(finite.all()) else SHATTERED
         return Check("gradients_nonzero", status,
@@ -285,8 +332,7 @@ class _Probe:
             with torch.no_grad():
                 losses.append(cross_entropy(self.model(x_adv), yb, False))
             path = torch.stack(losses)  # (steps + 1, batch)
-            start = path[0]
-            rises.append(path.max(0).values > start + 1e-3 * start.abs() + 1e-6)
+            rises.append(loss_rose(path[0], path.max(0).values))
             curves.append(path)
         rose = torch.cat(rises)
         mean_path = torch.cat(curves, dim=1).mean(1)

@@ -28,7 +28,7 @@ from .distributed import Shard, batch_seed, check_same_stream, resolve_shard
 from .journal import FORMAT as JOURNAL_FORMAT
 from .journal import JournalWriter, model_fingerprint, own_file, read_journals, remove_journals
 from .stream import Block, BlockSource, collect, release_freed_memory
-from .suites import AttackSpec, resolve_suite
+from .suites import AttackSpec, procedure_of, resolve_suite
 
 NOT_BROKEN = -1  # broken_by value of a sample no attack broke (robust, or misclassified when clean)
 
@@ -82,6 +82,11 @@ class RobustnessReport(_JsonResult):
     world_size: int = 1
     attack_budget: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # A procedure suite ("adaptive"): the evidence per indicator, every escalation (ran or not, and why), and per
+    # sample the stage that broke it or the stages it survived.
+    evidence: dict[str, dict] = field(default_factory=dict)
+    escalations: list[dict] = field(default_factory=list)
+    provenance: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready numbers and per-sample lists (``x_adv`` is left out: save it with torch/safetensors)."""
@@ -93,7 +98,9 @@ class RobustnessReport(_JsonResult):
             "seed": self.seed, "world_size": self.world_size, "warnings": list(self.warnings),
             "samples": {"label": self.labels.tolist(), "clean_correct": self.clean_correct.int().tolist(),
                         "robust": self.robust.int().tolist(), "broken_by": self.broken_by.tolist(),
-                        "prediction_adv": self.predictions_adv.tolist()},
+                        "prediction_adv": self.predictions_adv.tolist(),
+                        **({"stage": list(self.provenance)} if self.provenance else {})},
+            **({"evidence": self.evidence, "escalations": self.escalations} if self.escalations else {}),
         }
 
     @classmethod
@@ -112,7 +119,8 @@ class RobustnessReport(_JsonResult):
             attacks=data.get("attacks", []), skipped=data.get("skipped", []),
             attack_time_s=data.get("attack_time_s", {}), seed=data.get("seed"), world_size=data.get("world_size", 1),
             attack_budget=data.get("attack_budget", {}),
-            warnings=data.get("warnings", []),
+            warnings=data.get("warnings", []), evidence=data.get("evidence", {}),
+            escalations=data.get("escalations", []), provenance=samples.get("stage", []),
         )
 
     def summary(self) -> str:
@@ -124,6 +132,11 @@ class RobustnessReport(_JsonResult):
                          f"{_budget_text(self.attack_budget.get(label))})")
         lines.append(f"  {'worst case':<14}{100 * self.robust_accuracy:7.2f} %")
         lines += [f"  skipped {s['label']}: {s['reason']}" for s in self.skipped]
+        if self.escalations:
+            fired = [f"{name} {v['samples']}/{v['checked']}" + (" (model-level)" if v["model_level"] else "")
+                     for name, v in self.evidence.items() if v["samples"]]
+            lines.append(f"  evidence: {', '.join(fired) if fired else 'none fired'}")
+            lines += [f"  {'ran' if e['ran'] else 'not run'} {e['stage']}: {e['reason']}" for e in self.escalations]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -188,7 +201,13 @@ def evaluate(
     source = BlockSource(data, threat, batch_size, max_samples)
     shard = resolve_shard(distributed)
     _check_journal_arguments(journal, resume, return_adversarial)
-    cascade = _Cascade(model, specs, seed)
+    procedure = procedure_of(suite)
+    adaptive = None
+    if procedure is not None:
+        from .adaptive import AdaptiveCascade
+
+        adaptive = AdaptiveCascade(model, specs, seed, source.batch_size, procedure)
+    cascade = adaptive if adaptive is not None else _Cascade(model, specs, seed)
     finished: dict[int, _BlockOutcome] = {}
     outcomes: list[_BlockOutcome] = []
     writer: JournalWriter | None = None
@@ -201,11 +220,11 @@ def evaluate(
                 block = read() if index == 0 or (shard.owns(index) and index not in finished) else None
                 if index == 0:
                     assert block is not None
-                    notes = randomness_warnings(model, block.x.to(cascade.device), threat, suite)
+                    notes = [] if procedure else randomness_warnings(model, block.x.to(cascade.device), threat, suite)
                     if shard.active:
                         check_same_stream(shard, source.n, block.fingerprint())
                     if journal is not None:
-                        header = _journal_header(model, specs, threat, seed, source, block)
+                        header = _journal_header(model, specs, threat, seed, source, block, procedure)
                         finished, writer = _open_journal(Path(journal), header, resume, shard)
                 if block is None or not shard.owns(index) or index in finished:
                     continue
@@ -214,12 +233,17 @@ def evaluate(
                 if writer is not None:
                     writer.append(outcome.to_record())
                 release_freed_memory()
+            outcomes = shard.gather(outcomes) + [o for o in finished.values() if o.index < n_blocks]
+            if adaptive is not None:  # the second pass: the escalations, where the evidence calls for them
+                outcomes = adaptive.escalate(source, _complete(outcomes, n_blocks), threat, shard, writer,
+                                            return_adversarial)
         finally:
             if writer is not None:
                 writer.close()
-    outcomes = shard.gather(outcomes) + [o for o in finished.values() if o.index < n_blocks]
     report = _report(outcomes, n_blocks, specs, threat, time.perf_counter() - started, seed, shard, return_adversarial)
     report.warnings = notes
+    if adaptive is not None:
+        adaptive.finish(report, _complete(outcomes, n_blocks), threat)
     return report
 
 
@@ -254,11 +278,17 @@ class _BlockOutcome:
     survivors: dict[str, int]
     x_adv: Tensor | None = None
     budget: dict[str, list[int]] = field(default_factory=dict)  # label -> [per-sample gradients, forward passes]
+    # A procedure suite: per sample the evidence bits and the stages that attacked it; phase 1 = core, 2 = escalated.
+    evidence: Tensor | None = None
+    stages: Tensor | None = None
+    phase: int = 0
 
     def to_record(self) -> dict:
+        extra = {} if self.evidence is None or self.stages is None else {
+            "evidence": self.evidence.tolist(), "stages": self.stages.tolist(), "phase": self.phase}
         return {"block": self.index, "label": self.labels.tolist(), "clean_pred": self.clean_pred.tolist(),
                 "broken_by": self.broken_by.tolist(), "prediction_adv": self.predictions_adv.tolist(),
-                "survivors": self.survivors, "time_s": self.time_s, "budget": self.budget}
+                "survivors": self.survivors, "time_s": self.time_s, "budget": self.budget, **extra}
 
     @classmethod
     def from_record(cls, record: dict) -> "_BlockOutcome":
@@ -268,7 +298,9 @@ class _BlockOutcome:
         return cls(index=int(record["block"]), labels=ints("label"), clean_pred=ints("clean_pred"),
                    broken_by=ints("broken_by"), predictions_adv=ints("prediction_adv"),
                    time_s=dict(record["time_s"]), survivors=dict(record["survivors"]),
-                   budget={k: list(v) for k, v in record.get("budget", {}).items()})
+                   budget={k: list(v) for k, v in record.get("budget", {}).items()},
+                   evidence=ints("evidence") if "evidence" in record else None,
+                   stages=ints("stages") if "stages" in record else None, phase=int(record.get("phase", 0)))
 
 
 @dataclass
@@ -416,11 +448,13 @@ def _check_journal_arguments(journal: str | Path | None, resume: bool, return_ad
 
 
 def _journal_header(model: nn.Module, specs: list[AttackSpec], threat: ThreatModel, seed: int | None,
-                    source: BlockSource, first: Block) -> dict:
+                    source: BlockSource, first: Block, procedure: dict | None = None) -> dict:
     from .. import __version__
 
     suite = [{"label": s.label, "name": s.name, "instance": type(s.instance).__name__} if s.instance is not None
              else s.to_dict() for s in specs]
+    if procedure is not None:  # a procedure suite: its settings are part of what the journal must match
+        suite = [{"procedure": procedure}] + suite
     return {"journal": "gradguard-evaluate", "format": JOURNAL_FORMAT, "version": __version__,
             "model": model_fingerprint(model), "suite": suite, "threat": threat.to_dict(), "seed": seed,
             "batch_size": source.batch_size, "max_samples": source.max_samples,

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import input_gradient
 from ..attacks.losses import margin
 from ..diagnostics.masking import (
     LOSS_FLAT,

@@ -562,6 +562,9 @@ def evaluate_curve(
     _check_model(model)
     _check_threat(threat)
     eps_list = _eps_values(eps_values)
+    if procedure_of(suite) is not None:
+        raise ConfigError(f"suite: {suite!r} is a procedure (its escalations depend on evidence from the whole "
+                          "evaluation) and has no curve; use a list suite for the curve, e.g. 'quick'")
     specs = resolve_suite(suite, amp=amp, compile=compile)
     source = BlockSource(data, threat, batch_size, max_samples)
     shard = resolve_shard(distributed)

@@ -169,8 +169,18 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
             out.append(f"<h3>{escape(m.label)}: evaluation suite at {escape(threat_label(m.robustness.get('threat')))} "
                        f"({m.robustness.get('n_samples', '?')} samples, "
                        f"{_fmt(m.robustness.get('elapsed_s'))} s)</h3>" + table(["attack", "accuracy"], rows, numeric_from=1)
-                       + note)
+                       + note + _escalations(m.robustness))
     return "".join(out)
+
+
+def _escalations(robustness: dict) -> str:
+    """The "adaptive" suite's escalations: each one, ran or not, on how many samples, and why."""
+    rows = [[escape(str(e.get("stage"))), "ran" if e.get("ran") else "not run", escape(str(e.get("reason"))),
+             _fmt(e.get("samples")), _fmt(e.get("broke"))] for e in robustness.get("escalations") or []]
+    if not rows:
+        return ""
+    return "<h4>Evidence and escalations</h4>" + table(["escalation", "status", "why", "samples", "broke"], rows,
+                                                         numeric_from=3)
 
 
 CERTIFIED_RADII = (0.25, 0.5, 0.75, 1.0)

@@ -170,11 +170,11 @@ def test_honest_model_no_evidence_no_escalation_points_valid_model_untouched(hon
     (Jagged, "shattered", "square"),
 ])
 def test_each_piece_of_evidence_fires_on_its_planted_model(honest, data, planted, indicator, escalation):
-    x, y = data
+    x, y = data[0][:16], data[1][:16]
     torch.manual_seed(0)
     model = planted(honest).eval()
     suite = [dict(s) for s in SUITES["adaptive"]]
-    report = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=N)
+    report = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=16)
     assert _evidence(report, indicator)["model_level"], report.evidence
     ran = _escalation(report, escalation)
     assert ran["ran"] and indicator in ran["model_level"] and ran["samples"] > 0

@@ -132,7 +132,8 @@ class AdaptiveCascade(_Cascade):
         result = None
         if threat.eps > 0 and index.numel():
             xb, yb = state.x[index], state.y[index]
-            seed, draws = None, contextlib.nullcontext()
+            seed: int | None = None
+            draws: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
             if self.seed is not None and spec.name == "square":  # one window per batch: seeded per block
                 seed = batch_seed(self.seed, k, block_index)
             elif self.seed is not None:  # random starts drawn per sample: the same in any block

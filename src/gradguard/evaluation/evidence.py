@@ -54,7 +54,7 @@ INDICATORS = (
     Indicator("random", 0, "the logits change between two identical passes (a randomised model)",
               0.0, (EOT_CE, EOT_DLR)),
     Indicator("zero_gradient", 1, "the CE input gradient is zero or not finite (saturated softmax or a "
-              "non-differentiable layer)", ZERO_GRADIENTS[0], (REST, FAB, SQUARE)),
+              "non-differentiable layer); margin losses and FAB are scale-invariant", ZERO_GRADIENTS[0], (REST, FAB)),
     Indicator("zero_margin_gradient", 2, "the logit-margin gradient is zero too: no loss has a gradient "
               "(rounding, quantisation)", ZERO_GRADIENTS[0], (SQUARE, BPDA)),
     Indicator("shattered", 3, "finite differences along the gradient disagree with its directional derivative",
@@ -62,7 +62,7 @@ INDICATORS = (
     Indicator("loss_flat", 4, "APGD-CE's loss did not rise above its starting value (silent optimiser failure)",
               LOSS_FLAT[0], (REST, FAB, SQUARE)),
     Indicator("unstable_best", 5, "the best point found, re-scored, does not reproduce its logits or lies outside "
-              "the threat model", ZERO_GRADIENTS[0], (REST, SQUARE, EOT_CE, EOT_DLR)),
+              "the threat model (randomness the two-pass check missed)", ZERO_GRADIENTS[0], (EOT_CE, EOT_DLR)),
     Indicator("black_box", 6, "the short Square probe broke a sample every white-box stage had left (fraction of "
               "the probed samples)", SQUARE_STRONGER[0], (REST, FAB, SQUARE)),
 )

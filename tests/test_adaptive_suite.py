@@ -90,14 +90,14 @@ class Reversed(nn.Module):
 
 class Jagged(nn.Module):
     """A step function of the input added without a gradient (thermometer-like): the gradient describes a smooth
-    model, the function jumps every 1/80 in each pixel — shattered gradients."""
+    model, the function jumps every π/500 in each pixel — shattered gradients."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x):
-        return self.model(x + (0.3 * torch.sign(torch.sin(500 * x))).detach())
+        return self.model(x + (0.05 * torch.sign(torch.sin(500 * x))).detach())
 
 
 def _evidence(report, name: str) -> dict:

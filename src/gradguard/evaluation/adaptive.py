@@ -112,6 +112,10 @@ class AdaptiveCascade(_Cascade):
             found, grads = ev.at_clean_point(self.model, x[rows], y[rows], threat, self.batch_size)
             evidence[rows] |= found | ev.CHECKED_BIT
             state.add_budget("evidence", grads * rows.numel(), 4 * rows.numel())
+        # The checklist's order of causes: randomness, then dead gradients, explain a flat loss and a failed
+        # finite-difference test; those two count only where neither is seen (they call for other escalations).
+        explained = (evidence & ev.bits("random", "zero_gradient", "zero_margin_gradient")) != 0
+        evidence[explained] &= ~ev.bits("loss_flat", "shattered")
         state.times["evidence"] = state.times.get("evidence", 0.0) + time.perf_counter() - started
 
     def _probed(self, positions: Tensor) -> Tensor:

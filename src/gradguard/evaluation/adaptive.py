@@ -116,6 +116,9 @@ class AdaptiveCascade(_Cascade):
         # finite-difference test; those two count only where neither is seen (they call for other escalations).
         explained = (evidence & ev.bits("random", "zero_gradient", "zero_margin_gradient")) != 0
         evidence[explained] &= ~ev.bits("loss_flat", "shattered")
+        # zero_gradient is the saturated softmax (margin gradients live); with the margin's gradient dead too it is
+        # a non-differentiable layer, for which margin-based attacks are no help (the checklist's two kinds).
+        evidence[(evidence & ev.bits("zero_margin_gradient")) != 0] &= ~ev.bits("zero_gradient")
         state.times["evidence"] = state.times.get("evidence", 0.0) + time.perf_counter() - started
 
     def _probed(self, positions: Tensor) -> Tensor:

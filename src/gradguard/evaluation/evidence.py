@@ -53,8 +53,8 @@ FD_STEP = 1e-2              # the finite-difference step, as a fraction of eps (
 INDICATORS = (
     Indicator("random", 0, "the logits change between two identical passes (a randomised model)",
               0.0, (EOT_CE, EOT_DLR)),
-    Indicator("zero_gradient", 1, "the CE input gradient is zero or not finite (saturated softmax or a "
-              "non-differentiable layer); margin losses and FAB are scale-invariant", ZERO_GRADIENTS[0], (REST, FAB)),
+    Indicator("zero_gradient", 1, "the CE input gradient is zero or not finite while the logit margin's is not (a "
+              "saturated softmax; margin losses and FAB do not care about the scale)", ZERO_GRADIENTS[0], (REST, FAB)),
     Indicator("zero_margin_gradient", 2, "the logit-margin gradient is zero too: no loss has a gradient "
               "(rounding, quantisation)", ZERO_GRADIENTS[0], (SQUARE, BPDA)),
     Indicator("shattered", 3, "finite differences along the gradient disagree with its directional derivative",

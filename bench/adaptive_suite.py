@@ -174,6 +174,33 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
     return row
 
 
+def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norms: list[str]) -> list[dict]:
+    """The core's budget split: the ranked targeted stage with 1-3 targets and 50 or 100 steps (everything else as
+    registered), robust accuracy and forward-equivalents of the whole suite per setting."""
+    from gradguard.evaluation.suites import SUITES
+
+    registered = [dict(s) for s in SUITES["adaptive"]]
+    rows = []
+    try:
+        for norm in norms:
+            threat = Linf(THREATS[norm]) if norm == "linf" else L2(THREATS[norm])
+            for targets in (1, 2, 3):
+                for steps in (50, 100):
+                    SUITES["adaptive"][1].update(n_target_classes=targets, steps=steps)
+                    SUITES["adaptive"][3].update(first_target=targets, n_target_classes=9 - targets)
+                    counted = Counted(model).eval()
+                    began = time.perf_counter()
+                    report = evaluate(counted, (x, y), threat, "adaptive", batch_size=len(y), seed=0)
+                    rows.append({"norm": norm, "targets": targets, "steps": steps,
+                                 "robust_accuracy": report.robust_accuracy, "time_s": round(time.perf_counter() - began, 2),
+                                 "passes": counted.reset(),
+                                 "escalations_ran": [e["stage"] for e in report.escalations if e["ran"]]})
+                    print(rows[-1], flush=True)
+    finally:
+        SUITES["adaptive"][:] = registered
+    return rows
+
+
 def quick_models(names: list[str], x_train: torch.Tensor, y_train: torch.Tensor) -> dict:
     """Stand-ins for models not on disk (named "*-quick" in the results): the small CNN after one plain epoch or two
     fast-FGSM epochs at eps 0.1, trained here once and kept in bench/out/adaptive_suite/."""
@@ -208,6 +235,8 @@ def main() -> None:
     parser.add_argument("--train-missing", action="store_true", help="train quick stand-ins for missing models")
     parser.add_argument("--json", type=Path, default=RESULT)
     parser.add_argument("--table", action="store_true", help="print the markdown table of --json and exit")
+    parser.add_argument("--sweep", action="store_true", help="the core's budget split instead: targets x steps of "
+                        "the ranked APGD-T stage, adaptive suite only, on the first model")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.json.read_text())))
@@ -220,6 +249,11 @@ def main() -> None:
         models.update(quick_models([m for m in args.models if m not in models], x_train, y_train))
     if not models:
         raise SystemExit("no model found; make one (see the messages above) or pass --train-missing")
+    if args.sweep:
+        name, model = next(iter(models.items()))
+        write_json(args.json, {**run_header(n_eval=args.n_eval, model=name),
+                               "sweep": sweep(model, x_test[:args.n_eval], y_test[:args.n_eval], args.norms)})
+        return
     result = run_header(n_eval=args.n_eval, suite=args.suite, threads=args.threads, rows=[])
     base_name, base = next(iter(models.items()))
     todo = [] if args.only_masked else list(models.items())

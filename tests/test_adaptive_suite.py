@@ -194,9 +194,12 @@ def test_escalation_reaches_the_standard_outcome_on_a_masked_model(honest, data)
     assert torch.equal(adaptive.robust, standard.robust)
 
 
-def test_same_per_sample_results_in_one_block_or_many_and_after_resume(honest, data, tmp_path):
+def test_same_per_sample_results_in_one_block_or_many_and_after_resume(honest, data, tmp_path, monkeypatch):
     x, y = data
     model = Quantised(honest).eval()  # evidence fires: the escalation pass runs too
+    cheaper = [dict(spec) for spec in SUITES["adaptive"]]  # Square's budget does not matter here: keep it CPU-cheap
+    cheaper[2]["queries"], cheaper[5]["queries"] = 100, 300
+    monkeypatch.setitem(SUITES, "adaptive", cheaper)
     one = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=N)
     many = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=16)
     white_box = [i for i, p in enumerate(one.provenance) if "square" not in p]

@@ -169,10 +169,13 @@ def test_honest_model_no_evidence_no_escalation_points_valid_model_untouched(hon
     (Reversed, "loss_flat", "fab-t"),
     (Jagged, "shattered", "square"),
 ])
-def test_each_piece_of_evidence_fires_on_its_planted_model(honest, data, planted, indicator, escalation):
+def test_each_piece_of_evidence_fires_on_its_planted_model(honest, data, planted, indicator, escalation, monkeypatch):
     x, y = data[0][:16], data[1][:16]
     torch.manual_seed(0)
     model = planted(honest).eval()
+    cheaper = [dict(spec) for spec in SUITES["adaptive"]]  # what runs is under test, not Square's budget
+    cheaper[2]["queries"], cheaper[5]["queries"] = 100, 500
+    monkeypatch.setitem(SUITES, "adaptive", cheaper)
     suite = [dict(s) for s in SUITES["adaptive"]]
     report = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=16)
     assert _evidence(report, indicator)["model_level"], report.evidence
@@ -185,11 +188,11 @@ def test_each_piece_of_evidence_fires_on_its_planted_model(honest, data, planted
 
 def test_escalation_reaches_the_standard_outcome_on_a_masked_model(honest, data):
     """Logits × 10⁴: APGD-CE sees no gradient; the evidence sends the rest of standard's attacks after it."""
-    x, y = data
+    x, y = data[0][:24], data[1][:24]
     model = Scaled(honest).eval()
-    adaptive = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=N)
-    standard = evaluate(model, (x, y), Linf(EPS), "standard", batch_size=N)
-    unescalated = evaluate(model, (x, y), Linf(EPS), ["apgd-ce"], batch_size=N)
+    adaptive = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=24)
+    standard = evaluate(model, (x, y), Linf(EPS), "standard", batch_size=24)
+    unescalated = evaluate(model, (x, y), Linf(EPS), ["apgd-ce"], batch_size=24)
     assert adaptive.robust_accuracy < unescalated.robust_accuracy  # the masked model fools APGD-CE alone
     assert torch.equal(adaptive.robust, standard.robust)
 

@@ -63,6 +63,7 @@ KNOWN: set[tuple] = {
     ('R1', 'gradguard.evaluation.robustness', 'gradguard.diagnostics.masking'),
     ('R1', 'gradguard.models.outputs', 'gradguard.attacks.base'),
     ('R2', 'gradguard.attacks.base'),
+    ('R2', 'gradguard.evaluation.adaptive'),  # evaluate() <-> the adaptive cascade: goes with the robustness split
     ('R2', 'gradguard.cli.__init__'),
     ('R2', 'gradguard.cli.listing'),
     ('R2', 'gradguard.diagnostics.masking'),

@@ -875,9 +875,10 @@ def _write_and_drop_journal(run_dir: Path, robustness: dict) -> None:
 def in_layout(suite, channels_last: bool):
     """``suite`` with every named attack set to run in the channels_last layout (as it is without
     ``channels_last``); a suite name becomes its list of specs, which resolve to the same attacks and labels."""
-    if not channels_last:
+    from .evaluation.suites import get_suite, procedure_of
+
+    if not channels_last or procedure_of(suite) is not None:  # a procedure suite runs in the default layout
         return suite
-    from .evaluation.suites import get_suite
 
     specs = get_suite(suite) if isinstance(suite, str) else list(suite)
     return [{**spec, "channels_last": True} if isinstance(spec, dict) else

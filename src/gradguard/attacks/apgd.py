@@ -15,9 +15,11 @@ from torch import Tensor, nn
 from ..checks import positive_float, positive_int
 from ..errors import ConfigError
 from ..threat import ThreatModel
-from .base import Attack, BestIterate, Iterate, any_per_owner, expand_mask
+from .base import Attack, BestIterate, Iterate, any_per_owner, expand_mask, input_gradient
 
 MOMENTUM = 0.75
+RANKINGS = ("logit", "linearised")
+DUAL_NORMS = {"linf": 1.0, "l2": 2.0, "l1": float("inf")}  # the dual of each threat norm: L1, L2, L∞
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -55,6 +57,25 @@ def targeted_dlr(logits: Tensor, pairs: Tensor, targeted: bool = False) -> Tenso
     top = logits.sort(dim=1, descending=True).values
     scale = top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12
     return (target_logit - true_logit) / scale
+
+
+def logit_gap(logits: Tensor, pairs: Tensor, targeted: bool = False) -> Tensor:
+    """z_t − z_y for (true class y, target t) pairs: the function whose zero set is the y/t decision boundary."""
+    return (logits.gather(1, pairs[:, 1:]) - logits.gather(1, pairs[:, :1])).squeeze(1)
+
+
+def linearised_distances(model, x: Tensor, labels: Tensor, targets: Tensor, norm: str,
+                         amp: torch.dtype | None = None) -> Tensor:
+    """(batch, k): for each candidate class t (``targets[:, j]``), the distance to the y/t decision boundary of the
+    model linearised at ``x``: (z_y − z_t) / ‖∇_x(z_t − z_y)‖_* in the threat norm's dual norm (L1 for L∞, L2 for
+    L2, L∞ for L1), as MALT ranks its targets (Melamed et al., NeurIPS 2024). Exact for a linear model; one
+    gradient per candidate; a zero gradient gives +inf (ranked last)."""
+    n, k = targets.shape
+    pairs = torch.stack([labels.repeat(k), targets.t().reshape(-1)], dim=1)
+    grad, logits, gap = input_gradient(model, x.repeat((k,) + (1,) * (x.dim() - 1)), pairs, logit_gap, False, amp)
+    dual = grad.reshape(n * k, -1).norm(p=DUAL_NORMS[norm], dim=1)
+    distance = torch.where(dual > 0, -gap / dual.clamp_min(1e-30), torch.full_like(gap, float("inf")))
+    return distance.reshape(k, n).t()
 
 
 class APGD(Attack):
@@ -98,6 +119,7 @@ class APGD(Attack):
         x_adv = self._random_start(x) if start is None else start
         n_owners = x.shape[0]  # owner ids are below the starting row count
         grad, logits, objective = self._gradient(x_adv, labels)
+        self.start_objective = objective  # the loss at the start, per row: did the run make it rise?
         best = BestIterate(x_adv)
         success = self._succeeded(logits, success_labels)
         best.update(x_adv, logits, objective, success, None)
@@ -179,12 +201,18 @@ class APGDT(APGD):
     Defaults (the paper's): 9 target classes, 100 steps per target class, the APGD step-size schedule;
     ``restarts`` are per target class. Loss: −(z_y − z_t)/(z_π1 − (z_π3 + z_π4)/2) (z_t − z_y with < 4 classes).
     The returned ``loss`` is that targeted DLR for the best target found.
+
+    ``ranking="linearised"`` orders the targets by the linearised distance to each boundary instead of by clean
+    logit (``linearised_distances``, MALT's choice): the ``candidates`` most likely wrong classes are ranked, one
+    gradient each, and the nearest are attacked first. ``first_target`` skips the first ranks (a later stage that
+    attacks the targets an earlier one left: ranks ``first_target .. first_target + n_target_classes − 1``).
     """
 
     name = "apgd-t"
 
     def __init__(self, model: nn.Module, threat: ThreatModel, *, steps: int = 100, n_target_classes: int = 9,
-                 restarts: int = 1, target_batch: int = 256, **kwargs) -> None:
+                 restarts: int = 1, target_batch: int = 256, ranking: str = "logit", candidates: int = 9,
+                 first_target: int = 0, **kwargs) -> None:
         if kwargs.get("targeted"):
             raise ConfigError("targeted: APGDT is untargeted overall (it picks its own targets); "
                               "use APGD(..., targeted=True, loss='dlr') to aim at given classes")
@@ -199,6 +227,24 @@ class APGDT(APGD):
             raise ConfigError(f"target_batch: rows per batch up to which target runs go side by side, an integer "
                               f">= 0 (0: one target after the other), got {target_batch!r}")
         self.target_batch = target_batch
+        if ranking not in RANKINGS:
+            raise ConfigError(f"ranking: expected one of {RANKINGS}, got {ranking!r}")
+        self.ranking = ranking
+        self.candidates = positive_int(candidates, "candidates")
+        if isinstance(first_target, bool) or not isinstance(first_target, int) or first_target < 0:
+            raise ConfigError(f"first_target: the first target rank to attack, an integer >= 0, got {first_target!r}")
+        self.first_target = first_target
+
+    def target_order(self, x: Tensor, labels: Tensor, clean_logits: Tensor) -> Tensor:
+        """(batch, classes − 1): the wrong classes in the order they are attacked (see ``ranking``)."""
+        others = clean_logits.scatter(1, labels[:, None], float("-inf")).argsort(dim=1, descending=True)[:, :-1]
+        if self.ranking == "logit":
+            return others
+        k = min(self.candidates, others.shape[1])
+        self._n_grad += x.shape[0] * k
+        distance = linearised_distances(self.forward_model, x, labels, others[:, :k], self.threat.norm, self.amp_dtype)
+        order = distance.argsort(dim=1, stable=True)  # ties (and zero gradients) keep the logit order
+        return torch.cat([others[:, :k].gather(1, order), others[:, k:]], dim=1)
 
     def _perturb(self, x: Tensor, labels: Tensor) -> Iterate:
         """The runs (target rank × restart) in order, several side by side while the samples still robust are few.
@@ -209,9 +255,9 @@ class APGDT(APGD):
         bookkeeping (few rows); it spends more passes on samples broken early, so it stops at ``target_batch`` rows.
         """
         clean_logits = self._clean_logits(x)
-        others = clean_logits.scatter(1, labels[:, None], float("-inf")).argsort(dim=1, descending=True)
-        n_targets = min(self.n_target_classes, clean_logits.shape[1] - 1)
-        runs = [rank for rank in range(n_targets) for _ in range(self.target_restarts)]
+        others = self.target_order(x, labels, clean_logits)
+        n_targets = min(self.first_target + self.n_target_classes, clean_logits.shape[1] - 1)
+        runs = [rank for rank in range(self.first_target, n_targets) for _ in range(self.target_restarts)]
         best = BestIterate(x)
         done = 0
         while done < len(runs):
@@ -248,5 +294,7 @@ class APGDT(APGD):
         return self._forward(x)
 
     def __repr__(self) -> str:
+        ranking = "" if self.ranking == "logit" else f", ranking={self.ranking!r}, candidates={self.candidates}"
+        first = f", first_target={self.first_target}" if self.first_target else ""
         return (f"APGDT(threat={self.threat!r}, steps={self.steps}, n_target_classes={self.n_target_classes}, "
-                f"restarts={self.target_restarts}, target_batch={self.target_batch})")
+                f"restarts={self.target_restarts}, target_batch={self.target_batch}{ranking}{first})")

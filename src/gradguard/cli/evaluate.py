@@ -34,8 +34,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     model_source_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its journal "
                         "(in RUN_DIR, or for --out DIR in .DIR.partial); same model, data, suite and threat")
-    parser.add_argument("--suite", default="standard", help="quick | fast | lite | standard | rand | classic | "
-                        "comma-separated attack names (default standard; rand for randomised models)")
+    parser.add_argument("--suite", default="standard", help="quick | fast | lite | standard | adaptive | rand | "
+                        "classic | comma-separated attack names (default standard; rand for randomised models; "
+                        "adaptive: a cheap core, the rest only where evidence of masking calls for it)")
     parser.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1 "
                         "or 0,2/255,8/255 (each checked like --eps)")
     parser.add_argument("--curve-suite", default="quick", help="suite for the curve (default quick)")
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     rows += [[f"{s.get('label')}: skipped, {s.get('reason')}", None] for s in robustness.get("skipped") or []]
     rows.append(["worst case", robustness.get("robust_accuracy")])
     text = format_table(["attack", "accuracy"], rows)
+    if robustness.get("escalations"):
+        text += "\n\n" + escalation_table(robustness)
     if result["curve"]:
         text += "\n\n" + format_table(["eps", "robust accuracy"], list(zip(
             result["curve"]["eps"], result["curve"]["robust_accuracy"], strict=True)))
@@ -83,3 +86,18 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
                  + " + ".join(f"{p:.1f}" for p in parts) + " s, each earlier part up to its last journaled batch)")
     header = f"{threat_label(run.threat.to_dict())}, {workflow.samples_label(run.dataset, robustness.get('n_samples'))}"
     return result, f"{header}\n{text}\n\nwrote {run.shown}/robustness.json"
+
+
+def escalation_table(robustness: dict) -> str:
+    """The "adaptive" suite's stages (seconds, passes), its evidence and every escalation, ran or not, and why."""
+    times, budget = robustness.get("attack_time_s") or {}, robustness.get("attack_budget") or {}
+    stages = [[label, times.get(label), (budget.get(label) or {}).get("gradients", 0),
+               (budget.get(label) or {}).get("forwards", 0)] for label in list(times)]
+    text = format_table(["stage", "seconds", "gradients", "forwards"], stages)
+    evidence = [[name, f"{v['samples']}/{v['checked']}", "yes" if v["model_level"] else "no"]
+                for name, v in (robustness.get("evidence") or {}).items()]
+    text += "\n\n" + format_table(["evidence", "samples", "whole model"], evidence)
+    escalations = [[e["stage"], "ran" if e["ran"] else "not run", e["samples"], e["broke"]]
+                   for e in robustness["escalations"]]
+    text += "\n\n" + format_table(["escalation", "status", "samples", "broke"], escalations)
+    return text + "".join(f"\n  {e['stage']}: {e['reason']}" for e in robustness["escalations"])

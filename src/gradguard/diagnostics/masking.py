@@ -30,40 +30,38 @@ from torch import Tensor, nn
 
 from ..attacks import APGD, FGSM, PGD
 from ..attacks.base import Attack, check_logits, input_gradient, model_guard, positive_int
-from ..attacks.losses import cross_entropy, margin
+from ..attacks.losses import cross_entropy
 from ..errors import InputError
+
+# The thresholds, the causes and the adaptive attack each cause calls for live in gradguard.evaluation.signals, with
+# the per-sample measurements the checklist shares with the "adaptive" suite; re-exported here.
+from ..evaluation.signals import (
+    EPS_MULTIPLIERS,
+    FAIL,
+    LOSS_FLAT,
+    MISLEADING,
+    NEXT_ATTACK,
+    NOISE_ONLY,
+    NON_DETERMINISM,
+    NOT_CONVERGED,
+    NOT_MONOTONE,
+    PASS,
+    PGD_WORSE_THAN_FGSM,
+    RANDOM,
+    SATURATED,
+    SEVERITY,
+    SHATTERED,
+    SQUARE_STRONGER,
+    UNBOUNDED_ACCURACY,
+    UNCONVERGED,
+    WARN,
+    ZERO_GRADIENTS,
+    gradient_health,
+    logit_changes,
+    loss_rose,
+)
 from ..models.outputs import as_logits_model
 from ..threat import ThreatModel, check_threat
-
-PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
-SEVERITY = {PASS: 0, WARN: 1, FAIL: 2}
-
-# Thresholds: (warn above, fail above), as fractions of the checked samples.
-PGD_WORSE_THAN_FGSM = (0.01, 0.05)      # PGD accuracy minus FGSM accuracy
-NOT_MONOTONE = (0.02, 0.05)             # largest rise of PGD accuracy when eps grows
-UNBOUNDED_ACCURACY = (0.02, 0.10)       # PGD accuracy when the ball covers the whole box
-NOT_CONVERGED = (0.05, 0.15)            # accuracy drop when steps and restarts are doubled
-SQUARE_STRONGER = (0.02, 0.05)          # PGD accuracy minus Square accuracy
-NOISE_ONLY = (0.01, 0.03)               # samples random noise breaks but PGD does not
-ZERO_GRADIENTS = (0.10, 0.50)           # samples with a zero or non-finite input gradient
-LOSS_FLAT = (0.10, 0.50)                # samples whose loss does not rise along the attack path
-NON_DETERMINISM = (1e-6, 1e-4)          # largest relative logit change between two identical forward passes
-
-EPS_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
-
-# What the checks point to, and the adaptive attack each FAIL names next (Tramèr et al. 2020, "On adaptive attacks").
-RANDOM, SATURATED, SHATTERED, MISLEADING, UNCONVERGED = "random", "saturated", "shattered", "misleading", "unconverged"
-NEXT_ATTACK = {
-    RANDOM: "EOT — average the gradient over the model's randomness (eot_samples=20 on any gradient attack, or "
-            "the 'rand' suite: APGD-CE and APGD-DLR with EOT 20)",
-    SATURATED: "a margin loss — the softmax saturates and CE gradients underflow while logit differences still "
-               "have gradients: APGD-DLR / APGD-T (the 'standard' suite) or loss='margin'",
-    SHATTERED: "BPDA — attack nn.Sequential(gradguard.attacks.BPDA(preprocess), model): the non-differentiable "
-               "layer forward, a differentiable stand-in (identity) backward",
-    MISLEADING: "BPDA on the layer that obstructs the gradient, or a transfer attack from a smooth surrogate "
-                "(gradguard.attacks.Transfer)",
-    UNCONVERGED: "more steps and restarts, or APGD-CE (the 'standard' suite runs APGD-CE with 100 steps)",
-}
 
 
 @dataclass
@@ -261,13 +259,11 @@ class _Probe:
                          pgd_doubled=self.correct_after(self.pgd(self.threat, steps=2 * self.steps, restarts=2), x, y),
                          apgd=self.correct_after(self.apgd(), x, y))
 
-    @torch.no_grad()
     def determinism(self, x: Tensor) -> Check:
-        first = torch.cat([self.model(b) for b in x.split(self.batch_size)])
-        second = torch.cat([self.model(b) for b in x.split(self.batch_size)])
-        scale = float(first.abs().max().clamp_min(1e-12))
-        change = float((first - second).abs().max()) / scale if torch.isfinite(first).all() else float("inf")
-        flips = float((first.argmax(1) != second.argmax(1)).float().mean())
+        changes = logit_changes(self.model, x, self.batch_size)
+        scale = float(changes.scale.max().clamp_min(1e-12))
+        change = float(changes.change.max()) / scale if bool(torch.isfinite(changes.change).all()) else float("inf")
+        flips = float(changes.flipped.float().mean())
         status = _grade(change, NON_DETERMINISM)
         return Check("deterministic", status, {"max_relative_logit_change": change, "prediction_flips": flips},
                      "the model gives the same logits twice" if status == PASS else
@@ -277,15 +273,10 @@ class _Probe:
     def gradients(self, x: Tensor, y: Tensor) -> Check:
         """Input gradients of CE, and of the logit margin: zero CE but live margin gradients mean a saturated
         softmax (a loss problem); both zero mean shattered gradients (a layer problem)."""
-        ce_grads, margin_grads = [], []
-        for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True):
-            ce_grads.append(input_gradient(self.model, xb, yb, cross_entropy, False)[0])
-            margin_grads.append(input_gradient(self.model, xb, yb, margin, False)[0])
-        flat = torch.cat(ce_grads).reshape(x.shape[0], -1)
-        finite = torch.isfinite(flat).all(dim=1)
-        bad = 1.0 - _mean(finite & (flat.abs().amax(dim=1) > 1e-20))
-        margin_flat = torch.cat(margin_grads).reshape(x.shape[0], -1)
-        margin_bad = 1.0 - _mean(torch.isfinite(margin_flat).all(dim=1) & (margin_flat.abs().amax(dim=1) > 1e-20))
+        health = gradient_health(self.model, x, y, self.batch_size)
+        flat, finite = health.ce, health.ce_finite
+        bad = 1.0 - _mean(health.ce_live)
+        margin_bad = 1.0 - _mean(health.margin_live)
         status = FAIL if not bool(finite.all()) else _grade(bad, ZERO_GRADIENTS)
         kind = SATURATED if _grade(margin_bad, ZERO_GRADIENTS) == PASS and bool(finite.all()) else SHATTERED
         return Check("gradients_nonzero", status,
@@ -311,8 +302,7 @@ class _Probe:
             with torch.no_grad():
                 losses.append(cross_entropy(self.model(x_adv), yb, False))
             path = torch.stack(losses)  # (steps + 1, batch)
-            start = path[0]
-            rises.append(path.max(0).values > start + 1e-3 * start.abs() + 1e-6)
+            rises.append(loss_rose(path[0], path.max(0).values))
             curves.append(path)
         rose = torch.cat(rises)
         mean_path = torch.cat(curves, dim=1).mean(1)

@@ -30,7 +30,7 @@ from .distributed import Shard, batch_seed, check_same_stream, resolve_shard
 from .journal import FORMAT as JOURNAL_FORMAT
 from .journal import JournalWriter, model_fingerprint, own_file, read_journals, remove_journals
 from .stream import Block, BlockSource, collect, release_freed_memory
-from .suites import AttackSpec, resolve_suite
+from .suites import AttackSpec, procedure_of, resolve_suite
 
 NOT_BROKEN = -1  # broken_by value of a sample no attack broke (robust, or misclassified when clean)
 
@@ -85,6 +85,11 @@ class RobustnessReport(_JsonResult):
     attack_budget: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     elapsed_parts_s: list[float] = field(default_factory=list)
+    # A procedure suite ("adaptive"): the evidence per indicator, every escalation (ran or not, and why), and per
+    # sample the stage that broke it or the stages it survived.
+    evidence: dict[str, dict] = field(default_factory=dict)
+    escalations: list[dict] = field(default_factory=list)
+    provenance: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready numbers and per-sample lists (``x_adv`` is left out: save it with torch/safetensors)."""
@@ -97,7 +102,9 @@ class RobustnessReport(_JsonResult):
             "elapsed_parts_s": list(self.elapsed_parts_s),
             "samples": {"label": self.labels.tolist(), "clean_correct": self.clean_correct.int().tolist(),
                         "robust": self.robust.int().tolist(), "broken_by": self.broken_by.tolist(),
-                        "prediction_adv": self.predictions_adv.tolist()},
+                        "prediction_adv": self.predictions_adv.tolist(),
+                        **({"stage": list(self.provenance)} if self.provenance else {})},
+            **({"evidence": self.evidence, "escalations": self.escalations} if self.escalations else {}),
         }
 
     @classmethod
@@ -117,6 +124,8 @@ class RobustnessReport(_JsonResult):
             attack_time_s=data.get("attack_time_s", {}), seed=data.get("seed"), world_size=data.get("world_size", 1),
             attack_budget=data.get("attack_budget", {}),
             warnings=data.get("warnings", []), elapsed_parts_s=data.get("elapsed_parts_s", []),
+            evidence=data.get("evidence", {}), escalations=data.get("escalations", []),
+            provenance=samples.get("stage", []),
         )
 
     def summary(self) -> str:
@@ -128,6 +137,11 @@ class RobustnessReport(_JsonResult):
                          f"{_budget_text(self.attack_budget.get(label))})")
         lines.append(f"  {'worst case':<14}{100 * self.robust_accuracy:7.2f} %")
         lines += [f"  skipped {s['label']}: {s['reason']}" for s in self.skipped]
+        if self.escalations:
+            fired = [f"{name} {v['samples']}/{v['checked']}" + (" (model-level)" if v["model_level"] else "")
+                     for name, v in self.evidence.items() if v["samples"]]
+            lines.append(f"  evidence: {', '.join(fired) if fired else 'none fired'}")
+            lines += [f"  {'ran' if e['ran'] else 'not run'} {e['stage']}: {e['reason']}" for e in self.escalations]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -197,11 +211,17 @@ def evaluate(
     source = BlockSource(data, threat, batch_size, max_samples)
     shard = resolve_shard(distributed)
     _check_journal_arguments(journal, resume, return_adversarial)
-    cascade = _Cascade(model, specs, seed)
-    finished: dict[int, _BlockOutcome] = {}
+    procedure = procedure_of(suite)
+    adaptive = None
+    if procedure is not None:
+        from .adaptive import AdaptiveCascade
+
+        adaptive = AdaptiveCascade(model, specs, seed, source.batch_size, procedure)
+    cascade = adaptive if adaptive is not None else Cascade(model, specs, seed)
+    finished: dict[int, BlockOutcome] = {}
     earlier: list[float] = []  # seconds of each earlier part of a resumed evaluation
     part = 1
-    outcomes: list[_BlockOutcome] = []
+    outcomes: list[BlockOutcome] = []
     writer: JournalWriter | None = None
     n_blocks = 0
     notes: list[str] = []
@@ -213,12 +233,12 @@ def evaluate(
                 block = read() if index == 0 or (shard.owns(index) and index not in finished) else None
                 if index == 0:
                     assert block is not None
-                    notes = randomness_warnings(model, block.x.to(cascade.device), threat, suite)
+                    notes = [] if procedure else randomness_warnings(model, block.x.to(cascade.device), threat, suite)
                     outputs = output_width(model, block.x[:1].to(cascade.device))
                     if shard.active:
                         check_same_stream(shard, source.n, block.fingerprint())
                     if journal is not None:
-                        header = _journal_header(inner_model(model), specs, threat, seed, source, block)
+                        header = _journal_header(inner_model(model), specs, threat, seed, source, block, procedure)
                         finished, earlier, writer = _open_journal(Path(journal), header, resume, shard)
                         part = len(earlier) + 1
                 if block is None or not shard.owns(index) or index in finished:
@@ -229,14 +249,19 @@ def evaluate(
                     writer.append({**outcome.to_record(), "part": part,
                                    "part_elapsed_s": round(time.perf_counter() - started, 3)})
                 release_freed_memory()
+            outcomes = shard.gather(outcomes) + [o for o in finished.values() if o.index < n_blocks]
+            if adaptive is not None:  # the second pass: the escalations, where the evidence calls for them
+                outcomes = adaptive.escalate(source, _complete(outcomes, n_blocks), threat, shard, writer,
+                                            return_adversarial)
         finally:
             if writer is not None:
                 writer.close()
-    outcomes = shard.gather(outcomes) + [o for o in finished.values() if o.index < n_blocks]
     parts = earlier + [round(time.perf_counter() - started, 3)]
     report = _report(outcomes, n_blocks, specs, threat, sum(parts), seed, shard, return_adversarial)
     report.warnings = notes + chance_warnings(data, report, outputs)
     report.elapsed_parts_s = parts if len(parts) > 1 else []
+    if adaptive is not None:
+        adaptive.finish(report, _complete(outcomes, n_blocks), threat)
     return report
 
 
@@ -287,7 +312,7 @@ def randomness_warnings(model: nn.Module, x: Tensor, threat: ThreatModel, suite:
 
 
 @dataclass
-class _BlockOutcome:
+class BlockOutcome:
     """The small per-sample results of one block (``x_adv`` only when asked for), and its attack times."""
 
     index: int
@@ -299,21 +324,29 @@ class _BlockOutcome:
     survivors: dict[str, int]
     x_adv: Tensor | None = None
     budget: dict[str, list[int]] = field(default_factory=dict)  # label -> [per-sample gradients, forward passes]
+    # A procedure suite: per sample the evidence bits and the stages that attacked it; phase 1 = core, 2 = escalated.
+    evidence: Tensor | None = None
+    stages: Tensor | None = None
+    phase: int = 0
 
     def to_record(self) -> dict:
+        extra = {} if self.evidence is None or self.stages is None else {
+            "evidence": self.evidence.tolist(), "stages": self.stages.tolist(), "phase": self.phase}
         return {"block": self.index, "label": self.labels.tolist(), "clean_pred": self.clean_pred.tolist(),
                 "broken_by": self.broken_by.tolist(), "prediction_adv": self.predictions_adv.tolist(),
-                "survivors": self.survivors, "time_s": self.time_s, "budget": self.budget}
+                "survivors": self.survivors, "time_s": self.time_s, "budget": self.budget, **extra}
 
     @classmethod
-    def from_record(cls, record: dict) -> "_BlockOutcome":
+    def from_record(cls, record: dict) -> "BlockOutcome":
         def ints(key: str) -> Tensor:
             return torch.tensor(record[key], dtype=torch.int64)
 
         return cls(index=int(record["block"]), labels=ints("label"), clean_pred=ints("clean_pred"),
                    broken_by=ints("broken_by"), predictions_adv=ints("prediction_adv"),
                    time_s=dict(record["time_s"]), survivors=dict(record["survivors"]),
-                   budget={k: list(v) for k, v in record.get("budget", {}).items()})
+                   budget={k: list(v) for k, v in record.get("budget", {}).items()},
+                   evidence=ints("evidence") if "evidence" in record else None,
+                   stages=ints("stages") if "stages" in record else None, phase=int(record.get("phase", 0)))
 
 
 @dataclass
@@ -327,7 +360,7 @@ class _CascadeResult:
     budget: dict[str, list[int]]
 
 
-class _Cascade:
+class Cascade:
     """Runs the attacks of a suite one after the other on the samples of one block still robust."""
 
     def __init__(self, model: nn.Module, specs: list[AttackSpec], seed: int | None) -> None:
@@ -342,11 +375,11 @@ class _Cascade:
         check_labels(y, logits.shape[1], "data")
         return logits.argmax(1)
 
-    def run_block(self, block: Block, threat: ThreatModel, *, keep_adversarial: bool) -> _BlockOutcome:
+    def run_block(self, block: Block, threat: ThreatModel, *, keep_adversarial: bool) -> BlockOutcome:
         x, y = block.x.to(self.device), block.y.to(self.device)
         clean_pred = self.predict(x, y)
         result = self.run(x, y, clean_pred == y, clean_pred, threat, block.index, 0, keep_adversarial)
-        return _BlockOutcome(block.index, y.cpu(), clean_pred.cpu(), result.broken_by.cpu(),
+        return BlockOutcome(block.index, y.cpu(), clean_pred.cpu(), result.broken_by.cpu(),
                              result.predictions_adv.cpu(), result.time_s, result.survivors,
                              None if result.x_adv is None else result.x_adv.cpu(), result.budget)
 
@@ -391,7 +424,7 @@ def _skipped(specs: list[AttackSpec], threat: ThreatModel) -> list[dict]:
             for s in specs if not s.supports(threat)]
 
 
-def _report(outcomes: list[_BlockOutcome], n_blocks: int, specs: list[AttackSpec], threat: ThreatModel,
+def _report(outcomes: list[BlockOutcome], n_blocks: int, specs: list[AttackSpec], threat: ThreatModel,
             elapsed: float, seed: int | None, shard: Shard, keep_adversarial: bool) -> RobustnessReport:
     outcomes = _complete(outcomes, n_blocks)
     labels = torch.cat([o.labels for o in outcomes])
@@ -429,7 +462,7 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
-def _complete(outcomes: list[_BlockOutcome], n_blocks: int) -> list[_BlockOutcome]:
+def _complete(outcomes: list[BlockOutcome], n_blocks: int) -> list[BlockOutcome]:
     """The outcomes in block order; every block of the stream must be there exactly once."""
     if n_blocks == 0:
         raise InputError("data: the loader yielded no batches; pass a non-empty dataset")
@@ -461,11 +494,13 @@ def _check_journal_arguments(journal: str | Path | None, resume: bool, return_ad
 
 
 def _journal_header(model: nn.Module, specs: list[AttackSpec], threat: ThreatModel, seed: int | None,
-                    source: BlockSource, first: Block) -> dict:
+                    source: BlockSource, first: Block, procedure: dict | None = None) -> dict:
     from .._version import __version__
 
     suite = [{"label": s.label, "name": s.name, "instance": type(s.instance).__name__} if s.instance is not None
              else s.to_dict() for s in specs]
+    if procedure is not None:  # a procedure suite: its settings are part of what the journal must match
+        suite = [{"procedure": procedure}] + suite
     return {"journal": "gradguard-evaluate", "format": JOURNAL_FORMAT, "version": __version__,
             "model": model_fingerprint(model), "suite": suite, "threat": threat.to_dict(), "seed": seed,
             "batch_size": source.batch_size, "max_samples": source.max_samples,
@@ -473,14 +508,14 @@ def _journal_header(model: nn.Module, specs: list[AttackSpec], threat: ThreatMod
 
 
 def _open_journal(path: Path, header: dict, resume: bool,
-                  shard: Shard) -> tuple[dict[int, _BlockOutcome], list[float], JournalWriter]:
+                  shard: Shard) -> tuple[dict[int, BlockOutcome], list[float], JournalWriter]:
     """Finished blocks (resume) or a fresh start (the old journals removed), the seconds of each earlier part
     (per part the slowest rank's time up to its last journaled block), and this rank's writer."""
-    finished: dict[int, _BlockOutcome] = {}
+    finished: dict[int, BlockOutcome] = {}
     parts: dict[int, float] = {}
     if resume:
         records = read_journals(path, header)
-        finished = {i: _BlockOutcome.from_record(r) for i, r in records.items()}
+        finished = {i: BlockOutcome.from_record(r) for i, r in records.items()}
         for record in records.values():
             if isinstance(record.get("part"), int) and isinstance(record.get("part_elapsed_s"), (int, float)):
                 parts[record["part"]] = max(parts.get(record["part"], 0.0), float(record["part_elapsed_s"]))
@@ -580,11 +615,14 @@ def evaluate_curve(
     model = as_logits_model(model)  # a dict / tuple / ModelOutput: its logits (gradguard.models.Logits)
     _check_threat(threat)
     eps_list = _eps_values(eps_values)
+    if procedure_of(suite) is not None:
+        raise ConfigError(f"suite: {suite!r} is a procedure (its escalations depend on evidence from the whole "
+                          "evaluation) and has no curve; use a list suite for the curve, e.g. 'quick'")
     largest = threat.with_eps(eps_list[-1])  # an eps in the wrong units is refused (L2 / L1: at the first block)
     specs = resolve_suite(suite, amp=amp, compile=compile)
     source = BlockSource(data, largest, batch_size, max_samples)
     shard = resolve_shard(distributed)
-    cascade = _Cascade(model, specs, seed)
+    cascade = Cascade(model, specs, seed)
     tallies: list[dict] = []
     with model_guard(model):
         for index, read in _progress_blocks(source, progress, shard):
@@ -607,7 +645,7 @@ def evaluate_curve(
                            attacked=total["attacked"], elapsed_s=round(time.perf_counter() - started, 3), seed=seed)
 
 
-def _curve_block(cascade: _Cascade, block: Block, threat: ThreatModel, eps_list: list[float]) -> dict:
+def _curve_block(cascade: Cascade, block: Block, threat: ThreatModel, eps_list: list[float]) -> dict:
     """Counts of one block at every eps: a sample broken at a smaller eps is not attacked at the larger ones."""
     x, y = block.x.to(cascade.device), block.y.to(cascade.device)
     clean_pred = cascade.predict(x, y)

@@ -12,6 +12,12 @@ families at a fraction of the cost: APGD-T against the 3 most likely wrong class
 queries instead of 5000 — for model selection and CI.
 ``"rand"`` is AutoAttack's version for randomised defences (models whose logits change between identical calls):
 APGD-CE and APGD-DLR with EOT over 20 draws per gradient, a success judged by the majority of 11 forward passes.
+``"adaptive"`` is a procedure, not a fixed list (``adaptive.py``): a cheap core (APGD-CE, then targeted APGD on the
+3 wrong classes nearest by linearised distance, then a 500-query Square probe on a random quarter of the samples
+still robust) that measures evidence of gradient masking per sample on the way, and runs the rest of its list —
+the remaining targets, FAB-T, Square with 5000 queries, the "rand" suite's EOT attacks — only on the samples (or,
+past a threshold, the whole model) the evidence calls them for; every escalation that ran or did not, and why,
+goes into the report.
 """
 from __future__ import annotations
 
@@ -59,7 +65,22 @@ SUITES: dict[str, list[dict]] = {
         {"name": "apgd-ce", "steps": 100, "eot_samples": 20, "success_votes": 11},
         {"name": "apgd-dlr", "steps": 100, "eot_samples": 20, "success_votes": 11},
     ],
+    # A procedure (PROCEDURES): the first three run on every sample still robust, the rest are escalations that
+    # run where the evidence measured along the way calls for them (gradguard.evaluation.adaptive).
+    "adaptive": [
+        {"name": "apgd-ce", "steps": 100},
+        {"name": "apgd-t", "label": "apgd-t-ranked", "steps": 100, "n_target_classes": 3, "ranking": "linearised"},
+        {"name": "square", "label": "square-probe", "queries": 500},
+        {"name": "apgd-t", "label": "apgd-t-rest", "steps": 100, "n_target_classes": 9, "first_target": 3,
+         "ranking": "linearised"},
+        {"name": "fab-t", "steps": 100, "n_target_classes": 9},
+        {"name": "square", "queries": 5000},
+        {"name": "apgd-ce", "label": "apgd-ce-eot", "steps": 100, "eot_samples": 20, "success_votes": 11},
+        {"name": "apgd-dlr", "label": "apgd-dlr-eot", "steps": 100, "eot_samples": 20, "success_votes": 11},
+    ],
 }
+# Suites that are procedures: name -> settings of gradguard.evaluation.adaptive.AdaptiveCascade.
+PROCEDURES: dict[str, dict] = {"adaptive": {"core": 3, "probe_fraction": 0.25}}
 
 
 @dataclass(frozen=True)
@@ -154,6 +175,11 @@ class AttackSpec:
         if self.instance is not None:
             return {"label": self.label, "name": self.name, "instance": repr(self.instance)}
         return {"label": self.label, "name": self.name, **_plain(self.kwargs)}
+
+
+def procedure_of(suite: Any) -> dict | None:
+    """The settings of a procedure suite named ``suite`` (see ``PROCEDURES``), None for a list suite."""
+    return dict(PROCEDURES[suite]) if isinstance(suite, str) and suite in PROCEDURES else None
 
 
 def get_suite(name: str) -> list[dict]:

@@ -205,7 +205,7 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
                        f"({m.robustness.get('n_samples', '?')} samples, "
                        f"{_fmt(m.robustness.get('elapsed_s'))} s{_parts(m.robustness)})</h3>"
                        + table(["attack", "accuracy"], rows, numeric_from=1)
-                       + note)
+                       + note + _escalations(m.robustness))
     return "".join(out)
 
 
@@ -213,6 +213,16 @@ def _parts(robustness: dict) -> str:
     """" in 2 parts (resumed)" for an evaluation that was interrupted and resumed: its time is their sum."""
     parts = robustness.get("elapsed_parts_s") or []
     return f" in {len(parts)} parts (resumed)" if len(parts) > 1 else ""
+
+
+def _escalations(robustness: dict) -> str:
+    """The "adaptive" suite's escalations: each one, ran or not, on how many samples, and why."""
+    rows = [[escape(str(e.get("stage"))), "ran" if e.get("ran") else "not run", escape(str(e.get("reason"))),
+             _fmt(e.get("samples")), _fmt(e.get("broke"))] for e in robustness.get("escalations") or []]
+    if not rows:
+        return ""
+    return "<h4>Evidence and escalations</h4>" + table(["escalation", "status", "why", "samples", "broke"], rows,
+                                                         numeric_from=3)
 
 
 CERTIFIED_RADII = (0.25, 0.5, 0.75, 1.0)

@@ -1,0 +1,296 @@
+"""The "adaptive" suite: exact target ranking on a linear model, each piece of evidence firing on a model planted to
+trigger it and quiet on an honest one, escalation reaching standard's outcome on a masked model, block / resume /
+torchrun invariance, and the usual invariants (points in the ball, model untouched)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import train_classifier
+from gradguard import L2, Linf, evaluate
+from gradguard.attacks.apgd import APGDT, linearised_distances
+from gradguard.evaluation.suites import SUITES, procedure_of
+
+EPS = 0.1
+N = 48
+
+
+@pytest.fixture(scope="module")
+def honest(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    return train_classifier(model, digits.x_train, digits.y_train, epochs=15)
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+    return digits.x_test[:N], digits.y_test[:N]
+
+
+class Scaled(nn.Module):
+    """Logits × 10⁴: the same predictions, a cross-entropy gradient that underflows to zero."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) * 1e4
+
+
+class Quantised(nn.Module):
+    """The input rounded to multiples of 1/8 first: zero gradients for every loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 8) / 8)
+
+
+class Noisy(nn.Module):
+    """Gaussian input noise (σ = 0.05) at every call: a randomised model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x + 0.05 * torch.randn_like(x))
+
+
+class _Reverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class Reversed(nn.Module):
+    """The model's forward, the negated input gradient: ascent walks downhill, the loss never rises."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(_Reverse.apply(x))
+
+
+class Jagged(nn.Module):
+    """A step function of the input added without a gradient (thermometer-like): the gradient describes a smooth
+    model, the function jumps every π/500 in each pixel — shattered gradients."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x + (0.05 * torch.sign(torch.sin(500 * x))).detach())
+
+
+def _evidence(report, name: str) -> dict:
+    return report.evidence[name]
+
+
+def _escalation(report, stage: str) -> dict:
+    return next(e for e in report.escalations if e["stage"] == stage)
+
+
+def test_adaptive_is_a_named_procedure_suite_and_not_the_default():
+    assert "adaptive" in SUITES and procedure_of("adaptive") is not None and procedure_of("standard") is None
+    import inspect
+
+    assert inspect.signature(evaluate).parameters["suite"].default == "standard"
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_ranking_is_the_exact_boundary_distance_on_a_linear_model(norm):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 6)).eval()
+    x, y = torch.rand(8, 20) * 0.2 + 0.4, torch.randint(0, 6, (8,))
+    weight, bias = model[1].weight.detach(), model[1].bias.detach()
+    targets = torch.stack([torch.tensor([c for c in range(6) if c != int(label)]) for label in y])
+    found = linearised_distances(model, x, y, targets, norm)
+    dual = {"linf": 1.0, "l2": 2.0, "l1": float("inf")}[norm]
+    for i in range(8):
+        for j, t in enumerate(targets[i].tolist()):
+            w = weight[t] - weight[y[i]]
+            gap = float(x[i] @ weight[y[i]] + bias[y[i]] - x[i] @ weight[t] - bias[t])
+            closed = gap / float(w.norm(p=dual))  # the distance in the threat norm to the hyperplane z_t = z_y
+            assert abs(float(found[i, j]) - closed) < 1e-4 * max(1.0, abs(closed))
+    threat = {"linf": Linf(0.5), "l2": L2(0.5), "l1": None}[norm]
+    if threat is not None:  # APGDT's first target is the nearest boundary
+        attack = APGDT(model, threat, ranking="linearised", n_target_classes=1)
+        with torch.no_grad():
+            order = attack.target_order(x, y, model(x))
+        nearest = targets.gather(1, found.argmin(1, keepdim=True)).squeeze(1)
+        assert torch.equal(order[:, 0], nearest)
+
+
+def test_honest_model_no_evidence_no_escalation_points_valid_model_untouched(honest, data):
+    x, y = data
+    before = {k: v.clone() for k, v in honest.state_dict().items()}
+    honest.train()
+    report = evaluate(honest, (x, y), Linf(EPS), "adaptive", batch_size=N, return_adversarial=True)
+    assert honest.training and all(torch.equal(before[k], v) for k, v in honest.state_dict().items())
+    assert all(p.requires_grad for p in honest.parameters())
+    assert not any(v["samples"] for v in report.evidence.values()), report.evidence
+    assert not any(e["ran"] for e in report.escalations)
+    assert all(e["reason"].startswith(("not run", "not needed")) for e in report.escalations)
+    assert report.x_adv is not None and bool(Linf(EPS).contains(report.x_adv, x, tol=1e-6).all())
+    assert float(report.x_adv.min()) >= 0 and float(report.x_adv.max()) <= 1
+    # provenance: every sample has a stage or "robust after ..."; the numbers add up
+    assert len(report.provenance) == N
+    robust = [p for p in report.provenance if p.startswith("robust after")]
+    assert len(robust) == int(report.robust.sum()) and 0 < len(robust) < N
+    assert "apgd-t-ranked" in robust[0] and report.attack_budget["evidence"]["gradients"] > 0
+    data_out = json.loads(report.to_json())
+    assert data_out["escalations"] and data_out["samples"]["stage"] == report.provenance
+    assert type(report).from_json(report.to_json()).escalations == report.escalations
+    assert report.robust_accuracy <= evaluate(honest, (x, y), Linf(EPS), "quick", batch_size=N).robust_accuracy
+
+
+@pytest.mark.parametrize("planted, indicator, escalation", [
+    (Scaled, "zero_gradient", "fab-t"),
+    (Quantised, "zero_margin_gradient", "square"),
+    (Noisy, "random", "apgd-ce-eot"),
+    (Reversed, "loss_flat", "fab-t"),
+    (Jagged, "shattered", "square"),
+])
+def test_each_piece_of_evidence_fires_on_its_planted_model(honest, data, planted, indicator, escalation, monkeypatch):
+    x, y = data[0][:16], data[1][:16]
+    torch.manual_seed(0)
+    model = planted(honest).eval()
+    cheaper = [dict(spec) for spec in SUITES["adaptive"]]  # what runs is under test, not Square's budget
+    cheaper[2]["queries"], cheaper[5]["queries"] = 100, 500
+    monkeypatch.setitem(SUITES, "adaptive", cheaper)
+    suite = [dict(s) for s in SUITES["adaptive"]]
+    report = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=16)
+    assert _evidence(report, indicator)["model_level"], report.evidence
+    ran = _escalation(report, escalation)
+    assert ran["ran"] and indicator in ran["model_level"] and ran["samples"] > 0
+    assert suite == SUITES["adaptive"]  # the registry is not modified by a run
+    if planted is Quantised:
+        assert "BPDA" in _escalation(report, "bpda")["reason"]
+
+
+def test_escalation_reaches_the_standard_outcome_on_a_masked_model(honest, data):
+    """Logits × 10⁴: APGD-CE sees no gradient; the evidence sends the rest of standard's attacks after it."""
+    x, y = data[0][:24], data[1][:24]
+    model = Scaled(honest).eval()
+    adaptive = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=24)
+    standard = evaluate(model, (x, y), Linf(EPS), "standard", batch_size=24)
+    unescalated = evaluate(model, (x, y), Linf(EPS), ["apgd-ce"], batch_size=24)
+    assert adaptive.robust_accuracy < unescalated.robust_accuracy  # the masked model fools APGD-CE alone
+    assert torch.equal(adaptive.robust, standard.robust)
+
+
+def test_same_per_sample_results_in_one_block_or_many_and_after_resume(honest, data, tmp_path, monkeypatch):
+    x, y = data
+    model = Quantised(honest).eval()  # evidence fires: the escalation pass runs too
+    cheaper = [dict(spec) for spec in SUITES["adaptive"]]  # Square's budget does not matter here: keep it CPU-cheap
+    cheaper[2]["queries"], cheaper[5]["queries"] = 100, 300
+    monkeypatch.setitem(SUITES, "adaptive", cheaper)
+    one = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=N)
+    many = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=16)
+    white_box = [i for i, p in enumerate(one.provenance) if "square" not in p]
+    assert white_box, one.provenance
+    for i in white_box:  # Square's windows are drawn per block (see adaptive.py); everything else per sample
+        assert one.provenance[i] == many.provenance[i]
+    assert one.evidence == many.evidence or {k: v["samples"] for k, v in one.evidence.items() if k != "black_box"} \
+        == {k: v["samples"] for k, v in many.evidence.items() if k != "black_box"}
+
+    journal = tmp_path / "journal.jsonl"
+    full = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=16, journal=journal)
+    lines = journal.read_text().splitlines()
+    assert [json.loads(line).get("phase") for line in lines[1:]] == [1, 1, 1, 2, 2, 2]
+    journal.write_text("\n".join(lines[:3]) + "\n")  # killed during the first pass, after two blocks
+    resumed = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=16, journal=journal, resume=True)
+    assert resumed.provenance == full.provenance and torch.equal(resumed.broken_by, full.broken_by)
+    assert resumed.escalations == full.escalations
+
+
+TORCHRUN = textwrap.dedent("""
+    import json, os, sys, torch
+    from torch import nn
+    torch.set_num_threads(1)
+    from gradguard import Linf, evaluate
+    from gradguard.data import load_dataset
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+    d = load_dataset("digits")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        for i in range(0, 600, 100):
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(d.x_train[i:i + 100]), d.y_train[i:i + 100]).backward()
+            optimiser.step()
+    class Quantised(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+        def forward(self, x):
+            return self.model(torch.round(x * 8) / 8)
+    report = evaluate(Quantised(model).eval(), (d.x_test[:40], d.y_test[:40]), Linf(0.1), "adaptive",
+                      batch_size=8, seed=3)
+    out = report.to_dict()
+    for key in ("elapsed_s", "attack_time_s", "world_size", "attacks"):
+        out.pop(key)
+    with open(os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', '0')}.json"), "w") as handle:
+        json.dump(out, handle)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+""")
+
+
+def test_two_processes_give_the_per_sample_results_of_one(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN)
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / str(processes)
+        out.mkdir()
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={processes}", str(script), str(out)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        results[processes] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+    one = results[1][0]
+    assert any(e["ran"] for e in one["escalations"])  # the second pass is part of what is compared
+    for rank in results[2]:
+        assert rank == one
+
+
+def test_cli_prints_and_reports_the_evidence_and_escalations(tmp_path, capsys):
+    from gradguard.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "2", "--train-samples", "400", "--samples", "50",
+                 "--eps", "0.1", "--lr", "0.01", "--seed", "1"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--suite", "adaptive", "--samples", "32"]) == 0
+    out = capsys.readouterr().out
+    for fragment in ("apgd-t-ranked", "evidence", "whole model", "escalation", "not run", "bpda", "seconds"):
+        assert fragment in out, out
+    robustness = json.loads((run / "robustness.json").read_text())
+    assert len(robustness["samples"]["stage"]) == 32 and len(robustness["escalations"]) == 6
+    assert main(["report", str(run)]) == 0
+    html = next(run.glob("*.html")).read_text()
+    assert "Evidence and escalations" in html and "apgd-t-rest" in html

@@ -34,3 +34,11 @@ def ctrl_c_after_the_first_block() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(journal.JournalWriter, "append", interrupt)
         yield
+
+
+def train_tiny_run(out, *, eps: float, seed: int):
+    """``gradguard train`` of a tiny digits MLP into ``out`` (one epoch, 200 training images, no validation
+    attack): the run directory the command-line tests work on."""
+    assert main(["train", "--out", str(out), "--eps", str(eps), "--epochs", "1", "--train-samples", "200",
+                 "--samples", "32", "--val-attack", "none", "--seed", str(seed)]) == 0
+    return out

@@ -6,17 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import run_cli
-from gradguard.cli import main
-
-TINY_TRAIN = ["--epochs", "1", "--train-samples", "200", "--samples", "32", "--val-attack", "none", "--seed", "4"]
+from cli_helpers import run_cli, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("truths") / "run"
-    assert main(["train", "--out", str(out), "--eps", "0.05", *TINY_TRAIN]) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("truths") / "run", eps=0.05, seed=4)
 
 
 def test_diagnose_without_curvature_does_not_claim_the_curvature_plots(tiny_run, capsys):

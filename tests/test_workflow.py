@@ -7,18 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, train_tiny_run
 from gradguard.cli import build_parser, main
 from gradguard.workflow import merge_attack_results
-
-TINY_TRAIN = ["--epochs", "1", "--train-samples", "200", "--samples", "32", "--val-attack", "none", "--seed", "2"]
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("workflow") / "run"
-    assert main(["train", "--out", str(out), "--eps", "0.02", *TINY_TRAIN]) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("workflow") / "run", eps=0.02, seed=2)
 
 
 def test_worst_case_only_combines_results_at_the_same_threat(small_run, capsys):

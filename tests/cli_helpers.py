@@ -42,3 +42,19 @@ def train_tiny_run(out, *, eps: float, seed: int):
     assert main(["train", "--out", str(out), "--eps", str(eps), "--epochs", "1", "--train-samples", "200",
                  "--samples", "32", "--val-attack", "none", "--seed", str(seed)]) == 0
     return out
+
+
+# Script source for the torchrun tests' subprocesses: the digits data as ``d`` and a small MLP ``model`` trained on
+# it (5 epochs of Adam on 600 images, seeded), the same in every process. It expects ``torch``, ``nn`` and
+# ``load_dataset`` imported.
+DIGITS_MLP_SOURCE = """\
+d = load_dataset("digits")
+torch.manual_seed(0)
+model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+for _ in range(5):
+    for i in range(0, 600, 100):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(d.x_train[i:i + 100]), d.y_train[i:i + 100]).backward()
+        optimiser.step()
+"""

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from cli_helpers import DIGITS_MLP_SOURCE
 from conftest import train_classifier
 from gradguard import L2, Linf, evaluate
 from gradguard.attacks.apgd import APGDT, linearised_distances
@@ -231,15 +232,7 @@ TORCHRUN = textwrap.dedent("""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
         dist.init_process_group("gloo")
-    d = load_dataset("digits")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(5):
-        for i in range(0, 600, 100):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(d.x_train[i:i + 100]), d.y_train[i:i + 100]).backward()
-            optimiser.step()
+""") + DIGITS_MLP_SOURCE + textwrap.dedent("""
     class Quantised(nn.Module):
         def __init__(self, model):
             super().__init__()

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+from cli_helpers import DIGITS_MLP_SOURCE
+
 SCRIPT = textwrap.dedent("""
     import hashlib, json, os, sys, torch
     from torch import nn
@@ -48,15 +50,7 @@ SCRIPT = textwrap.dedent("""
         import torch.distributed as dist
         dist.init_process_group("gloo")
     rank = int(os.environ.get("RANK", "0"))
-    d = load_dataset("digits")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(5):
-        for i in range(0, 600, 100):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(d.x_train[i:i + 100]), d.y_train[i:i + 100]).backward()
-            optimiser.step()
+""") + DIGITS_MLP_SOURCE + textwrap.dedent("""
     model.eval()
     data = (d.x_test[:170], d.y_test[:170])
     recorder = Recorder(model, Linf(0.1))

@@ -6,20 +6,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from .._version import __version__
-from ..errors import CheckpointError, ConfigError, GradguardError, ResumeMismatchError
+from ..errors import ConfigError, GradguardError, ResumeMismatchError
 
 JOURNAL_FILE = "robustness.journal.jsonl"  # evaluate's per-block journal, while an evaluation is unfinished
 

@@ -1,14 +1,15 @@
-"""Soak the two-process CLI tests (issue 21): run the torchrun tests of tests/test_cli_distributed.py N times in a
-row while a second job keeps the other core busy, and report every failure.
+"""Soak the two-process tests (issue 21): run the torchrun tests (the CLI's and the Python API's: training,
+monitor, evaluation) N times in a row while a second job keeps the other core busy, and report every failure.
 
 A rank that aborts at exit ("terminate called without an active exception", SIGABRT) did so at random, more
 often on a loaded machine; this loop is how the fix is shown. It starts the busy job itself (a spinning Python
-process, stopped at the end), runs ``pytest -m slow tests/test_cli_distributed.py`` (narrowed with ``-k``) once
-per round, and writes what failed — how often, which test, the tail of its message (which holds torchrun's
+process, stopped at the end), runs ``pytest -m slow`` on the torchrun test files (narrowed with ``-k`` or
+``--tests``) once per round, and writes what failed — how often, which test, the tail of its message (which holds torchrun's
 stderr) — to stdout and to a JSON file.
 
     python bench/torchrun_soak.py                       # 30 rounds of every torchrun test
-    python bench/torchrun_soak.py --runs 30 -k train    # the test that aborted most, 30 times
+    python bench/torchrun_soak.py --runs 30 -k train    # the tests that aborted most, 30 times
+    python bench/torchrun_soak.py --tests tests/test_gradflow_distributed.py   # one file
     python bench/torchrun_soak.py --root /path/to/other/checkout --runs 10   # e.g. the code before the fix
 
 Exit status: 0 when no round failed, 1 otherwise.
@@ -28,7 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-TESTS = "tests/test_cli_distributed.py"
+TESTS = ("tests/test_cli_distributed.py", "tests/test_train_distributed.py", "tests/test_gradflow_distributed.py",
+         "tests/test_distributed_eval.py")
 ABORT_SIGNS = ("terminate called", "SIGABRT", "exitcode  : -6")
 
 
@@ -36,6 +38,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="rounds (default 30)")
     parser.add_argument("-k", dest="select", default="", help="pytest -k expression within the torchrun tests")
+    parser.add_argument("--tests", nargs="+", default=list(TESTS), help="test files (default: every torchrun file)")
     parser.add_argument("--root", type=Path, default=ROOT, help="checkout whose src/ and tests/ run (default: this)")
     parser.add_argument("--no-busy", action="store_true", help="do not keep the other core busy")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "torchrun-soak.json")
@@ -44,15 +47,15 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(root / "src"), os.environ.get("PYTHONPATH", "")) if p))
     record = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "root": str(root),
-              "commit": _commit(root), "tests": TESTS, "marker": "slow", "select": args.select,
+              "commit": _commit(root), "tests": args.tests, "marker": "slow", "select": args.select,
               "busy_core": not args.no_busy, "runs_planned": args.runs, "rounds": []}
-    print(f"torchrun soak: {args.runs} rounds of {TESTS} -m slow" + (f" -k {args.select!r}" if args.select else "")
+    print(f"torchrun soak: {args.runs} rounds of {' '.join(args.tests)} -m slow" + (f" -k {args.select!r}" if args.select else "")
           + f" in {root} ({record['commit']}), other core {'busy' if not args.no_busy else 'idle'}", flush=True)
     busy = None if args.no_busy else subprocess.Popen([sys.executable, "-c", "while True: pass"])
     started = time.perf_counter()
     try:
         for number in range(1, args.runs + 1):
-            outcome = _round(root, env, args.select)
+            outcome = _round(root, env, args.tests, args.select)
             record["rounds"].append({"round": number, **outcome})
             failed = ", ".join(f["test"] for f in outcome["failed"]) or "-"
             print(f"round {number:2d}/{args.runs}: {len(outcome['passed'])} passed, {len(outcome['failed'])} failed "
@@ -75,11 +78,11 @@ def main() -> int:
     return 0 if summary["rounds_failed"] == 0 else 1
 
 
-def _round(root: Path, env: dict, select: str) -> dict:
+def _round(root: Path, env: dict, tests: list[str], select: str) -> dict:
     """One pytest run of the torchrun tests: which passed, which failed (with the end of the message)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TESTS, "-m", "slow",
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-m", "slow",
                    f"--junitxml={report}", *(["-k", select] if select else [])]
         done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
         passed, failed = [], []

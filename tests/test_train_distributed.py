@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -117,3 +118,42 @@ def test_every_method_matches_one_process_under_two(tmp_path):
         for a, b in zip(one[name], two[name], strict=True):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=5e-5,
                                        msg=lambda m, name=name: f"{name}: {m}")
+
+
+AT_EXIT_SCRIPT = textwrap.dedent("""
+    import atexit, os, sys, torch
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    def report():  # registered first, so it runs last: after everything gradguard registered
+        names = [open(f"/proc/self/task/{task}/comm").read() for task in os.listdir("/proc/self/task")]
+        gloo = sum(name.startswith(("pt_gloo", "gloo")) for name in names)
+        print(f"rank {os.environ['RANK']}: group up {dist.is_initialized()}, {gloo} gloo threads", flush=True)
+
+    atexit.register(report)
+    from gradguard.data import load_dataset
+    from gradguard.models import build_model
+    from gradguard.train import Trainer
+    d = load_dataset("digits")
+    model = build_model("mlp", depth=1, width=8, input_shape=(1, 8, 8))
+    trainer = Trainer(model, "standard", epochs=1, batch_size=100, progress=False, val_attack=None)
+    trainer.fit((d.x_train[:200], d.y_train[:200]))  # the user keeps the trainer; never destroys the group
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_a_group_the_trainer_made_is_gone_before_the_interpreter_exits(tmp_path):
+    """A user's script under torchrun: the Trainer initialises the process group and the script ends without
+    destroying it. A group still up at interpreter exit aborted a rank at random ("terminate called without an
+    active exception", 3 of 12 two-process runs of tests/test_gradflow_distributed.py with the other core busy);
+    gradguard destroys a group it made at exit, and fit drops its DDP wrapper, so no gloo thread is left."""
+    script = tmp_path / "script.py"
+    script.write_text(AT_EXIT_SCRIPT)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = re.findall(r"rank (\d): group up (\w+), (\d+) gloo threads", done.stdout)  # ranks may interleave
+    assert sorted(rank for rank, _, _ in lines) == ["0", "1"], done.stdout
+    assert all(up == "False" and threads == "0" for _, up, threads in lines), lines

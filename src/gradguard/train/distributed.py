@@ -8,6 +8,7 @@ system and the others follow it.
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 from datetime import timedelta
@@ -40,7 +41,9 @@ def local_device(device: torch.device) -> torch.device:
 def setup(device: torch.device | None = None, timeout: timedelta | None = None, *,
           dynamo: bool = True) -> tuple[int, int]:
     """(rank, world_size), initialising the default process group from torchrun's environment if needed
-    (``timeout``: how long a collective waits for a slow rank; torch's default when None). ``dynamo``: the
+    (``timeout``: how long a collective waits for a slow rank; torch's default when None). A group made here is
+    destroyed at interpreter exit (``teardown``, registered with atexit) unless the caller did so first; a group
+    the caller made is the caller's to destroy. ``dynamo``: the
     process may use DistributedDataParallel or torch.compile, so torch._dynamo, which both import, is imported
     before the group exists (see ``_import_before_group``); False spares a command that uses neither its import
     time."""
@@ -55,6 +58,9 @@ def setup(device: torch.device | None = None, timeout: timedelta | None = None, 
         # on GPUs nccl for CUDA tensors and gloo for the CPU tensors that counts and results travel in
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout,
                                 device_id=device if cuda else None)
+        # the group is ours: a user's script (Trainer under torchrun) never destroys it, and a group still up
+        # when the interpreter finalizes aborts the process at random (see ``_import_before_group``)
+        atexit.register(teardown)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -315,6 +315,7 @@ class Trainer:
             epoch += 1
             self._end_of_epoch(epoch, metrics, step_log)
             last_good = self._snapshot()
+        self.train_model = self.logits_model  # drop the DDP wrapper: it holds the process group (see teardown)
         if self.stopped is not None:
             distributed.barrier()
             return self.history

@@ -49,7 +49,7 @@ AUTOGRAD_GRAD = {  # where torch.autograd.grad may be called: the gradient primi
 HEAVY = {  # third-party import -> the only places (path prefixes under gradguard/) that may import it
     "matplotlib": ("viz/", "data/folders.py"),
     "tqdm": ("runtime/progress.py",),
-    "safetensors": ("models/checkpoint.py", "models/weights.py", "train/checkpoint.py"),
+    "safetensors": ("models/weights.py", "train/checkpoint.py"),
     "lightning": ("integrations/",),
     "transformers": ("integrations/",),
     "tensorboard": ("integrations/",),
@@ -68,9 +68,7 @@ KNOWN: set[tuple] = {
     ('R2', 'gradguard.diagnostics.masking'),
     ('R2', 'gradguard.evaluation.robustness'),
     ('R2', 'gradguard.models.base'),
-    ('R2', 'gradguard.models.checkpoint'),
     ('R2', 'gradguard.models.outputs'),
-    ('R2', 'gradguard.models.sources'),
     ('R3', 'gradguard.diagnostics.masking', 'gradguard.evaluation.robustness', '_read_json'),
     ('R3', 'gradguard.evaluation.robustness', 'gradguard.diagnostics.masking', '_Probe'),
     ('R5', 'attacks/base.py'),

@@ -44,7 +44,7 @@ HARD_LIMIT = 600
 LONG_FILES: dict[str, str] = {}  # path under gradguard/ -> why it may be long (one algorithm)
 
 AUTOGRAD_GRAD = {  # where torch.autograd.grad may be called: the gradient primitive and second-order code
-    "attacks/base.py", "attacks/bpda.py", "diagnostics/curvature.py",
+    "core/gradient.py", "attacks/bpda.py", "diagnostics/curvature.py",
 }
 HEAVY = {  # third-party import -> the only places (path prefixes under gradguard/) that may import it
     "matplotlib": ("report/plots.py", "diagnostics/plots.py", "data/folders.py", "viz/"),
@@ -61,8 +61,6 @@ NOT_BY_NAME: set[str] = set()  # attack classes deliberately not reachable by a 
 KNOWN: set[tuple] = {
     ('R1', 'gradguard.evaluation.certify', 'gradguard.report.plots'),
     ('R1', 'gradguard.evaluation.robustness', 'gradguard.diagnostics.masking'),
-    ('R1', 'gradguard.models.outputs', 'gradguard.attacks.base'),
-    ('R2', 'gradguard.attacks.base'),
     ('R2', 'gradguard.evaluation.adaptive'),  # evaluate() <-> the adaptive cascade: goes with the robustness split
     ('R2', 'gradguard.cli.__init__'),
     ('R2', 'gradguard.cli.listing'),
@@ -74,7 +72,6 @@ KNOWN: set[tuple] = {
     ('R2', 'gradguard.models.sources'),
     ('R3', 'gradguard.diagnostics.masking', 'gradguard.evaluation.robustness', '_read_json'),
     ('R3', 'gradguard.evaluation.robustness', 'gradguard.diagnostics.masking', '_Probe'),
-    ('R5', 'attacks/base.py'),
     ('R5', 'diagnostics/curvature.py'),
     ('R5', 'diagnostics/gradflow.py'),
     ('R5', 'diagnostics/masking.py'),

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..checks import positive_float, positive_int
+from ..core.gradient import input_gradient
+from ..core.guard import model_guard
 from ..errors import ConfigError, InputError, ShapeError
 from ..models.outputs import select_logits
 
@@ -46,18 +48,6 @@ class EigenEstimate:
     converged: bool
     elapsed_s: float
     vector: Tensor | None = field(default=None, repr=False)  # the last iterate, flat: warm-starts the next call
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for the duration (no BatchNorm updates, no dropout noise); each module's mode restored."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _check_data(model: nn.Module, x: Tensor, y: Tensor) -> None:
@@ -112,7 +102,7 @@ class _HessianProducts:
 
     With one batch the gradient graph is built once and every product is one backward pass through it (what
     PyHessian does); with ``batch_size`` the products are summed over the batches (the exact full-data Hessian).
-    Use inside ``_eval_mode`` with gradients enabled.
+    Use inside ``model_guard(model, freeze=False)`` with gradients enabled.
     """
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, batch_size: int):
@@ -168,7 +158,7 @@ def _products(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn | None,
     _check_data(model, x, y)
     _trainable(model)
     size = positive_int(batch_size, "batch_size") if batch_size is not None else x.shape[0]
-    with _eval_mode(model), torch.enable_grad():
+    with model_guard(model, freeze=False), torch.enable_grad():
         yield _HessianProducts(model, x, y, loss_fn or per_sample_cross_entropy, size)
 
 
@@ -537,7 +527,7 @@ def input_curvature(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 1e-3, 
     loss_fn = loss_fn or per_sample_cross_entropy
     batch_size = positive_int(batch_size, "batch_size") if batch_size is not None else x.shape[0]
     parts = []
-    with _eval_mode(model), torch.enable_grad():
+    with model_guard(model, freeze=False), torch.enable_grad():
         for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
             parts.append(_input_curvature_batch(model, xb.detach(), yb, h, method, loss_fn))
     return torch.cat(parts)
@@ -545,8 +535,19 @@ def input_curvature(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 1e-3, 
 
 def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn,
                     create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    """(∇ₓ of the summed loss, the leaf ``x`` to differentiate it again in) through the core ``input_gradient``."""
+    batch = x.shape[0]
+
+    def objective(logits: Tensor, targets: Tensor, targeted: bool) -> Tensor:
+        values = loss_fn(logits, targets)
+        if values.dim() == 0:  # a batch mean, as in _summed_loss
+            return values * batch
+        if values.shape[0] != batch:
+            raise ShapeError(f"loss_fn: expected per-sample losses of shape ({batch},), got {tuple(values.shape)}")
+        return values
+
     x = x.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(_summed_loss(model, x, y, loss_fn), x, create_graph=create_graph)
+    grad, _, _ = input_gradient(model, x, y, objective, False, create_graph=create_graph, checked=False)
     return grad, x
 
 
@@ -649,7 +650,7 @@ class SharpnessTracker:
         began = time.perf_counter()
         x = x.detach()
         if targets is None:
-            with torch.no_grad(), _eval_mode(self.model):
+            with torch.no_grad(), model_guard(self.model, freeze=False):
                 targets = select_logits(self.model(x)).argmax(1)
         lr, threshold, scale, measure = self._threshold()
         with _products(self.model, x, targets.detach(), self.loss_fn, None) as products:

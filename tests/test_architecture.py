@@ -44,7 +44,7 @@ HARD_LIMIT = 600
 LONG_FILES: dict[str, str] = {}  # path under gradguard/ -> why it may be long (one algorithm)
 
 AUTOGRAD_GRAD = {  # where torch.autograd.grad may be called: the gradient primitive and second-order code
-    "core/gradient.py", "attacks/bpda.py", "diagnostics/curvature.py",
+    "core/gradient.py", "attacks/bpda.py", "diagnostics/curvature/hvp.py", "diagnostics/curvature/inputs.py",
 }
 HEAVY = {  # third-party import -> the only places (path prefixes under gradguard/) that may import it
     "matplotlib": ("report/plots.py", "diagnostics/plots.py", "data/folders.py", "viz/"),
@@ -72,7 +72,6 @@ KNOWN: set[tuple] = {
     ('R2', 'gradguard.models.sources'),
     ('R3', 'gradguard.diagnostics.masking', 'gradguard.evaluation.robustness', '_read_json'),
     ('R3', 'gradguard.evaluation.robustness', 'gradguard.diagnostics.masking', '_Probe'),
-    ('R5', 'diagnostics/curvature.py'),
     ('R5', 'diagnostics/gradflow.py'),
     ('R5', 'diagnostics/masking.py'),
     ('R5', 'evaluation/certify.py'),

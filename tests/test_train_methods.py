@@ -92,6 +92,23 @@ def test_gradalign_penalty_is_zero_for_a_locally_linear_model_and_positive_other
     assert float(GradAlign(Linf(0.3)).penalty(tiny_mlp(activation=nn.Tanh), x10, y10, Linf(0.3)).detach()) > 1e-3
 
 
+def test_the_overfitting_guard_follows_the_methods_single_step_property():
+    """co_guard="auto" turns the guard on for the single-step methods (FGSM-AT, fast FGSM), off for the others,
+    and for any TrainingMethod subclass that says ``single_step = True``."""
+    from gradguard.train import METHODS, TrainingMethod
+
+    assert {name for name, cls in METHODS.items() if cls.single_step} == {"fgsm", "fgsm-rs"}
+
+    class OneStep(TrainingMethod):
+        single_step = True
+
+    model = tiny_mlp()
+    assert Trainer(model, OneStep(THREAT), threat=THREAT, epochs=1, progress=False, val_attack=None).co_guard
+    assert not Trainer(model, "pgd", threat=THREAT, epochs=1, progress=False, val_attack=None).co_guard
+    assert Trainer(model, "gradalign", threat=THREAT, epochs=1, progress=False, val_attack=None,
+                   co_guard=True).co_guard
+
+
 def test_mart_loss_matches_the_paper_formula():
     generator = torch.Generator().manual_seed(3)
     clean, adv = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)

@@ -22,6 +22,7 @@ class FGSMAT(TrainingMethod):
     """
 
     name = "fgsm"
+    single_step = True
 
     def __init__(self, threat: ThreatModel | None = None, *, clean_weight: float = 0.5,
                  random_start: bool = False) -> None:
@@ -60,6 +61,7 @@ class FastFGSM(TrainingMethod):
     """
 
     name = "fgsm-rs"
+    single_step = True
 
     def __init__(self, threat: ThreatModel | None = None, *, step_factor: float = 1.25, pgd_steps: int = 0) -> None:
         super().__init__(threat)

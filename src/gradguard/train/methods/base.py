@@ -1,6 +1,7 @@
 """The contract every training method keeps, and what the families share.
 
-``TrainingMethod`` (a batch -> ``MethodOutput``), the two helpers the adversarial families share (``mixed_forward``,
+``TrainingMethod`` (a batch -> ``MethodOutput``; ``single_step`` says whether the Trainer's catastrophic-overfitting
+guard turns on by default), the two helpers the adversarial families share (``mixed_forward``,
 ``adversarial_batch``), and ``Standard``, the clean baseline every other method is measured against.
 """
 from __future__ import annotations
@@ -34,6 +35,10 @@ class TrainingMethod:
 
     name: ClassVar[str] = "method"
     needs_threat: ClassVar[bool] = True
+
+    # Trains on single-step adversarial examples and can overfit catastrophically: co_guard="auto" turns the
+    # Trainer's guard on for it (the guard then calls make_safer).
+    single_step: ClassVar[bool] = False
 
     def __init__(self, threat: ThreatModel | None = None) -> None:
         if self.needs_threat and not isinstance(threat, ThreatModel):

@@ -124,6 +124,7 @@ class GradAlign(TrainingMethod):
     """
 
     name = "gradalign"
+    single_step = False  # one FGSM step, but the alignment penalty is what keeps it from overfitting catastrophically
 
     def __init__(self, threat: ThreatModel | None = None, *, lam: float = 0.2, step_factor: float = 1.25,
                  random_start: bool = True) -> None:

@@ -109,6 +109,36 @@ def test_the_overfitting_guard_follows_the_methods_single_step_property():
                    co_guard=True).co_guard
 
 
+def test_gradalign_gradient_from_the_primitive_is_the_summed_ce_gradient_bit_for_bit():
+    """GradAlign's gradient at x comes from ``input_gradient`` (per-sample CE, summed); it equals the gradient of
+    CE(reduction="sum") it replaced, bit for bit, also through a BatchNorm in train mode, and so do the penalty
+    and its parameter gradients."""
+    def summed_ce_gradient(forward, x, y, create_graph):  # the replaced train/methods._per_sample_input_gradient
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            loss = F.cross_entropy(forward(x), y, reduction="sum")
+            return torch.autograd.grad(loss, x, create_graph=create_graph)[0]
+
+    def old_penalty(model, x, y, threat):
+        grad = summed_ce_gradient(model, x, y, False)
+        grad_moved = summed_ce_gradient(model, threat.random_start(x), y, True)
+        return (1 - F.cosine_similarity(grad.detach().flatten(1), grad_moved.flatten(1), dim=1)).mean()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(144, 10)).train()
+    x, y = batch(classes=10, n=16, side=8)
+    results = []
+    for penalty in (old_penalty, GradAlign(Linf(0.3)).penalty):
+        copy_ = copy.deepcopy(model)
+        torch.manual_seed(5)
+        value = penalty(copy_, x, y, Linf(0.3))
+        value.backward()
+        results.append((value.detach(), [p.grad for p in copy_.parameters()], copy_[1].running_mean))
+    (old, old_grads, old_stats), (new, new_grads, new_stats) = results
+    assert torch.equal(old, new) and torch.equal(old_stats, new_stats)
+    assert all(torch.equal(a, b) for a, b in zip(old_grads, new_grads, strict=True))
+
+
 def test_mart_loss_matches_the_paper_formula():
     generator = torch.Generator().manual_seed(3)
     clean, adv = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)

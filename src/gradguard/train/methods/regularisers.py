@@ -2,6 +2,9 @@
 Doshi-Velez 2018), CURE (Moosavi-Dezfooli et al. 2019) and GradAlign (Andriushchenko & Flammarion 2020).
 
 Their penalties are differentiated through the input gradient (``create_graph=True``), a second backward pass.
+The library's gradient primitive ``attacks.base.input_gradient`` returns detached results, so that one case keeps a
+local function (``_input_gradient_with_graph``) until the primitive takes ``create_graph=``; GradAlign's
+gradient at x, which needs no graph, comes from the primitive.
 """
 from __future__ import annotations
 
@@ -12,20 +15,25 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ...attacks import FGSM
+from ...attacks.base import input_gradient
+from ...attacks.losses import cross_entropy
 from ...checks import positive_float
 from ...errors import ConfigError
 from ...threat import ThreatModel
 from .base import Forward, MethodOutput, TrainingMethod, adversarial_batch
 
 
-def _per_sample_input_gradient(forward: Forward, x: Tensor, y: Tensor, *, create_graph: bool) -> tuple[Tensor, Tensor]:
-    """(∇ₓ CE_i for every sample i, the logits at x). Samples are independent in eval mode; in train mode a
+def _input_gradient_with_graph(forward: Forward, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(∇ₓ CE_i for every sample i, the logits at x), both differentiable in the parameters (``create_graph``).
+
+    The one case the library's primitive ``input_gradient`` does not cover yet (it returns detached results);
+    gradients that need no graph come from the primitive. Samples are independent in eval mode; in train mode a
     BatchNorm layer couples them, and the result is then the gradient of the batch's summed loss."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = forward(x)
         loss = F.cross_entropy(logits, y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x, create_graph=create_graph)
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
     return grad, logits
 
 
@@ -54,7 +62,7 @@ class InputGradientRegularization(TrainingMethod):
 
     def penalty(self, model: Forward, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(mean_i ‖∇ₓ CE_i‖², the logits at x), differentiable in the parameters."""
-        grad, logits = _per_sample_input_gradient(model, x, y, create_graph=True)
+        grad, logits = _input_gradient_with_graph(model, x, y)
         return _squared_norms(grad).mean(), logits
 
     def compute(self, model, attack_model, x, y, threat):
@@ -96,10 +104,10 @@ class CURE(TrainingMethod):
 
     def penalty(self, model: Forward, x: Tensor, y: Tensor, h: float) -> tuple[Tensor, Tensor]:
         """(mean_i ‖∇ℓ(x_i + h·z_i) − ∇ℓ(x_i)‖², the logits at x), differentiable in the parameters."""
-        grad, logits = _per_sample_input_gradient(model, x, y, create_graph=True)
+        grad, logits = _input_gradient_with_graph(model, x, y)
         sign = grad.detach().sign()
         z = sign / sign.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        grad_moved, _ = _per_sample_input_gradient(model, x + h * z, y, create_graph=True)
+        grad_moved, _ = _input_gradient_with_graph(model, x + h * z, y)
         return _squared_norms(grad_moved - grad).mean(), logits
 
     def compute(self, model, attack_model, x, y, threat):
@@ -139,8 +147,8 @@ class GradAlign(TrainingMethod):
 
     def penalty(self, model: Forward, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
         """mean_i (1 − cos(∇ₓℓ(x_i), ∇ₓℓ(x_i + η_i))), differentiable in the parameters through the second gradient."""
-        grad, _ = _per_sample_input_gradient(model, x, y, create_graph=False)
-        grad_moved, _ = _per_sample_input_gradient(model, threat.random_start(x), y, create_graph=True)
+        grad, _, _ = input_gradient(model, x, y, cross_entropy, False)
+        grad_moved, _ = _input_gradient_with_graph(model, threat.random_start(x), y)
         cosine = F.cosine_similarity(grad.detach().flatten(1), grad_moved.flatten(1), dim=1)
         return (1 - cosine).mean()
 

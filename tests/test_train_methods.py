@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from gradguard import ConfigError, Linf
+from gradguard import L2, ConfigError, Linf
 from gradguard.cli import main
 from gradguard.train import CURE, MART, PGDAT, GradAlign, InputGradientRegularization, Trainer, get_method
 
@@ -137,6 +137,34 @@ def test_gradalign_gradient_from_the_primitive_is_the_summed_ce_gradient_bit_for
     (old, old_grads, old_stats), (new, new_grads, new_stats) = results
     assert torch.equal(old, new) and torch.equal(old_stats, new_stats)
     assert all(torch.equal(a, b) for a, b in zip(old_grads, new_grads, strict=True))
+
+
+@pytest.mark.parametrize("threat", [Linf(0.3), L2(1.0)])
+def test_trades_points_are_the_last_iterate_of_a_hand_written_ascent_on_the_kl(threat):
+    """TRADES' adversarial points, pinned bit for bit against the loop written out by hand: start x + 0.001·N(0, I)
+    projected, ``steps`` steps of eps/4 along the threat's ascent step of ∇ KL(p(x) ‖ p(x')), projected, last
+    iterate, model in eval mode. A shared projected-ascent loop replacing ``maximise_kl`` must pass this."""
+    from gradguard.rng import noise_like
+    from gradguard.train import TRADES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(144, 10)).train()
+    reference = copy.deepcopy(model).eval()
+    x, _ = batch(classes=10, n=16, side=8)
+    torch.manual_seed(7)
+    got = TRADES(threat, steps=4).maximise_kl(model, x, threat)
+    assert model.training
+
+    torch.manual_seed(7)
+    with torch.no_grad():
+        p_clean = F.softmax(reference(x), dim=1)
+    want = threat.project(x + 0.001 * noise_like(x), x)
+    for _ in range(4):
+        leaf = want.detach().requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(reference(leaf), dim=1), p_clean, reduction="none").sum(dim=1).sum()
+        (grad,) = torch.autograd.grad(kl, leaf)
+        want = threat.project(want + threat.ascent_step(grad, threat.eps / 4, want), x)
+    assert not torch.equal(want, x) and torch.equal(got, want)
 
 
 def test_mart_loss_matches_the_paper_formula():

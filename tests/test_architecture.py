@@ -76,7 +76,6 @@ KNOWN: set[tuple] = {
     ('R3', 'gradguard.evaluation.robustness', 'gradguard.diagnostics.masking', '_Probe'),
     ('R5', 'attacks/base.py'),
     ('R5', 'diagnostics/curvature.py'),
-    ('R5', 'diagnostics/gradflow.py'),
     ('R5', 'diagnostics/masking.py'),
     ('R5', 'evaluation/certify.py'),
     ('R5', 'evaluation/robustness.py'),

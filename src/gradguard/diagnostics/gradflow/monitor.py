@@ -225,7 +225,6 @@ class GradientMonitor:
             self._file.write("".join(json.dumps(record) + "\n" for record in records))
             self._file.flush()
 
-
     # -- public ----------------------------------------------------------------------------------
     def step(self, loss: float | Tensor | None = None, *, targets: Tensor | None = None) -> None:
         """Mark the end of one training step (call after ``optimizer.step()``, before ``zero_grad()``).

@@ -70,7 +70,6 @@ KNOWN: set[tuple] = {
     ('R2', 'gradguard.models.outputs'),
     ('R3', 'gradguard.diagnostics.masking', 'gradguard.evaluation.robustness', '_read_json'),
     ('R3', 'gradguard.evaluation.robustness', 'gradguard.diagnostics.masking', '_Probe'),
-    ('R5', 'diagnostics/gradflow.py'),
     ('R5', 'diagnostics/masking.py'),
     ('R5', 'evaluation/certify.py'),
     ('R5', 'evaluation/robustness.py'),

@@ -76,7 +76,6 @@ KNOWN: set[tuple] = {
     ('R5', 'report/builder.py'),
     ('R5', 'train/trainer.py'),
     ('R5', 'workflow.py'),
-    ('R7', 'train/methods/regularisers.py'),
 }
 
 

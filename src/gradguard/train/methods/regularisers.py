@@ -1,39 +1,30 @@
 """Methods that put the input gradient into the loss: input-gradient regularisation (Drucker & LeCun 1992; Ross &
 Doshi-Velez 2018), CURE (Moosavi-Dezfooli et al. 2019) and GradAlign (Andriushchenko & Flammarion 2020).
 
-Their penalties are differentiated through the input gradient (``create_graph=True``), a second backward pass.
-The library's gradient primitive ``attacks.base.input_gradient`` returns detached results, so that one case keeps a
-local function (``_input_gradient_with_graph``) until the primitive takes ``create_graph=``; GradAlign's
-gradient at x, which needs no graph, comes from the primitive.
+Their penalties are differentiated through the input gradient (``create_graph=True``), a second backward pass;
+every input gradient here comes from the library's one primitive, ``input_gradient``.
 """
 from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from ...attacks import FGSM
-from ...attacks.base import input_gradient
 from ...attacks.losses import cross_entropy
 from ...checks import positive_float
+from ...core.gradient import input_gradient
 from ...errors import ConfigError
 from ...threat import ThreatModel
 from .base import Forward, MethodOutput, TrainingMethod, adversarial_batch
 
 
 def _input_gradient_with_graph(forward: Forward, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """(∇ₓ CE_i for every sample i, the logits at x), both differentiable in the parameters (``create_graph``).
-
-    The one case the library's primitive ``input_gradient`` does not cover yet (it returns detached results);
-    gradients that need no graph come from the primitive. Samples are independent in eval mode; in train mode a
+    """(∇ₓ CE_i for every sample i, the logits at x), both differentiable in the parameters: the primitive with
+    ``create_graph=True`` (double backpropagation). Samples are independent in eval mode; in train mode a
     BatchNorm layer couples them, and the result is then the gradient of the batch's summed loss."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        logits = forward(x)
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    grad, logits, _ = input_gradient(forward, x, y, cross_entropy, False, create_graph=True, checked=False)
     return grad, logits
 
 

@@ -116,13 +116,15 @@ def checked_robust(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: to
 
 
 def run_cascade(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: torch.Tensor, stages: list[Stage],
-                record: Callable[[dict], None], batch_size: int) -> dict:
+                record: Callable[[dict], None], batch_size: int, points: dict | None = None) -> dict:
     """Run ``stages`` one after the other, each on the samples every earlier one failed on (AutoAttack's cascade);
-    after each stage, re-check the points, record accuracy and seconds."""
+    after each stage, re-check the points, record accuracy and seconds (and per sample: the stage that broke it, and
+    whether it is robust at the end). ``points``: a dict that receives the final points as ``x_adv``."""
     robust = predictions(model, x) == y
     x_adv = x.clone()
+    broken_by = torch.where(robust, -1, -2)  # per sample: the stage that broke it; -1 robust, -2 wrong when clean
     row: dict = {"clean_accuracy": float(robust.float().mean()), "stages": [], "points_inside": True}
-    for name, attack in stages:
+    for number, (name, attack) in enumerate(stages):
         began = time.perf_counter()
         for i in range(0, len(y), batch_size):
             index = i + robust[i:i + batch_size].nonzero().squeeze(1)
@@ -130,6 +132,7 @@ def run_cascade(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: torch
                 found = attack(x[index], y[index]).detach()
                 broken = predictions(model, found) != y[index]
                 x_adv[index[broken]], robust[index[broken]] = found[broken], False
+                broken_by[index[broken]] = number
         seconds = time.perf_counter() - began
         still, inside = checked_robust(model, threat, x, y, x_adv)
         row["points_inside"] &= inside
@@ -139,6 +142,10 @@ def run_cascade(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: torch
         record(row)
     row["robust_accuracy"] = row["stages"][-1]["accuracy"]
     row["time_s"] = round(sum(s["time_s"] for s in row["stages"]), 1)
+    row["broken_by"] = broken_by.tolist()
+    row["robust"] = (still & robust).int().tolist() if stages else robust.int().tolist()
+    if points is not None:
+        points["x_adv"] = x_adv
     return row
 
 

@@ -10,8 +10,10 @@ finds the truth. This procedure spends them where evidence measured along the wa
    quarter of the samples still robust (chosen by a hash of the seed and the sample's index).
 2. **Evidence** (``evidence.py``), one bit per sample: randomness, zero CE / margin gradients, shattered gradients,
    APGD-CE's loss not rising, unstable or unreachable best points, the black-box probe beating the white-box
-   attacks. Each indicator also gets a model-level verdict: its fraction over the whole evaluation against a
-   threshold (the masking checklist's).
+   attacks — and one that is not about masking: a *close call*, a sample the white-box core left with less than
+   ``close_call`` (5 %) of its clean logit margin, where the other targets, FAB-T or Square are likeliest to
+   change the verdict. Each masking indicator also gets a model-level verdict: its fraction over the whole
+   evaluation against a threshold (the masking checklist's); a close call is a per-sample call only.
 3. **Escalation** (the rest of ``SUITES["adaptive"]``): the remaining targets, FAB-T, Square with 5000 queries,
    the "rand" suite's EOT attacks (and a pointer to BPDA) run on the samples whose own evidence calls for them —
    and on every sample still robust when the model-level verdict does. The escalations run in a second pass over
@@ -34,7 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import AttackResult, voted_logits
+from ..attacks.base import AttackResult, check_logits, voted_logits
+from ..attacks.losses import margin
+from ..checks import check_labels
 from ..errors import InputError
 from ..rng import per_sample_generators, sample_seed
 from ..threat import ThreatModel
@@ -70,18 +74,24 @@ class AdaptiveCascade(Cascade):
         self.batch_size = batch_size
         self.core = int(settings.get("core", 3))
         self.probe_fraction = float(settings.get("probe_fraction", 0.25))
+        self.close_call = float(settings.get("close_call", 0.0))
         self.flags: dict[str, dict] = {}
 
     # -- pass 1: the core and the evidence ------------------------------------------------------------
     def run_block(self, block: Block, threat: ThreatModel, *, keep_adversarial: bool) -> BlockOutcome:
         x, y = block.x.to(self.device), block.y.to(self.device)
-        clean_pred = self.predict(x, y)
+        with torch.no_grad():
+            clean_logits = check_logits(self.model(x), x.shape[0])
+        check_labels(y, clean_logits.shape[1], "data")
+        clean_pred = clean_logits.argmax(1)
         state = _State.start(x, y, clean_pred, keep_adversarial)
         positions = block.index * self.batch_size + torch.arange(x.shape[0], device=x.device)
         evidence = torch.zeros_like(y)
+        best_margin = torch.full(y.shape, float("inf"), device=x.device)
         for k in range(self.core):
             rows = state.robust.clone()
             if k == self.core - 1:  # the black-box probe: a random subset of the samples still robust
+                evidence |= ev.close_call(best_margin, margin(clean_logits, y, True), self.close_call) * state.robust
                 rows &= self._probed(positions)
                 evidence[rows] |= ev.PROBED_BIT
             stage = self._stage(k, state, rows, threat, block.index, positions)
@@ -89,11 +99,13 @@ class AdaptiveCascade(Cascade):
                 self._evidence(state, x, y, threat, stage, evidence)
             if stage is None:
                 continue
-            if k < self.core - 1:  # a white-box stage: do its best points reproduce?
+            if k < self.core - 1:  # a white-box stage: do its best points reproduce, and how close did they come?
                 survived = ~stage.success
-                evidence[stage.index[survived]] |= ev.unstable_best(
+                kept = stage.index[survived]
+                evidence[kept] |= ev.unstable_best(
                     stage.found.logits[survived], stage.found.x_adv[survived], stage.logits[survived],
                     stage.candidate[survived])
+                best_margin[kept] = torch.minimum(best_margin[kept], margin(stage.logits[survived], y[kept], True))
             else:  # the probe: a sample it breaks is one every white-box stage left
                 evidence[stage.index[stage.success]] |= ev.bits("black_box")
         return state.outcome(block.index, evidence, phase=1)
@@ -277,7 +289,8 @@ class AdaptiveCascade(Cascade):
             record["reason"] = f"ran on {scope}"
         else:
             quiet = "; ".join(f"{i.name} {self.flags[i.name]['samples']}/{self.flags[i.name]['checked']} "
-                              f"(model-level above {100 * i.threshold:g} %)" for i in callers)
+                              + (f"(model-level above {100 * i.threshold:g} %)" if i.threshold < 1 else
+                                 "(per sample only)") for i in callers)
             record["reason"] = ("not run: no sample still robust had evidence calling for it (" + quiet + ")"
                                 if evidence.numel() else "not run: nothing to attack")
         return record

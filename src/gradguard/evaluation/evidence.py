@@ -65,6 +65,11 @@ INDICATORS = (
               "the threat model (randomness the two-pass check missed)", ZERO_GRADIENTS[0], (EOT_CE, EOT_DLR)),
     Indicator("black_box", 6, "the short Square probe broke a sample every white-box stage had left (fraction of "
               "the probed samples)", SQUARE_STRONGER[0], (REST, FAB, SQUARE)),
+    # Not a sign of masking but of a verdict that is close: a per-sample call only (a model-level fraction of near
+    # misses says nothing about the model's gradients), so its threshold is never passed.
+    Indicator("close_call", 7, "the white-box core's best point left the sample less than CLOSE_CALL of its clean "
+              "logit margin (a near miss: the likeliest to fall to the other targets, FAB-T or Square)",
+              1.0, (REST, FAB, SQUARE)),
 )
 BY_NAME = {i.name: i for i in INDICATORS}
 CHECKED_BIT = 1 << 8   # the sample survived APGD-CE, so the indicators were measured on it
@@ -115,6 +120,13 @@ def shattered(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, grad:
     measured = (margin(model(up), y, False) - margin(model(down), y, False)) / 2
     gap = (measured - predicted).abs()
     return gap > FD_DISAGREEMENT * torch.maximum(predicted.abs(), measured.abs()).clamp_min(1e-12)
+
+
+def close_call(best_margin: Tensor, clean_margin: Tensor, fraction: float) -> Tensor:
+    """The evidence bit of the samples still robust whose smallest logit margin z_y − max_{j≠y} z_j over the
+    white-box core's best points is below ``fraction`` of their clean margin (scale-free: a model's logits may
+    be of any size)."""
+    return _bit(best_margin < fraction * clean_margin, "close_call")
 
 
 def loss_flat(start: Tensor, best: Tensor) -> Tensor:

@@ -77,7 +77,6 @@ KNOWN: set[tuple] = {
     ('R5', 'diagnostics/masking.py'),
     ('R5', 'evaluation/certify.py'),
     ('R5', 'evaluation/robustness.py'),
-    ('R5', 'report/builder.py'),
     ('R5', 'train/methods.py'),
     ('R5', 'train/trainer.py'),
     ('R5', 'workflow.py'),

@@ -135,7 +135,7 @@ def _file_of(dotted: str) -> str | None:
 @lru_cache(maxsize=None)
 def imports() -> list[tuple[str, str, tuple[str, ...]]]:
     """(importer, imported module file, names taken) for every import statement at any depth."""
-    edges = []
+    edges: list[tuple[str, str, tuple[str, ...]]] = []
     for module, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
@@ -175,7 +175,7 @@ def layer(module: str) -> int:
 
 
 def third_party_imports(path: Path) -> set[str]:
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name.split(".")[0] for alias in node.names)

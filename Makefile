@@ -38,7 +38,7 @@ test: $(TEST_STAMP)
 	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest -q
 
-# pyflakes + import order + bugbear (ruff) on src/, tests/ and bench/, and mypy on src/: part of `make test`, so CI runs them
+# pyflakes + import order + bugbear (ruff) and mypy on src/, tests/ and bench/: part of `make test`, so CI runs them
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy

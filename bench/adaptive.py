@@ -27,6 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ class Noisy(nn.Module):
 def run(model: nn.Module, x, y, suite, label: str) -> dict:
     began = time.perf_counter()
     report = evaluate(model, (x, y), Linf(EPS), suite, batch_size=len(y), seed=0)
-    row = {"robust_accuracy": report.robust_accuracy, "clean_accuracy": report.clean_accuracy,
+    row: dict[str, Any] = {"robust_accuracy": report.robust_accuracy, "clean_accuracy": report.clean_accuracy,
            "per_attack": report.per_attack, "time_s": round(time.perf_counter() - began, 1),
            "warnings": report.warnings}
     print(f"  {label:<44} clean {100 * row['clean_accuracy']:6.2f} %  robust {100 * row['robust_accuracy']:6.2f} %"

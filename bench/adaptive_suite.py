@@ -325,7 +325,7 @@ def main() -> None:
             if not cifar.numel():
                 from cifar_suite import fashion_mnist_as_cifar
 
-                cifar = fashion_mnist_as_cifar().x_test
+                cifar = fashion_mnist_as_cifar()[2]  # (x_train, y_train, x_test, y_test)
             x = cifar[:args.n_eval]
         for norm in args.norms:
             torch.manual_seed(0)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -152,7 +153,7 @@ def main() -> None:
     overhead_names = ["minimal-pgd20", "gradguard-pgd20", "minimal-fgsm", "gradguard-fgsm"]
     overhead_names += [n for n in ("torchattacks-pgd20", "torchattacks-fgsm") if n in table]
     torch.manual_seed(0)
-    times = interleaved_medians({n: (lambda f=table[n]: in_batches(f, x, y, args.batch_size)) for n in overhead_names},
+    times = interleaved_medians({n: partial(in_batches, table[n], x, y, args.batch_size) for n in overhead_names},
                                 args.repeats)
     memory = peak_memory(standard, ["minimal-pgd20", "gradguard-pgd20", "minimal-fgsm", "gradguard-fgsm"],
                          args.batch_size, 3)
@@ -167,7 +168,7 @@ def main() -> None:
     names = ["gradguard-pgd20-earlystop", "gradguard-pgd20", "minimal-pgd20"]
     names += ["torchattacks-pgd20"] if have_torchattacks else []
     torch.manual_seed(1)
-    times = interleaved_medians({n: (lambda f=table[n]: in_batches(f, x, y, args.batch_size)) for n in names},
+    times = interleaved_medians({n: partial(in_batches, table[n], x, y, args.batch_size) for n in names},
                                 args.repeats)
     robust_accuracy = {}
     for name in names:

@@ -95,7 +95,7 @@ def main() -> None:
         _sync(args.device)
         ours_s.append(time.perf_counter() - started)
         started = time.perf_counter()
-        top, radius = hand_written(model, x[i], args.sigma, args.n0, args.n, args.alpha, args.batch_size)
+        top, _ = hand_written(model, x[i], args.sigma, args.n0, args.n, args.alpha, args.batch_size)
         _sync(args.device)
         theirs_s.append(time.perf_counter() - started)
         agree += int(top == int(result.prediction[0]))

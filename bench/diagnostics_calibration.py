@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,7 +65,7 @@ def run_demo(builder, optimiser_name: str, lr: float, clip: float | None, seed: 
     torch.manual_seed(seed)
     model = builder()
     if optimiser_name == "sgd":
-        optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        optimiser: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     else:
         optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     x, y = data.x_train, data.y_train
@@ -93,7 +94,7 @@ def statistics_of(records: list[dict]) -> dict:
     table = RecordTable(records)
     steps, layers = table.steps, table.layers
     ratios = table.depth_ratios(layers[0], layers[-1])
-    out = {"nonfinite": any(r.get("grad_finite") is False or r.get("weight_finite") is False for r in records)}
+    out: dict[str, Any] = {"nonfinite": any(r.get("grad_finite") is False or r.get("weight_finite") is False for r in records)}
     if ratios:
         out["ratio_start"] = statistics.median(v for _, v in ratios[:START_SAMPLES])
         out["ratio_recent"] = statistics.median(v for _, v in ratios[-RECENT_SAMPLES:])

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
@@ -69,11 +69,11 @@ def _dead_biases(model: nn.Module, family: str) -> None:
     with torch.no_grad():
         for module in model.modules():
             if family == "resnet" and isinstance(module, nn.BatchNorm2d):
-                module.bias.fill_(-5.0)
+                cast(Tensor, module.bias).fill_(-5.0)  # affine: it has a bias
             elif family == "transformer" and isinstance(module, nn.Linear) and module.out_features > module.in_features:
                 module.bias.fill_(-5.0)  # the MLP's fc1 (dim -> 2·dim), the one in front of the activation
             elif family in ("mlp", "cnn") and isinstance(module, (nn.Linear, nn.Conv2d)):
-                module.bias.fill_(-5.0)
+                cast(Tensor, module.bias).fill_(-5.0)
 
 
 def _saturating_init(model: nn.Module, family: str) -> None:
@@ -105,11 +105,12 @@ class SigmoidStack(nn.Module):
 def _sigmoid_stack_after_stem(model: nn.Module, family: str) -> None:
     """Vanishing for the residual families, whose skips otherwise carry the gradient through any depth."""
     if family == "resnet":  # model = Sequential(conv, bn, act, blocks..., pool, flatten, linear)
-        stem_width = model[0].out_channels
-        model[2] = nn.Sequential(SigmoidStack(stem_width, 10, conv=True))
+        layers = cast(nn.Sequential, model)
+        stem_width = cast(nn.Conv2d, layers[0]).out_channels
+        layers[2] = nn.Sequential(SigmoidStack(stem_width, 10, conv=True))
     elif family == "transformer":
-        dim = model.embed.out_channels
-        embed = model.embed
+        embed = cast(nn.Conv2d, model.embed)
+        dim = embed.out_channels
         model.embed = nn.Sequential(embed, SigmoidStack(dim, 10, conv=True))
 
 
@@ -166,7 +167,7 @@ def _optimiser(model: nn.Module, scenario: Scenario) -> torch.optim.Optimizer:
         layers = _first_param_layers(model)
         frozen = layers[len(layers) // 2]
         stalled_ids = {id(p) for p in frozen.parameters(recurse=False)}
-        groups = [{"params": [p for p in model.parameters() if id(p) not in stalled_ids]},
+        groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if id(p) not in stalled_ids]},
                   {"params": list(frozen.parameters(recurse=False)), "lr": 0.0}]
     else:
         groups = [{"params": list(model.parameters())}]

@@ -30,6 +30,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ from gradguard.train import Trainer  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "evaluation"
 EPS = 0.1
-TRAINING = {  # method -> (training samples, Trainer settings): short runs, this benchmark measures evaluation
+TRAINING: dict[str, tuple[int, dict[str, Any]]] = {  # method -> (training samples, Trainer settings): short runs, this benchmark measures evaluation
     "standard": (20000, {"epochs": 3}),
     "fgsm-rs": (6000, {"epochs": 3, "eps_warmup_epochs": 1}),
     "pgd": (6000, {"epochs": 3, "eps_warmup_epochs": 1, "method_kwargs": {"steps": 3}}),

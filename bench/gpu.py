@@ -30,6 +30,7 @@ import copy
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,7 +119,7 @@ def bench_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.
                          channels_last=channels_last)
             if warm_up:
                 attack.run(x[:8], y[:8])  # kernels, autotuning, autocast caches
-            seconds, result = timed(device, lambda attack=attack: attack.run(x, y))
+            seconds, result = timed(device, partial(attack.run, x, y))
             rows.append({"config": label(amp, channels_last), "amp": amp, "channels_last": channels_last,
                          "seconds": round(seconds, 3), "robust_accuracy": result.accuracy})
     base = rows[0]["seconds"]
@@ -144,8 +145,11 @@ def bench_suites(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: tor
     rows = []
     for suite in ("fast", "standard"):
         for amp in PRECISIONS:
-            seconds, report = timed(device, lambda suite=suite, amp=amp: evaluate(
-                model, (x, y), Linf(eps=EPS), suite_specs(suite, amp, smoke), batch_size=batch_size, seed=0))
+            def run_suite(suite: str = suite, amp: str | None = amp) -> Any:
+                return evaluate(model, (x, y), Linf(eps=EPS), suite_specs(suite, amp, smoke), batch_size=batch_size,
+                                seed=0)
+
+            seconds, report = timed(device, run_suite)
             rows.append({"suite": suite, "amp": amp, "config": label(amp), "seconds": round(seconds, 3),
                          "clean_accuracy": report.clean_accuracy, "robust_accuracy": report.robust_accuracy,
                          "stage_seconds": dict(report.attack_time_s), "per_attack": dict(report.per_attack)})
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(name, **kwargs).to(device)
         train_seconds = 0.0
         if epochs:
-            train_seconds, model = timed(device, lambda model=model: train_fast_fgsm(model, x_train, y_train, epochs))
+            train_seconds, model = timed(device, partial(train_fast_fgsm, model, x_train, y_train, epochs))
         model.eval()
         with torch.no_grad():
             predictions = model(x).argmax(1)

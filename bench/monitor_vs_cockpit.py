@@ -139,7 +139,10 @@ def measure(name: str, builder: Callable[[], nn.Module], batches: Batches, repea
     initial = builder()
     variants: dict[str, Callable[[Batches], float]] = {"plain": lambda b: run_plain(copy.deepcopy(initial), b)}
     for k in INTERVALS:
-        variants[f"monitor_{k}"] = lambda b, k=k: run_monitor(copy.deepcopy(initial), b, k)
+        def monitored(b: Batches, k: int = k) -> float:
+            return run_monitor(copy.deepcopy(initial), b, k)
+
+        variants[f"monitor_{k}"] = monitored
     unsupported: dict[str, str] = {}
     notes: set[str] = set()
     for k in INTERVALS:
@@ -155,7 +158,10 @@ def measure(name: str, builder: Callable[[], nn.Module], batches: Batches, repea
         except Exception as error:  # noqa: BLE001 - any failure means "cannot run this model"
             unsupported[key] = f"unsupported: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
             continue
-        variants[key] = lambda b, k=k: run_cockpit(cp, copy.deepcopy(initial), b, k)
+        def with_cockpit(b: Batches, k: int = k) -> float:
+            return run_cockpit(cp, copy.deepcopy(initial), b, k)
+
+        variants[key] = with_cockpit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for fn in variants.values():  # warm-up (allocator, kernels, first-call costs) on a few batches

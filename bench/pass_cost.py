@@ -69,9 +69,9 @@ def main() -> None:
             for p in model.parameters():
                 p.requires_grad_(False)
             if channels_last:
-                model = model.to(memory_format=torch.channels_last)
+                model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             if compiled:
-                model = torch.compile(model)
+                model = torch.compile(model)  # type: ignore[assignment]  # an OptimizedModule
             gradient, forward = passes(model, x, y, channels_last, bf16)
             began = time.perf_counter()
             with warnings.catch_warnings():

@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_suite import OUT as CIFAR_OUT  # noqa: E402
-from cifar_suite import reference_stages, run_cascade, run_gradguard  # noqa: E402
+from cifar_suite import Stage, reference_stages, run_cascade, run_gradguard  # noqa: E402
 from common import load_fashion_mnist, run_header, write_json  # noqa: E402
 from gradguard import Linf  # noqa: E402
 from gradguard.models import load  # noqa: E402
@@ -127,7 +127,7 @@ def measure_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     result: dict = {"n_eval": len(y), "rows": {}}
 
     def run_reference() -> dict:
-        stages = []
+        stages: list[Stage] = []
         for label, attack in reference_stages(logged, EPS):
             def logged_attack(xb, yb, attack=attack, label=label):
                 logged.calls.clear()

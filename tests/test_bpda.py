@@ -68,6 +68,6 @@ def test_bad_approximations_and_preprocessing_get_one_clear_line():
     with pytest.raises(ShapeError, match="^preprocess: changes the shape .* pass approx="):
         BPDA(lambda v: v[:, :3])(x)
     with pytest.raises(InputError, match="^approx: expected a differentiable callable"):
-        BPDA(quantise, approx="identity")  # type: ignore[arg-type]
+        BPDA(quantise, approx="identity")
     with pytest.raises(InputError, match="^preprocess: expected a callable"):
-        BPDA(None)  # type: ignore[arg-type]
+        BPDA(None)

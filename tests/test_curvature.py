@@ -169,6 +169,8 @@ def test_curvature_errors_name_the_argument():
 class QuadraticForm(nn.Module):
     """Output ½ θᵀAθ for every sample, θ = [first.weight; second.weight]: the Hessian of the loss is exactly A."""
 
+    matrix: torch.Tensor  # a buffer
+
     def __init__(self, matrix: torch.Tensor, split: int):
         super().__init__()
         size = matrix.shape[0]

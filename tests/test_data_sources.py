@@ -26,7 +26,7 @@ def make_cifar10(folder: Path, seed: int = 0, n_test: int = 4) -> dict:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     n_train = sum(CIFAR10_TRAIN_COUNTS)
-    arrays = {"x_train": rng.integers(0, 256, (n_train, 3, 32, 32), dtype=np.uint8),
+    arrays: dict[str, np.ndarray] = {"x_train": rng.integers(0, 256, (n_train, 3, 32, 32), dtype=np.uint8),
               "y_train": rng.integers(0, 10, n_train), "x_test": rng.integers(0, 256, (n_test, 3, 32, 32), np.uint8),
               "y_test": rng.integers(0, 10, n_test)}
     start = 0

@@ -78,6 +78,9 @@ class ShatteredRandomLogits(nn.Module):
     every pass. Its value stays within ±a, but one pass's input gradient is dominated by ±aω·U — a random
     direction — so single-sample PGD walks at random; the expectation of that term is zero, so EOT recovers W."""
 
+    weight: Tensor  # buffers
+    mixing: Tensor
+
     def __init__(self, dim: int = 20, classes: int = 4, a: float = 0.05, omega: float = 150.0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(1)
@@ -116,6 +119,8 @@ class lambda_module(nn.Module):  # noqa: N801 — a tiny helper used like a func
 
 class Flaky(nn.Module):
     """A fixed linear classifier whose prediction moves to another class in 30 % of the passes, per sample."""
+
+    weight: Tensor  # a buffer
 
     def __init__(self, weight: Tensor, flip: float = 0.3) -> None:
         super().__init__()

@@ -24,7 +24,7 @@ def train_monitored(model: nn.Module, digits, *, optimizer: str = "sgd", lr: flo
     """Train on digits with the monitor counting steps through the optimiser's hooks."""
     torch.manual_seed(seed)
     if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=lr)
     x, y = digits.x_train, digits.y_train
@@ -438,7 +438,7 @@ def _diagnostics_imports() -> dict[str, set[str]]:
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 targets |= {node.module} if node.module else {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gradguard.diagnostics."):
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gradguard.diagnostics."):
                 targets.add(node.module.rsplit(".", 1)[1])
         graph[name] = targets & modules
     return graph

@@ -227,7 +227,8 @@ class TinyHF(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-        self.nan_at, self.losses = nan_at, []
+        self.nan_at = nan_at
+        self.losses: list[float] = []
 
     def forward(self, x, labels=None):
         logits = self.net(x)

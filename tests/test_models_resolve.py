@@ -250,9 +250,9 @@ def test_torchvision_and_timm_build_without_pretrained_weights(monkeypatch, pack
     hub = _FakeHub()
     fake = types.ModuleType(package)
     if package == "torchvision":
-        fake.models = types.SimpleNamespace(get_model=hub.build)  # type: ignore[attr-defined]
+        fake.models = types.SimpleNamespace(get_model=hub.build)
     else:
-        fake.create_model = hub.build  # type: ignore[attr-defined]
+        fake.create_model = hub.build
     monkeypatch.setitem(sys.modules, package, fake)
     model = resolve(f"{package}:resnet18", num_classes=4)
     assert model(inputs).shape == (5, 4)

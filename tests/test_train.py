@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from typing import Any, cast
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def pgd_accuracy(model: nn.Module, x, y) -> float:
 
 def train(method: str, digits, epochs: int = 3, val=None, **kwargs) -> tuple[nn.Module, Trainer]:
     model = tiny_mlp()
-    options = dict(threat=THREAT, epochs=epochs, batch_size=64, optimizer="adam", lr=3e-3, progress=False,
+    options: dict[str, Any] = dict(threat=THREAT, epochs=epochs, batch_size=64, optimizer="adam", lr=3e-3, progress=False,
                    val_attack=None)
     options.update(kwargs)
     trainer = Trainer(model, method, **options)
@@ -108,10 +109,12 @@ class GradientRecorder:
     """A duck-typed monitor: the Trainer calls step() after every optimiser step (gradients still in place)."""
 
     def __init__(self, model: nn.Module):
-        self.model, self.max_abs, self.norms = model, [], []
+        self.model = model
+        self.max_abs: list[float] = []
+        self.norms: list[float] = []
 
     def step(self) -> None:
-        grads = [p.grad for p in self.model.parameters()]
+        grads = [cast(torch.Tensor, p.grad) for p in self.model.parameters()]  # all set: step() follows backward
         self.max_abs.append(max(float(g.abs().max()) for g in grads))
         self.norms.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
 

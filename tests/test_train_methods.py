@@ -7,6 +7,7 @@ import copy
 import inspect
 import json
 import math
+from typing import Any, cast
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ def batch(classes: int = 10, n: int = 6, side: int = 4, seed: int = 1) -> tuple[
 
 def closed_form_input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """∇ₓ CE for logits Wx + b: Wᵀ(softmax(Wx + b) − onehot(y)), per sample."""
-    weight, bias = model[1].weight.detach(), model[1].bias.detach()
+    linear = cast(nn.Linear, cast(nn.Sequential, model)[1])
+    weight, bias = linear.weight.detach(), linear.bias.detach()
     probs = torch.softmax(x.flatten(1) @ weight.T + bias, dim=1)
     return (probs - F.one_hot(y, weight.shape[0]).float()) @ weight
 
@@ -240,7 +242,7 @@ def test_awp_training_steps_from_the_exact_unperturbed_weights(digits):
 
 def train_digits(method: str, digits, **kwargs) -> tuple[nn.Module, list[dict]]:
     model = tiny_mlp()
-    options = dict(threat=THREAT, epochs=1, batch_size=64, optimizer="adam", lr=3e-3, progress=False, val_attack=None)
+    options: dict[str, Any] = dict(threat=THREAT, epochs=1, batch_size=64, optimizer="adam", lr=3e-3, progress=False, val_attack=None)
     options.update(kwargs)
     history = Trainer(model, method, **options).fit((digits.x_train[:128], digits.y_train[:128]))
     return model, history

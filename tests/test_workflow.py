@@ -114,7 +114,7 @@ def test_attack_into_streams_batches_and_matches_a_recount(tmp_path):
     samples = open_split("digits", "test")
     reads: list[int] = []
     get_batch = samples.get_batch
-    samples.get_batch = lambda index: reads.append(len(index)) or get_batch(index)  # type: ignore[method-assign]
+    samples.get_batch = lambda index: reads.append(len(index)) or get_batch(index)
     torch.manual_seed(0)
     model = build_model("mlp", input_shape=list(samples.input_shape), num_classes=samples.num_classes).eval()
     payload = workflow.attack_into(tmp_path, model, samples, Linf(0.1), ["pgd"], samples=20, batch_size=8, steps=5,

@@ -1,4 +1,8 @@
-"""Assemble report.html, report.md, summary.json and plots/*.png from a run directory."""
+"""Assemble report.html, report.md, summary.json and plots/*.png from a run directory.
+
+The HTML sections live here; report.md is ``markdown``'s, the certified rows of summary.json ``certified``'s, the
+numbers themselves ``summary``'s, and the figures come from ``gradguard.viz``.
+"""
 from __future__ import annotations
 
 import json
@@ -7,12 +11,27 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import viz
 from ..diagnostics.health import FATAL_KINDS
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from . import plots
+from ..viz.certify import certified_accuracy
+from ..viz.curvature import hessian_density, input_curvature_histogram
+from ..viz.robustness import accuracy_vs_eps, example_grid, per_attack_bars, per_class_bars
+from ..viz.training import gradient_flow, training_curves
+from .certified import certified_summary
 from .html import badge, evidence_text, missing, page, percent, png_tag, table
+from .markdown import markdown
 from .rundir import RunData, attack_groups, read_run, threat_label
-from .summary import layer_series, ordered_attacks, summarize, worst_case_text
+from .summary import (
+    APART_NOTE,
+    apart_rows,
+    headline_columns,
+    layer_series,
+    ordered_attacks,
+    summarize,
+    threat_text,
+    worst_case_text,
+)
 
 REPORT_HTML, REPORT_MD, SUMMARY_JSON, PLOTS_DIR = "report.html", "report.md", "summary.json", "plots"
 
@@ -54,30 +73,6 @@ def build_report(run_dir: str | Path, *, display_path: str | Path | None = None)
 # ------------------------------------------------------------------------------------------------
 # sections
 # ------------------------------------------------------------------------------------------------
-def headline_columns(summary: dict) -> list[str]:
-    return ordered_attacks(a for m in summary["models"] for a in m["attacks"])
-
-
-def threat_text(summary: dict) -> str:
-    """The headline threat for titles: one for the whole run, else "per model" (each row then names its own)."""
-    if summary.get("threat"):
-        return threat_label(summary["threat"])
-    if any(m.get("threat") for m in summary["models"]):
-        return "per model: " + "; ".join(f"{m['label']} {threat_label(m.get('threat'))}" for m in summary["models"])
-    return "not recorded"
-
-
-def apart_rows(summary: dict) -> list[tuple[str, dict]]:
-    """(model label, group) for every result kept out of its model's headline: single attacks at the headline
-    threat on other samples than the suite, and results at another threat; each group names its threat and count."""
-    return [(m["label"], group) for m in summary["models"]
-            for group in (m.get("other_samples") or []) + (m.get("other_threats") or [])]
-
-
-APART_NOTE = ("Not part of the worst case above, which only combines results at the same threat on the same "
-              "samples.")
-
-
 def _other_threats(summary: dict) -> str:
     rows = apart_rows(summary)
     if not rows:
@@ -120,7 +115,7 @@ def _headline(summary: dict) -> str:
 
 def series_colours(run: RunData) -> dict[str, str]:
     """Each model's and gradient run's colour, the same in every plot of the report."""
-    return plots.series_colours(m.label for m in run.models + run.gradient_runs)
+    return viz.series_colours(m.label for m in run.models + run.gradient_runs)
 
 
 def _data(summary: dict) -> str:
@@ -166,7 +161,7 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
     if curves:
         norm = (summary.get("threat") or next((m["threat"] for m in summary["models"] if m.get("threat")), None)
                 or {}).get("norm", "linf")
-        figures["accuracy_vs_eps"] = plots.accuracy_vs_eps(curves, norm, series_colours(run))
+        figures["accuracy_vs_eps"] = accuracy_vs_eps(curves, norm, series_colours(run))
         eps = list(dict.fromkeys(e for c in curves.values() for e in c["eps"]))
         rows = [[escape(label)] + [percent(dict(zip(c["eps"], c["robust_accuracy"], strict=True)).get(e)) for e in eps]
                 for label, c in curves.items()]
@@ -176,7 +171,7 @@ def _robustness(run: RunData, summary: dict, figures: dict) -> str:
     bars = {m["label"]: {**m["attacks"], **({"worst case": m["robust_accuracy"]} if m["robust_accuracy"] is not None else {})}
             for m in summary["models"] if m["attacks"] or m["robust_accuracy"] is not None}
     if bars:
-        figures["per_attack"] = plots.per_attack_bars(bars, series_colours(run))
+        figures["per_attack"] = per_attack_bars(bars, series_colours(run))
     side_by_side = [png_tag(figures[k], k.replace("_", " ")) for k in ("accuracy_vs_eps", "per_attack") if k in figures]
     if side_by_side:
         out.insert(0, '<div class="grid2">' + "".join(f"<div>{tag}</div>" for tag in side_by_side) + "</div>")
@@ -225,31 +220,12 @@ def _escalations(robustness: dict) -> str:
                                                          numeric_from=3)
 
 
-CERTIFIED_RADII = (0.25, 0.5, 0.75, 1.0)
 SMOOTHED_NOTE = ("A guarantee for the <b>smoothed</b> classifier g(x) = argmax<sub>c</sub> P(f(x + δ) = c), "
                  "δ ~ N(0, σ²I), evaluated with noise draws (Cohen, Rosenfeld &amp; Kolter 2019), <b>not for the base "
                  "model f</b>: the base model's empirical robust accuracy beside it comes from attacks, is an upper "
                  "bound on its true robust accuracy, and may be at another norm. Certified accuracy at radius r = "
                  "the fraction of samples g classifies correctly with a certified L2 radius ≥ r; each certificate "
                  "holds with probability ≥ 1 − α over the noise; abstentions count as wrong.")
-
-
-def certified_summary(run: RunData) -> list[dict]:
-    """Per model with certify.json: its settings and certified accuracy at the standard radii (for summary.json)."""
-    rows = []
-    for m in run.models:
-        c = m.certify
-        if not c or "samples" not in c:
-            continue
-        eps = _l2_eps(m)
-        radii = sorted(set(CERTIFIED_RADII) | ({eps} if eps is not None else set()))
-        rows.append({"label": m.label, "sigma": c.get("sigma"), "n0": c.get("n0"), "n": c.get("n"),
-                     "alpha": c.get("alpha"), "n_samples": c.get("n_samples"),
-                     "base_clean_accuracy": c.get("base_clean_accuracy"),
-                     "smoothed_accuracy": _certified_at(c, 0.0), "abstain_rate": c.get("abstain_rate"),
-                     "certified_accuracy": {f"{r:g}": _certified_at(c, r) for r in radii},
-                     "empirical": _empirical(m), "guarantee": "smoothed classifier, not the base model"})
-    return rows
 
 
 def _certified(run: RunData, figures: dict) -> str:
@@ -259,8 +235,8 @@ def _certified(run: RunData, figures: dict) -> str:
                        "then run `gradguard certify RUN_DIR --sigma 0.25`.")
     curves = {m.label: _exact_curve(m.certify) for m in run.models if m.certify and "samples" in m.certify}
     sigmas = {r["sigma"] for r in rows}
-    figures["certified_accuracy"] = plots.certified_accuracy(curves, sigmas.pop() if len(sigmas) == 1 else None,
-                                                             series_colours(run))
+    figures["certified_accuracy"] = certified_accuracy(curves, sigmas.pop() if len(sigmas) == 1 else None,
+                                                       series_colours(run))
     radii = list(dict.fromkeys(r for row in rows for r in row["certified_accuracy"]))
     headers = (["model", "σ", "n", "α", "samples", "base model clean", "smoothed (r = 0)", "abstained"]
                + [f"certified r ≥ {r}" for r in radii] + ["empirical robust acc. (base model, attacks)"])
@@ -273,14 +249,6 @@ def _certified(run: RunData, figures: dict) -> str:
             + table(headers, body, table_id="certified", numeric_from=1) + f"<p><small>{SMOOTHED_NOTE}</small></p>")
 
 
-def _certified_at(certify: dict, radius: float) -> float | None:
-    samples = certify["samples"]
-    pairs = list(zip(samples["prediction"], samples["label"], samples["radius"], strict=True))
-    if not pairs:
-        return None
-    return sum(1 for p, y, r in pairs if p == y and r >= radius) / len(pairs)
-
-
 def _exact_curve(certify: dict) -> dict:
     from ..evaluation.certify import exact_curve
 
@@ -288,18 +256,6 @@ def _exact_curve(certify: dict) -> dict:
     correct = [p == y for p, y in zip(samples["prediction"], samples["label"], strict=True)]
     return exact_curve(samples["radius"], correct)
 
-
-def _l2_eps(m) -> float | None:
-    """The eps of the model's evaluation when it was in L2 (certified accuracy is then shown at that radius too)."""
-    threat = (m.robustness or {}).get("threat") or {}
-    eps = threat.get("eps")
-    return float(eps) if str(threat.get("norm")).lower() == "l2" and isinstance(eps, (int, float)) else None
-
-
-def _empirical(m) -> dict | None:
-    if not m.robustness or m.robustness.get("robust_accuracy") is None:
-        return None
-    return {"robust_accuracy": m.robustness["robust_accuracy"], "threat": threat_label(m.robustness.get("threat"))}
 
 
 def _examples(run: RunData, figures: dict) -> str:
@@ -311,8 +267,8 @@ def _examples(run: RunData, figures: dict) -> str:
         classes = [str(c) for c in ex["classes"]] if "classes" in ex else [str(i) for i in range(int(ex["y"].max()) + 1)]
         attack = str(ex["attack"]) if "attack" in ex else "attack"
         name = f"examples_{index}"
-        figures[name] = plots.example_grid(ex["x"], ex["x_adv"], ex["y"], ex["pred"], ex["pred_adv"], classes,
-                                           f"{m.label}: {attack}")
+        figures[name] = example_grid(ex["x"], ex["x_adv"], ex["y"], ex["pred"], ex["pred_adv"], classes,
+                                     f"{m.label}: {attack}")
         flipped = int(np.sum((ex["pred_adv"] != ex["y"]) & (ex["pred"] == ex["y"])))
         out.append(f"<h3>{escape(m.label)} — {escape(attack)}</h3>" + png_tag(figures[name], f"{m.label} examples")
                    + f"<p><small>{flipped} of {len(ex['y'])} correctly classified images flipped. Titles: y = true "
@@ -327,7 +283,7 @@ def _per_class(run: RunData, figures: dict) -> str:
         if not per_class:
             continue
         name = f"per_class_{index}"
-        figures[name] = plots.per_class_bars(per_class, f"{m.label}: clean vs robust accuracy per class")
+        figures[name] = per_class_bars(per_class, f"{m.label}: clean vs robust accuracy per class")
         tags.append(f"<div>{png_tag(figures[name], f'{m.label} per class')}</div>")
     if not tags:
         return missing("No per-class results: run `gradguard evaluate RUN_DIR`.")
@@ -360,7 +316,7 @@ def _gradients(run: RunData, summary: dict, figures: dict) -> str:
         if series:
             runs[g.label] = series
     if runs:
-        figures["gradient_flow"] = plots.gradient_flow(runs, metric, series_colours(run))
+        figures["gradient_flow"] = gradient_flow(runs, metric, series_colours(run))
         out.append(png_tag(figures["gradient_flow"], "gradient flow"))
     rows = []
     for g in summary["gradients"]:
@@ -401,12 +357,12 @@ def _curvature(run: RunData, figures: dict) -> str:
                                f"{_fmt(row.get('trace'))} ± {_fmt(row.get('trace_standard_error'))}"] for row in layers]))
         density = curvature.get("density") or {}
         if density.get("grid"):
-            figures[f"hessian_density_{index}"] = plots.hessian_density(density["grid"], density["density"],
-                                                                         top.get("values") or [])
+            figures[f"hessian_density_{index}"] = hessian_density(density["grid"], density["density"],
+                                                                   top.get("values") or [])
             out.append(png_tag(figures[f"hessian_density_{index}"], f"{m.label} Hessian eigenvalue density"))
         if inputs.get("values"):
-            figures[f"input_curvature_{index}"] = plots.input_curvature_histogram(inputs["values"],
-                                                                                  inputs.get("quantiles") or {})
+            figures[f"input_curvature_{index}"] = input_curvature_histogram(inputs["values"],
+                                                                            inputs.get("quantiles") or {})
             out.append(png_tag(figures[f"input_curvature_{index}"], f"{m.label} input curvature"))
     return "".join(out) or missing("Curvature not measured: `gradguard diagnose RUN_DIR --curvature`.")
 
@@ -417,12 +373,12 @@ def _fmt_list(values) -> str:
 
 def _training(run: RunData, figures: dict) -> str:
     out = []
-    metric_colours = plots.series_colours(sorted({k for m in run.models + run.gradient_runs for r in m.metrics for k in r}))
+    metric_colours = viz.series_colours(sorted({k for m in run.models + run.gradient_runs for r in m.metrics for k in r}))
     for index, m in enumerate(run.models + run.gradient_runs):
         if not m.metrics:
             continue
         name = f"training_{index}"
-        figures[name] = plots.training_curves(m.metrics, m.label, metric_colours)
+        figures[name] = training_curves(m.metrics, m.label, metric_colours)
         out.append(png_tag(figures[name], f"{m.label} training curves"))
     return "".join(out) or missing("No training metrics (metrics.jsonl) in this run.")
 
@@ -433,77 +389,3 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return escape(str(value))
-
-
-# ------------------------------------------------------------------------------------------------
-# report.md
-# ------------------------------------------------------------------------------------------------
-def markdown(summary: dict, figure_names: list[str]) -> str:
-    lines = ["# gradguard report", "",
-             f"- run: `{summary['run_dir']}`", f"- dataset: {summary.get('dataset') or 'unknown'}",
-             f"- threat: {threat_text(summary)}"]
-    if summary.get("model_source"):
-        lines.append(f"- model: `{summary['model_source']}`")
-    lines += [f"- generated: {summary['generated_at']}", "", "## Clean vs robust accuracy", ""]
-    attacks = headline_columns(summary)
-    if summary["models"]:
-        lines.append("| model | method | samples | clean | " + " | ".join(a.upper() for a in attacks)
-                     + " | worst case | masking |")
-        lines.append("|---" * (6 + len(attacks)) + "|")
-        for m in summary["models"]:
-            cells = [m["label"], str(m.get("method") or "—"), _plain_count(m.get("n_samples")),
-                     percent(m["clean_accuracy"])]
-            cells += [percent(m["attacks"].get(a)) for a in attacks]
-            cells += [percent(m["robust_accuracy"]), m["masking_verdict"] or "not checked"]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "Worst case: " + "; ".join(worst_case_text(m) for m in summary["models"]) + "."]
-    else:
-        lines.append("No model in this run.")
-    lines += _markdown_other_threats(summary)
-    lines += _markdown_certified(summary)
-    if summary["gradients"]:
-        lines += ["", "## Gradient health", ""]
-        for g in summary["gradients"]:
-            kinds = ", ".join(g["kinds"]) or "no issue found"
-            lines.append(f"- **{g['label']}**: {kinds}")
-    if figure_names:
-        lines += ["", "## Plots", ""] + [f"![{name}](plots/{name}.png)" for name in figure_names]
-    return "\n".join(lines) + "\n"
-
-
-def _markdown_certified(summary: dict) -> list[str]:
-    rows = summary.get("certified") or []
-    if not rows:
-        return []
-    radii = list(dict.fromkeys(r for row in rows for r in row["certified_accuracy"]))
-    lines = ["", "## Certified robustness (randomized smoothing)", "",
-             "A guarantee for the smoothed classifier (Gaussian noise of std σ), not for the base model; "
-             "the base model's empirical robust accuracy (attacks) is shown beside it.", "",
-             "| model | σ | smoothed (r = 0) | abstained | " + " | ".join(f"r ≥ {r}" for r in radii)
-             + " | empirical (base model) |", "|---" * (5 + len(radii)) + "|"]
-    for row in rows:
-        empirical = row["empirical"]
-        cells = [row["label"], f"{row['sigma']:g}", percent(row["smoothed_accuracy"]), percent(row["abstain_rate"])]
-        cells += [percent(row["certified_accuracy"].get(r)) for r in radii]
-        cells.append(f"{percent(empirical['robust_accuracy'])} ({empirical['threat']})" if empirical else "—")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _markdown_other_threats(summary: dict) -> list[str]:
-    rows = apart_rows(summary)
-    if not rows:
-        return []
-    attacks = ordered_attacks(a for _, g in rows for a in g["attacks"])
-    lines = ["", "## Results on other samples or at other threats", "", APART_NOTE, "",
-             "| model | threat | samples | clean | " + " | ".join(a.upper() for a in attacks) + " | worst case |",
-             "|---" * (5 + len(attacks)) + "|"]
-    for label, g in rows:
-        cells = [label, g["label"], _plain_count(g.get("n_samples")), percent(g.get("clean_accuracy"))]
-        cells += [percent(g["attacks"].get(a)) for a in attacks] + [percent(g.get("robust_accuracy"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _plain_count(value) -> str:
-    return str(value) if isinstance(value, int) else "—"

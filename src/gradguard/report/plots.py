@@ -1,5 +1,5 @@
-"""The report's figures, now drawn by ``gradguard.viz`` (re-exported here: ``report.builder`` and the workflow
-name them as ``report.plots``)."""
+"""The report's figures, now drawn by ``gradguard.viz`` (re-exported here for the old import path
+``gradguard.report.plots``, which the workflow and tests name; the report itself imports ``viz`` directly)."""
 from __future__ import annotations
 
 from ..viz import PALETTE, series_colours

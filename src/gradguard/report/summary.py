@@ -318,3 +318,30 @@ def data_summary(model: ModelRun) -> dict:
         "classes": classes.get("classes"), "class_source": classes.get("class_source"),
         "warnings": list(latest.get("warnings") or []),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# views of the summary that the HTML report, report.md and the CLI's headline share
+# ------------------------------------------------------------------------------------------------
+def headline_columns(summary: dict) -> list[str]:
+    return ordered_attacks(a for m in summary["models"] for a in m["attacks"])
+
+
+def threat_text(summary: dict) -> str:
+    """The headline threat for titles: one for the whole run, else "per model" (each row then names its own)."""
+    if summary.get("threat"):
+        return threat_label(summary["threat"])
+    if any(m.get("threat") for m in summary["models"]):
+        return "per model: " + "; ".join(f"{m['label']} {threat_label(m.get('threat'))}" for m in summary["models"])
+    return "not recorded"
+
+
+def apart_rows(summary: dict) -> list[tuple[str, dict]]:
+    """(model label, group) for every result kept out of its model's headline: single attacks at the headline
+    threat on other samples than the suite, and results at another threat; each group names its threat and count."""
+    return [(m["label"], group) for m in summary["models"]
+            for group in (m.get("other_samples") or []) + (m.get("other_threats") or [])]
+
+
+APART_NOTE = ("Not part of the worst case above, which only combines results at the same threat on the same "
+              "samples.")

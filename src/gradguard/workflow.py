@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import CheckpointError, ConfigError
+from .runs.console import NOTES, log, progress, say, say_notes, timed  # noqa: F401
 
 # Staging and manifests live in gradguard.runs.staging; re-exported here (gradguard.workflow is the documented API).
 from .runs.staging import (  # noqa: F401
@@ -45,25 +46,6 @@ EXAMPLES_SHOWN = 8
 # ================================================================================================
 # Progress, devices
 # ================================================================================================
-def log(message: str) -> None:
-    """Progress notes go to stderr so that stdout stays clean for --json."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def progress(iterable, **kwargs):
-    """tqdm on a terminal (stderr), silent otherwise."""
-    from .runtime.progress import progress_bar
-
-    return progress_bar(iterable, terminal_only=True, **kwargs)
-
-
-@contextlib.contextmanager
-def timed(message: str) -> Iterator[None]:
-    """Log ``message`` to stderr, then how long the block took."""
-    log(message)
-    started, cpu = time.perf_counter(), time.process_time()
-    yield
-    log(f"        ... {time.perf_counter() - started:.1f} s ({time.process_time() - cpu:.1f} s CPU)")
 
 
 def resolve_device(name: str | None) -> Any:
@@ -137,25 +119,6 @@ def samples_label(samples, n: int | None) -> str:
     if info.get("how") == "seeded":
         return f"{n} {kind} (of the {info.get('n')} in a seeded split of {info.get('of')})"
     return f"{n} {kind}"
-
-
-NOTES: list[str] = []  # data lines for the console, said once a command has done its work (say_notes)
-
-
-def say(message: str) -> None:
-    """Keep one ``[gradguard]`` console line for ``say_notes``: a command that fails before its work is done
-    still ends with its one-line error alone."""
-    NOTES.append(f"[gradguard] {message}")
-
-
-def say_notes() -> None:
-    """Print the kept console lines (stderr), once under torchrun; the CLI calls it when a command succeeded."""
-    from .train import distributed
-
-    if distributed.is_main_process():
-        for message in NOTES:
-            log(message)
-    NOTES.clear()
 
 
 def say_classes(classes: Sequence[str], source: str) -> None:

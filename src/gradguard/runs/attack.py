@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..layout import ATTACKS_FILE, EXAMPLES_FILE, ROBUSTNESS_FILE
 from .console import progress
 from .context import chance_note, device_record, make_attack, test_samples
 
@@ -56,10 +57,10 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
                  warnings=[note for note in [chance_note(group["clean_accuracy"], len(labels), data)] if note])
 
     def write() -> dict:
-        payload = merge_attack_results(read_json(run_dir / "attacks.json"), group, dataset.name)
+        payload = merge_attack_results(read_json(run_dir / ATTACKS_FILE), group, dataset.name)
         buffer = examples.npz_bytes(clean_pred, data.classes)
-        atomic_write_json(run_dir / "attacks.json", payload)
-        atomic_write_bytes(run_dir / "examples.npz", buffer)
+        atomic_write_json(run_dir / ATTACKS_FILE, payload)
+        atomic_write_bytes(run_dir / EXAMPLES_FILE, buffer)
         return payload
 
     return distributed.rank0_first(write)
@@ -74,7 +75,7 @@ def run_samples(run_dir: Path) -> int | None:
     results land in the same headline as the evaluation's instead of beside it on other samples."""
     from ..report.rundir import attack_groups, read_json, result_samples
 
-    for result in (read_json(run_dir / "robustness.json"), *attack_groups(read_json(run_dir / "attacks.json"))[:1]):
+    for result in (read_json(run_dir / ROBUSTNESS_FILE), *attack_groups(read_json(run_dir / ATTACKS_FILE))[:1]):
         recorded, _, count = result_samples(result)
         if isinstance(recorded, dict) and recorded.get("start", 0) == 0 and isinstance(recorded.get("count"), int):
             return recorded["count"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import CheckpointError, ConfigError
+from ..layout import MODEL_WEIGHTS_FILE, MODELS_DIR
 from .console import NOTES, log, say
 from .staging import read_manifest, write_manifest
 
@@ -185,8 +186,8 @@ def load_run_model(run_dir: Path, device):
     if not run_dir.exists():
         raise CheckpointError(f"run_dir: no run directory at {str(run_dir)!r}; train one with `gradguard train --out "
                               f"{run_dir}` first")
-    if not (run_dir / "model.safetensors").exists() and (run_dir / "models").is_dir():
-        choices = sorted(str(p) for p in (run_dir / "models").iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not (run_dir / MODEL_WEIGHTS_FILE).exists() and (run_dir / MODELS_DIR).is_dir():
+        choices = sorted(str(p) for p in (run_dir / MODELS_DIR).iterdir() if p.is_dir() and not p.name.startswith("."))
         raise CheckpointError(f"run_dir: {str(run_dir)!r} is a suite run holding several models; pass one of {choices}")
     return load(run_dir, map_location=device).eval()
 

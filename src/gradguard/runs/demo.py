@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..layout import GRADFLOW_DIR, MODELS_DIR, SUMMARY_FILE
 from .attack import attack_into
 from .console import timed
 from .context import absolute_source, load_run_model
@@ -64,13 +65,13 @@ def demo_into(out: Path, dataset, threat, settings: dict, *, quick: bool, seed: 
                        settings=settings)
         for order, (label, method, epochs) in enumerate((("standard", "standard", settings["epochs"]),
                                                         ("adversarial", "pgd", settings["at_epochs"]))):
-            _demo_model(staging / "models" / label, dataset, threat, settings, label=label, method=method,
+            _demo_model(staging / MODELS_DIR / label, dataset, threat, settings, label=label, method=method,
                         epochs=epochs, model_name=model_name, order=order, seed=seed, device=device)
         for order, (label, activation, init) in enumerate((("sigmoid-mlp", "sigmoid", "normal"),
                                                           ("relu-mlp", "relu", "he"))):
             with timed(f"[demo] gradient monitor on an MLP with {settings['grad_depth']} hidden {activation} layers "
                        f"+ an output layer ({init} init)"):
-                train_into(staging / "gradflow" / label, dataset, model_name="mlp",
+                train_into(staging / GRADFLOW_DIR / label, dataset, model_name="mlp",
                            model_kwargs={"depth": settings["grad_depth"], "width": 64, "activation": activation,
                                          "init": init},
                            method="standard", threat=None, epochs=settings["grad_epochs"], batch_size=32,
@@ -80,7 +81,7 @@ def demo_into(out: Path, dataset, threat, settings: dict, *, quick: bool, seed: 
                            order=order, extra={"activation": activation, "init": init})
         with timed("[demo] writing the report"):
             build_report(staging, display_path=out)
-    return read_json(out / "summary.json")
+    return read_json(out / SUMMARY_FILE)
 
 
 def _demo_model(model_dir: Path, dataset, threat, settings: dict, *, label: str, method: str, epochs: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..layout import DIAGNOSIS_FILE, GRADFLOW_FILE, HESSIAN_DENSITY_PLOT, INPUT_CURVATURE_PLOT, MASKING_FILE, PLOTS_DIR
 from .context import device_record, iter_batches, test_samples
 
 
@@ -34,8 +35,8 @@ def _diagnose(run_dir: Path, model, dataset, threat, *, samples: int, curvature:
 
     data = test_samples(dataset)
     masking = check_masking(model, data, threat, n_samples=samples, seed=seed)
-    diagnosis = dict(read_json(run_dir / "diagnosis.json") or {})
-    records = read_jsonl(run_dir / "gradflow.jsonl")
+    diagnosis = dict(read_json(run_dir / DIAGNOSIS_FILE) or {})
+    records = read_jsonl(run_dir / GRADFLOW_FILE)
     if records:
         from ..diagnostics import findings_from_records
 
@@ -44,8 +45,8 @@ def _diagnose(run_dir: Path, model, dataset, threat, *, samples: int, curvature:
         diagnosis["curvature"] = _curvature_into(run_dir, model, data, samples=samples, seed=seed, device=device)
     diagnosis["masking_verdict"] = masking.verdict
     diagnosis["run"] = {**record, "world_size": 1}  # the checklist itself ran in one process
-    atomic_write_text(run_dir / "masking.json", masking.to_json())
-    atomic_write_json(run_dir / "diagnosis.json", diagnosis)
+    atomic_write_text(run_dir / MASKING_FILE, masking.to_json())
+    atomic_write_json(run_dir / DIAGNOSIS_FILE, diagnosis)
     return {"masking": json.loads(masking.to_json()), "diagnosis": diagnosis}
 
 
@@ -60,8 +61,8 @@ def _curvature_into(run_dir: Path, model, data, *, samples: int, seed: int, devi
     batches = ((x.to(device), y.to(device)) for x, y in iter_batches(data, 256, limit=samples))
     result = curvature_summary(model, xb.to(device), yb.to(device), input_data=batches, seed=seed)
     density, inputs = result["density"], result["input_curvature"]
-    atomic_write_bytes(run_dir / "plots" / "hessian_density.png",
+    atomic_write_bytes(run_dir / PLOTS_DIR / HESSIAN_DENSITY_PLOT,
                        plots.hessian_density(density["grid"], density["density"], result["top_eigenvalues"]["values"]))
-    atomic_write_bytes(run_dir / "plots" / "input_curvature.png",
+    atomic_write_bytes(run_dir / PLOTS_DIR / INPUT_CURVATURE_PLOT,
                        plots.input_curvature_histogram(inputs["values"], inputs["quantiles"]))
     return result

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..layout import CURVE_FILE, ROBUSTNESS_FILE
 from .console import log
 from .context import device_record, test_samples
 from .staging import JOURNAL_FILE, holds_journal, one_line
@@ -67,7 +68,7 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
         curve_data.update(record, sample_set=sample_set(curve_data["n_samples"]))
         if curve_note:
             curve_data["fallback"] = curve_note
-        distributed.rank0_first(lambda: atomic_write_json(run_dir / "curve.json", curve_data))
+        distributed.rank0_first(lambda: atomic_write_json(run_dir / CURVE_FILE, curve_data))
     return {"robustness": robustness, "curve": curve_data}
 
 
@@ -75,7 +76,7 @@ def _write_and_drop_journal(run_dir: Path, robustness: dict) -> None:
     from ..evaluation.journal import remove_journals
     from ..io import atomic_write_json
 
-    atomic_write_json(run_dir / "robustness.json", robustness)
+    atomic_write_json(run_dir / ROBUSTNESS_FILE, robustness)
     remove_journals(run_dir / JOURNAL_FILE)
 
 

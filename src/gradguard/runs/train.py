@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..layout import DIAGNOSIS_FILE, GRADFLOW_FILE
 from .context import absolute_path, absolute_source, check_first_pass, device_record, test_split
 from .staging import write_manifest
 
@@ -62,7 +63,7 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
         from ..models import unwrap
 
         monitor = GradientMonitor(unwrap(model), every=monitor_every, on_finding=on_finding,
-                                  path=run_dir / "gradflow.jsonl" if distributed.is_main_process() else None)
+                                  path=run_dir / GRADFLOW_FILE if distributed.is_main_process() else None)
     trainer = Trainer(model, method, threat=threat if (method != "standard" or val_attack) else None, epochs=epochs,
                       batch_size=batch_size, optimizer=optimizer, lr=lr, clip_grad_norm=clip_grad_norm,
                       clip_grad_value=clip_grad_value, l2=l2, run_dir=run_dir, seed=seed, monitor=monitor,
@@ -93,7 +94,7 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
     def write() -> dict:
         manifest = write_manifest(run_dir, **fields)
         if monitor is not None and distributed.is_main_process():
-            atomic_write_json(run_dir / "diagnosis.json",
+            atomic_write_json(run_dir / DIAGNOSIS_FILE,
                               {"gradient_findings": [f.to_dict() for f in monitor.findings()]})
         return manifest
 

@@ -76,7 +76,6 @@ KNOWN: set[tuple] = {
     ('R5', 'diagnostics/masking.py'),
     ('R5', 'evaluation/robustness.py'),
     ('R5', 'train/trainer.py'),
-    ('R5', 'workflow.py'),
 }
 
 

@@ -402,7 +402,7 @@ def test_diagnose_curvature_writes_results_and_plots_and_the_report_shows_them(t
     from gradguard.data import TensorSampleSet
     from gradguard.io import atomic_write_json
     from gradguard.report import build_report
-    from gradguard.workflow import _curvature_into
+    from gradguard.runs.diagnose import _curvature_into
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))

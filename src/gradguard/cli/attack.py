@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..layout import ATTACKS_FILE
 from .common import (
     add_command,
     data_options,
@@ -63,4 +64,4 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     if kept:
         text += "\n\nalso kept in attacks.json: " + "; ".join(
             f"{threat_label(g.get('threat'))} ({', '.join(g.get('results') or {})})" for g in kept)
-    return payload, f"{text}\n\nwrote {run.shown}/attacks.json"
+    return payload, f"{text}\n\nwrote {run.shown}/{ATTACKS_FILE}"

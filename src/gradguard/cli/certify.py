@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..layout import CERTIFY_FILE, CERTIFY_PLOT_FILE, CONFIG_FILE
 from .common import add_command, data_options, positive_int
 from .model_source import model_source_options, open_run
-
-CERTIFY_JSON, CERTIFY_PNG = "certify.json", "certify.png"
 
 
 def register(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         sigma = args.sigma if args.sigma is not None else trained_sigma(run.dir)
         result = certify_into(run.dir, run.model, run.dataset, sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                               batch_size=args.batch_size, samples=args.samples, seed=args.seed, device=run.device)
-    return result.to_dict(), f"{result.summary()}\n\nwrote {run.shown}/{CERTIFY_JSON} and {run.shown}/{CERTIFY_PNG}"
+    return result.to_dict(), f"{result.summary()}\n\nwrote {run.shown}/{CERTIFY_FILE} and {run.shown}/{CERTIFY_PLOT_FILE}"
 
 
 def certify_into(run_dir: Path, model: Any, dataset: Any, *, sigma: float, n0: int, n: int, alpha: float,
@@ -61,8 +60,8 @@ def certify_into(run_dir: Path, model: Any, dataset: Any, *, sigma: float, n0: i
     check_settings(sigma, n0, n, alpha)  # before any work: a bad argument costs nothing
     result = certify(model, test_samples(dataset), sigma, n0, n, alpha, batch_size=batch_size, seed=seed,
                      max_samples=samples, progress=sys.stderr.isatty())
-    result.plot(run_dir / CERTIFY_PNG, label=run_dir.name or "model")
-    atomic_write_json(run_dir / CERTIFY_JSON, {**result.to_dict(), **device_record(device)})
+    result.plot(run_dir / CERTIFY_PLOT_FILE, label=run_dir.name or "model")
+    atomic_write_json(run_dir / CERTIFY_FILE, {**result.to_dict(), **device_record(device)})
     return result
 
 
@@ -71,7 +70,7 @@ def trained_sigma(run_dir: Path) -> float:
     from ..errors import ConfigError
     from ..report.rundir import read_json
 
-    method = (read_json(run_dir / "config.json") or {}).get("method") or {}
+    method = (read_json(run_dir / CONFIG_FILE) or {}).get("method") or {}
     if isinstance(method, dict) and method.get("name") == "gaussian" and isinstance(method.get("sigma"), (int, float)):
         return float(method["sigma"])
     raise ConfigError("sigma: this run was not trained with --method gaussian; pass the noise level, e.g. --sigma 0.25")

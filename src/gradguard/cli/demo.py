@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..layout import REPORT_HTML_FILE
 from .common import add_command, data_options, headline_text, positive_int, suite_arg, threat_options
 
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     summary = workflow.demo_into(out, dataset, threat, settings, quick=args.quick, seed=args.seed, device=device,
                                  force=args.force)
     workflow.say_notes()
-    report_path = out / "report.html"
+    report_path = out / REPORT_HTML_FILE
     seconds = time.perf_counter() - started
     text = headline_text(summary) + f"\n\ndemo finished in {seconds:.0f} s\nreport: {report_path}"
     return {"report": str(report_path), "seconds": round(seconds, 1), "summary": summary}, text

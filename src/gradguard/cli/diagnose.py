@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..layout import DIAGNOSIS_FILE, MASKING_FILE
 from .common import add_command, data_options, device_options, format_table, threat_options
 from .model_source import model_source_options, open_run
 
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         text += "\n\n" + (format_table(["gradient finding", "layer"], [[f.get("kind"), f.get("layer")] for f in findings])
                           if findings else "gradient flow: no issue found")
     curvature = result["diagnosis"].get("curvature")
-    wrote = f"{run.shown}/masking.json, {run.shown}/diagnosis.json"
+    wrote = f"{run.shown}/{MASKING_FILE}, {run.shown}/{DIAGNOSIS_FILE}"
     if curvature is not None and args.curvature:
         text += "\n\n" + _curvature_text(curvature)
         wrote += f", {run.shown}/plots/hessian_density.png, {run.shown}/plots/input_curvature.png"

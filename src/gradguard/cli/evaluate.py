@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..layout import ROBUSTNESS_FILE
 from .common import (
     add_command,
     data_options,
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         text += (f"\n\nelapsed: {robustness.get('elapsed_s'):.1f} s in {len(parts)} parts (resumed; "
                  + " + ".join(f"{p:.1f}" for p in parts) + " s, each earlier part up to its last journaled batch)")
     header = f"{threat_label(run.threat.to_dict())}, {workflow.samples_label(run.dataset, robustness.get('n_samples'))}"
-    return result, f"{header}\n{text}\n\nwrote {run.shown}/robustness.json"
+    return result, f"{header}\n{text}\n\nwrote {run.shown}/{ROBUSTNESS_FILE}"
 
 
 def escalation_table(robustness: dict) -> str:

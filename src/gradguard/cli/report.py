@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..layout import SUMMARY_FILE
 from .common import add_command, headline_text
 
 
@@ -26,5 +27,5 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     if run_dir.is_dir():
         check_writable(run_dir)
     path = build_report(run_dir)
-    summary = read_json(run_dir / "summary.json")
+    summary = read_json(run_dir / SUMMARY_FILE)
     return {"report": str(path), "summary": summary}, headline_text(summary) + f"\n\nreport: {path}"

@@ -17,8 +17,7 @@ from typing import Iterator
 
 from .._version import __version__
 from ..errors import ConfigError, GradguardError, ResumeMismatchError
-
-JOURNAL_FILE = "robustness.journal.jsonl"  # evaluate's per-block journal, while an evaluation is unfinished
+from ..layout import CHECKPOINT_DIR, JOURNAL_FILE, RUN_FILE
 
 
 class KeptPartialRun(KeyboardInterrupt):
@@ -160,7 +159,7 @@ def _holds_resumable_work(run_dir: Path) -> bool:
     """A training checkpoint or an evaluation journal: work that ``--resume`` can continue."""
     from ..train.checkpoint import latest_checkpoint
 
-    return latest_checkpoint(run_dir / "checkpoint") is not None or holds_journal(run_dir)
+    return latest_checkpoint(run_dir / CHECKPOINT_DIR) is not None or holds_journal(run_dir)
 
 
 def holds_journal(run_dir: Path) -> bool:
@@ -181,14 +180,14 @@ def write_manifest(run_dir: Path, **fields) -> dict:
 
     manifest = {"format": "gradguard-run", "gradguard": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
-    atomic_write_json(run_dir / "run.json", manifest)
+    atomic_write_json(run_dir / RUN_FILE, manifest)
     return manifest
 
 
 def read_manifest(run_dir: Path) -> dict:
     from ..report.rundir import read_json
 
-    return read_json(run_dir / "run.json") or {}
+    return read_json(run_dir / RUN_FILE) or {}
 
 
 def one_line(error: BaseException) -> str:

@@ -35,6 +35,7 @@ from ..models import save as save_model
 from ..rng import per_sample_generators
 from ..threat import Linf, ThreatModel
 from . import distributed
+from .callbacks import TrainCallback
 from .checkpoint import (
     capture_rng,
     flatten_optimizer,
@@ -255,6 +256,8 @@ class Trainer:
         self.events: list[dict] = []
         self.lr_scale = 1.0
         self.global_step = 0
+        # the loop's optional behaviours, dispatched in this order (see callbacks/base.py for the hooks)
+        self.callbacks: list[TrainCallback] = []
 
     # ------------------------------------------------------------------------------------------------
     # Public API
@@ -280,6 +283,7 @@ class Trainer:
             raise ConfigError("early_stop: 'robust' needs validation data; pass val to fit() or a gradguard Dataset")
         self.config = self._resolved_config()
         self.ema = WeightAverage(unwrap(self.model), self.ema_decay) if self.ema_decay is not None else None
+        self._dispatch("setup")
         start_epoch = self._prepare_run_dir()
         self.train_model = self.logits_model
         if distributed.is_distributed():
@@ -288,12 +292,14 @@ class Trainer:
         if self.train_model is not self.logits_model and hasattr(self.monitor, "distributed"):
             self.monitor.distributed = True  # combine activation statistics over ranks: records as one process
         self.guard_batch = self._guard_batch() if self.co_guard else None
+        self._dispatch("on_fit_start")
         last_good = self._snapshot()
         epoch = start_epoch
         self.stopped: dict | None = None
         while epoch < self.epochs:
             started = time.perf_counter()
             self.global_step = epoch * self.steps_per_epoch
+            self._dispatch("on_train_epoch_start", epoch)
             try:
                 train_stats, step_log = self._train_epoch(epoch)
             except TrainingStopped as stop:
@@ -307,9 +313,12 @@ class Trainer:
                     action = self._handle_collapse(epoch, probe, last_good)
                     if action is not None:
                         continue  # rolled back: run the same epoch again with the safer setting
+            if any([callback.on_train_epoch_end(self, epoch, metrics) for callback in self.callbacks]):
+                continue  # rolled back: run the same epoch again with the safer setting
             with self._evaluated_weights():
                 metrics.update(self._validate())
                 self._track_best(epoch + 1, metrics)
+                self._dispatch("on_validation_end", epoch + 1, metrics)
             metrics["time_s"] = round(time.perf_counter() - started, 3)
             self.history.append(metrics)
             epoch += 1
@@ -324,6 +333,7 @@ class Trainer:
         if final is not None and self.history:
             self.history[-1]["final"] = final
             self._write_metrics()
+            self._dispatch("on_metrics")
         distributed.barrier()
         return self.history
 
@@ -360,6 +370,7 @@ class Trainer:
                 self.monitor.step(objective.detach(), targets=y)
             elif self.monitor is not None:
                 self.monitor.step()
+            self._dispatch("on_batch_end", objective, y)
             n = y.shape[0]
             clean_logits = output.logits_clean if output.logits_clean is not None else self._clean_logits(x)
             totals += torch.tensor([float(output.loss.detach()) * n, float(objective.detach()) * n, n,
@@ -571,16 +582,19 @@ class Trainer:
     def _evaluated_weights(self) -> Iterator[None]:
         """Inside: the model holds the weights that are validated and saved (the EMA's, when on); after: the
         training weights again, exactly."""
-        if self.ema is None:
-            yield
-            return
-        module = unwrap(self.model)
-        live = {key: value.detach().clone() for key, value in module.state_dict().items()}
-        module.load_state_dict(self.ema.shadow)
-        try:
-            yield
-        finally:
-            module.load_state_dict(live)
+        with contextlib.ExitStack() as stack:
+            for callback in self.callbacks:
+                stack.enter_context(callback.evaluated_weights(self))
+            if self.ema is None:
+                yield
+                return
+            module = unwrap(self.model)
+            live = {key: value.detach().clone() for key, value in module.state_dict().items()}
+            module.load_state_dict(self.ema.shadow)
+            try:
+                yield
+            finally:
+                module.load_state_dict(live)
 
     def _track_best(self, epoch: int, metrics: dict) -> None:
         """Robust early stopping: remember the evaluated weights of the epoch with the best val robust accuracy."""
@@ -596,24 +610,35 @@ class Trainer:
         """End of fit: the best epoch's weights (early_stop) or the averaged ones (EMA) become the model's and
         the saved model's; the choice is recorded in the last history entry."""
         module = unwrap(self.model)
-        if self.early_stop is not None and self.best_state is not None and self.best is not None:
+        record: dict[str, Any] = {}
+        chosen = None
+        for callback in self.callbacks:
+            chosen = callback.install_final_weights(self, record)
+            if chosen is not None:
+                break
+        if chosen is not None:
+            epoch = chosen
+        elif self.early_stop is not None and self.best_state is not None and self.best is not None:
             module.load_state_dict(self.best_state)
-            record: dict[str, Any] = {"early_stop": {"criterion": "val_robust_acc", "restored_epoch": self.best["epoch"],
-                                                     "val_robust_acc": self.best["val_robust_acc"],
-                                                     "val_clean_acc": self.best["val_clean_acc"]}}
+            record = {"early_stop": {"criterion": "val_robust_acc", "restored_epoch": self.best["epoch"],
+                                     "val_robust_acc": self.best["val_robust_acc"],
+                                     "val_clean_acc": self.best["val_clean_acc"]}}
             epoch = self.best["epoch"]
         elif self.ema is not None:
             module.load_state_dict(self.ema.shadow)
-            record, epoch = {}, len(self.history)
+            epoch = len(self.history)
         else:
             return
         if self.ema is not None:
             record["weights"] = f"ema (decay {self.ema.decay:g})"
+        for callback in self.callbacks:
+            record.update(callback.model_metadata())
         if self.history:
             self.history[-1].update(record)
         if self.is_main and self.run_dir is not None and self.history:
             save_model(self.model, self.run_dir, **self._model_metadata(epoch))
             self._write_metrics()
+        self._dispatch("on_final_weights", epoch)
         distributed.barrier()
 
     # ------------------------------------------------------------------------------------------------
@@ -671,6 +696,8 @@ class Trainer:
         self._log_event(self.stopped)
         if self.is_main and self.run_dir is not None and self.history:
             self._write_metrics()
+        if self.history:
+            self._dispatch("on_metrics")
 
     def _log_event(self, event: dict) -> None:
         self.events.append(event)
@@ -681,6 +708,7 @@ class Trainer:
             if self.run_dir is not None:
                 with open(self.run_dir / "events.jsonl", "a") as handle:
                     handle.write(json.dumps(event) + "\n")
+            self._dispatch("on_event", event)
 
     def _snapshot(self) -> dict:
         """In-memory copy of the model and optimiser state (the guard's rollback point)."""
@@ -757,6 +785,8 @@ class Trainer:
                                if key.startswith("best.")}
         self.history, self.events = state["history"], state.get("events", [])
         self.lr_scale = state["lr_scale"]
+        for callback in self.callbacks:
+            callback.load_state_dict(tensors, state)
         if self.is_main:
             self._truncate_steps_log(self.run_dir, state["epoch"] * self.steps_per_epoch)
             self._write_metrics()
@@ -787,6 +817,7 @@ class Trainer:
             with self._evaluated_weights():
                 save_model(self.model, self.run_dir, **self._model_metadata(epoch))
             self._save_checkpoint(self.run_dir, epoch)
+        self._dispatch("on_epoch_end", epoch, metrics, step_log)
         distributed.barrier()
         if self.on_epoch_end is not None:
             self.on_epoch_end(metrics)
@@ -803,11 +834,17 @@ class Trainer:
             tensors.update({f"best.{key}": value for key, value in self.best_state.items()})
         state = {"epoch": epoch, "optimizer": optimizer_meta, "rng": rng_meta, "method": self.method.state_dict(),
                  "history": self.history, "events": self.events, "lr_scale": self.lr_scale, "best": self.best}
+        for callback in self.callbacks:
+            callback_tensors, callback_state = callback.state_dict()
+            tensors.update(callback_tensors)
+            state.update(callback_state)
         save_checkpoint(run_dir / "checkpoint", epoch, tensors, state)
 
     def _model_metadata(self, epoch: int) -> dict:
         metrics = self.history[epoch - 1] if 0 < epoch <= len(self.history) else None
         averaged = {"weights": f"ema (decay {self.ema.decay:g})"} if self.ema is not None else {}
+        for callback in self.callbacks:
+            averaged.update(callback.model_metadata())
         return {"dataset": self.metadata.get("dataset"), "threat": self.config["threat"],
                 "method": self.method.config(), "epoch": epoch, "metrics": metrics, **averaged,
                 **{k: v for k, v in self.metadata.items() if k != "dataset"}}
@@ -829,6 +866,11 @@ class Trainer:
             except (ValueError, KeyError):
                 continue  # a line cut short by the crash
         atomic_write_text(path, "".join(kept))
+
+    def _dispatch(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on every callback, in order."""
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
     # ------------------------------------------------------------------------------------------------
     # Setup helpers

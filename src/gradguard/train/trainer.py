@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..attacks import FGSM, PGD
 from ..attacks.base import model_guard
 from ..checks import as_labels, check_inputs, positive_float, positive_int
-from ..diagnostics.gradflow import GradientMonitor, TrainingStopped
+from ..diagnostics.gradflow import TrainingStopped
 from ..errors import CheckpointError, ConfigError, InputError, ResumeMismatchError, describe_changes
 from ..io import atomic_write_json, atomic_write_text
 from ..models import as_logits_model, model_spec, state_tensors, unwrap
@@ -36,6 +36,7 @@ from ..rng import per_sample_generators
 from ..threat import Linf, ThreatModel
 from . import distributed
 from .callbacks import TrainCallback
+from .callbacks.monitor import MonitorCallback
 from .checkpoint import (
     capture_rng,
     flatten_optimizer,
@@ -258,6 +259,8 @@ class Trainer:
         self.global_step = 0
         # the loop's optional behaviours, dispatched in this order (see callbacks/base.py for the hooks)
         self.callbacks: list[TrainCallback] = []
+        if monitor is not None:
+            self.callbacks.append(MonitorCallback(monitor))
 
     # ------------------------------------------------------------------------------------------------
     # Public API
@@ -289,8 +292,6 @@ class Trainer:
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.logits_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.train_model is not self.logits_model and hasattr(self.monitor, "distributed"):
-            self.monitor.distributed = True  # combine activation statistics over ranks: records as one process
         self.guard_batch = self._guard_batch() if self.co_guard else None
         self._dispatch("on_fit_start")
         last_good = self._snapshot()
@@ -366,10 +367,6 @@ class Trainer:
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(unwrap(self.model))
-            if isinstance(self.monitor, GradientMonitor):
-                self.monitor.step(objective.detach(), targets=y)
-            elif self.monitor is not None:
-                self.monitor.step()
             self._dispatch("on_batch_end", objective, y)
             n = y.shape[0]
             clean_logits = output.logits_clean if output.logits_clean is not None else self._clean_logits(x)

@@ -36,6 +36,7 @@ from ..rng import per_sample_generators
 from ..threat import Linf, ThreatModel
 from . import distributed
 from .callbacks import TrainCallback
+from .callbacks.early_stopping import EARLY_STOPS, RobustEarlyStopping
 from .callbacks.monitor import MonitorCallback
 from .checkpoint import (
     capture_rng,
@@ -57,7 +58,6 @@ NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.
 RESUME_KEYS = ("model", "method", "threat", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule",
                "eps_warmup_epochs", "clip_grad_value", "clip_grad_norm", "loss_weight", "l2", "l2_exclude", "seed",
                "ema_decay", "early_stop")
-EARLY_STOPS = ("robust", None)
 
 
 @dataclass
@@ -248,8 +248,6 @@ class Trainer:
             raise ConfigError("early_stop: 'robust' needs a val_attack and a threat model to measure robust accuracy")
         self.early_stop = early_stop
         self.ema: WeightAverage | None = None
-        self.best: dict | None = None  # {"epoch", "val_robust_acc", "val_clean_acc"} of the best epoch so far
-        self.best_state: dict[str, Tensor] | None = None
         self.metadata = dict(metadata or {})
         self.on_epoch_end = on_epoch_end
         self.device = torch.device(device) if device is not None else _model_device(model)
@@ -259,6 +257,8 @@ class Trainer:
         self.global_step = 0
         # the loop's optional behaviours, dispatched in this order (see callbacks/base.py for the hooks)
         self.callbacks: list[TrainCallback] = []
+        if early_stop is not None:
+            self.callbacks.append(RobustEarlyStopping())  # first: its best epoch wins the final weights
         if monitor is not None:
             self.callbacks.append(MonitorCallback(monitor))
 
@@ -318,7 +318,6 @@ class Trainer:
                 continue  # rolled back: run the same epoch again with the safer setting
             with self._evaluated_weights():
                 metrics.update(self._validate())
-                self._track_best(epoch + 1, metrics)
                 self._dispatch("on_validation_end", epoch + 1, metrics)
             metrics["time_s"] = round(time.perf_counter() - started, 3)
             self.history.append(metrics)
@@ -593,16 +592,6 @@ class Trainer:
             finally:
                 module.load_state_dict(live)
 
-    def _track_best(self, epoch: int, metrics: dict) -> None:
-        """Robust early stopping: remember the evaluated weights of the epoch with the best val robust accuracy."""
-        if self.early_stop is None or "val_robust_acc" not in metrics:
-            return
-        if self.best is None or metrics["val_robust_acc"] > self.best["val_robust_acc"]:
-            self.best = {"epoch": epoch, "val_robust_acc": metrics["val_robust_acc"],
-                         "val_clean_acc": metrics.get("val_clean_acc")}
-            self.best_state = {key: value.detach().clone() for key, value in unwrap(self.model).state_dict().items()}
-        metrics["best_epoch"] = self.best["epoch"]
-
     def _install_final_weights(self) -> None:
         """End of fit: the best epoch's weights (early_stop) or the averaged ones (EMA) become the model's and
         the saved model's; the choice is recorded in the last history entry."""
@@ -615,12 +604,6 @@ class Trainer:
                 break
         if chosen is not None:
             epoch = chosen
-        elif self.early_stop is not None and self.best_state is not None and self.best is not None:
-            module.load_state_dict(self.best_state)
-            record = {"early_stop": {"criterion": "val_robust_acc", "restored_epoch": self.best["epoch"],
-                                     "val_robust_acc": self.best["val_robust_acc"],
-                                     "val_clean_acc": self.best["val_clean_acc"]}}
-            epoch = self.best["epoch"]
         elif self.ema is not None:
             module.load_state_dict(self.ema.shadow)
             epoch = len(self.history)
@@ -776,10 +759,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.shadow = {key[len("ema."):]: value.to(self.device) for key, value in tensors.items()
                                if key.startswith("ema.")}
-        self.best = state.get("best")
-        if self.best is not None:
-            self.best_state = {key[len("best."):]: value.to(self.device) for key, value in tensors.items()
-                               if key.startswith("best.")}
         self.history, self.events = state["history"], state.get("events", [])
         self.lr_scale = state["lr_scale"]
         for callback in self.callbacks:
@@ -827,10 +806,9 @@ class Trainer:
         tensors.update(rng_tensors)
         if self.ema is not None:
             tensors.update({f"ema.{key}": value for key, value in self.ema.shadow.items()})
-        if self.best_state is not None:
-            tensors.update({f"best.{key}": value for key, value in self.best_state.items()})
         state = {"epoch": epoch, "optimizer": optimizer_meta, "rng": rng_meta, "method": self.method.state_dict(),
-                 "history": self.history, "events": self.events, "lr_scale": self.lr_scale, "best": self.best}
+                 "history": self.history, "events": self.events, "lr_scale": self.lr_scale,
+                 "best": None}  # in every checkpoint; robust early stopping's state fills it in
         for callback in self.callbacks:
             callback_tensors, callback_state = callback.state_dict()
             tensors.update(callback_tensors)

@@ -36,6 +36,7 @@ from ..rng import per_sample_generators
 from ..threat import Linf, ThreatModel
 from . import distributed
 from .callbacks import TrainCallback
+from .callbacks.averaging import WeightAverage, WeightAveraging, ema_decay_value
 from .callbacks.early_stopping import EARLY_STOPS, RobustEarlyStopping
 from .callbacks.monitor import MonitorCallback
 from .checkpoint import (
@@ -87,39 +88,6 @@ class GuardSettings:
         if self.max_gap is not None and fgsm_acc - pgd_acc > self.max_gap:
             return f"FGSM accuracy {fgsm_acc:.3f} exceeds PGD accuracy {pgd_acc:.3f} by more than {self.max_gap:g}"
         return None
-
-
-class WeightAverage:
-    """Exponential moving average of a model's weights (Polyak averaging; as used for robust models by
-    Gowal et al. 2020): after every optimiser step each floating-point parameter's shadow becomes
-    d·shadow + (1 − d)·θ, and buffers (BatchNorm running statistics, counters) are copied as they are."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.parameter_names = {name for name, _ in model.named_parameters()}
-        self.shadow = {key: value.detach().clone() for key, value in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for key, value in model.state_dict().items():
-            if key in self.parameter_names and value.dtype.is_floating_point:
-                self.shadow[key].mul_(self.decay).add_(value, alpha=1 - self.decay)
-            else:
-                self.shadow[key].copy_(value)
-
-
-def ema_decay_value(value: Any) -> float | None:
-    """The EMA decay: None (off) or a number strictly between 0 and 1."""
-    if value is None:
-        return None
-    try:
-        decay = float(value)
-    except (TypeError, ValueError):
-        decay = math.nan
-    if not 0 < decay < 1:  # also rejects NaN
-        raise ConfigError(f"ema_decay: expected a number in (0, 1) such as 0.999 (or None for no averaging), "
-                          f"got {value!r}")
-    return decay
 
 
 class Trainer:
@@ -247,7 +215,6 @@ class Trainer:
         if early_stop is not None and val_attack is None:
             raise ConfigError("early_stop: 'robust' needs a val_attack and a threat model to measure robust accuracy")
         self.early_stop = early_stop
-        self.ema: WeightAverage | None = None
         self.metadata = dict(metadata or {})
         self.on_epoch_end = on_epoch_end
         self.device = torch.device(device) if device is not None else _model_device(model)
@@ -259,12 +226,22 @@ class Trainer:
         self.callbacks: list[TrainCallback] = []
         if early_stop is not None:
             self.callbacks.append(RobustEarlyStopping())  # first: its best epoch wins the final weights
+        if self.ema_decay is not None:
+            self.callbacks.append(WeightAveraging(self.ema_decay))
         if monitor is not None:
             self.callbacks.append(MonitorCallback(monitor))
 
     # ------------------------------------------------------------------------------------------------
     # Public API
     # ------------------------------------------------------------------------------------------------
+    @property
+    def ema(self) -> WeightAverage | None:
+        """The moving average of the weights (``ema_decay``) once ``fit`` has begun; None without averaging."""
+        for callback in self.callbacks:
+            if isinstance(callback, WeightAveraging):
+                return callback.average
+        return None
+
     def fit(self, train, val=None) -> list[dict]:
         """Train for ``epochs``; ``train``/``val``: an (x, y) tuple of tensors, a DataLoader, or a gradguard
         ``Dataset`` (its test split then validates). Returns the per-epoch metric dicts."""
@@ -285,7 +262,6 @@ class Trainer:
         if self.early_stop is not None and self.val_data is None:
             raise ConfigError("early_stop: 'robust' needs validation data; pass val to fit() or a gradguard Dataset")
         self.config = self._resolved_config()
-        self.ema = WeightAverage(unwrap(self.model), self.ema_decay) if self.ema_decay is not None else None
         self._dispatch("setup")
         start_epoch = self._prepare_run_dir()
         self.train_model = self.logits_model
@@ -364,8 +340,6 @@ class Trainer:
             (objective * share).backward()
             grad_norm = self._clip_gradients()
             self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(unwrap(self.model))
             self._dispatch("on_batch_end", objective, y)
             n = y.shape[0]
             clean_logits = output.logits_clean if output.logits_clean is not None else self._clean_logits(x)
@@ -581,36 +555,19 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             for callback in self.callbacks:
                 stack.enter_context(callback.evaluated_weights(self))
-            if self.ema is None:
-                yield
-                return
-            module = unwrap(self.model)
-            live = {key: value.detach().clone() for key, value in module.state_dict().items()}
-            module.load_state_dict(self.ema.shadow)
-            try:
-                yield
-            finally:
-                module.load_state_dict(live)
+            yield
 
     def _install_final_weights(self) -> None:
         """End of fit: the best epoch's weights (early_stop) or the averaged ones (EMA) become the model's and
         the saved model's; the choice is recorded in the last history entry."""
-        module = unwrap(self.model)
         record: dict[str, Any] = {}
-        chosen = None
+        epoch = None
         for callback in self.callbacks:
-            chosen = callback.install_final_weights(self, record)
-            if chosen is not None:
+            epoch = callback.install_final_weights(self, record)
+            if epoch is not None:
                 break
-        if chosen is not None:
-            epoch = chosen
-        elif self.ema is not None:
-            module.load_state_dict(self.ema.shadow)
-            epoch = len(self.history)
-        else:
+        if epoch is None:
             return
-        if self.ema is not None:
-            record["weights"] = f"ema (decay {self.ema.decay:g})"
         for callback in self.callbacks:
             record.update(callback.model_metadata())
         if self.history:
@@ -756,9 +713,6 @@ class Trainer:
         self.optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
         restore_rng(tensors, state["rng"])
         self.method.load_state_dict(state["method"])
-        if self.ema is not None:
-            self.ema.shadow = {key[len("ema."):]: value.to(self.device) for key, value in tensors.items()
-                               if key.startswith("ema.")}
         self.history, self.events = state["history"], state.get("events", [])
         self.lr_scale = state["lr_scale"]
         for callback in self.callbacks:
@@ -804,8 +758,6 @@ class Trainer:
         tensors = {f"model.{key}": value for key, value in state_tensors(self.model).items()}
         tensors.update(optimizer_tensors)
         tensors.update(rng_tensors)
-        if self.ema is not None:
-            tensors.update({f"ema.{key}": value for key, value in self.ema.shadow.items()})
         state = {"epoch": epoch, "optimizer": optimizer_meta, "rng": rng_meta, "method": self.method.state_dict(),
                  "history": self.history, "events": self.events, "lr_scale": self.lr_scale,
                  "best": None}  # in every checkpoint; robust early stopping's state fills it in
@@ -817,7 +769,7 @@ class Trainer:
 
     def _model_metadata(self, epoch: int) -> dict:
         metrics = self.history[epoch - 1] if 0 < epoch <= len(self.history) else None
-        averaged = {"weights": f"ema (decay {self.ema.decay:g})"} if self.ema is not None else {}
+        averaged: dict[str, Any] = {}
         for callback in self.callbacks:
             averaged.update(callback.model_metadata())
         return {"dataset": self.metadata.get("dataset"), "threat": self.config["threat"],

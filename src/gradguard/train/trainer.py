@@ -16,7 +16,6 @@ import operator
 import random
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Sized
 
@@ -38,6 +37,7 @@ from . import distributed
 from .callbacks import TrainCallback
 from .callbacks.averaging import WeightAverage, WeightAveraging, ema_decay_value
 from .callbacks.early_stopping import EARLY_STOPS, RobustEarlyStopping
+from .callbacks.guard import GuardSettings, OverfittingGuard, guard_accuracies
 from .callbacks.monitor import MonitorCallback
 from .checkpoint import (
     capture_rng,
@@ -59,35 +59,6 @@ NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.
 RESUME_KEYS = ("model", "method", "threat", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule",
                "eps_warmup_epochs", "clip_grad_value", "clip_grad_norm", "loss_weight", "l2", "l2_exclude", "seed",
                "ema_decay", "early_stop")
-
-
-@dataclass
-class GuardSettings:
-    """Catastrophic-overfitting detector (Wong et al. 2020, Sec. 5): after every epoch, PGD and FGSM accuracy
-    on a fixed training batch. A collapse is PGD accuracy below ``ratio`` × the last good epoch's (when that
-    was at least ``min_reference``), or PGD accuracy < ``floor`` while FGSM accuracy > ``fgsm_high`` (the sudden
-    kind), or FGSM accuracy above PGD accuracy by more than ``max_gap`` (the slow kind: the model learns to defeat
-    the single-step attack while multi-step robustness falls; Andriushchenko & Flammarion 2020). None disables
-    a rule."""
-
-    samples: int = 256
-    pgd_steps: int = 10
-    ratio: float | None = 0.3
-    min_reference: float = 0.1
-    floor: float | None = 0.05
-    fgsm_high: float = 0.5
-    max_gap: float | None = 0.12
-
-    def collapsed(self, pgd_acc: float, fgsm_acc: float, reference: float | None) -> str | None:
-        """The rule that fired (as text), or None."""
-        if self.ratio is not None and reference is not None and reference >= self.min_reference \
-                and pgd_acc < self.ratio * reference:
-            return f"PGD accuracy {pgd_acc:.3f} < {self.ratio:g} × last good {reference:.3f}"
-        if self.floor is not None and pgd_acc < self.floor and fgsm_acc > self.fgsm_high:
-            return f"PGD accuracy {pgd_acc:.3f} < {self.floor:g} while FGSM accuracy {fgsm_acc:.3f} > {self.fgsm_high:g}"
-        if self.max_gap is not None and fgsm_acc - pgd_acc > self.max_gap:
-            return f"FGSM accuracy {fgsm_acc:.3f} exceeds PGD accuracy {pgd_acc:.3f} by more than {self.max_gap:g}"
-        return None
 
 
 class Trainer:
@@ -230,6 +201,8 @@ class Trainer:
             self.callbacks.append(WeightAveraging(self.ema_decay))
         if monitor is not None:
             self.callbacks.append(MonitorCallback(monitor))
+        if self.co_guard:
+            self.callbacks.append(OverfittingGuard(self.guard))
 
     # ------------------------------------------------------------------------------------------------
     # Public API
@@ -268,9 +241,7 @@ class Trainer:
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.logits_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.guard_batch = self._guard_batch() if self.co_guard else None
         self._dispatch("on_fit_start")
-        last_good = self._snapshot()
         epoch = start_epoch
         self.stopped: dict | None = None
         while epoch < self.epochs:
@@ -283,14 +254,10 @@ class Trainer:
                 self._stop(epoch, stop)
                 break
             metrics = {"epoch": epoch + 1, **train_stats}
-            if self.guard_batch is not None:  # set exactly when the guard (co_guard) is on
-                probe = self._probe_overfitting(self.guard_batch)
-                metrics["guard"] = probe
-                if probe["collapsed"]:
-                    action = self._handle_collapse(epoch, probe, last_good)
-                    if action is not None:
-                        continue  # rolled back: run the same epoch again with the safer setting
-            if any([callback.on_train_epoch_end(self, epoch, metrics) for callback in self.callbacks]):
+            rolled_back = False
+            for callback in self.callbacks:  # the guard's warnings point here (stacklevel)
+                rolled_back = callback.on_train_epoch_end(self, epoch, metrics) or rolled_back
+            if rolled_back:
                 continue  # rolled back: run the same epoch again with the safer setting
             with self._evaluated_weights():
                 metrics.update(self._validate())
@@ -299,7 +266,6 @@ class Trainer:
             self.history.append(metrics)
             epoch += 1
             self._end_of_epoch(epoch, metrics, step_log)
-            last_good = self._snapshot()
         self.train_model = self.logits_model  # drop the DDP wrapper: it holds the process group (see teardown)
         if self.stopped is not None:
             distributed.barrier()
@@ -581,46 +547,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # Catastrophic-overfitting guard
     # ------------------------------------------------------------------------------------------------
-    def _guard_batch(self) -> tuple[Tensor, Tensor]:
-        return self._first_samples(self.train_data, self.guard.samples)
-
-    def _probe_overfitting(self, batch: tuple[Tensor, Tensor]) -> dict:
-        """PGD and FGSM accuracy of the current model on the fixed training batch; decide collapse."""
-        pgd_acc, fgsm_acc = self.measure_guard_accuracies(*batch)
-        reference = self._guard_reference()
-        rule = self.guard.collapsed(pgd_acc, fgsm_acc, reference)
-        collapsed = distributed.broadcast_flag(rule is not None)
-        return {"pgd_acc": pgd_acc, "fgsm_acc": fgsm_acc, "reference": reference, "collapsed": collapsed,
-                "rule": rule}
-
     def measure_guard_accuracies(self, x: Tensor, y: Tensor) -> tuple[float, float]:
         """(PGD accuracy, FGSM accuracy) on (x, y) — the guard's probe; override to inject measurements."""
         if self.threat is None:
             raise ConfigError("threat: the overfitting guard attacks the model, so it needs a threat model")
-        pgd = PGD(self.model, self.threat, steps=self.guard.pgd_steps, seed=self.seed)
-        fgsm = FGSM(self.model, self.threat)
-        return pgd.run(x, y).accuracy, fgsm.run(x, y).accuracy
-
-    def _guard_reference(self) -> float | None:
-        for metrics in reversed(self.history):
-            if "guard" in metrics:
-                return metrics["guard"]["pgd_acc"]
-        return None
-
-    def _handle_collapse(self, epoch: int, probe: dict, last_good: dict) -> str | None:
-        action = self.method.make_safer()
-        event = {"event": "catastrophic_overfitting", "epoch": epoch + 1, **probe}
-        if action is None:
-            event["action"] = "none left: keeping the current model"
-            self._log_event(event)
-            return None
-        self._restore_snapshot(last_good)
-        self.lr_scale *= 0.5
-        event["action"] = f"rolled back to the end of epoch {epoch}; {action}; learning rate halved " \
-                          f"(scale {self.lr_scale:g})"
-        event["method"] = self.method.state_dict()
-        self._log_event(event)
-        return event["action"]
+        return guard_accuracies(self.model, self.threat, self.guard, self.seed, x, y)
 
     def _stop(self, epoch: int, stop: TrainingStopped) -> None:
         """The monitor's on_finding="stop" fired: end training, keep what was saved, record why."""
@@ -636,12 +567,12 @@ class Trainer:
         if self.history:
             self._dispatch("on_metrics")
 
-    def _log_event(self, event: dict) -> None:
+    def _log_event(self, event: dict, stacklevel: int = 3) -> None:
         self.events.append(event)
         if self.is_main:
             warnings.warn(f"gradguard.Trainer: {event['event']} at epoch {event['epoch']} "
                           f"({event.get('rule')}): {event['action']}",
-                          stacklevel=3)
+                          stacklevel=stacklevel)
             if self.run_dir is not None:
                 with open(self.run_dir / "events.jsonl", "a") as handle:
                     handle.write(json.dumps(event) + "\n")
@@ -649,8 +580,6 @@ class Trainer:
 
     def _snapshot(self) -> dict:
         """In-memory copy of the model and optimiser state (the guard's rollback point)."""
-        if not self.co_guard:
-            return {}
         return {"model": copy.deepcopy(unwrap(self.model).state_dict()),
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "ema": copy.deepcopy(self.ema.shadow) if self.ema is not None else None}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import math
 import operator
 import random
@@ -27,10 +26,8 @@ from ..attacks import FGSM, PGD
 from ..attacks.base import model_guard
 from ..checks import as_labels, check_inputs, positive_float, positive_int
 from ..diagnostics.gradflow import TrainingStopped
-from ..errors import CheckpointError, ConfigError, InputError, ResumeMismatchError, describe_changes
-from ..io import atomic_write_json, atomic_write_text
-from ..models import as_logits_model, model_spec, state_tensors, unwrap
-from ..models import save as save_model
+from ..errors import ConfigError, InputError
+from ..models import as_logits_model, model_spec, unwrap
 from ..rng import per_sample_generators
 from ..threat import Linf, ThreatModel
 from . import distributed
@@ -39,15 +36,8 @@ from .callbacks.averaging import WeightAverage, WeightAveraging, ema_decay_value
 from .callbacks.early_stopping import EARLY_STOPS, RobustEarlyStopping
 from .callbacks.guard import GuardSettings, OverfittingGuard, guard_accuracies
 from .callbacks.monitor import MonitorCallback
-from .checkpoint import (
-    capture_rng,
-    flatten_optimizer,
-    latest_checkpoint,
-    restore_rng,
-    save_checkpoint,
-    unflatten_optimizer,
-)
 from .methods import TrainingMethod, get_method
+from .persistence import RESUME_KEYS, RunDirWriter  # noqa: F401  (RESUME_KEYS: re-exported)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cyclic", "piecewise")
@@ -55,10 +45,6 @@ VAL_ATTACKS = ("pgd", "fgsm", None)
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
                nn.InstanceNorm2d, nn.InstanceNorm3d, nn.SyncBatchNorm)
-# Settings that must match for ``resume=True`` to continue the same run.
-RESUME_KEYS = ("model", "method", "threat", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule",
-               "eps_warmup_epochs", "clip_grad_value", "clip_grad_norm", "loss_weight", "l2", "l2_exclude", "seed",
-               "ema_decay", "early_stop")
 
 
 class Trainer:
@@ -203,6 +189,8 @@ class Trainer:
             self.callbacks.append(MonitorCallback(monitor))
         if self.co_guard:
             self.callbacks.append(OverfittingGuard(self.guard))
+        if self.run_dir is not None:
+            self.callbacks.append(RunDirWriter(self.run_dir, self.resume))  # last: resume restores the others
 
     # ------------------------------------------------------------------------------------------------
     # Public API
@@ -235,8 +223,9 @@ class Trainer:
         if self.early_stop is not None and self.val_data is None:
             raise ConfigError("early_stop: 'robust' needs validation data; pass val to fit() or a gradguard Dataset")
         self.config = self._resolved_config()
+        self.start_epoch = 0  # a resumed run's RunDirWriter sets it at setup
         self._dispatch("setup")
-        start_epoch = self._prepare_run_dir()
+        start_epoch = self.start_epoch
         self.train_model = self.logits_model
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(
@@ -274,7 +263,6 @@ class Trainer:
         final = self._final_evaluation()
         if final is not None and self.history:
             self.history[-1]["final"] = final
-            self._write_metrics()
             self._dispatch("on_metrics")
         distributed.barrier()
         return self.history
@@ -538,9 +526,6 @@ class Trainer:
             record.update(callback.model_metadata())
         if self.history:
             self.history[-1].update(record)
-        if self.is_main and self.run_dir is not None and self.history:
-            save_model(self.model, self.run_dir, **self._model_metadata(epoch))
-            self._write_metrics()
         self._dispatch("on_final_weights", epoch)
         distributed.barrier()
 
@@ -562,8 +547,6 @@ class Trainer:
                         "rule": f"GradientMonitor: {finding.kind} in {finding.layer}",
                         "action": f"training stopped ({finding.kind}); {kept}", "finding": finding.to_dict()}
         self._log_event(self.stopped)
-        if self.is_main and self.run_dir is not None and self.history:
-            self._write_metrics()
         if self.history:
             self._dispatch("on_metrics")
 
@@ -573,9 +556,6 @@ class Trainer:
             warnings.warn(f"gradguard.Trainer: {event['event']} at epoch {event['epoch']} "
                           f"({event.get('rule')}): {event['action']}",
                           stacklevel=stacklevel)
-            if self.run_dir is not None:
-                with open(self.run_dir / "events.jsonl", "a") as handle:
-                    handle.write(json.dumps(event) + "\n")
             self._dispatch("on_event", event)
 
     def _snapshot(self) -> dict:
@@ -591,7 +571,7 @@ class Trainer:
             self.ema.shadow = copy.deepcopy(snapshot["ema"])
 
     # ------------------------------------------------------------------------------------------------
-    # Run directory, checkpoints, resume
+    # The resolved config, the end of an epoch, hook dispatch
     # ------------------------------------------------------------------------------------------------
     def _resolved_config(self) -> dict:
         return {
@@ -620,108 +600,11 @@ class Trainer:
                 return None
         return int(data[1].shape[0])
 
-    def _prepare_run_dir(self) -> int:
-        """Write config.json, or restore from the newest checkpoint when resuming; returns the start epoch."""
-        if self.run_dir is None:
-            return 0
-        checkpoint_dir = self.run_dir / "checkpoint"
-        found = latest_checkpoint(checkpoint_dir) if self.resume else None
-        if not self.resume and any(checkpoint_dir.glob("epoch-*.json")):
-            raise ConfigError(f"run_dir: {str(self.run_dir)!r} already holds a run; pass resume=True to continue it "
-                              "or choose a new directory")
-        if found is None:
-            if self.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(self.run_dir / "config.json", self.config)
-            distributed.barrier()
-            return 0
-        tensors, state = found
-        self._check_resume_config(self.run_dir)
-        model_state = {key[len("model."):]: value for key, value in tensors.items() if key.startswith("model.")}
-        unwrap(self.model).load_state_dict(model_state)
-        self.optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
-        restore_rng(tensors, state["rng"])
-        self.method.load_state_dict(state["method"])
-        self.history, self.events = state["history"], state.get("events", [])
-        self.lr_scale = state["lr_scale"]
-        for callback in self.callbacks:
-            callback.load_state_dict(tensors, state)
-        if self.is_main:
-            self._truncate_steps_log(self.run_dir, state["epoch"] * self.steps_per_epoch)
-            self._write_metrics()
-        distributed.barrier()
-        return int(state["epoch"])
-
-    def _check_resume_config(self, run_dir: Path) -> None:
-        path = run_dir / "config.json"
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"run_dir: cannot read {str(path)!r} to resume ({error})") from None
-        current = json.loads(json.dumps(self.config, default=str))
-        different = [key for key in RESUME_KEYS if key != "method" and stored.get(key) != current.get(key)]
-        if stored.get("method", {}).get("name") != current["method"]["name"]:
-            different.append("method")
-        if different:
-            changes = {key: (stored.get(key), current.get(key)) for key in different}
-            raise ResumeMismatchError(f"resume: the run in {str(run_dir)!r} was trained with other settings "
-                                      f"({describe_changes(changes)}); resume with the recorded settings, or train "
-                                      "into a new run_dir", changes, where=str(run_dir))
-
     def _end_of_epoch(self, epoch: int, metrics: dict, step_log: list[dict]) -> None:
-        if self.is_main and self.run_dir is not None:
-            with open(self.run_dir / "steps.jsonl", "a") as handle:
-                handle.writelines(json.dumps(record) + "\n" for record in step_log)
-            self._write_metrics()
-            with self._evaluated_weights():
-                save_model(self.model, self.run_dir, **self._model_metadata(epoch))
-            self._save_checkpoint(self.run_dir, epoch)
         self._dispatch("on_epoch_end", epoch, metrics, step_log)
         distributed.barrier()
         if self.on_epoch_end is not None:
             self.on_epoch_end(metrics)
-
-    def _save_checkpoint(self, run_dir: Path, epoch: int) -> None:
-        optimizer_tensors, optimizer_meta = flatten_optimizer(self.optimizer.state_dict())
-        rng_tensors, rng_meta = capture_rng()
-        tensors = {f"model.{key}": value for key, value in state_tensors(self.model).items()}
-        tensors.update(optimizer_tensors)
-        tensors.update(rng_tensors)
-        state = {"epoch": epoch, "optimizer": optimizer_meta, "rng": rng_meta, "method": self.method.state_dict(),
-                 "history": self.history, "events": self.events, "lr_scale": self.lr_scale,
-                 "best": None}  # in every checkpoint; robust early stopping's state fills it in
-        for callback in self.callbacks:
-            callback_tensors, callback_state = callback.state_dict()
-            tensors.update(callback_tensors)
-            state.update(callback_state)
-        save_checkpoint(run_dir / "checkpoint", epoch, tensors, state)
-
-    def _model_metadata(self, epoch: int) -> dict:
-        metrics = self.history[epoch - 1] if 0 < epoch <= len(self.history) else None
-        averaged: dict[str, Any] = {}
-        for callback in self.callbacks:
-            averaged.update(callback.model_metadata())
-        return {"dataset": self.metadata.get("dataset"), "threat": self.config["threat"],
-                "method": self.method.config(), "epoch": epoch, "metrics": metrics, **averaged,
-                **{k: v for k, v in self.metadata.items() if k != "dataset"}}
-
-    def _write_metrics(self) -> None:
-        if self.is_main and self.run_dir is not None:
-            atomic_write_text(self.run_dir / "metrics.jsonl",
-                              "".join(json.dumps(record, default=str) + "\n" for record in self.history))
-
-    def _truncate_steps_log(self, run_dir: Path, steps_done: int) -> None:
-        path = run_dir / "steps.jsonl"
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] < steps_done:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError):
-                continue  # a line cut short by the crash
-        atomic_write_text(path, "".join(kept))
 
     def _dispatch(self, hook: str, *args: Any) -> None:
         """Call ``hook`` on every callback, in order."""

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
-import operator
 import random
 import time
 import warnings
@@ -37,14 +35,13 @@ from .callbacks.early_stopping import EARLY_STOPS, RobustEarlyStopping
 from .callbacks.guard import GuardSettings, OverfittingGuard, guard_accuracies
 from .callbacks.monitor import MonitorCallback
 from .methods import TrainingMethod, get_method
+from .objective import NORM_LAYERS, clip_gradients, l2_penalty, regularised_parameters  # noqa: F401
 from .persistence import RESUME_KEYS, RunDirWriter  # noqa: F401  (RESUME_KEYS: re-exported)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cyclic", "piecewise")
 VAL_ATTACKS = ("pgd", "fgsm", None)
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
-NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
-               nn.InstanceNorm2d, nn.InstanceNorm3d, nn.SyncBatchNorm)
 
 
 class Trainer:
@@ -292,7 +289,7 @@ class Trainer:
                 output = self.method.compute(self.train_model, self.logits_model, x, y, threat)
             objective = self.loss_weight * output.loss + (self.l2 * self.l2_penalty() if self.l2 > 0 else 0.0)
             (objective * share).backward()
-            grad_norm = self._clip_gradients()
+            grad_norm = clip_gradients(self.model, self.clip_grad_value, self.clip_grad_norm)
             self.optimizer.step()
             self._dispatch("on_batch_end", objective, y)
             n = y.shape[0]
@@ -328,36 +325,10 @@ class Trainer:
 
     def l2_penalty(self) -> Tensor:
         """‖θ‖² over the regularised parameters (see ``l2_exclude``)."""
-        squares = [(p * p).sum() for p in self.regularised_parameters()]
-        if not squares:  # every parameter is excluded
-            return torch.zeros((), device=self.device)
-        return functools.reduce(operator.add, squares)  # summed left to right, as sum() does
+        return l2_penalty(self.regularised_parameters(), self.device)
 
     def regularised_parameters(self) -> list[nn.Parameter]:
-        excluded: set[int] = set()
-        for module in unwrap(self.model).modules():
-            if "norm" in self.l2_exclude and isinstance(module, NORM_LAYERS):
-                excluded.update(id(p) for p in module.parameters(recurse=False))
-        params = []
-        for name, p in unwrap(self.model).named_parameters():
-            if id(p) in excluded or ("bias" in self.l2_exclude and name.split(".")[-1] == "bias"):
-                continue
-            params.append(p)
-        return params
-
-    def _clip_gradients(self) -> float:
-        """Return the pre-clip global gradient L2 norm, then clip by value and by global norm."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return 0.0
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-        if self.clip_grad_value is not None:
-            for g in grads:
-                g.clamp_(-self.clip_grad_value, self.clip_grad_value)
-        if self.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                           self.clip_grad_norm)
-        return norm
+        return regularised_parameters(self.model, self.l2_exclude)
 
     @torch.no_grad()
     def _clean_logits(self, x: Tensor) -> Tensor:

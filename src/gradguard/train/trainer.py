@@ -10,13 +10,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import random
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Sized
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -37,11 +35,9 @@ from .callbacks.monitor import MonitorCallback
 from .methods import TrainingMethod, get_method
 from .objective import NORM_LAYERS, clip_gradients, l2_penalty, regularised_parameters  # noqa: F401
 from .persistence import RESUME_KEYS, RunDirWriter  # noqa: F401  (RESUME_KEYS: re-exported)
+from .schedules import DEFAULT_LR, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, seed_everything, threat_at
 
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "cyclic", "piecewise")
 VAL_ATTACKS = ("pgd", "fgsm", None)
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 
 
 class Trainer:
@@ -211,12 +207,12 @@ class Trainer:
         self.rank, self.world_size = distributed.setup(self.device)
         self.is_main = self.rank == 0
         self.model.to(self.device)
-        self._seed_everything(self.seed + self.rank)
+        seed_everything(self.seed + self.rank)
         self.train_data = self._as_data(train, "train")
         self.val_data = self._as_data(val, "val") if val is not None else None
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = self.epochs * self.steps_per_epoch
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(self.model, self.optimizer_name, self.lr, self.momentum)
         if self.early_stop is not None and self.val_data is None:
             raise ConfigError("early_stop: 'robust' needs validation data; pass val to fit() or a gradguard Dataset")
         self.config = self._resolved_config()
@@ -279,7 +275,10 @@ class Trainer:
 
             bar = progress_bar(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}")
         for x, y, share, indices in batches:
-            lr, threat = self._lr_at(self.global_step), self._threat_at(self.global_step)
+            lr = lr_at(self.global_step, lr=self.lr, schedule=self.schedule, total_steps=self.total_steps,
+                       steps_per_epoch=self.steps_per_epoch, epochs=self.epochs, lr_scale=self.lr_scale)
+            threat = threat_at(self.threat, self.global_step, eps_warmup_epochs=self.eps_warmup_epochs,
+                               steps_per_epoch=self.steps_per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
@@ -336,29 +335,6 @@ class Trainer:
         so BatchNorm statistics stay untouched)."""
         with model_guard(self.model):
             return self.logits_model(x)
-
-    # ------------------------------------------------------------------------------------------------
-    # Schedules
-    # ------------------------------------------------------------------------------------------------
-    def _lr_at(self, step: int) -> float:
-        if self.schedule == "constant":
-            factor = 1.0
-        elif self.schedule == "cyclic":
-            t = (step + 1) / self.total_steps
-            factor = t / 0.4 if t <= 0.4 else max(0.0, (1 - t) / 0.6)
-        else:
-            epoch = step / self.steps_per_epoch
-            factor = 1.0 if epoch < 0.5 * self.epochs else 0.1 if epoch < 0.75 * self.epochs else 0.01
-        return self.lr * factor * self.lr_scale
-
-    def _threat_at(self, step: int) -> ThreatModel | None:
-        if self.threat is None or self.eps_warmup_epochs == 0:
-            return self.threat
-        fraction = min(1.0, (step + 1) / (self.eps_warmup_epochs * self.steps_per_epoch))
-        if fraction == 1.0:
-            return self.threat
-        # below the full eps, which is checked for units: no second check (a warning) at every step of the ramp
-        return self.threat.with_eps(self.threat.eps * fraction, check_eps=False)
 
     # ------------------------------------------------------------------------------------------------
     # Data
@@ -581,21 +557,6 @@ class Trainer:
         """Call ``hook`` on every callback, in order."""
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
-
-    # ------------------------------------------------------------------------------------------------
-    # Setup helpers
-    # ------------------------------------------------------------------------------------------------
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
-        return torch.optim.Adam(params, lr=self.lr)
-
-    @staticmethod
-    def _seed_everything(seed: int) -> None:
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        random.seed(seed)
 
 
 def final_evaluation(model: nn.Module, data: tuple[Tensor, Tensor], threat: ThreatModel, suite, *, seed: int = 0,

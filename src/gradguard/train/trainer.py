@@ -9,24 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Sized
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..attacks import FGSM, PGD
 from ..attacks.base import model_guard
-from ..checks import as_labels, check_inputs, positive_float, positive_int
+from ..checks import positive_float, positive_int
 from ..diagnostics.gradflow import TrainingStopped
 from ..errors import ConfigError, InputError
 from ..models import as_logits_model, model_spec, unwrap
 from ..rng import per_sample_generators
-from ..threat import Linf, ThreatModel
+from ..threat import ThreatModel
 from . import distributed
+from .batches import as_data, first_samples, n_samples, steps_per_epoch, train_batches
 from .callbacks import TrainCallback
 from .callbacks.averaging import WeightAverage, WeightAveraging, ema_decay_value
 from .callbacks.early_stopping import EARLY_STOPS, RobustEarlyStopping
@@ -208,9 +208,10 @@ class Trainer:
         self.is_main = self.rank == 0
         self.model.to(self.device)
         seed_everything(self.seed + self.rank)
-        self.train_data = self._as_data(train, "train")
-        self.val_data = self._as_data(val, "val") if val is not None else None
-        self.steps_per_epoch = self._steps_per_epoch()
+        self.train_data = as_data(train, "train", self.threat)
+        self.val_data = as_data(val, "val", self.threat) if val is not None else None
+        self.steps_per_epoch = steps_per_epoch(self.train_data, batch_size=self.batch_size, seed=self.seed,
+                                               rank=self.rank, world_size=self.world_size)
         self.total_steps = self.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.model, self.optimizer_name, self.lr, self.momentum)
         if self.early_stop is not None and self.val_data is None:
@@ -268,7 +269,8 @@ class Trainer:
         totals = torch.zeros(8, dtype=torch.float64)  # loss·n, objective·n, n, clean ok, clean n, adv ok, adv n, steps
         grad_norms: list[float] = []
         step_log: list[dict] = []
-        batches = self._train_batches(epoch)
+        batches = train_batches(self.train_data, epoch, batch_size=self.batch_size, seed=self.seed, rank=self.rank,
+                                world_size=self.world_size, device=self.device)
         bar = None
         if self.progress and self.is_main:
             from ..runtime.progress import progress_bar
@@ -337,82 +339,12 @@ class Trainer:
             return self.logits_model(x)
 
     # ------------------------------------------------------------------------------------------------
-    # Data
-    # ------------------------------------------------------------------------------------------------
-    def _as_data(self, data, argument: str):
-        if isinstance(data, torch.utils.data.DataLoader):
-            return data
-        if not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise InputError(f"{argument}: expected an (x, y) tuple of tensors, a DataLoader or a gradguard Dataset, "
-                             f"got {type(data).__name__}")
-        x, y = data
-        # Without a threat model any finite range is fine; with one, data must lie in its bounds (attacks check).
-        x = check_inputs(x, self.threat if self.threat is not None else Linf(0.0, bounds=(-1e30, 1e30)), f"{argument}[0]")
-        y = as_labels(y, x.shape[0], f"{argument}[1]")
-        if x.shape[0] == 0:
-            raise InputError(f"{argument}: is empty; pass at least one sample")
-        return x, y
-
-    def _steps_per_epoch(self) -> int:
-        if isinstance(self.train_data, torch.utils.data.DataLoader):
-            return len(self._distributed_loader(0)) if distributed.is_distributed() else len(self.train_data)
-        return math.ceil(self.train_data[1].shape[0] / self.batch_size)
-
-    def _train_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, float, Tensor | None]]:
-        """(x, y, share, indices) per step; ``share`` rescales this process's mean loss so that DDP's gradient
-        average equals the gradient of the mean loss over the whole global batch (exact also for ragged last
-        batches); ``indices`` are the samples' positions in the training tensors (None for a DataLoader)."""
-        if isinstance(self.train_data, torch.utils.data.DataLoader):
-            loader = self._distributed_loader(epoch) if distributed.is_distributed() else self.train_data
-            for x, y in loader:
-                yield x.to(self.device), y.to(self.device), 1.0, None
-            return
-        x_all, y_all = self.train_data
-        order = torch.randperm(y_all.shape[0], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            if self.world_size > 1:
-                if len(batch) < self.world_size:  # pad like DistributedSampler so every process gets a sample
-                    batch = torch.cat([batch, order[: self.world_size - len(batch)]])
-                global_size = len(batch)
-                batch = batch[self.rank::self.world_size]
-                share = len(batch) * self.world_size / global_size
-            else:
-                share = 1.0
-            yield x_all[batch].to(self.device), y_all[batch].to(self.device), share, batch
-
-    def _distributed_loader(self, epoch: int):
-        from torch.utils.data import DataLoader, DistributedSampler
-
-        loader = self.train_data
-        sampler: DistributedSampler[int] = DistributedSampler(loader.dataset, num_replicas=self.world_size,
-                                                              rank=self.rank, shuffle=True, seed=self.seed)
-        sampler.set_epoch(epoch)
-        per_process = max(1, (loader.batch_size or self.batch_size) // self.world_size)
-        return DataLoader(loader.dataset, batch_size=per_process, sampler=sampler, num_workers=loader.num_workers,
-                          collate_fn=loader.collate_fn)
-
-    def _first_samples(self, data, limit: int) -> tuple[Tensor, Tensor]:
-        if isinstance(data, torch.utils.data.DataLoader):
-            xs: list[Tensor] = []
-            ys: list[Tensor] = []
-            count = 0
-            for x, y in data:
-                xs.append(x)
-                ys.append(y)
-                count += y.shape[0]
-                if count >= limit:
-                    break
-            return torch.cat(xs)[:limit].to(self.device), torch.cat(ys)[:limit].to(self.device)
-        return data[0][:limit].to(self.device), data[1][:limit].to(self.device)
-
-    # ------------------------------------------------------------------------------------------------
     # Validation and the final evaluation
     # ------------------------------------------------------------------------------------------------
     def _validate(self) -> dict:
         if self.val_data is None:
             return {}
-        x, y = self._first_samples(self.val_data, self.val_max_samples)
+        x, y = first_samples(self.val_data, self.val_max_samples, self.device)
         x, y = x[self.rank::self.world_size], y[self.rank::self.world_size]
         counts = torch.zeros(3, dtype=torch.float64)
         attack = self._val_attack_instance()
@@ -440,7 +372,7 @@ class Trainer:
         if self.final_suite is None or self.val_data is None or self.threat is None:
             return None
         # Every rank calls evaluate with the full data (it shards the work itself); rank 0 writes the file.
-        x, y = self._first_samples(self.val_data, 10 ** 9)
+        x, y = first_samples(self.val_data, 10 ** 9, self.device)
         result = final_evaluation(self.model, (x, y), self.threat, self.final_suite, seed=self.seed,
                                   run_dir=self.run_dir if self.is_main else None)
         distributed.barrier()
@@ -532,20 +464,9 @@ class Trainer:
             "final_suite": self.final_suite, "co_guard": self.co_guard, "guard": vars(self.guard),
             "ema_decay": self.ema_decay, "early_stop": self.early_stop,
             "world_size": self.world_size, "device": str(self.device), "steps_per_epoch": self.steps_per_epoch,
-            "n_train": self._n_samples(self.train_data), "metadata": self.metadata,
+            "n_train": n_samples(self.train_data), "metadata": self.metadata,
             "versions": {"torch": torch.__version__},
         }
-
-    @staticmethod
-    def _n_samples(data) -> int | None:
-        if isinstance(data, torch.utils.data.DataLoader):
-            if not isinstance(data.dataset, Sized):  # an iterable dataset has no length
-                return None
-            try:
-                return len(data.dataset)
-            except TypeError:  # a __len__ that refuses, e.g. a chain of iterable datasets
-                return None
-        return int(data[1].shape[0])
 
     def _end_of_epoch(self, epoch: int, metrics: dict, step_log: list[dict]) -> None:
         self._dispatch("on_epoch_end", epoch, metrics, step_log)

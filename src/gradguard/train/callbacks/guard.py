@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ...attacks import FGSM, PGD
 from ...threat import ThreatModel
 from .. import distributed
+from ..batches import first_samples
 from .base import TrainCallback, TrainerLike
 
 
@@ -62,7 +63,7 @@ class OverfittingGuard(TrainCallback):
         self.rolled_back = False
 
     def on_fit_start(self, trainer: TrainerLike) -> None:
-        self.batch = trainer._first_samples(trainer.train_data, self.settings.samples)
+        self.batch = first_samples(trainer.train_data, self.settings.samples, trainer.device)
 
     def on_train_epoch_start(self, trainer: TrainerLike, epoch: int) -> None:
         if not self.rolled_back:  # after a rollback the model already holds the last good state

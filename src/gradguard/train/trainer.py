@@ -17,8 +17,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..attacks import FGSM, PGD
-from ..attacks.base import model_guard
 from ..checks import positive_float, positive_int
 from ..diagnostics.gradflow import TrainingStopped
 from ..errors import ConfigError, InputError
@@ -36,8 +34,7 @@ from .methods import TrainingMethod, get_method
 from .objective import NORM_LAYERS, clip_gradients, l2_penalty, regularised_parameters  # noqa: F401
 from .persistence import RESUME_KEYS, RunDirWriter  # noqa: F401  (RESUME_KEYS: re-exported)
 from .schedules import DEFAULT_LR, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, seed_everything, threat_at
-
-VAL_ATTACKS = ("pgd", "fgsm", None)
+from .validation import VAL_ATTACKS, clean_logits, final_evaluation, validate
 
 
 class Trainer:
@@ -294,9 +291,10 @@ class Trainer:
             self.optimizer.step()
             self._dispatch("on_batch_end", objective, y)
             n = y.shape[0]
-            clean_logits = output.logits_clean if output.logits_clean is not None else self._clean_logits(x)
+            clean = output.logits_clean if output.logits_clean is not None else clean_logits(self.model,
+                                                                                             self.logits_model, x)
             totals += torch.tensor([float(output.loss.detach()) * n, float(objective.detach()) * n, n,
-                                    float((clean_logits.argmax(1) == y).sum()), n,
+                                    float((clean.argmax(1) == y).sum()), n,
                                     float((output.logits_adv.argmax(1) == y).sum()) if output.logits_adv is not None else 0.0,
                                     n if output.logits_adv is not None else 0, 1], dtype=torch.float64)
             grad_norms.append(grad_norm)
@@ -331,13 +329,6 @@ class Trainer:
     def regularised_parameters(self) -> list[nn.Parameter]:
         return regularised_parameters(self.model, self.l2_exclude)
 
-    @torch.no_grad()
-    def _clean_logits(self, x: Tensor) -> Tensor:
-        """Clean logits for the accuracy display when a method trains on adversarial points only (eval mode,
-        so BatchNorm statistics stay untouched)."""
-        with model_guard(self.model):
-            return self.logits_model(x)
-
     # ------------------------------------------------------------------------------------------------
     # Validation and the final evaluation
     # ------------------------------------------------------------------------------------------------
@@ -345,28 +336,8 @@ class Trainer:
         if self.val_data is None:
             return {}
         x, y = first_samples(self.val_data, self.val_max_samples, self.device)
-        x, y = x[self.rank::self.world_size], y[self.rank::self.world_size]
-        counts = torch.zeros(3, dtype=torch.float64)
-        attack = self._val_attack_instance()
-        for start in range(0, y.shape[0], 500):
-            xb, yb = x[start:start + 500], y[start:start + 500]
-            counts[0] += float((self._clean_logits(xb).argmax(1) == yb).sum())
-            if attack is not None:
-                counts[1] += float(attack.run(xb, yb).correct.sum())
-            counts[2] += yb.shape[0]
-        counts = distributed.all_reduce_sum(counts)
-        result: dict[str, float | str] = {"val_clean_acc": float(counts[0] / counts[2])}
-        if attack is not None:
-            result["val_robust_acc"] = float(counts[1] / counts[2])
-            result["val_attack"] = "pgd-10" if self.val_attack == "pgd" else "fgsm"
-        return result
-
-    def _val_attack_instance(self):
-        if self.val_attack is None or self.threat is None or self.threat.eps == 0:  # no threat: no val_attack
-            return None
-        if self.val_attack == "pgd":
-            return PGD(self.model, self.threat, steps=10, seed=self.seed)
-        return FGSM(self.model, self.threat)
+        return validate(self.model, self.logits_model, x, y, threat=self.threat, val_attack=self.val_attack,
+                        seed=self.seed, rank=self.rank, world_size=self.world_size)
 
     def _final_evaluation(self) -> dict | None:
         if self.final_suite is None or self.val_data is None or self.threat is None:
@@ -478,35 +449,6 @@ class Trainer:
         """Call ``hook`` on every callback, in order."""
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
-
-
-def final_evaluation(model: nn.Module, data: tuple[Tensor, Tensor], threat: ThreatModel, suite, *, seed: int = 0,
-                     run_dir: Path | None = None) -> dict:
-    """Evaluate with ``gradguard.evaluation.evaluate`` (writes robustness.json into ``run_dir``); if the evaluation
-    package is not available, fall back to PGD-50 with 5 restarts and say so in the result."""
-    note = "gradguard.evaluation.evaluate not available"
-    try:
-        from ..evaluation import evaluate
-    except ImportError:
-        pass
-    else:
-        try:
-            report = evaluate(model, data, threat, suite=suite, seed=seed)
-        except ConfigError as error:  # e.g. a suite attack missing from this installation
-            note = f"suite {suite!r} could not run: {error}"
-            warnings.warn(f"final_suite: {note}; falling back to PGD-50 x 5 restarts", stacklevel=2)
-        else:
-            if run_dir is not None:
-                report.to_json(run_dir / "robustness.json")
-            return {"suite": suite, "attacks_run": list(report.suite), "clean_acc": report.clean_accuracy,
-                    "robust_acc": report.robust_accuracy, "per_attack": report.per_attack,
-                    "n_samples": report.n_samples}
-    x, y = data
-    with model_guard(model), torch.no_grad():
-        clean = float((as_logits_model(model)(x).argmax(1) == y).float().mean())
-    result = PGD(model, threat, steps=50, restarts=5, seed=seed).run(x, y)
-    return {"suite": f"pgd-50x5 (fallback: {note})", "clean_acc": clean,
-            "robust_acc": result.accuracy, "n_samples": int(y.shape[0])}
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -20,11 +20,7 @@ from .checkpoint import (
     save_checkpoint,
     unflatten_optimizer,
 )
-
-# Settings that must match for ``resume=True`` to continue the same run.
-RESUME_KEYS = ("model", "method", "threat", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule",
-               "eps_warmup_epochs", "clip_grad_value", "clip_grad_norm", "loss_weight", "l2", "l2_exclude", "seed",
-               "ema_decay", "early_stop")
+from .options import RESUME_KEYS
 
 
 class RunDirWriter(TrainCallback):

@@ -17,14 +17,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..checks import positive_float, positive_int
 from ..diagnostics.gradflow import TrainingStopped
 from ..errors import ConfigError, InputError
-from ..models import as_logits_model, model_spec, unwrap
+from ..models import as_logits_model, unwrap
 from ..rng import per_sample_generators
 from ..threat import ThreatModel
 from . import distributed
-from .batches import as_data, first_samples, n_samples, steps_per_epoch, train_batches
+from .batches import as_data, first_samples, steps_per_epoch, train_batches
 from .callbacks import TrainCallback
 from .callbacks.averaging import WeightAverage, WeightAveraging, ema_decay_value
 from .callbacks.early_stopping import EARLY_STOPS, RobustEarlyStopping
@@ -32,12 +31,13 @@ from .callbacks.guard import GuardSettings, OverfittingGuard, guard_accuracies
 from .callbacks.monitor import MonitorCallback
 from .methods import TrainingMethod, get_method
 from .objective import NORM_LAYERS, clip_gradients, l2_penalty, regularised_parameters  # noqa: F401
-from .persistence import RESUME_KEYS, RunDirWriter  # noqa: F401  (RESUME_KEYS: re-exported)
-from .schedules import DEFAULT_LR, OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, seed_everything, threat_at
-from .validation import VAL_ATTACKS, clean_logits, final_evaluation, validate
+from .options import RESUME_KEYS, TrainOptions, resolved_config  # noqa: F401  (RESUME_KEYS: re-exported)
+from .persistence import RunDirWriter
+from .schedules import build_optimizer, lr_at, seed_everything, threat_at
+from .validation import clean_logits, final_evaluation, validate
 
 
-class Trainer:
+class Trainer(TrainOptions):
     """Train ``model`` with a method: a name from ``METHODS`` ("standard", "fgsm", "fgsm-rs", "pgd", "trades",
     "gaussian", "input-grad-reg", "cure", "gradalign", "mart") or a ``TrainingMethod``.
 
@@ -114,41 +114,12 @@ class Trainer:
         self.method = get_method(method, threat, **(method_kwargs or {}))
         if self.method.threat is None:
             self.method.threat = threat
-        self.epochs = positive_int(epochs, "epochs")
-        self.batch_size = positive_int(batch_size, "batch_size")
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
-        self.optimizer_name = optimizer
-        self.lr = DEFAULT_LR[optimizer] if lr is None else positive_float(lr, "lr")
-        self.momentum = positive_float(momentum, "momentum", allow_zero=True)
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
-        self.schedule = schedule
-        self.eps_warmup_epochs = positive_float(eps_warmup_epochs, "eps_warmup_epochs", allow_zero=True)
-        self.clip_grad_value = None if clip_grad_value is None else positive_float(clip_grad_value, "clip_grad_value")
-        self.clip_grad_norm = None if clip_grad_norm is None else positive_float(clip_grad_norm, "clip_grad_norm")
-        self.loss_weight = positive_float(loss_weight, "loss_weight")
-        self.l2 = positive_float(l2, "l2", allow_zero=True)
-        self.l2_exclude = tuple(l2_exclude)
-        unknown = set(self.l2_exclude) - {"bias", "norm"}
-        if unknown:
-            raise ConfigError(f"l2_exclude: expected a subset of ('bias', 'norm'), got {tuple(l2_exclude)!r}")
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        if resume and self.run_dir is None:
-            raise ConfigError("resume: needs run_dir, the directory of the run to continue")
-        self.seed = int(seed)
-        self.resume = bool(resume)
-        self.progress = bool(progress)
-        self.monitor = monitor
-        if monitor is not None and not callable(getattr(monitor, "step", None)):
-            raise ConfigError("monitor: expected an object with a step() method, e.g. GradientMonitor(model)")
-        if val_attack not in VAL_ATTACKS:
-            raise ConfigError(f"val_attack: expected one of {VAL_ATTACKS}, got {val_attack!r}")
-        if val_attack is not None and threat is None:
-            val_attack = None
-        self.val_attack = val_attack
-        self.val_max_samples = positive_int(val_max_samples, "val_max_samples")
-        self.final_suite = final_suite
+        self._check_options(
+            threat=threat, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+            schedule=schedule, eps_warmup_epochs=eps_warmup_epochs, clip_grad_value=clip_grad_value,
+            clip_grad_norm=clip_grad_norm, loss_weight=loss_weight, l2=l2, l2_exclude=l2_exclude, run_dir=run_dir,
+            seed=seed, resume=resume, progress=progress, monitor=monitor, val_attack=val_attack,
+            val_max_samples=val_max_samples, final_suite=final_suite)
         if co_guard not in ("auto", True, False):
             raise ConfigError(f"co_guard: expected 'auto', True or False, got {co_guard!r}")
         self.co_guard = (self.method.name in ("fgsm", "fgsm-rs")) if co_guard == "auto" else bool(co_guard)
@@ -159,7 +130,7 @@ class Trainer:
         if early_stop not in EARLY_STOPS:
             raise ConfigError(f"early_stop: expected 'robust' (keep the best validation robust accuracy) or None, "
                               f"got {early_stop!r}")
-        if early_stop is not None and val_attack is None:
+        if early_stop is not None and self.val_attack is None:
             raise ConfigError("early_stop: 'robust' needs a val_attack and a threat model to measure robust accuracy")
         self.early_stop = early_stop
         self.metadata = dict(metadata or {})
@@ -213,7 +184,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.optimizer_name, self.lr, self.momentum)
         if self.early_stop is not None and self.val_data is None:
             raise ConfigError("early_stop: 'robust' needs validation data; pass val to fit() or a gradguard Dataset")
-        self.config = self._resolved_config()
+        self.config = resolved_config(self)
         self.start_epoch = 0  # a resumed run's RunDirWriter sets it at setup
         self._dispatch("setup")
         start_epoch = self.start_epoch
@@ -423,22 +394,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # The resolved config, the end of an epoch, hook dispatch
     # ------------------------------------------------------------------------------------------------
-    def _resolved_config(self) -> dict:
-        return {
-            "model": model_spec(self.model), "method": self.method.config(),
-            "threat": self.threat.to_dict() if self.threat is not None else None, "epochs": self.epochs,
-            "batch_size": self.batch_size, "optimizer": self.optimizer_name, "lr": self.lr, "momentum": self.momentum,
-            "schedule": self.schedule, "eps_warmup_epochs": self.eps_warmup_epochs,
-            "clip_grad_value": self.clip_grad_value, "clip_grad_norm": self.clip_grad_norm,
-            "loss_weight": self.loss_weight, "l2": self.l2, "l2_exclude": list(self.l2_exclude), "seed": self.seed,
-            "val_attack": self.val_attack, "val_max_samples": self.val_max_samples,
-            "final_suite": self.final_suite, "co_guard": self.co_guard, "guard": vars(self.guard),
-            "ema_decay": self.ema_decay, "early_stop": self.early_stop,
-            "world_size": self.world_size, "device": str(self.device), "steps_per_epoch": self.steps_per_epoch,
-            "n_train": n_samples(self.train_data), "metadata": self.metadata,
-            "versions": {"torch": torch.__version__},
-        }
-
     def _end_of_epoch(self, epoch: int, metrics: dict, step_log: list[dict]) -> None:
         self._dispatch("on_epoch_end", epoch, metrics, step_log)
         distributed.barrier()

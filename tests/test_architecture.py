@@ -82,7 +82,6 @@ KNOWN: set[tuple] = {
     ('R5', 'evaluation/robustness.py'),
     ('R5', 'report/builder.py'),
     ('R5', 'train/methods.py'),
-    ('R5', 'train/trainer.py'),
     ('R5', 'workflow.py'),
     ('R7', 'train/methods.py'),
     ('R8', 'evaluation/robustness.py', 'matplotlib'),

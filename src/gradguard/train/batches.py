@@ -105,3 +105,9 @@ def first_samples(data: Any, limit: int, device: torch.device) -> tuple[Tensor, 
                 break
         return torch.cat(xs)[:limit].to(device), torch.cat(ys)[:limit].to(device)
     return data[0][:limit].to(device), data[1][:limit].to(device)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any): the default training device."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")

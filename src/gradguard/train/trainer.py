@@ -23,7 +23,7 @@ from ..models import as_logits_model, unwrap
 from ..rng import per_sample_generators
 from ..threat import ThreatModel
 from . import distributed
-from .batches import as_data, first_samples, steps_per_epoch, train_batches
+from .batches import as_data, first_samples, model_device, steps_per_epoch, train_batches
 from .callbacks import TrainCallback
 from .callbacks.averaging import WeightAverage, WeightAveraging, ema_decay_value
 from .callbacks.early_stopping import EARLY_STOPS, RobustEarlyStopping
@@ -135,7 +135,7 @@ class Trainer(TrainOptions):
         self.early_stop = early_stop
         self.metadata = dict(metadata or {})
         self.on_epoch_end = on_epoch_end
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.history: list[dict] = []
         self.events: list[dict] = []
         self.lr_scale = 1.0
@@ -159,10 +159,7 @@ class Trainer(TrainOptions):
     @property
     def ema(self) -> WeightAverage | None:
         """The moving average of the weights (``ema_decay``) once ``fit`` has begun; None without averaging."""
-        for callback in self.callbacks:
-            if isinstance(callback, WeightAveraging):
-                return callback.average
-        return None
+        return next((c.average for c in self.callbacks if isinstance(c, WeightAveraging)), None)
 
     def fit(self, train, val=None) -> list[dict]:
         """Train for ``epochs``; ``train``/``val``: an (x, y) tuple of tensors, a DataLoader, or a gradguard
@@ -230,7 +227,7 @@ class Trainer(TrainOptions):
         return self.history
 
     # ------------------------------------------------------------------------------------------------
-    # One epoch
+    # One epoch, validation and the final evaluation
     # ------------------------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> tuple[dict, list[dict]]:
         self.train_model.train()
@@ -300,9 +297,6 @@ class Trainer(TrainOptions):
     def regularised_parameters(self) -> list[nn.Parameter]:
         return regularised_parameters(self.model, self.l2_exclude)
 
-    # ------------------------------------------------------------------------------------------------
-    # Validation and the final evaluation
-    # ------------------------------------------------------------------------------------------------
     def _validate(self) -> dict:
         if self.val_data is None:
             return {}
@@ -321,8 +315,13 @@ class Trainer(TrainOptions):
         return result
 
     # ------------------------------------------------------------------------------------------------
-    # Weight averaging and robust early stopping
+    # Hook dispatch: evaluated and final weights, the end of an epoch, stops and events
     # ------------------------------------------------------------------------------------------------
+    def _dispatch(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on every callback, in order."""
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
     @contextlib.contextmanager
     def _evaluated_weights(self) -> Iterator[None]:
         """Inside: the model holds the weights that are validated and saved (the EMA's, when on); after: the
@@ -350,14 +349,11 @@ class Trainer(TrainOptions):
         self._dispatch("on_final_weights", epoch)
         distributed.barrier()
 
-    # ------------------------------------------------------------------------------------------------
-    # Catastrophic-overfitting guard
-    # ------------------------------------------------------------------------------------------------
-    def measure_guard_accuracies(self, x: Tensor, y: Tensor) -> tuple[float, float]:
-        """(PGD accuracy, FGSM accuracy) on (x, y) — the guard's probe; override to inject measurements."""
-        if self.threat is None:
-            raise ConfigError("threat: the overfitting guard attacks the model, so it needs a threat model")
-        return guard_accuracies(self.model, self.threat, self.guard, self.seed, x, y)
+    def _end_of_epoch(self, epoch: int, metrics: dict, step_log: list[dict]) -> None:
+        self._dispatch("on_epoch_end", epoch, metrics, step_log)
+        distributed.barrier()
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(metrics)
 
     def _stop(self, epoch: int, stop: TrainingStopped) -> None:
         """The monitor's on_finding="stop" fired: end training, keep what was saved, record why."""
@@ -379,6 +375,15 @@ class Trainer(TrainOptions):
                           stacklevel=stacklevel)
             self._dispatch("on_event", event)
 
+    # ------------------------------------------------------------------------------------------------
+    # The CO guard's probe and rollback point (override to inject measurements or watch rollbacks)
+    # ------------------------------------------------------------------------------------------------
+    def measure_guard_accuracies(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+        """(PGD accuracy, FGSM accuracy) on (x, y) — the guard's probe; override to inject measurements."""
+        if self.threat is None:
+            raise ConfigError("threat: the overfitting guard attacks the model, so it needs a threat model")
+        return guard_accuracies(self.model, self.threat, self.guard, self.seed, x, y)
+
     def _snapshot(self) -> dict:
         """In-memory copy of the model and optimiser state (the guard's rollback point)."""
         return {"model": copy.deepcopy(unwrap(self.model).state_dict()),
@@ -390,22 +395,3 @@ class Trainer(TrainOptions):
         self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
         if self.ema is not None and snapshot.get("ema") is not None:
             self.ema.shadow = copy.deepcopy(snapshot["ema"])
-
-    # ------------------------------------------------------------------------------------------------
-    # The resolved config, the end of an epoch, hook dispatch
-    # ------------------------------------------------------------------------------------------------
-    def _end_of_epoch(self, epoch: int, metrics: dict, step_log: list[dict]) -> None:
-        self._dispatch("on_epoch_end", epoch, metrics, step_log)
-        distributed.barrier()
-        if self.on_epoch_end is not None:
-            self.on_epoch_end(metrics)
-
-    def _dispatch(self, hook: str, *args: Any) -> None:
-        """Call ``hook`` on every callback, in order."""
-        for callback in self.callbacks:
-            getattr(callback, hook)(self, *args)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")

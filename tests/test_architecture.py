@@ -75,7 +75,6 @@ KNOWN: set[tuple] = {
     ('R3', 'gradguard.evaluation.robustness', 'gradguard.diagnostics.masking', '_Probe'),
     ('R5', 'diagnostics/masking.py'),
     ('R5', 'evaluation/robustness.py'),
-    ('R5', 'train/trainer.py'),
 }
 
 

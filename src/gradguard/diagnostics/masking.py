@@ -32,6 +32,8 @@ from ..attacks import APGD, FGSM, PGD
 from ..attacks.base import Attack, check_logits, input_gradient, model_guard, positive_int
 from ..attacks.losses import cross_entropy
 from ..errors import InputError
+from ..evaluation.randomness import measure_determinism
+from ..evaluation.results import read_json
 
 # The thresholds, the causes and the adaptive attack each cause calls for live in gradguard.evaluation.signals, with
 # the per-sample measurements the checklist shares with the "adaptive" suite; re-exported here.
@@ -57,9 +59,9 @@ from ..evaluation.signals import (
     WARN,
     ZERO_GRADIENTS,
     gradient_health,
-    logit_changes,
     loss_rose,
 )
+from ..evaluation.stream import collect_data
 from ..models.outputs import as_logits_model
 from ..threat import ThreatModel, check_threat
 
@@ -112,9 +114,7 @@ class MaskingReport:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "MaskingReport":
-        from ..evaluation.robustness import _read_json
-
-        data = _read_json(text_or_path)
+        data = read_json(text_or_path)
         return cls(checks=[Check(**c) for c in data["checks"]], n_samples=data["n_samples"], threat=data["threat"],
                    elapsed_s=data["elapsed_s"], settings=data.get("settings", {}))
 
@@ -172,8 +172,6 @@ def check_masking(model: nn.Module, data: Any, threat: ThreatModel, *, n_samples
     queries) and random noise (``noise_draws`` uniform points per sample from the ball) are compared with.
     The model is left untouched.
     """
-    from ..evaluation.robustness import collect_data
-
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -260,10 +258,7 @@ class _Probe:
                          apgd=self.correct_after(self.apgd(), x, y))
 
     def determinism(self, x: Tensor) -> Check:
-        changes = logit_changes(self.model, x, self.batch_size)
-        scale = float(changes.scale.max().clamp_min(1e-12))
-        change = float(changes.change.max()) / scale if bool(torch.isfinite(changes.change).all()) else float("inf")
-        flips = float(changes.flipped.float().mean())
+        change, flips = measure_determinism(self.model, x, self.batch_size)
         status = _grade(change, NON_DETERMINISM)
         return Check("deterministic", status, {"max_relative_logit_change": change, "prediction_flips": flips},
                      "the model gives the same logits twice" if status == PASS else

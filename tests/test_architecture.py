@@ -71,7 +71,6 @@ KNOWN: set[tuple] = {
     ('R5', 'attacks/base.py'),
     ('R5', 'diagnostics/curvature.py'),
     ('R5', 'diagnostics/gradflow.py'),
-    ('R5', 'diagnostics/masking.py'),
     ('R5', 'evaluation/certify.py'),
     ('R5', 'report/builder.py'),
     ('R5', 'train/methods.py'),

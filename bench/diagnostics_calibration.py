@@ -3,7 +3,7 @@
     python bench/diagnostics_calibration.py [--seeds 3] [--epochs 4]
 
 For each demo model (healthy and sick), several seeds, it trains on digits with a GradientMonitor sampling
-every other step and prints the statistics each threshold in gradguard/diagnostics/gradflow.py looks at:
+every other step and prints the statistics each threshold in gradguard/diagnostics/gradflow/rules/ looks at:
 first/last gradient-RMS ratio (start and recent), total-gradient growth and jump, the largest raw (pre-clipping)
 layer gradient norm, max dead and saturated fractions, the smallest per-layer update ratio relative to the
 median — plus, as ground truth, dead units over all training inputs and test accuracy, and the findings raised.
@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import dead_over_inputs  # noqa: E402
 from gradguard import models  # noqa: E402
 from gradguard.data import load_dataset  # noqa: E402
-from gradguard.diagnostics import gradflow  # noqa: E402
-from gradguard.diagnostics.gradflow import GradientMonitor  # noqa: E402
+from gradguard.diagnostics.gradflow import GradientMonitor, RecordTable, findings_from_records  # noqa: E402
+from gradguard.diagnostics.gradflow.records import largest_jump  # noqa: E402
+from gradguard.diagnostics.health import RECENT_SAMPLES, START_SAMPLES  # noqa: E402
 
 
 def mlp(linears: int, width: int, activation: type[nn.Module], **kwargs) -> nn.Module:
@@ -89,42 +90,41 @@ def whole_data_check(model: nn.Module, data) -> dict:
 
 
 def statistics_of(records: list[dict]) -> dict:
-    steps = sorted({r["step"] for r in records})
-    layers = gradflow.layer_order(records)
-    table = {(r["step"], r["layer"]): r for r in records}
-    ratios = gradflow._depth_ratios(table, steps, layers[0], layers[-1])
+    table = RecordTable(records)
+    steps, layers = table.steps, table.layers
+    ratios = table.depth_ratios(layers[0], layers[-1])
     out = {"nonfinite": any(r.get("grad_finite") is False or r.get("weight_finite") is False for r in records)}
     if ratios:
-        out["ratio_start"] = statistics.median(v for _, v in ratios[:gradflow.START_SAMPLES])
-        out["ratio_recent"] = statistics.median(v for _, v in ratios[-gradflow.RECENT_SAMPLES:])
+        out["ratio_start"] = statistics.median(v for _, v in ratios[:START_SAMPLES])
+        out["ratio_recent"] = statistics.median(v for _, v in ratios[-RECENT_SAMPLES:])
     finite_steps = steps
     if out["nonfinite"]:
         first_bad = min(r["step"] for r in records if r.get("grad_finite") is False or r.get("weight_finite") is False)
         finite_steps = [s for s in steps if s < first_bad]
-    totals = gradflow._total_grad_norms(table, finite_steps, layers)
+    totals = table.with_steps(finite_steps).total_grad_norms()
     if len(totals) >= 2:
-        start = statistics.median(v for _, v in totals[:gradflow.START_SAMPLES])
+        start = statistics.median(v for _, v in totals[:START_SAMPLES])
         out["growth"] = max(v for _, v in totals) / start
-        out["jump"] = gradflow._largest_jump(totals, start)[1]
+        out["jump"] = largest_jump(totals, start)[1]
     dead = [r["dead_fraction"] for r in records if r.get("dead_fraction") is not None]
     saturated = [r["saturated_fraction"] for r in records if r.get("saturated_fraction") is not None]
-    out["dead_recent_max"] = max(_recent_by_layer(table, steps, layers, "dead_fraction"), default=None)
-    out["saturated_recent_max"] = max(_recent_by_layer(table, steps, layers, "saturated_fraction"), default=None)
+    out["dead_recent_max"] = max(_recent_by_layer(table, "dead_fraction"), default=None)
+    out["saturated_recent_max"] = max(_recent_by_layer(table, "saturated_fraction"), default=None)
     out["dead_max"] = max(dead, default=None)
     out["saturated_max"] = max(saturated, default=None)
-    updates = {layer: statistics.median(v for _, v in gradflow._series(table, steps, layer, "update_ratio")[-gradflow.RECENT_SAMPLES:])
-               for layer in layers if gradflow._series(table, steps, layer, "update_ratio")}
+    updates = {layer: statistics.median(v for _, v in table.series(layer, "update_ratio")[-RECENT_SAMPLES:])
+               for layer in layers if table.series(layer, "update_ratio")}
     if len(updates) >= 2:
         typical = statistics.median(updates.values())
         out["min_update_relative"] = min(updates.values()) / typical if typical > 0 else None
     return out
 
 
-def _recent_by_layer(table, steps, layers, key):
-    for layer in layers:
-        series = gradflow._series(table, steps, layer, key)
+def _recent_by_layer(table: RecordTable, key: str):
+    for layer in table.layers:
+        series = table.series(layer, key)
         if series:
-            yield statistics.median(v for _, v in series[-gradflow.RECENT_SAMPLES:])
+            yield statistics.median(v for _, v in series[-RECENT_SAMPLES:])
 
 
 def fmt(value) -> str:
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = statistics_of(records) | whole_data_check(model, data)
             stats["raw_grad_max"] = max((r["raw_grad_norm"] for r in records if r.get("raw_grad_norm") is not None),
                                         default=None)
-            kinds = sorted({f.kind for f in gradflow.findings_from_records(records)})
+            kinds = sorted({f.kind for f in findings_from_records(records)})
             print(f"| {name} | {expected or 'healthy'} | {seed} | " + " | ".join(fmt(stats.get(c)) for c in columns)
                   + f" | {', '.join(kinds) or 'none'} |", flush=True)
     print(f"\n{time.perf_counter() - began:.0f} s", file=sys.stderr)

@@ -33,9 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_header, write_json  # noqa: E402
 from diag_models import build  # noqa: E402
 from gradguard.data import load_dataset  # noqa: E402
-from gradguard.diagnostics import gradflow  # noqa: E402
-from gradguard.diagnostics.gradflow import GradientMonitor, findings_from_records  # noqa: E402
-from gradguard.diagnostics.health import RECENT_SAMPLES, START_SAMPLES, layer_order  # noqa: E402
+from gradguard.diagnostics.gradflow import (  # noqa: E402
+    GradientMonitor,
+    RecordTable,
+    findings_from_records,
+    not_learning_level,
+)
+from gradguard.diagnostics.gradflow.records import largest_jump  # noqa: E402
+from gradguard.diagnostics.health import RECENT_SAMPLES, START_SAMPLES  # noqa: E402
 
 FAMILIES = ("mlp", "cnn", "resnet", "transformer")
 DATASETS = ("digits", "fashion-mnist")
@@ -227,30 +232,29 @@ def statistics_of(records: list[dict]) -> dict:
     records = [r for r in records if not bad or r["step"] < min(bad)]
     if not records:
         return {}
-    steps = sorted({r["step"] for r in records})
-    layers = layer_order(records)
-    table = {(r["step"], r["layer"]): r for r in records}
-    ends = gradflow.depth_ends(table, layers)
-    depth = gradflow._depth_ratios(table, steps, *ends) if ends else []
-    totals = gradflow._total_grad_norms(table, steps, layers)
+    table = RecordTable(records)
+    layers = table.layers
+    ends = table.depth_ends()
+    depth = table.depth_ratios(*ends) if ends else []
+    totals = table.total_grad_norms()
     start = statistics.median(v for _, v in totals[:START_SAMPLES]) if totals else 0.0
     updates = {layer: statistics.median(v for _, v in series[-RECENT_SAMPLES:])
-               for layer in layers if (series := gradflow._series(table, steps, layer, "update_ratio"))}
+               for layer in layers if (series := table.series(layer, "update_ratio"))}
     typical = statistics.median(updates.values()) if updates else 0.0
-    model_ratio = [v for _, v in gradflow._model_update_ratios(table, steps, layers)]
-    losses = gradflow._losses(table, steps, layers)
-    level = gradflow.not_learning_level(table, steps, layers)
+    model_ratio = [v for _, v in table.model_update_ratios()]
+    losses = table.losses()
+    level = not_learning_level(table)
 
     def recent_max(key: str) -> float | None:
         values = [statistics.median(v for _, v in series[-RECENT_SAMPLES:])
-                  for layer in layers if (series := gradflow._series(table, steps, layer, key))]
+                  for layer in layers if (series := table.series(layer, key))]
         return max(values) if values else None
 
-    inputs = [v for layer in layers for _, v in gradflow._series(table, steps, layer, "input_rms")]
+    inputs = [v for layer in layers for _, v in table.series(layer, "input_rms")]
     return {
         "depth_ratio_recent": statistics.median(r for _, r in depth[-RECENT_SAMPLES:]) if depth else None,
         "grad_growth": max(v for _, v in totals) / start if totals and start > 0 else None,
-        "grad_jump": gradflow._largest_jump(totals, start)[1] if totals else None,
+        "grad_jump": largest_jump(totals, start)[1] if totals else None,
         "min_relative_update": (min(updates.values()) / typical) if updates and typical > 0 else None,
         "model_update_ratio": statistics.median(model_ratio) if model_ratio else None,
         "loss_change": (abs(statistics.median(losses[:START_SAMPLES]) - statistics.median(losses[-RECENT_SAMPLES:]))

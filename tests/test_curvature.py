@@ -439,10 +439,10 @@ def test_monitor_counting_through_the_optimiser_measures_on_schedule_and_removes
 
 
 def test_top_eigenvalue_falls_back_to_power_iteration_when_the_lanczos_basis_would_be_too_big(monkeypatch):
-    from gradguard.diagnostics import curvature
+    from gradguard.diagnostics.curvature import spectrum
 
     model, x, targets, expected = quadratic_problem()
-    monkeypatch.setattr(curvature, "LANCZOS_BASIS_BYTES", 0)
+    monkeypatch.setattr(spectrum, "LANCZOS_BASIS_BYTES", 0)  # where top_hessian_eigenvalue reads it
     value = top_hessian_eigenvalue(model, x, targets, loss_fn=squared_error, iters=7, tol=0)
     assert value == hessian_power_iteration(model, x, targets, loss_fn=squared_error, iters=7, tol=0).value
     assert value != pytest.approx(expected, rel=1e-9)  # 7 power steps are not converged; Lanczos would be exact

@@ -67,8 +67,7 @@ def test_same_depth_relu_with_he_init_or_batchnorm_is_not_flagged_vanishing(digi
     model = mlp(12, nn.ReLU, init="he") if variant == "relu-he" else mlp(12, nn.ReLU, norm=True)
     monitor = train_monitored(model, digits, optimizer="adam", lr=1e-3)
     assert "vanishing" not in kinds(monitor.findings())
-    ratios = gradflow._depth_ratios({(r["step"], r["layer"]): r for r in monitor.records},
-                                    sorted({r["step"] for r in monitor.records}), "1", monitor.layer_names[-1])
+    ratios = gradflow.RecordTable(monitor.records).depth_ratios("1", monitor.layer_names[-1])
     assert min(r for _, r in ratios) > 1e-2  # orders of magnitude above the sigmoid net, not just above the line
 
 

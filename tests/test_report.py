@@ -185,6 +185,13 @@ curve = RobustnessCurve(eps=[0.0, 0.1], robust_accuracy=[0.9, 0.5], clean_accura
                         threat={"norm": "linf", "eps": 0.1}, suite=["apgd-ce"], per_attack=[{}, {}], attacked=[9, 9],
                         elapsed_s=1.0)
 curve.plot(sys.argv[2])
+import torch
+from gradguard.evaluation.certify import CertifyResult
+certified = CertifyResult(prediction=torch.tensor([0, 1, -1]), radius=torch.tensor([0.5, 0.2, 0.0]),
+                          labels=torch.tensor([0, 1, 1]), p_lower=torch.tensor([0.9, 0.7, 0.4]),
+                          top_count=torch.tensor([90, 70, 40]), base_prediction=torch.tensor([0, 1, 0]), sigma=0.25,
+                          n0=10, n=100, alpha=0.001, batch_size=100, seed=0, elapsed_s=1.0)
+certified.plot(sys.argv[3])
 print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
 """
 
@@ -195,11 +202,12 @@ def test_plots_leave_the_users_matplotlib_backend_alone(suite_run, tmp_path):
     import sys
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", BACKEND_KEPT, str(suite_run), str(tmp_path / "curve.png")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", BACKEND_KEPT, str(suite_run), str(tmp_path / "curve.png"),
+                           str(tmp_path / "certified.png")], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["svg", "False"]  # backend unchanged, no pyplot state touched
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "certified.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (suite_run / "plots" / "per_attack.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from gradguard import ConfigError, Linf
+from gradguard import L2, ConfigError, Linf
 from gradguard.cli import main
 from gradguard.train import CURE, MART, PGDAT, GradAlign, InputGradientRegularization, Trainer, get_method
 
@@ -90,6 +90,81 @@ def test_gradalign_penalty_is_zero_for_a_locally_linear_model_and_positive_other
     assert float(GradAlign(Linf(0.3)).penalty(linear, x, y, Linf(0.3)).detach()) < 1e-6
     x10, y10 = batch(classes=10, n=16, side=8)
     assert float(GradAlign(Linf(0.3)).penalty(tiny_mlp(activation=nn.Tanh), x10, y10, Linf(0.3)).detach()) > 1e-3
+
+
+def test_the_overfitting_guard_follows_the_methods_single_step_property():
+    """co_guard="auto" turns the guard on for the single-step methods (FGSM-AT, fast FGSM), off for the others,
+    and for any TrainingMethod subclass that says ``single_step = True``."""
+    from gradguard.train import METHODS, TrainingMethod
+
+    assert {name for name, cls in METHODS.items() if cls.single_step} == {"fgsm", "fgsm-rs"}
+
+    class OneStep(TrainingMethod):
+        single_step = True
+
+    model = tiny_mlp()
+    assert Trainer(model, OneStep(THREAT), threat=THREAT, epochs=1, progress=False, val_attack=None).co_guard
+    assert not Trainer(model, "pgd", threat=THREAT, epochs=1, progress=False, val_attack=None).co_guard
+    assert Trainer(model, "gradalign", threat=THREAT, epochs=1, progress=False, val_attack=None,
+                   co_guard=True).co_guard
+
+
+def test_gradalign_gradient_from_the_primitive_is_the_summed_ce_gradient_bit_for_bit():
+    """GradAlign's gradient at x comes from ``input_gradient`` (per-sample CE, summed); it equals the gradient of
+    CE(reduction="sum") it replaced, bit for bit, also through a BatchNorm in train mode, and so do the penalty
+    and its parameter gradients."""
+    def summed_ce_gradient(forward, x, y, create_graph):  # the replaced train/methods._per_sample_input_gradient
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            loss = F.cross_entropy(forward(x), y, reduction="sum")
+            return torch.autograd.grad(loss, x, create_graph=create_graph)[0]
+
+    def old_penalty(model, x, y, threat):
+        grad = summed_ce_gradient(model, x, y, False)
+        grad_moved = summed_ce_gradient(model, threat.random_start(x), y, True)
+        return (1 - F.cosine_similarity(grad.detach().flatten(1), grad_moved.flatten(1), dim=1)).mean()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(144, 10)).train()
+    x, y = batch(classes=10, n=16, side=8)
+    results = []
+    for penalty in (old_penalty, GradAlign(Linf(0.3)).penalty):
+        copy_ = copy.deepcopy(model)
+        torch.manual_seed(5)
+        value = penalty(copy_, x, y, Linf(0.3))
+        value.backward()
+        results.append((value.detach(), [p.grad for p in copy_.parameters()], copy_[1].running_mean))
+    (old, old_grads, old_stats), (new, new_grads, new_stats) = results
+    assert torch.equal(old, new) and torch.equal(old_stats, new_stats)
+    assert all(torch.equal(a, b) for a, b in zip(old_grads, new_grads, strict=True))
+
+
+@pytest.mark.parametrize("threat", [Linf(0.3), L2(1.0)])
+def test_trades_points_are_the_last_iterate_of_a_hand_written_ascent_on_the_kl(threat):
+    """TRADES' adversarial points, pinned bit for bit against the loop written out by hand: start x + 0.001·N(0, I)
+    projected, ``steps`` steps of eps/4 along the threat's ascent step of ∇ KL(p(x) ‖ p(x')), projected, last
+    iterate, model in eval mode. A shared projected-ascent loop replacing ``maximise_kl`` must pass this."""
+    from gradguard.rng import noise_like
+    from gradguard.train import TRADES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(144, 10)).train()
+    reference = copy.deepcopy(model).eval()
+    x, _ = batch(classes=10, n=16, side=8)
+    torch.manual_seed(7)
+    got = TRADES(threat, steps=4).maximise_kl(model, x, threat)
+    assert model.training
+
+    torch.manual_seed(7)
+    with torch.no_grad():
+        p_clean = F.softmax(reference(x), dim=1)
+    want = threat.project(x + 0.001 * noise_like(x), x)
+    for _ in range(4):
+        leaf = want.detach().requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(reference(leaf), dim=1), p_clean, reduction="none").sum(dim=1).sum()
+        (grad,) = torch.autograd.grad(kl, leaf)
+        want = threat.project(want + threat.ascent_step(grad, threat.eps / 4, want), x)
+    assert not torch.equal(want, x) and torch.equal(got, want)
 
 
 def test_mart_loss_matches_the_paper_formula():

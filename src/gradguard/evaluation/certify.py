@@ -178,7 +178,7 @@ class CertifyResult:
 
     def plot(self, path: str | Path, label: str = "smoothed model") -> Path:
         """Write certified accuracy vs L2 radius as a PNG (atomically); returns the path."""
-        from ..report.plots import certified_accuracy
+        from ..viz.certify import certified_accuracy
 
         png = certified_accuracy({label: exact_curve(self.radius, self.correct)}, self.sigma)
         return atomic_write_bytes(path, png)

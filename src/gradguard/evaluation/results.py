@@ -186,25 +186,10 @@ class RobustnessCurve(_JsonResult):
 
     def plot(self, path: str | Path) -> Path:
         """Write robust accuracy vs eps (and the clean accuracy line) as a PNG; returns the path."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from ..viz.robustness import curve
 
-        figure = Figure(figsize=(5, 3.5), dpi=120)  # its own canvas: the user's pyplot backend is left alone
-        FigureCanvasAgg(figure)
-        axes = figure.subplots()
-        axes.plot(self.eps, [100 * a for a in self.robust_accuracy], marker="o", label="robust (worst case)")
-        axes.axhline(100 * self.clean_accuracy, color="grey", linestyle="--", linewidth=1, label="clean")
-        axes.set_xlabel(f"eps ({self.threat.get('norm', '')})")
-        axes.set_ylabel("accuracy (%)")
-        axes.set_ylim(0, 100)
-        axes.set_title(f"suite: {' → '.join(self.suite)}", fontsize=9)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
-        return path
+        return curve(self.eps, self.robust_accuracy, self.clean_accuracy, self.threat.get("norm", ""), self.suite,
+                     path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from . import optional_dependency
-from ._common import GradientHealthBase, OnFinding, loss_scalar
+from .base import GradientHealthBase, OnFinding, loss_scalar
 
 with optional_dependency("transformers", extra="huggingface", user=__name__):
     import transformers

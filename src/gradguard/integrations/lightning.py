@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import optional_dependency
-from ._common import GradientHealthBase, OnFinding
+from .base import GradientHealthBase, OnFinding
 
 with optional_dependency("lightning", extra="lightning", user=__name__):
     import lightning.pytorch as pl

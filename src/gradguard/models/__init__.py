@@ -9,20 +9,19 @@ safe safetensors checkpoints that record how to rebuild their model.
 from __future__ import annotations
 
 from .base import SOURCE_ATTRIBUTE, SPEC_ATTRIBUTE, Normalized, model_source, model_spec, parse_stats, unwrap
-from .checkpoint import (
+from .outputs import FirstPass, Logits, as_logits_model, describe_output, first_pass, select_logits, with_logits
+from .sources import call_factory, describe_source, import_callable, load, resolve, resolve_source
+from .weights import (
                    FORMAT,
                    SIDECAR_FILE,
                    WEIGHTS_FILE,
                    fit_state_dict,
-                   load,
                    load_weights,
                    read_safetensors,
                    read_state_dict,
                    save,
                    state_tensors,
 )
-from .outputs import FirstPass, Logits, as_logits_model, describe_output, first_pass, select_logits, with_logits
-from .sources import call_factory, describe_source, import_callable, resolve, resolve_source
 from .zoo import ACTIVATIONS, INITS, MODELS, PreActResNet18, build_model, fmnist_cnn, list_models, mlp, small_cnn
 
 __all__ = [

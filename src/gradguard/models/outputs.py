@@ -1,10 +1,11 @@
-"""The output adapter: where in a model's output its logits are, and the first-pass check of model and data.
+"""The output adapter for models (``Logits``), and the first-pass check of model and data.
 
 Models do not all return a logits tensor: Hugging Face classifiers return a ``ModelOutput`` with ``.logits``, others
-a dict or a ``(logits, features)`` tuple. ``select_logits`` is the one place that finds the logits in an output:
-a tensor is used as is, an output with a ``logits`` attribute or key is used through it automatically, any other
-output needs an explicit key or index — ``Logits(model, key)`` in Python, ``--logits KEY|INDEX`` on the command
-line — and without one the error names that option and shows what the output looked like.
+a dict or a ``(logits, features)`` tuple. ``select_logits`` (in ``core/logits.py``, re-exported here) is the one
+place that finds the logits in an output: a tensor is used as is, an output with a ``logits`` attribute or key is
+used through it automatically, any other output needs an explicit key or index — ``Logits(model, key)`` in Python,
+``--logits KEY|INDEX`` on the command line — and without one the error names that option and shows what the output
+looked like.
 
 ``first_pass`` runs a model once on a couple of samples before any work: it checks that the data, the
 normalisation (``mean``/``std``) and the model's first layer agree on the number of channels, turns an exception
@@ -13,122 +14,19 @@ the logits were found (``"model output: .logits"``).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..core.guard import model_guard
+from ..core.logits import AUTO_KEY as AUTO_KEY  # the output adapter itself lives in core (check_logits needs it)
+from ..core.logits import FLAG as FLAG
+from ..core.logits import LogitsKey as LogitsKey
+from ..core.logits import check_logits, output_label, select_logits
+from ..core.logits import describe_output as describe_output
 from ..errors import ConfigError, GradguardError, ModelOutputError, ShapeError
-
-LogitsKey = Union[str, int]
-AUTO_KEY = "logits"
-FLAG = "--logits"
-
-
-def select_logits(output: Any, key: LogitsKey | None = None) -> Tensor:
-    """The logits tensor in ``output``: ``output[key]`` / ``output.key`` for a string key, ``output[key]`` for an
-    integer index; with ``key=None`` the output itself when it is a tensor, else its ``logits`` attribute or key.
-    Raises ModelOutputError naming ``--logits`` / ``Logits(model, key)`` and the output's structure otherwise."""
-    if key is None:
-        if isinstance(output, Tensor):
-            return output
-        found = _lookup(output, AUTO_KEY)
-        if isinstance(found, Tensor):
-            return found
-        raise ModelOutputError(f"model: the model returned {describe_output(output)}, not a logits tensor; "
-                               f"{_advice(output)}")
-    if isinstance(output, Tensor):
-        raise ModelOutputError(f"logits: the model already returns a logits tensor (shape {tuple(output.shape)}), "
-                               f"so there is nothing to select with {key!r}; drop {FLAG} (Python: Logits)")
-    found = _lookup(output, key)
-    if found is _MISSING:
-        raise ModelOutputError(f"logits: the model's output has no {_key_text(output, key)} (it returned "
-                               f"{describe_output(output)}); {_advice(output, key)}")
-    if not isinstance(found, Tensor):
-        raise ModelOutputError(f"logits: the model's output{_key_text(output, key)} is {describe_output(found)}, not a "
-                               f"logits tensor (the model returned {describe_output(output)}); {_advice(output, key)}")
-    return found
-
-
-_MISSING: Any = object()
-
-
-def _lookup(output: Any, key: LogitsKey) -> Any:
-    if isinstance(key, int) and not isinstance(key, bool):
-        if isinstance(output, (tuple, list)):
-            return output[key] if -len(output) <= key < len(output) else _MISSING
-        if isinstance(output, Mapping):  # a dict keyed by integers, or a ModelOutput (indexable by position)
-            if key in output:
-                return output[key]
-            values = list(output.values())
-            return values[key] if hasattr(output, "to_tuple") and -len(values) <= key < len(values) else _MISSING
-        return _MISSING
-    if isinstance(output, Mapping) and key in output:
-        return output[key]
-    if not isinstance(output, (Tensor, Mapping, tuple, list)) and isinstance(key, str):
-        return getattr(output, key, _MISSING)
-    return _MISSING
-
-
-def _key_text(output: Any, key: LogitsKey) -> str:
-    """How ``key`` reads on ``output``: ``.logits`` for an attribute (a ModelOutput), ``['out']``, ``[0]``."""
-    if isinstance(key, str) and (hasattr(output, "to_tuple") or not isinstance(output, (Mapping, tuple, list))):
-        return f".{key}"
-    return f"[{key!r}]"
-
-
-def output_label(output: Any, key: LogitsKey | None) -> str:
-    """Where the logits came from, for run.json and the report: ``tensor``, ``.logits``, ``['out']``, ``[0]``."""
-    if key is None:
-        if isinstance(output, Tensor):
-            return "tensor"
-        key = AUTO_KEY
-    return _key_text(output, key)
-
-
-def describe_output(output: Any, depth: int = 0) -> str:
-    """A short picture of a model's output: ``a dict {'out': Tensor(2, 10), 'feat': Tensor(2, 64)}``."""
-    def inner(value: Any) -> str:
-        if isinstance(value, Tensor):
-            return f"Tensor{tuple(value.shape)}"
-        if depth >= 1 or not isinstance(value, (Mapping, tuple, list)):
-            return type(value).__name__
-        return describe_output(value, depth + 1).removeprefix("a ")
-
-    if isinstance(output, Tensor):
-        return f"a tensor of shape {tuple(output.shape)}"
-    if isinstance(output, Mapping):
-        items = list(output.items())[:6]
-        text = ", ".join(f"{k!r}: {inner(v)}" for k, v in items) + (", …" if len(output) > 6 else "")
-        return f"a {type(output).__name__} {{{text}}}"
-    if isinstance(output, (tuple, list)):
-        text = ", ".join(inner(v) for v in list(output)[:6]) + (", …" if len(output) > 6 else "")
-        return f"a {type(output).__name__} of {len(output)} ({text})"
-    fields = {name: value for name, value in vars(output).items() if not name.startswith("_")} \
-        if hasattr(output, "__dict__") else {}
-    if fields:
-        return f"a {type(output).__name__} ({', '.join(f'{k}: {inner(v)}' for k, v in list(fields.items())[:6])})"
-    return f"a {type(output).__name__}"
-
-
-def _candidates(output: Any) -> list[LogitsKey]:
-    """Keys / indices of ``output`` that hold 2-D tensors (batch, classes): the likely logits, first first."""
-    if isinstance(output, Mapping):
-        pairs: list[tuple[LogitsKey, Any]] = list(output.items())
-    elif isinstance(output, (tuple, list)):
-        pairs = list(enumerate(output))
-    else:
-        return []
-    return [k for k, v in pairs if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] >= 2]
-
-
-def _advice(output: Any, key: LogitsKey | None = None) -> str:
-    candidates = [k for k in _candidates(output) if k != key]
-    example: LogitsKey = candidates[0] if candidates else (0 if isinstance(output, (tuple, list)) else "KEY")
-    return (f"say which part holds the logits with {FLAG} {example} (Python: gradguard.models.Logits(model, "
-            f"{example!r})), or make forward() return the logits tensor")
 
 
 def parse_logits_key(text: str | int | None) -> LogitsKey | None:
@@ -209,7 +107,6 @@ def first_pass(model: nn.Module, x: Tensor, logits: LogitsKey | None = None) -> 
     the model to use — wrapped in ``Logits`` (and recording the key) when its output is not a tensor — with a
     label saying where the logits came from.
     """
-    from ..attacks.base import check_logits, model_guard
     from .base import Normalized
 
     if logits is not None:

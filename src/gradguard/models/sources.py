@@ -3,13 +3,15 @@
 ``spec`` is an ``nn.Module``, a run directory or ``.safetensors`` file, a zoo name, ``package.module:callable``
 (the user's own code, found on the current directory and PYTHONPATH), ``torchvision:NAME`` or ``timm:NAME``.
 The result carries a JSON record of how it was made (``model_source``), which ``save`` writes into the run
-directory and ``resolve_source`` turns back into the same model.
+directory and ``resolve_source`` turns back into the same model; ``load`` rebuilds a model from such a run
+directory (the weight file formats themselves live in ``weights``).
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
@@ -19,10 +21,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, GradguardError
 from .base import Normalized, Stats, make_source, model_source, normalise, parse_stats, record, unwrap
-from .checkpoint import WEIGHTS_FILE, fit_state_dict, load, read_state_dict
 from .outputs import LogitsKey, parse_logits_key, with_logits
+from .weights import WEIGHTS_FILE, fit_state_dict, read_safetensors, read_state_dict, weight_paths
 from .zoo import MODELS, build_model, list_models
 
 CALLABLE_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -229,6 +231,69 @@ def call_factory(factory: Callable[..., object], label: str, kwargs: dict) -> nn
 
 def _call_text(kwargs: dict) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# A run directory: rebuild the model ``save`` wrote
+# ------------------------------------------------------------------------------------------------
+def load(path, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved with ``save`` (a run directory or a ``.safetensors`` file).
+
+    The architecture comes from the sidecar's (or the header's) source — a zoo name, ``package.module:callable``,
+    ``torchvision:``/``timm:`` name with its kwargs and normalisation — built without its original weights; then the
+    run's own weights load strictly. Old sidecars with only a zoo spec still load. Nothing is unpickled. Missing,
+    corrupt or mismatching files raise ``CheckpointError``.
+    """
+    from ..io import sha256_file
+
+    weights_path, sidecar_path = weight_paths(path)
+    sidecar = _read_sidecar(sidecar_path)
+    expected = sidecar.get("sha256")
+    if expected and weights_path.is_file() and sha256_file(weights_path) != expected:
+        raise CheckpointError(f"path: {str(weights_path)!r} does not match the SHA-256 in {sidecar_path.name}; "
+                              "the file is corrupt or was replaced")
+    tensors, header = read_safetensors(weights_path)
+    model = _rebuild(_stored_record(sidecar, header, "source"), _stored_record(sidecar, header, "model"), weights_path)
+    fit_state_dict(model, tensors, weights_path, argument="path")
+    source = model_source(model)
+    if source is not None:  # it now holds the run's weights: record those, so resolve_source gives this model back
+        source.update(weights=str(weights_path.resolve()), weights_sha256=expected or sha256_file(weights_path))
+        record(model, source=source)
+    return model.to(map_location)
+
+
+def _read_sidecar(sidecar_path: Path) -> dict:
+    if not sidecar_path.is_file():
+        return {}
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"path: sidecar {str(sidecar_path)!r} is not valid JSON ({error})") from None
+    return sidecar if isinstance(sidecar, dict) else {}
+
+
+def _stored_record(sidecar: dict, header: dict[str, str], key: str) -> dict | None:
+    if sidecar.get(key):
+        return sidecar[key]
+    try:
+        value = json.loads(header[key]) if header.get(key) else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _rebuild(source: dict | None, spec: dict | None, weights_path: Path) -> nn.Module:
+    if source is not None:
+        try:
+            return resolve_source(source, with_weights=False)
+        except GradguardError as error:
+            raise type(error)(f"{error} (needed to rebuild the model saved in {str(weights_path)!r})") from None
+    if spec and spec.get("name") in MODELS:
+        return build_model(spec["name"], **spec.get("kwargs", {}))
+    raise CheckpointError(
+        f"path: {str(weights_path)!r} does not record how to build its architecture; pass the architecture with "
+        "resolve('package.module:callable', weights=path) (CLI: --model ... --weights), or build the model yourself "
+        "and call gradguard.models.load_weights(model, path)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -234,7 +234,7 @@ class Trainer:
         self.final_suite = final_suite
         if co_guard not in ("auto", True, False):
             raise ConfigError(f"co_guard: expected 'auto', True or False, got {co_guard!r}")
-        self.co_guard = (self.method.name in ("fgsm", "fgsm-rs")) if co_guard == "auto" else bool(co_guard)
+        self.co_guard = self.method.single_step if co_guard == "auto" else bool(co_guard)
         if self.co_guard and threat is None:
             raise ConfigError("co_guard: needs a threat model to measure PGD accuracy against")
         self.guard = guard or GuardSettings()

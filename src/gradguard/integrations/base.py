@@ -1,21 +1,24 @@
-"""What the framework callbacks share: argument checks, one monitored fit, the stop, the diagnosis file."""
+"""What the framework callbacks share: argument checks, one monitored fit, the stop, the diagnosis file.
+
+``GradientHealthBase`` is the framework-independent half of the Lightning and Hugging Face callbacks (the base
+class they subclass, hence the module's name; it was ``_common.py``). The ``on_finding`` check is the monitor's
+own (``diagnostics.findings.check_on_finding``)."""
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..diagnostics.gradflow import Finding, GradientMonitor, TrainingStopped, findings_from_records
+from ..diagnostics.findings import Finding, OnFinding, TrainingStopped, check_on_finding
+from ..diagnostics.gradflow import GradientMonitor, findings_from_records
 from ..errors import ConfigError
 from ..io import atomic_write_json
 
 logger = logging.getLogger("gradguard.integrations")
-
-OnFinding = str | Callable[[Finding], Any] | None
 
 
 def check_options(every: int, path: str | os.PathLike | None, on_finding: OnFinding, tensorboard: Any) -> None:
@@ -25,8 +28,7 @@ def check_options(every: int, path: str | os.PathLike | None, on_finding: OnFind
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise ConfigError(f"path: expected a file path for gradflow.jsonl (str or pathlib.Path) or None for the "
                           f"default, got {type(path).__name__}")
-    if not (on_finding is None or callable(on_finding) or on_finding in ("warn", "stop")):
-        raise ConfigError(f"on_finding: expected None, 'warn', 'stop' or a callable taking a Finding, got {on_finding!r}")
+    check_on_finding(on_finding)
     if not (isinstance(tensorboard, (bool, str, os.PathLike)) or callable(getattr(tensorboard, "add_scalar", None))):
         raise ConfigError(f"tensorboard: expected True/False, a log directory or a SummaryWriter, "
                           f"got {type(tensorboard).__name__}")

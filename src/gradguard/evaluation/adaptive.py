@@ -43,9 +43,10 @@ from ..errors import InputError
 from ..rng import per_sample_generators, sample_seed
 from ..threat import ThreatModel
 from . import evidence as ev
+from .cascade import NOT_BROKEN, BlockOutcome, Cascade
 from .distributed import Shard, batch_seed
 from .journal import JournalWriter
-from .robustness import NOT_BROKEN, BlockOutcome, Cascade, RobustnessReport
+from .results import RobustnessReport
 from .stream import Block, BlockSource, release_freed_memory
 from .suites import AttackSpec
 

@@ -11,9 +11,10 @@ import ctypes
 import ctypes.util
 import functools
 import hashlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ from torch.utils.data import Dataset, IterableDataset
 from ..checks import as_labels, check_inputs, positive_int
 from ..errors import InputError
 from ..threat import ThreatModel
+
+if TYPE_CHECKING:
+    from .distributed import Shard
 
 
 @dataclass
@@ -111,6 +115,21 @@ def collect(source: BlockSource) -> tuple[Tensor, Tensor]:
     if not xs:
         raise InputError("data: the loader yielded no batches; pass a non-empty dataset")
     return torch.cat(xs), torch.cat(ys)
+
+
+def collect_data(data: Any, threat: ThreatModel, max_samples: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` tensors from any data form ``evaluate`` takes, checked and capped (held in memory: small sets)."""
+    return collect(BlockSource(data, threat, 1024, max_samples))
+
+
+def progress_blocks(source: BlockSource, progress: bool, shard: Shard) -> Iterator[tuple[int, Callable[[], Block]]]:
+    """``source.blocks()``, with a progress bar on rank 0 when ``progress`` is asked for."""
+    if not progress or shard.rank != 0:
+        return source.blocks()
+    from ..runtime.progress import progress_bar
+
+    total = None if source.n is None else math.ceil(source.n / source.batch_size)
+    return iter(progress_bar(source.blocks(), total=total, desc="blocks"))
 
 
 def release_freed_memory() -> None:

@@ -1,41 +1,26 @@
-"""The gradient-masking checklist: automatic sanity checks on a robustness evaluation.
+"""The gradient-masking checklist itself: ``check_masking`` and the probe whose measurements become the checks.
 
-A model can look robust because its gradients are useless to the attacker (saturated softmax, rounding or other
-non-differentiable layers, randomness), not because it is robust. Athalye, Carlini & Wagner (ICML 2018, §3.1)
-and Carlini et al. ("On Evaluating Adversarial Robustness", 2019, §§4-5) list the tell-tale signs; each becomes
-one check here, run on a small subset with small budgets, and reported as PASS / WARN / FAIL with the measured
-numbers and one line of advice. The verdict is the worst status.
-
-Black-box and noise attacks are compared with the strongest white-box attack the checklist ran (the lowest
-accuracy among FGSM, PGD, PGD with doubled budget and APGD-CE), so a PGD that merely has not converged reads as
-"a weak white-box attack" (WARN: use more steps or APGD), and only a black-box attack that beats APGD-CE too reads
-as "masked gradients" (FAIL). Every FAIL names the adaptive attack to run next, from what the other checks saw:
-EOT for a random model, BPDA for shattered (zero) gradients, a margin loss for a saturated softmax, more steps /
-APGD for an attack that has not converged (Athalye et al. 2018, §5; Tramèr et al., NeurIPS 2020).
-
-Thresholds (fractions of the correctly classified samples checked) were tuned on honest and deliberately masked
-models (tests/test_masking.py): honest MLPs/CNNs stay well inside them, masked models land far outside.
+One algorithm (Athalye et al. 2018, §3.1; Carlini et al. 2019, §§4-5): each tell-tale sign of masking is one
+check, run on a small subset with small budgets and graded against the thresholds of
+``gradguard.evaluation.signals``; the determinism numbers come from ``gradguard.evaluation.randomness``. The
+package docstring (``gradguard.diagnostics.masking``) describes the checks and how their verdicts combine.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..attacks import APGD, FGSM, PGD
-from ..attacks.base import Attack, check_logits, input_gradient, model_guard, positive_int
-from ..attacks.losses import cross_entropy
-from ..errors import InputError
-
-# The thresholds, the causes and the adaptive attack each cause calls for live in gradguard.evaluation.signals, with
-# the per-sample measurements the checklist shares with the "adaptive" suite; re-exported here.
-from ..evaluation.signals import (
+from ...attacks import APGD, FGSM, PGD
+from ...attacks.base import Attack, check_logits, input_gradient, model_guard, positive_int
+from ...attacks.losses import cross_entropy
+from ...errors import InputError
+from ...evaluation.randomness import measure_determinism
+from ...evaluation.signals import (
     EPS_MULTIPLIERS,
     FAIL,
     LOSS_FLAT,
@@ -49,7 +34,6 @@ from ..evaluation.signals import (
     PGD_WORSE_THAN_FGSM,
     RANDOM,
     SATURATED,
-    SEVERITY,
     SHATTERED,
     SQUARE_STRONGER,
     UNBOUNDED_ACCURACY,
@@ -57,99 +41,12 @@ from ..evaluation.signals import (
     WARN,
     ZERO_GRADIENTS,
     gradient_health,
-    logit_changes,
     loss_rose,
 )
-from ..models.outputs import as_logits_model
-from ..threat import ThreatModel, check_threat
-
-
-@dataclass
-class Check:
-    """One item of the checklist: ``status`` is PASS, WARN or FAIL; ``evidence`` holds the measured numbers."""
-
-    name: str
-    status: str
-    evidence: dict
-    advice: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class MaskingReport:
-    """The checklist's outcome: every check, and the verdict (the worst status)."""
-
-    checks: list[Check]
-    n_samples: int
-    threat: dict
-    elapsed_s: float
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def verdict(self) -> str:
-        return max((c.status for c in self.checks), key=SEVERITY.__getitem__, default=PASS)
-
-    def check(self, name: str) -> Check:
-        for item in self.checks:
-            if item.name == name:
-                return item
-        raise KeyError(f"no check named {name!r}; checks: {[c.name for c in self.checks]}")
-
-    def to_dict(self) -> dict:
-        return {"verdict": self.verdict, "n_samples": self.n_samples, "threat": self.threat,
-                "elapsed_s": self.elapsed_s, "settings": self.settings, "checks": [c.to_dict() for c in self.checks]}
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            from ..io import atomic_write_text
-
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, text)
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "MaskingReport":
-        from ..evaluation.robustness import _read_json
-
-        data = _read_json(text_or_path)
-        return cls(checks=[Check(**c) for c in data["checks"]], n_samples=data["n_samples"], threat=data["threat"],
-                   elapsed_s=data["elapsed_s"], settings=data.get("settings", {}))
-
-    def summary(self) -> str:
-        lines = [f"gradient-masking checklist: {self.verdict} ({self.n_samples} samples)"]
-        for c in self.checks:
-            lines.append(f"  {c.status:<5} {c.name}: {c.advice}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
-def format_evidence(evidence: Any, n_correct: int | None = None) -> list[tuple[str, str]]:
-    """A check's (or a gradient finding's) evidence as (key, text) pairs for people: numbers rounded to 3
-    significant digits (integers and booleans as they are), lists and dicts likewise, and fields without a value
-    (None) left out. The JSON keeps the full values. With ``n_correct`` (the checklist's clean-correct samples),
-    each accuracy key says that it is measured on those samples, not on all of them like an evaluation's."""
-    if not isinstance(evidence, dict):
-        return [("", _evidence_value(evidence))]
-    return [(f"{key} on the {n_correct} clean-correct samples" if n_correct is not None and
-             str(key).endswith("accuracy") else str(key), _evidence_value(value))
-            for key, value in evidence.items() if value is not None]
-
-
-def _evidence_value(value: Any) -> str:
-    if isinstance(value, bool) or isinstance(value, int) or isinstance(value, str):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.3g}" if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_evidence_value(v)}" for k, v in value.items() if v is not None) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_evidence_value(v) for v in value) + "]"
-    return str(value)
+from ...evaluation.stream import collect_data
+from ...models.outputs import as_logits_model
+from ...threat import ThreatModel, check_threat
+from .report import Check, MaskingReport
 
 
 def _grade(value: float, thresholds: tuple[float, float]) -> str:
@@ -172,8 +69,6 @@ def check_masking(model: nn.Module, data: Any, threat: ThreatModel, *, n_samples
     queries) and random noise (``noise_draws`` uniform points per sample from the ball) are compared with.
     The model is left untouched.
     """
-    from ..evaluation.robustness import collect_data
-
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -260,10 +155,7 @@ class _Probe:
                          apgd=self.correct_after(self.apgd(), x, y))
 
     def determinism(self, x: Tensor) -> Check:
-        changes = logit_changes(self.model, x, self.batch_size)
-        scale = float(changes.scale.max().clamp_min(1e-12))
-        change = float(changes.change.max()) / scale if bool(torch.isfinite(changes.change).all()) else float("inf")
-        flips = float(changes.flipped.float().mean())
+        change, flips = measure_determinism(self.model, x, self.batch_size)
         status = _grade(change, NON_DETERMINISM)
         return Check("deterministic", status, {"max_relative_logit_change": change, "prediction_flips": flips},
                      "the model gives the same logits twice" if status == PASS else
@@ -361,7 +253,7 @@ class _Probe:
 
     def black_box(self, x: Tensor, y: Tensor, white: "_WhiteBox", queries: int, cause: str) -> Check:
         try:
-            from ..attacks.square import Square
+            from ...attacks.square import Square
         except ImportError:
             return Check("black_box_not_stronger", WARN, {"square": "not available"},
                          "the Square attack is not available in this installation: this check did not run")

@@ -11,7 +11,7 @@ The code lives in smaller modules; this one re-exports the names it used to hold
 
 - ``results.py``: ``RobustnessReport``, ``RobustnessCurve``, ``per_class_table``, ``threat_of`` (JSON in and out);
 - ``cascade.py``: ``Cascade``, ``BlockOutcome``, ``NOT_BROKEN``;
-- ``evaluate.py``: ``evaluate`` (stream -> cascade -> journal -> report), ``output_width``, ``chance_warnings``;
+- ``pipeline.py``: ``evaluate`` (stream -> cascade -> journal -> report), ``output_width``, ``chance_warnings``;
 - ``curve.py``: ``evaluate_curve``;
 - ``randomness.py``: the determinism measurement and ``randomness_warnings``;
 - ``stream.py``: ``collect_data``.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from .cascade import NOT_BROKEN, BlockOutcome, Cascade
 from .curve import evaluate_curve
-from .evaluate import chance_warnings, evaluate, output_width
+from .pipeline import chance_warnings, evaluate, output_width
 from .randomness import randomness_warnings
 from .results import RobustnessCurve, RobustnessReport, per_class_table, threat_of
 from .stream import collect_data

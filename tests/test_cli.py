@@ -342,3 +342,15 @@ def test_yaml_config_needs_pyyaml(tmp_path, capsys):
     else:
         code, _, _ = run_cli(capsys, "list", "--config", config)
         assert code != 0  # "learning_speed" is no command's option: the YAML was parsed and validated
+
+
+def test_list_names_exactly_the_registered_commands():
+    """`gradguard list commands` reads cli.common.COMMANDS (no import of the CLI's root): it must be the parser's."""
+    import argparse
+
+    from gradguard.cli import COMMAND_MODULES, build_parser
+    from gradguard.cli.common import COMMANDS
+
+    assert [m.__name__.rsplit(".", 1)[-1].replace("listing", "list") for m in COMMAND_MODULES] == list(COMMANDS)
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(subparsers.choices) == list(COMMANDS)

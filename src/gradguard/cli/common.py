@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError
 
+# The commands in the order --help lists them (cli/__init__.py registers one module each; `list` is listing.py).
+COMMANDS = ("demo", "train", "attack", "evaluate", "certify", "diagnose", "report", "list")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

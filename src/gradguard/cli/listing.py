@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_command
+from .common import COMMANDS, add_command
 
 CATALOGUES = ["commands", "attacks", "methods", "models", "datasets", "suites", "diagnostics", "findings"]
 # What `gradguard diagnose` (and --curvature) computes, by the name docs/diagnose.md uses.
@@ -33,9 +33,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     from ..models import list_models
     from ..train import METHODS
     from ..workflow import available_attacks
-    from . import COMMAND_MODULES
-
-    commands = [module.__name__.rsplit(".", 1)[-1].replace("listing", "list") for module in COMMAND_MODULES]
+    commands = list(COMMANDS)
     catalogue = {"commands": commands, "attacks": available_attacks(), "methods": sorted(METHODS), "models": list_models(),
                  "datasets": list_datasets(), "suites": sorted(SUITES), "diagnostics": DIAGNOSTICS,
                  "findings": list(KINDS)}

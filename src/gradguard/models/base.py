@@ -1,15 +1,17 @@
-"""What every model source shares: the ``Normalized`` wrapper, DDP/compile unwrapping, and the records a model
-carries (its zoo spec and its source) so a run directory can rebuild it."""
+"""What every model source shares: the ``Normalized`` and ``Logits`` wrappers (input normalisation, the output
+adapter), DDP/compile unwrapping, and the records a model carries (its zoo spec and its source) so a run directory
+can rebuild it."""
 from __future__ import annotations
 
 import copy
 import json
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, ShapeError
+from ..core.logits import LogitsKey, select_logits
+from ..errors import ConfigError, ModelOutputError, ShapeError
 
 Stats = Union[float, Sequence[float], str]
 SPEC_ATTRIBUTE = "gradguard_spec"
@@ -50,8 +52,6 @@ class Normalized(nn.Module):
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers and the output adapter
     ``Logits`` (which holds no weights): the module whose state dict and records a run directory stores."""
-    from .outputs import Logits
-
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
@@ -151,8 +151,6 @@ def _stat_values(value: Stats, argument: str) -> list[float]:
 
 def normalise(model: nn.Module, mean, std) -> nn.Module:
     """``Normalized(model, mean, std)`` carrying ``model``'s records with mean/std added; ``model`` if both None."""
-    from .outputs import Logits, with_logits
-
     if mean is None:
         return model
     if isinstance(model, Logits):  # normalise inside the output adapter, as a rebuilt model has it
@@ -168,3 +166,62 @@ def normalise(model: nn.Module, mean, std) -> nn.Module:
     if source is not None:
         source.update(mean=mean, std=std)
     return record(wrapped, source=source, spec=spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# The output adapter: a wrapper like Normalized, looked through by unwrap
+# ------------------------------------------------------------------------------------------------
+class Logits(nn.Module):
+    """``model`` whose forward returns only its logits tensor: ``Logits(model, "out")`` for a dict or an object with
+    that key/attribute, ``Logits(model, 0)`` for a ``(logits, features)`` tuple, ``Logits(model)`` (``key=None``) for
+    the automatic choice — a tensor as is, else the output's ``logits``.
+
+    Every gradguard entry point adapts a model this way by itself when its output has ``logits``; pass the wrapper
+    for any other output. It holds no weights of its own: run directories store the wrapped model's weights and
+    record ``key``, so a reloaded model selects the same part (``gradguard.models.unwrap`` looks through it).
+    """
+
+    def __init__(self, model: nn.Module, key: LogitsKey | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ModelOutputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(key, bool) or (key is not None and not isinstance(key, (str, int))):
+            raise ConfigError(f"logits: expected a key name (str) or an index (int), got {key!r}")
+        self.model = model
+        self.key = key
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return select_logits(self.model(*args, **kwargs), self.key)
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}"
+
+
+def as_logits_model(model: nn.Module) -> nn.Module:
+    """``model`` adapted so that calling it gives a logits tensor: a ``Logits`` model as it is, any other wrapped
+    in the automatic ``Logits(model)``. What every Python entry point (evaluate, check_masking, certify,
+    curvature, Trainer) does first."""
+    return model if isinstance(model, Logits) else Logits(model)
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The model inside ``Logits`` wrappers (the one whose layers and weights are the user's)."""
+    while isinstance(model, Logits):
+        model = model.model
+    return model
+
+
+def with_logits(model: nn.Module, key: LogitsKey | None) -> nn.Module:
+    """``Logits(model, key)`` carrying ``model``'s records with ``logits=key`` added (so a run directory rebuilds the
+    same selection); a model that already selects is re-keyed. ``model`` itself when ``key`` is None."""
+    if key is None:
+        return model
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise ConfigError(f"logits: expected a key name (str) or an index (int), got {key!r}")
+    inner = inner_model(model)
+    source, spec = model_source(model), model_spec(model)
+    wrapped = Logits(inner, key)
+    if source is not None:
+        source["logits"] = key
+        record(unwrap(wrapped), source=source, spec=spec)
+    return wrapped

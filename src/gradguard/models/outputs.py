@@ -1,4 +1,5 @@
-"""The output adapter for models (``Logits``), and the first-pass check of model and data.
+"""The output adapter for models (``Logits``, defined in ``base.py`` beside ``Normalized`` and re-exported here),
+and the first-pass check of model and data.
 
 Models do not all return a logits tensor: Hugging Face classifiers return a ``ModelOutput`` with ``.logits``, others
 a dict or a ``(logits, features)`` tuple. ``select_logits`` (in ``core/logits.py``, re-exported here) is the one
@@ -27,6 +28,11 @@ from ..core.logits import LogitsKey as LogitsKey
 from ..core.logits import check_logits, output_label, select_logits
 from ..core.logits import describe_output as describe_output
 from ..errors import ConfigError, GradguardError, ModelOutputError, ShapeError
+from .base import Logits as Logits  # the adapter lives in base.py (unwrap looks through it); re-exported here
+from .base import Normalized, unwrap
+from .base import as_logits_model as as_logits_model
+from .base import inner_model as inner_model
+from .base import with_logits as with_logits
 
 
 def parse_logits_key(text: str | int | None) -> LogitsKey | None:
@@ -41,46 +47,6 @@ def parse_logits_key(text: str | int | None) -> LogitsKey | None:
         return int(text)
     except ValueError:
         return text
-
-
-class Logits(nn.Module):
-    """``model`` whose forward returns only its logits tensor: ``Logits(model, "out")`` for a dict or an object with
-    that key/attribute, ``Logits(model, 0)`` for a ``(logits, features)`` tuple, ``Logits(model)`` (``key=None``) for
-    the automatic choice — a tensor as is, else the output's ``logits``.
-
-    Every gradguard entry point adapts a model this way by itself when its output has ``logits``; pass the wrapper
-    for any other output. It holds no weights of its own: run directories store the wrapped model's weights and
-    record ``key``, so a reloaded model selects the same part (``gradguard.models.unwrap`` looks through it).
-    """
-
-    def __init__(self, model: nn.Module, key: LogitsKey | None = None) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise ModelOutputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(key, bool) or (key is not None and not isinstance(key, (str, int))):
-            raise ConfigError(f"logits: expected a key name (str) or an index (int), got {key!r}")
-        self.model = model
-        self.key = key
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        return select_logits(self.model(*args, **kwargs), self.key)
-
-    def extra_repr(self) -> str:
-        return f"key={self.key!r}"
-
-
-def as_logits_model(model: nn.Module) -> nn.Module:
-    """``model`` adapted so that calling it gives a logits tensor: a ``Logits`` model as it is, any other wrapped
-    in the automatic ``Logits(model)``. What every Python entry point (evaluate, check_masking, certify,
-    curvature, Trainer) does first."""
-    return model if isinstance(model, Logits) else Logits(model)
-
-
-def inner_model(model: nn.Module) -> nn.Module:
-    """The model inside ``Logits`` wrappers (the one whose layers and weights are the user's)."""
-    while isinstance(model, Logits):
-        model = model.model
-    return model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,8 +73,6 @@ def first_pass(model: nn.Module, x: Tensor, logits: LogitsKey | None = None) -> 
     the model to use — wrapped in ``Logits`` (and recording the key) when its output is not a tensor — with a
     label saying where the logits came from.
     """
-    from .base import Normalized
-
     if logits is not None:
         model = with_logits(model, logits)
     if x.shape[0] == 0:  # nothing to run on: the command's own checks refuse empty data
@@ -155,34 +119,12 @@ def _first_line(error: BaseException) -> str:
 
 
 def _find(model: nn.Module, kind: type) -> Any:
-    from .base import unwrap
-
     return next((m for m in unwrap(model).modules() if isinstance(m, kind)), None)
 
 
 def _first_layer(model: nn.Module) -> tuple[str, int | None]:
     """The first convolution in ``model`` (name and class) and the channels it takes, or ("", None)."""
-    from .base import unwrap
-
     for name, module in unwrap(model).named_modules():
         if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
             return f"{name or 'the model'}: {type(module).__name__}", int(module.in_channels)
     return "", None
-
-
-def with_logits(model: nn.Module, key: LogitsKey | None) -> nn.Module:
-    """``Logits(model, key)`` carrying ``model``'s records with ``logits=key`` added (so a run directory rebuilds the
-    same selection); a model that already selects is re-keyed. ``model`` itself when ``key`` is None."""
-    from .base import model_source, model_spec, record, unwrap
-
-    if key is None:
-        return model
-    if isinstance(key, bool) or not isinstance(key, (str, int)):
-        raise ConfigError(f"logits: expected a key name (str) or an index (int), got {key!r}")
-    inner = inner_model(model)
-    source, spec = model_source(model), model_spec(model)
-    wrapped = Logits(inner, key)
-    if source is not None:
-        source["logits"] = key
-        record(unwrap(wrapped), source=source, spec=spec)
-    return wrapped

@@ -276,6 +276,7 @@ def main() -> None:
     parser.add_argument("--norms", nargs="*", default=list(THREATS), choices=list(THREATS))
     parser.add_argument("--masked", action="store_true", help="also the masked models built on the first model")
     parser.add_argument("--only-masked", action="store_true", help="only the masked models")
+    parser.add_argument("--kinds", nargs="*", default=list(MASKED), choices=list(MASKED), help="which masked models")
     parser.add_argument("--n-eval", type=int, default=1000)
     parser.add_argument("--suite", default="adaptive")
     parser.add_argument("--threads", type=int, default=1)
@@ -317,7 +318,8 @@ def main() -> None:
     base_name, base = next(iter(models.items()))
     todo = [] if args.only_masked else list(models.items())
     if args.masked or args.only_masked:
-        todo += [(f"{base_name}+{kind}", build(base).eval()) for kind, build in MASKED.items()]
+        todo += [(f"{base_name}+{kind}", build(base).eval()) for kind, build in MASKED.items()
+                 if kind in args.kinds]
     cifar = x_test.new_zeros(0)
     for k, (name, model) in enumerate(todo):
         x, y = x_test[:args.n_eval], y_test[:args.n_eval]

@@ -20,6 +20,10 @@ finds the truth. This procedure spends them where evidence measured along the wa
    the data after every block has its core and evidence (so a model-level verdict does not depend on how the data
    is cut into blocks); the journal records both passes, so an interrupted run resumes in either.
 
+A randomised model (two identical passes over a block's correctly classified samples disagree somewhere) has every
+stage's successes judged by the majority of ``RANDOM_VOTES`` passes, as the "rand" suite judges them: one lucky
+pass does not take a sample out of the cascade before the EOT escalations can attack it.
+
 Randomness: APGD random starts are drawn per sample (``gradguard.rng.per_sample_generators`` keyed by the seed, the
 stage and the sample's global index), so the white-box stages and the evidence give a sample the same outcome in
 one block or many and on any number of processes. Square (the probe and the escalation) moves one window per
@@ -50,6 +54,7 @@ from .results import RobustnessReport
 from .stream import Block, BlockSource, release_freed_memory
 from .suites import AttackSpec
 
+RANDOM_VOTES = 11  # the "rand" suite's success votes: the majority of 11 passes decides on a randomised model
 PROBE_STREAM = 7919  # the "epoch" of the probe subset's per-sample hash: independent of every attack's draws
 
 
@@ -76,6 +81,7 @@ class AdaptiveCascade(Cascade):
         self.core = int(settings.get("core", 3))
         self.probe_fraction = float(settings.get("probe_fraction", 0.25))
         self.close_call = float(settings.get("close_call", 0.0))
+        self.votes = 1  # passes whose majority judges a success: RANDOM_VOTES on a randomised model (per block)
         self.flags: dict[str, dict] = {}
 
     # -- pass 1: the core and the evidence ------------------------------------------------------------
@@ -86,6 +92,11 @@ class AdaptiveCascade(Cascade):
         check_labels(y, clean_logits.shape[1], "data")
         clean_pred = clean_logits.argmax(1)
         state = _State.start(x, y, clean_pred, keep_adversarial)
+        correct = clean_pred == y
+        # A randomised model: one lucky pass is no success, so every stage judges by a majority of passes
+        random = bool(correct.any()) and bool(ev.randomised(self.model, x[correct], self.batch_size).any())
+        self.votes = RANDOM_VOTES if random else 1
+        state.add_budget("evidence", 0, 2 * int(correct.sum()))
         positions = block.index * self.batch_size + torch.arange(x.shape[0], device=x.device)
         evidence = torch.zeros_like(y)
         best_margin = torch.full(y.shape, float("inf"), device=x.device)
@@ -163,7 +174,7 @@ class AdaptiveCascade(Cascade):
                 found = attack.run(xb, yb)
             state.add_budget(spec.label, found.n_grad, found.n_forward)
             candidate = threat.project(found.x_adv.detach(), xb)
-            votes = getattr(attack, "success_votes", 1)
+            votes = max(getattr(attack, "success_votes", 1), self.votes)
             success, logits = voted_logits(self.model, candidate, yb, votes, lambda z, t: z.argmax(1) != t)
             state.stages[index] |= 1 << k
             hit = index[success]
@@ -237,6 +248,7 @@ class AdaptiveCascade(Cascade):
         state = _State.resume(x, y, outcome, self.device, keep_adversarial)
         assert outcome.evidence is not None
         evidence = outcome.evidence.to(self.device)
+        self.votes = RANDOM_VOTES if bool(((evidence & ev.bits("random")) != 0).any()) else 1
         positions = block.index * self.batch_size + torch.arange(x.shape[0], device=x.device)
         for k, spec in self.escalations():
             mask, whole = self.triggers(spec.label)

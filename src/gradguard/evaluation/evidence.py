@@ -54,7 +54,8 @@ INDICATORS = (
     Indicator("random", 0, "the logits change between two identical passes (a randomised model)",
               0.0, (EOT_CE, EOT_DLR)),
     Indicator("zero_gradient", 1, "the CE input gradient is zero or not finite while the logit margin's is not (a "
-              "saturated softmax; margin losses and FAB do not care about the scale)", ZERO_GRADIENTS[0], (REST, FAB)),
+              "saturated softmax; margin losses, FAB and Square do not care about the scale)", ZERO_GRADIENTS[0],
+              (REST, FAB, SQUARE)),
     Indicator("zero_margin_gradient", 2, "the logit-margin gradient is zero too: no loss has a gradient "
               "(rounding, quantisation)", ZERO_GRADIENTS[0], (SQUARE, BPDA)),
     Indicator("shattered", 3, "finite differences along the gradient disagree with its directional derivative",
@@ -97,14 +98,20 @@ def at_clean_point(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, 
     evidence = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     if x.shape[0] == 0:
         return evidence, 0
-    changes = logit_changes(model, x, batch_size)
-    random = changes.flipped | ~(changes.change <= RELATIVE_CHANGE * changes.scale.clamp_min(1e-12))
+    random = randomised(model, x, batch_size)
     health = gradient_health(model, x, y, batch_size)
     evidence |= _bit(random, "random") | _bit(~health.ce_live, "zero_gradient")
     evidence |= _bit(~health.margin_live, "zero_margin_gradient")
     evidence |= _bit(health.margin_live & shattered(model, x, y, threat, health.margin.reshape(x.shape)),
                      "shattered")
     return evidence, 2
+
+
+@torch.no_grad()
+def randomised(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    """Per sample: do two identical passes disagree (prediction, or logits beyond the checklist's FAIL level)?"""
+    changes = logit_changes(model, x, batch_size)
+    return changes.flipped | ~(changes.change <= RELATIVE_CHANGE * changes.scale.clamp_min(1e-12))
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ SUITES: dict[str, list[dict]] = {
         {"name": "apgd-t", "label": "apgd-t-rest", "steps": 100, "n_target_classes": 9, "first_target": 3,
          "ranking": "linearised"},
         {"name": "fab-t", "steps": 100, "n_target_classes": 9},
-        {"name": "square", "queries": 5000},
+        {"name": "square", "queries": 5000, "restarts": 2},  # where gradients mislead, random search is the truth
         {"name": "apgd-ce", "label": "apgd-ce-eot", "steps": 100, "eot_samples": 20, "success_votes": 11},
         {"name": "apgd-dlr", "label": "apgd-dlr-eot", "steps": 100, "eot_samples": 20, "success_votes": 11},
     ],

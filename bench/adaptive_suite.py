@@ -30,12 +30,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_suite import checked_robust, reference_stages, run_cascade  # noqa: E402
 from common import fmnist_cnn, load_fashion_mnist, run_header, train_quick, write_json  # noqa: E402
 from gradguard import L2, Linf, evaluate  # noqa: E402
+from gradguard.evaluation.evidence import randomised  # noqa: E402
 from suite_stages import MODELS, load_models  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -141,8 +143,8 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
         if cached is not None and cached.exists():
             out = json.loads(cached.read_text())
             print(f"  (reference read from {cached}, run {out.get('ran_at', '?')})", flush=True)
-            if cached.with_suffix(".pt").exists():
-                points["reference"] = torch.load(cached.with_suffix(".pt"))
+            if cached.with_suffix(".safetensors").exists():  # no pickle is ever loaded
+                points["reference"] = load_file(cached.with_suffix(".safetensors"))["x_adv"]
             return {**out, "cached": str(cached)}
         counted.reset()
         began = time.perf_counter()
@@ -156,7 +158,7 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(out))
-            torch.save(kept["x_adv"], cached.with_suffix(".pt"))
+            save_file({"x_adv": kept["x_adv"].contiguous()}, cached.with_suffix(".safetensors"))
         return out
 
     def ours() -> dict:
@@ -189,7 +191,7 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
     row["time_ratio"] = round(new["time_s"] / max(ref["time_s"], 1e-9), 3)
     row["pass_ratio"] = round(new["passes"]["forward_equivalents"] / max(ref["passes"]["forward_equivalents"], 1), 3)
     row["samples_above_reference"] = round((new["robust_accuracy"] - ref["robust_accuracy"]) * len(y))
-    if _randomised(model, x[:64]) and "reference" in points:  # one draw per point is a coin flip: re-score both by a majority of draws
+    if bool(randomised(model, x[:64], 64).any()) and "reference" in points:  # one draw per point is a coin flip: re-score both by a majority of draws
         clean = majority_correct(model, x, y)
         for key in ("reference", suite):
             row[key]["robust"] = (clean & (majority_correct(model, points[key], y) | ~threat.contains(
@@ -206,11 +208,6 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
 
 
 VOTES = 11
-
-
-def _randomised(model: nn.Module, x: torch.Tensor) -> bool:
-    with torch.no_grad():
-        return not torch.equal(model(x), model(x))
 
 
 def majority_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> torch.Tensor:

@@ -40,9 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks.base import AttackResult, check_logits, voted_logits
+from ..attacks.base import AttackResult, voted_logits
 from ..attacks.losses import margin
-from ..checks import check_labels
 from ..errors import InputError
 from ..rng import per_sample_generators, sample_seed
 from ..threat import ThreatModel
@@ -81,21 +80,18 @@ class AdaptiveCascade(Cascade):
         self.core = int(settings.get("core", 3))
         self.probe_fraction = float(settings.get("probe_fraction", 0.25))
         self.close_call = float(settings.get("close_call", 0.0))
-        self.votes = 1  # passes whose majority judges a success: RANDOM_VOTES on a randomised model (per block)
         self.flags: dict[str, dict] = {}
 
     # -- pass 1: the core and the evidence ------------------------------------------------------------
     def run_block(self, block: Block, threat: ThreatModel, *, keep_adversarial: bool) -> BlockOutcome:
         x, y = block.x.to(self.device), block.y.to(self.device)
-        with torch.no_grad():
-            clean_logits = check_logits(self.model(x), x.shape[0])
-        check_labels(y, clean_logits.shape[1], "data")
+        clean_logits = self.clean_logits(x, y)
         clean_pred = clean_logits.argmax(1)
         state = _State.start(x, y, clean_pred, keep_adversarial)
         correct = clean_pred == y
         # A randomised model: one lucky pass is no success, so every stage judges by a majority of passes
-        random = bool(correct.any()) and bool(ev.randomised(self.model, x[correct], self.batch_size).any())
-        self.votes = RANDOM_VOTES if random else 1
+        if bool(correct.any()) and bool(ev.randomised(self.model, x[correct], self.batch_size).any()):
+            state.votes = RANDOM_VOTES
         state.add_budget("evidence", 0, 2 * int(correct.sum()))
         positions = block.index * self.batch_size + torch.arange(x.shape[0], device=x.device)
         evidence = torch.zeros_like(y)
@@ -174,7 +170,7 @@ class AdaptiveCascade(Cascade):
                 found = attack.run(xb, yb)
             state.add_budget(spec.label, found.n_grad, found.n_forward)
             candidate = threat.project(found.x_adv.detach(), xb)
-            votes = max(getattr(attack, "success_votes", 1), self.votes)
+            votes = max(getattr(attack, "success_votes", 1), state.votes)
             success, logits = voted_logits(self.model, candidate, yb, votes, lambda z, t: z.argmax(1) != t)
             state.stages[index] |= 1 << k
             hit = index[success]
@@ -248,7 +244,8 @@ class AdaptiveCascade(Cascade):
         state = _State.resume(x, y, outcome, self.device, keep_adversarial)
         assert outcome.evidence is not None
         evidence = outcome.evidence.to(self.device)
-        self.votes = RANDOM_VOTES if bool(((evidence & ev.bits("random")) != 0).any()) else 1
+        if bool(((evidence & ev.bits("random")) != 0).any()):
+            state.votes = RANDOM_VOTES
         positions = block.index * self.batch_size + torch.arange(x.shape[0], device=x.device)
         for k, spec in self.escalations():
             mask, whole = self.triggers(spec.label)
@@ -334,6 +331,7 @@ class _State:
     times: dict
     survivors: dict
     budget: dict
+    votes: int = 1  # passes whose majority judges a success: RANDOM_VOTES on a randomised model
 
     @classmethod
     def start(cls, x: Tensor, y: Tensor, clean_pred: Tensor, keep_adversarial: bool) -> "_State":

@@ -87,11 +87,15 @@ class Cascade:
         self.device = parameter.device if parameter is not None else torch.device("cpu")
 
     @torch.no_grad()
-    def predict(self, x: Tensor, y: Tensor) -> Tensor:
-        """Clean predictions of one block (and a check that its labels fit the model's classes)."""
+    def clean_logits(self, x: Tensor, y: Tensor) -> Tensor:
+        """Clean logits of one block (and a check that its labels fit the model's classes)."""
         logits = check_logits(self.model(x), x.shape[0])
         check_labels(y, logits.shape[1], "data")
-        return logits.argmax(1)
+        return logits
+
+    def predict(self, x: Tensor, y: Tensor) -> Tensor:
+        """Clean predictions of one block."""
+        return self.clean_logits(x, y).argmax(1)
 
     def run_block(self, block: Block, threat: ThreatModel, *, keep_adversarial: bool) -> BlockOutcome:
         x, y = block.x.to(self.device), block.y.to(self.device)

@@ -219,9 +219,19 @@ def majority_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
     return votes > VOTES // 2
 
 
-def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norms: list[str]) -> list[dict]:
-    """The core's budget split: the ranked targeted stage with 1-3 targets and 50 or 100 steps (everything else as
-    registered), robust accuracy and forward-equivalents of the whole suite per setting."""
+SWEEPS = {  # the core's budget splits: setting name -> {stage label: spec updates}
+    "apgd-t": {f"targets={t} steps={n}": {"apgd-t-ranked": {"n_target_classes": t, "steps": n},
+                                           "apgd-t-rest": {"first_target": t, "n_target_classes": 9 - t}}
+               for t in (1, 2, 3) for n in (50, 100)},
+    # FAB-T's core stage (L2 / L1): 0 targets = the stage left out
+    "fab-t": {f"targets={t} steps={n}": {"fab-t-core": {"n_target_classes": t, "steps": n}} if t else
+              {"fab-t-core": {"norms": ["l1"]}} for t in (0, 1, 2, 3) for n in ((100,) if t == 0 else (50, 100))},
+}
+
+
+def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norms: list[str], stage: str) -> list[dict]:
+    """The core's budget split for one stage (``SWEEPS``; everything else as registered): robust accuracy, per-sample
+    outcomes and forward-equivalents of the whole suite per setting."""
     from gradguard.evaluation.suites import SUITES
 
     registered = [dict(s) for s in SUITES["adaptive"]]
@@ -229,18 +239,17 @@ def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norms: list[str]) 
     try:
         for norm in norms:
             threat = Linf(THREATS[norm]) if norm == "linf" else L2(THREATS[norm])
-            for targets in (1, 2, 3):
-                for steps in (50, 100):
-                    SUITES["adaptive"][1].update(n_target_classes=targets, steps=steps)
-                    SUITES["adaptive"][3].update(first_target=targets, n_target_classes=9 - targets)
-                    counted = Counted(model).eval()
-                    began = time.perf_counter()
-                    report = evaluate(counted, (x, y), threat, "adaptive", batch_size=len(y), seed=0)
-                    rows.append({"norm": norm, "targets": targets, "steps": steps,
-                                 "robust_accuracy": report.robust_accuracy, "time_s": round(time.perf_counter() - began, 2),
-                                 "passes": counted.reset(),
-                                 "escalations_ran": [e["stage"] for e in report.escalations if e["ran"]]})
-                    print(rows[-1], flush=True)
+            for setting, updates in SWEEPS[stage].items():
+                SUITES["adaptive"][:] = [{**spec, **updates.get(spec.get("label", spec["name"]), {})}
+                                         for spec in registered]
+                counted = Counted(model).eval()
+                began = time.perf_counter()
+                report = evaluate(counted, (x, y), threat, "adaptive", batch_size=len(y), seed=0)
+                rows.append({"norm": norm, "stage": stage, "setting": setting,
+                             "robust_accuracy": report.robust_accuracy, "time_s": round(time.perf_counter() - began, 2),
+                             "passes": counted.reset(), "robust": report.robust.tolist(),
+                             "escalations_ran": [e["stage"] for e in report.escalations if e["ran"]]})
+                print({k: v for k, v in rows[-1].items() if k != "robust"}, flush=True)
     finally:
         SUITES["adaptive"][:] = registered
     return rows
@@ -285,8 +294,9 @@ def main() -> None:
     parser.add_argument("--reference-cache", type=Path, help="keep the reference's results in this folder and reuse "
                         "them (per model, norm and N; the reference is seeded, so a rerun gives the same points)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --json and exit")
-    parser.add_argument("--sweep", action="store_true", help="the core's budget split instead: targets x steps of "
-                        "the ranked APGD-T stage, adaptive suite only, on the first model")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), help="the core's budget split instead (apgd-t: targets "
+                        "x steps of the ranked APGD-T stage; fab-t: of FAB-T's core stage), adaptive suite only, on "
+                        "the first model")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.json.read_text())))
@@ -306,7 +316,8 @@ def main() -> None:
     if args.sweep:
         name, model = next(iter(models.items()))
         write_json(args.json, {**run_header(n_eval=args.n_eval, model=name),
-                               "sweep": sweep(model, x_test[:args.n_eval], y_test[:args.n_eval], args.norms)})
+                               "sweep": sweep(model, x_test[:args.n_eval], y_test[:args.n_eval], args.norms,
+                                              args.sweep)})
         return
     from gradguard.evaluation.suites import PROCEDURES
 

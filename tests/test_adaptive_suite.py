@@ -105,6 +105,13 @@ def _evidence(report, name: str) -> dict:
     return report.evidence[name]
 
 
+def _cheaper_square(probe: int, full: int) -> list[dict]:
+    """The adaptive suite's specs with smaller Square budgets (the probe's and the escalation's), as a copy."""
+    queries = {"square-probe": probe, "square": full}
+    return [{**spec, "queries": queries[spec.get("label", spec["name"])]} if spec["name"] == "square" else dict(spec)
+            for spec in SUITES["adaptive"]]
+
+
 def _escalation(report, stage: str) -> dict:
     return next(e for e in report.escalations if e["stage"] == stage)
 
@@ -147,6 +154,7 @@ def test_honest_model_no_evidence_no_escalation_points_valid_model_untouched(hon
     report = evaluate(honest, (x, y), Linf(EPS), "adaptive", batch_size=N, return_adversarial=True)
     assert honest.training and all(torch.equal(before[k], v) for k, v in honest.state_dict().items())
     assert all(p.requires_grad for p in honest.parameters())
+    assert {"label": "fab-t-core", "reason": "runs only in the l2, l1 norm (the suite's choice)"} in report.skipped
     masking = {k: v for k, v in report.evidence.items() if k != "close_call"}
     assert not any(v["samples"] for v in masking.values()), report.evidence
     # what ran, ran on near misses only (close_call is about the verdict, not the gradients)
@@ -194,11 +202,10 @@ def test_close_calls_are_exactly_the_near_misses_of_a_linear_model(monkeypatch):
     assert int(near.sum()) >= 20 and int(far.sum()) >= 20  # the test has both kinds
     settings = dict(PROCEDURES["adaptive"], close_call=fraction)
     monkeypatch.setitem(PROCEDURES, "adaptive", settings)
-    cheaper = [dict(spec) for spec in SUITES["adaptive"]]
-    cheaper[2]["queries"], cheaper[5]["queries"] = 50, 100
-    monkeypatch.setitem(SUITES, "adaptive", cheaper)
+    monkeypatch.setitem(SUITES, "adaptive", _cheaper_square(probe=50, full=100))
     report = evaluate(model, (x[keep], y[keep]), L2(eps), "adaptive", batch_size=int(keep.sum()))
     assert report.robust_accuracy == 1.0  # no attack can cross: every kept sample has a positive exact margin
+    assert "fab-t-core" in report.suite and report.attack_budget["fab-t-core"]["gradients"] > 0  # L2: in the core
     assert report.evidence["close_call"]["samples"] == int(near.sum())
     assert not report.evidence["close_call"]["model_level"]  # about verdicts, never the model's gradients
     fab = _escalation(report, "fab-t")
@@ -216,9 +223,8 @@ def test_each_piece_of_evidence_fires_on_its_planted_model(honest, data, planted
     x, y = data[0][:16], data[1][:16]
     torch.manual_seed(0)
     model = planted(honest).eval()
-    cheaper = [dict(spec) for spec in SUITES["adaptive"]]  # what runs is under test, not Square's budget
-    cheaper[2]["queries"], cheaper[5]["queries"] = 100, 500
-    monkeypatch.setitem(SUITES, "adaptive", cheaper)
+    # what runs is under test, not Square's budget
+    monkeypatch.setitem(SUITES, "adaptive", _cheaper_square(probe=100, full=500))
     suite = [dict(s) for s in SUITES["adaptive"]]
     report = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=16)
     assert _evidence(report, indicator)["model_level"], report.evidence
@@ -243,9 +249,8 @@ def test_escalation_reaches_the_standard_outcome_on_a_masked_model(honest, data)
 def test_same_per_sample_results_in_one_block_or_many_and_after_resume(honest, data, tmp_path, monkeypatch):
     x, y = data
     model = Quantised(honest).eval()  # evidence fires: the escalation pass runs too
-    cheaper = [dict(spec) for spec in SUITES["adaptive"]]  # Square's budget does not matter here: keep it CPU-cheap
-    cheaper[2]["queries"], cheaper[5]["queries"] = 100, 300
-    monkeypatch.setitem(SUITES, "adaptive", cheaper)
+    # Square's budget does not matter here: keep it CPU-cheap
+    monkeypatch.setitem(SUITES, "adaptive", _cheaper_square(probe=100, full=300))
     one = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=N)
     many = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=16)
     white_box = [i for i, p in enumerate(one.provenance) if "square" not in p]

@@ -153,6 +153,19 @@ def test_suites_drop_attacks_without_the_norm_and_say_so(digits_mlp, data):
     assert "skipped square" in result.summary()
 
 
+def test_a_stage_limited_to_some_norms_runs_only_there_and_says_so(digits_mlp, data):
+    suite = ["fgsm", {"name": "pgd", "steps": 3, "label": "pgd-l2-only", "norms": ["l2"]}]
+    in_linf = evaluate(digits_mlp, data, Linf(eps=0.1), suite)
+    assert in_linf.suite == ["fgsm"] and "pgd-l2-only" not in in_linf.attack_budget
+    assert in_linf.skipped == [{"label": "pgd-l2-only", "reason": "runs only in the l2 norm (the suite's choice)"}]
+    in_l2 = evaluate(digits_mlp, data, L2(eps=1.0), suite)
+    assert in_l2.suite == ["fgsm", "pgd-l2-only"] and in_l2.attack_budget["pgd-l2-only"]["gradients"] > 0
+    assert {"label": "pgd-l2-only", "name": "pgd", "steps": 3, "norms": ["l2"]} in in_l2.attacks
+    for bad in ([], ["l3"], 2):
+        with pytest.raises(ConfigError, match="norms=.*from \\('linf', 'l2', 'l1'\\)"):
+            evaluate(digits_mlp, data, L2(eps=1.0), [{"name": "pgd", "norms": bad}])
+
+
 def test_eps_zero_gives_the_clean_accuracy(digits_mlp, data):
     result = evaluate(digits_mlp, data, Linf(eps=0.0), ["fgsm", "pgd"])
     assert result.robust_accuracy == result.clean_accuracy

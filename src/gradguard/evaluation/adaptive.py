@@ -6,8 +6,10 @@ finds the truth. This procedure spends them where evidence measured along the wa
 
 1. **Core** (every sample still robust): APGD-CE (100 steps); then targeted APGD (targeted DLR, 100 steps) against
    the 3 wrong classes nearest by *linearised distance* (z_y − z_t)/‖∇(z_t − z_y)‖_* (MALT's ranking, one gradient
-   per candidate), in rank order, a sample leaving as soon as it falls; then a 500-query Square probe on a random
-   quarter of the samples still robust (chosen by a hash of the seed and the sample's index).
+   per candidate), in rank order, a sample leaving as soon as it falls; in L2 and L1, FAB-T (100 steps) on the 2
+   likeliest wrong classes — a minimum-norm search breaks samples there that targeted APGD leaves; then a 500-query
+   Square probe on a random quarter of the samples still robust (chosen by a hash of the seed and the sample's
+   index).
 2. **Evidence** (``evidence.py``), one bit per sample: randomness, zero CE / margin gradients, shattered gradients,
    APGD-CE's loss not rising, unstable or unreachable best points, the black-box probe beating the white-box
    attacks — and one that is not about masking: a *close call*, a sample the white-box core left with less than
@@ -77,7 +79,7 @@ class AdaptiveCascade(Cascade):
                  settings: dict) -> None:
         super().__init__(model, specs, seed)
         self.batch_size = batch_size
-        self.core = int(settings.get("core", 3))
+        self.core = int(settings["core"])  # the first `core` specs run on every sample; the last of them is the probe
         self.probe_fraction = float(settings.get("probe_fraction", 0.25))
         self.close_call = float(settings.get("close_call", 0.0))
         self.flags: dict[str, dict] = {}

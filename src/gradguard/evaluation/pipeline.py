@@ -175,7 +175,8 @@ def chance_warnings(data: Any, report: RobustnessReport, outputs: int | None = N
 def _skipped(specs: list[AttackSpec], threat: ThreatModel) -> list[dict]:
     if threat.eps == 0:
         return []
-    return [{"label": s.label, "reason": f"does not support the {threat.norm} norm"}
+    return [{"label": s.label, "reason": f"does not support the {threat.norm} norm" if s.norms is None
+             or threat.norm in s.norms else f"runs only in the {', '.join(s.norms)} norm (the suite's choice)"}
             for s in specs if not s.supports(threat)]
 
 

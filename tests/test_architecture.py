@@ -10,6 +10,7 @@ Every import counts, module-level or inside a function (the code imports lazily 
 - R5 size: every file ≤ ``MAX_LINES`` unless it is on ``LONG_FILES`` with its reason; none over ``HARD_LIMIT``.
 - R7 one gradient primitive: ``torch.autograd.grad`` only in the files of ``AUTOGRAD_GRAD``.
 - R8 heavy imports in their place: matplotlib, tqdm, safetensors and the training frameworks only in their modules.
+- R9 file names in one place: a string equal to a run-directory file name of ``layout.py`` appears only there.
 
 It began as a ratchet (``KNOWN`` listed the 57 violations the code had when the test was written, and the
 structure issue removed them one move at a time); ``KNOWN`` is now empty, so every rule is strict. Keep it empty:
@@ -264,9 +265,33 @@ def heavy_imports() -> set[tuple]:
     return bad
 
 
+LAYOUT = "layout.py"
+
+
+def layout_file_names() -> set[str]:
+    """The file names (and patterns) ``layout.py`` spells: its string constants with a suffix. Its bare folder names
+    (``models``, ``plots``, ``gradflow``, ...) are ordinary words too (summary keys, record fields), so R9 skips them."""
+    tree = ast.parse((PACKAGE / LAYOUT).read_text())
+    return {node.value.value for node in tree.body if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str) and "." in node.value.value}
+
+
+def typed_file_names() -> set[tuple]:
+    names = layout_file_names()
+    bad = set()
+    for module, path in modules().items():
+        rel = relative_path(module)
+        if rel == LAYOUT:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and node.value in names:
+                bad.add(("R9", rel, node.value))
+    return bad
+
+
 def all_violations() -> set[tuple]:
     return (layer_violations() | root_imports() | cycles() | private_imports() | oversized() | gradient_calls()
-            | heavy_imports())
+            | heavy_imports() | typed_file_names())
 
 
 # ------------------------------------------------------------------------------------------------ the tests
@@ -298,6 +323,11 @@ def test_registries_are_complete():
 def test_the_graph_sees_lazy_imports():
     """Function-level imports count: cli.main imports the workflow inside the function."""
     assert any(a == "gradguard.cli.__init__" and b == "gradguard.workflow" for a, b, _ in imports())
+
+
+def test_the_layout_names_files():
+    """R9 sees the run directory's file names (an empty set would make the rule pass vacuously)."""
+    assert {"run.json", "attacks.json", "gradflow.jsonl", "model.safetensors"} <= layout_file_names()
 
 
 def test_no_new_structure_violation():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..layout import DIAGNOSIS_FILE, MASKING_FILE
+from ..layout import DIAGNOSIS_FILE, HESSIAN_DENSITY_PLOT, INPUT_CURVATURE_PLOT, MASKING_FILE, PLOTS_DIR
 from .common import add_command, data_options, device_options, format_table, threat_options
 from .model_source import model_source_options, open_run
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     wrote = f"{run.shown}/{MASKING_FILE}, {run.shown}/{DIAGNOSIS_FILE}"
     if curvature is not None and args.curvature:
         text += "\n\n" + _curvature_text(curvature)
-        wrote += f", {run.shown}/plots/hessian_density.png, {run.shown}/plots/input_curvature.png"
+        wrote += f", {run.shown}/{PLOTS_DIR}/{HESSIAN_DENSITY_PLOT}, {run.shown}/{PLOTS_DIR}/{INPUT_CURVATURE_PLOT}"
     elif curvature is not None:  # diagnosis.json keeps an earlier run's curvature; this run did not touch it
         text += ("\n\ncurvature: not measured now; diagnosis.json keeps the curvature of an earlier "
                  "`diagnose --curvature` (add --curvature to measure it again)")

@@ -31,6 +31,7 @@ from ..errors import ConfigError, InputError, ModelOutputError
 from ..io import atomic_write_bytes, atomic_write_text
 from ..models.outputs import as_logits_model
 from ..threat import L2
+from .results import exact_mean
 from .stream import BlockSource
 
 ABSTAIN = -1
@@ -115,11 +116,11 @@ class CertifyResult:
 
     @property
     def abstain_rate(self) -> float:
-        return _mean(self.prediction == ABSTAIN)
+        return exact_mean(self.prediction == ABSTAIN)
 
     def certified_accuracy(self, radius: float) -> float:
         """Fraction of samples predicted correctly with a certified radius ≥ ``radius`` (Cohen et al., §4)."""
-        return _mean(self.correct & (self.radius >= float(radius)))
+        return exact_mean(self.correct & (self.radius >= float(radius)))
 
     def curve(self, radii: Sequence[float] | None = None) -> dict[str, list[float]]:
         """Certified accuracy at each radius (default 0, 0.25, 0.5, ... up to the largest certified radius)."""
@@ -133,7 +134,7 @@ class CertifyResult:
             "norm": "l2", "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
             "batch_size": self.batch_size, "seed": self.seed, "n_samples": self.n_samples,
             "smoothed_accuracy": self.certified_accuracy(0.0), "abstain_rate": self.abstain_rate,
-            "base_clean_accuracy": _mean(self.base_prediction == self.labels),
+            "base_clean_accuracy": exact_mean(self.base_prediction == self.labels),
             "certified_accuracy": {f"{r:g}": self.certified_accuracy(r) for r in (0.25, 0.5, 0.75, 1.0)},
             "curve": self.curve(), "elapsed_s": self.elapsed_s, "time_per_sample_s": self.time_per_sample_s,
             "samples": {"label": self.labels.tolist(), "prediction": self.prediction.tolist(),
@@ -166,7 +167,7 @@ class CertifyResult:
         """A small text table: smoothed accuracy, abstentions and certified accuracy at a few radii."""
         lines = [f"{self.n_samples} samples, sigma={self.sigma:g}, n0={self.n0}, n={self.n}, alpha={self.alpha:g} "
                  "(guarantee for the smoothed classifier, not the base model)",
-                 f"  {'base model, clean':<22}{100 * _mean(self.base_prediction == self.labels):7.2f} %",
+                 f"  {'base model, clean':<22}{100 * exact_mean(self.base_prediction == self.labels):7.2f} %",
                  f"  {'smoothed (radius 0)':<22}{100 * self.certified_accuracy(0):7.2f} %   "
                  f"(abstained {100 * self.abstain_rate:.1f} %)"]
         for r in (0.25, 0.5, 0.75, 1.0):
@@ -420,6 +421,3 @@ def _as_data(data: Any) -> Any:
         return x_test, y_test
     return data
 
-
-def _mean(mask: Tensor) -> float:
-    return int(mask.sum()) / mask.numel() if mask.numel() else float("nan")

@@ -17,6 +17,7 @@ from ..diagnostics.findings import Finding, OnFinding, TrainingStopped, check_on
 from ..diagnostics.gradflow import GradientMonitor, findings_from_records
 from ..errors import ConfigError
 from ..io import atomic_write_json
+from ..layout import DIAGNOSIS_FILE
 
 logger = logging.getLogger("gradguard.integrations")
 
@@ -139,7 +140,7 @@ class GradientHealthBase:
             self._sink.close(findings)
             self._sink = None
         if self._is_main and self.gradflow_path is not None:
-            self.diagnosis_path = atomic_write_json(self.gradflow_path.with_name("diagnosis.json"),
+            self.diagnosis_path = atomic_write_json(self.gradflow_path.with_name(DIAGNOSIS_FILE),
                                                     self.diagnosis(findings))
             logger.info("GradientHealthCallback: %d findings (%s) in %s", len(findings),
                         ", ".join(f.kind for f in findings) or "healthy", self.diagnosis_path)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..layout import GRADFLOW_FILE
 from . import optional_dependency
 from .base import GradientHealthBase, OnFinding, loss_scalar
 
@@ -59,7 +60,7 @@ class GradientHealthCallback(GradientHealthBase, transformers.TrainerCallback):
         if not isinstance(model, nn.Module):
             raise InputError(f"model: the Trainer handed on_train_begin no torch model (got {type(model).__name__}); "
                              "GradientHealthCallback needs Trainer(model=...) to be a torch.nn.Module")
-        path = self.path if self.path is not None else Path(args.output_dir or ".") / "gradflow.jsonl"
+        path = self.path if self.path is not None else Path(args.output_dir or ".") / GRADFLOW_FILE
         distributed = (args.world_size > 1 and torch.distributed.is_available()
                        and torch.distributed.is_initialized())
         self._remove_loss_hook()

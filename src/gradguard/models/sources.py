@@ -316,7 +316,7 @@ def _load_weights(model: nn.Module, weights: str | os.PathLike) -> nn.Module:
 
 
 def _weights_file(path: Path) -> Path:
-    return path / "model.safetensors" if path.is_dir() else path
+    return path / WEIGHTS_FILE if path.is_dir() else path
 
 
 def _check_recorded_weights(path: Path, expected: str | None) -> None:

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from ..layout import MODEL_JSON_FILE as SIDECAR_FILE  # gradguard.models exports the layout's names as these
+from ..layout import MODEL_WEIGHTS_FILE as WEIGHTS_FILE
 from .base import Normalized, model_source, model_spec, unwrap
 
-WEIGHTS_FILE = "model.safetensors"
-SIDECAR_FILE = "model.json"
 FORMAT = "gradguard-model"
 # Where checkpoints keep their tensors, in the order we look: the trained weights before any EMA copy.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module",

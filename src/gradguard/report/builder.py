@@ -14,6 +14,7 @@ import numpy as np
 from .. import viz
 from ..diagnostics.health import FATAL_KINDS
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..layout import PLOTS_DIR, REPORT_HTML_FILE, REPORT_MD_FILE, SUMMARY_FILE
 from ..viz.certify import certified_accuracy
 from ..viz.curvature import hessian_density, input_curvature_histogram
 from ..viz.robustness import accuracy_vs_eps, example_grid, per_attack_bars, per_class_bars
@@ -32,8 +33,6 @@ from .summary import (
     threat_text,
     worst_case_text,
 )
-
-REPORT_HTML, REPORT_MD, SUMMARY_JSON, PLOTS_DIR = "report.html", "report.md", "summary.json", "plots"
 
 
 def build_report(run_dir: str | Path, *, display_path: str | Path | None = None) -> Path:
@@ -65,9 +64,9 @@ def build_report(run_dir: str | Path, *, display_path: str | Path | None = None)
     subtitle = " · ".join(escape(part) for part in parts + [f"generated {summary['generated_at']}"])
     for name, png in figures.items():
         atomic_write_bytes(run.path / PLOTS_DIR / f"{name}.png", png)
-    atomic_write_json(run.path / SUMMARY_JSON, summary)
-    atomic_write_text(run.path / REPORT_MD, markdown(summary, sorted(figures)))
-    return atomic_write_text(run.path / REPORT_HTML, page("gradguard report", subtitle, sections))
+    atomic_write_json(run.path / SUMMARY_FILE, summary)
+    atomic_write_text(run.path / REPORT_MD_FILE, markdown(summary, sorted(figures)))
+    return atomic_write_text(run.path / REPORT_HTML_FILE, page("gradguard report", subtitle, sections))
 
 
 # ------------------------------------------------------------------------------------------------

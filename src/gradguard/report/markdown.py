@@ -2,6 +2,7 @@
 written from summary.json's dict alone (the HTML report is ``builder``'s)."""
 from __future__ import annotations
 
+from ..layout import PLOTS_DIR
 from .html import percent
 from .summary import APART_NOTE, apart_rows, headline_columns, ordered_attacks, threat_text, worst_case_text
 
@@ -35,7 +36,7 @@ def markdown(summary: dict, figure_names: list[str]) -> str:
             kinds = ", ".join(g["kinds"]) or "no issue found"
             lines.append(f"- **{g['label']}**: {kinds}")
     if figure_names:
-        lines += ["", "## Plots", ""] + [f"![{name}](plots/{name}.png)" for name in figure_names]
+        lines += ["", "## Plots", ""] + [f"![{name}]({PLOTS_DIR}/{name}.png)" for name in figure_names]
     return "\n".join(lines) + "\n"
 
 

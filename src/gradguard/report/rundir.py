@@ -27,12 +27,25 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
+from ..layout import (
+    ATTACKS_FILE,
+    CERTIFY_FILE,
+    CONFIG_FILE,
+    CURVE_FILE,
+    DIAGNOSIS_FILE,
+    EXAMPLES_FILE,
+    GRADFLOW_DIR,
+    GRADFLOW_FILE,
+    MASKING_FILE,
+    METRICS_FILE,
+    MODEL_JSON_FILE,
+    MODELS_DIR,
+    ROBUSTNESS_FILE,
+    RUN_FILE,
+)
 
-MANIFEST = "run.json"
-MODELS_DIR = "models"
-GRADFLOW_DIR = "gradflow"
-RESULT_FILES = ("run.json", "config.json", "model.json", "metrics.jsonl", "attacks.json", "examples.npz",
-                "robustness.json", "curve.json", "masking.json", "gradflow.jsonl", "diagnosis.json", "certify.json")
+RESULT_FILES = (RUN_FILE, CONFIG_FILE, MODEL_JSON_FILE, METRICS_FILE, ATTACKS_FILE, EXAMPLES_FILE, ROBUSTNESS_FILE,
+                CURVE_FILE, MASKING_FILE, GRADFLOW_FILE, DIAGNOSIS_FILE, CERTIFY_FILE)
 
 
 @dataclass
@@ -78,7 +91,7 @@ def read_run(run_dir: str | Path) -> RunData:
     if not path.is_dir():
         raise CheckpointError(f"run_dir: no run directory at {str(path)!r}; pass the --out folder of a gradguard "
                               "command (e.g. runs/demo)")
-    manifest = read_json(path / MANIFEST) or {}
+    manifest = read_json(path / RUN_FILE) or {}
     models = [read_model_run(p) for p in _subruns(path / MODELS_DIR)]
     if is_model_run(path):
         models.insert(0, read_model_run(path, label=manifest.get("label") or path.name))
@@ -90,15 +103,15 @@ def read_run(run_dir: str | Path) -> RunData:
 
 
 def read_model_run(path: Path, label: str | None = None) -> ModelRun:
-    manifest = read_json(path / MANIFEST) or {}
+    manifest = read_json(path / RUN_FILE) or {}
     return ModelRun(
         label=label or manifest.get("label") or path.name, path=path, manifest=manifest,
-        config=read_json(path / "config.json"), sidecar=read_json(path / "model.json"),
-        metrics=read_jsonl(path / "metrics.jsonl"), attacks=read_json(path / "attacks.json"),
-        examples=read_npz(path / "examples.npz"), robustness=read_json(path / "robustness.json"),
-        curve=read_json(path / "curve.json"), masking=read_json(path / "masking.json"),
-        gradflow=read_jsonl(path / "gradflow.jsonl"), diagnosis=read_json(path / "diagnosis.json"),
-        certify=read_json(path / "certify.json"),
+        config=read_json(path / CONFIG_FILE), sidecar=read_json(path / MODEL_JSON_FILE),
+        metrics=read_jsonl(path / METRICS_FILE), attacks=read_json(path / ATTACKS_FILE),
+        examples=read_npz(path / EXAMPLES_FILE), robustness=read_json(path / ROBUSTNESS_FILE),
+        curve=read_json(path / CURVE_FILE), masking=read_json(path / MASKING_FILE),
+        gradflow=read_jsonl(path / GRADFLOW_FILE), diagnosis=read_json(path / DIAGNOSIS_FILE),
+        certify=read_json(path / CERTIFY_FILE),
     )
 
 
@@ -146,7 +159,7 @@ def _subruns(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     runs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return sorted(runs, key=lambda p: ((read_json(p / MANIFEST) or {}).get("order", 0), p.name))
+    return sorted(runs, key=lambda p: ((read_json(p / RUN_FILE) or {}).get("order", 0), p.name))
 
 
 def attack_groups(attacks: dict | None) -> list[dict]:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..io import atomic_write_bytes, atomic_write_json, sha256_file
+from ..layout import CHECKPOINT_RECORDS, CHECKPOINT_STEM
 from ..models import read_safetensors
 
 FORMAT = "gradguard-checkpoint"
@@ -27,7 +28,7 @@ KEEP = 2
 
 
 def checkpoint_paths(directory: Path, epoch: int) -> tuple[Path, Path]:
-    stem = f"epoch-{epoch:04d}"
+    stem = CHECKPOINT_STEM.format(epoch=epoch)
     return directory / f"{stem}.safetensors", directory / f"{stem}.json"
 
 
@@ -42,7 +43,7 @@ def save_checkpoint(directory: str | Path, epoch: int, tensors: dict[str, Tensor
     atomic_write_bytes(tensor_path, to_bytes(tensors, metadata={"format": FORMAT}))
     atomic_write_json(json_path, {"format": FORMAT, "epoch": epoch, "tensors": tensor_path.name,
                                   "sha256": sha256_file(tensor_path), "state": state})
-    for old in sorted(directory.glob("epoch-*.json"))[:-keep]:
+    for old in sorted(directory.glob(CHECKPOINT_RECORDS))[:-keep]:
         old.with_suffix(".safetensors").unlink(missing_ok=True)
         old.unlink(missing_ok=True)
     return json_path
@@ -75,7 +76,7 @@ def latest_checkpoint(directory: str | Path) -> tuple[dict[str, Tensor], dict[st
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    for json_path in sorted(directory.glob("epoch-*.json"), reverse=True):
+    for json_path in sorted(directory.glob(CHECKPOINT_RECORDS), reverse=True):
         try:
             return read_checkpoint(json_path)
         except CheckpointError as error:

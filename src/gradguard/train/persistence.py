@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError, ResumeMismatchError, describe_changes
 from ..io import atomic_write_json, atomic_write_text
+from ..layout import CHECKPOINT_DIR, CHECKPOINT_RECORDS, CONFIG_FILE, EVENTS_FILE, METRICS_FILE, STEPS_FILE
 from ..models import save as save_model
 from ..models import state_tensors, unwrap
 from . import distributed
@@ -34,15 +35,15 @@ class RunDirWriter(TrainCallback):
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: TrainerLike) -> None:
         """Write config.json, or restore from the newest checkpoint when resuming (sets the start epoch)."""
-        checkpoint_dir = self.run_dir / "checkpoint"
+        checkpoint_dir = self.run_dir / CHECKPOINT_DIR
         found = latest_checkpoint(checkpoint_dir) if self.resume else None
-        if not self.resume and any(checkpoint_dir.glob("epoch-*.json")):
+        if not self.resume and any(checkpoint_dir.glob(CHECKPOINT_RECORDS)):
             raise ConfigError(f"run_dir: {str(self.run_dir)!r} already holds a run; pass resume=True to continue it "
                               "or choose a new directory")
         if found is None:
             if trainer.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(self.run_dir / "config.json", trainer.config)
+                atomic_write_json(self.run_dir / CONFIG_FILE, trainer.config)
             distributed.barrier()
             return
         tensors, state = found
@@ -66,7 +67,7 @@ class RunDirWriter(TrainCallback):
     def on_epoch_end(self, trainer: TrainerLike, epoch: int, metrics: dict, step_log: list[dict]) -> None:
         if not trainer.is_main:
             return
-        with open(self.run_dir / "steps.jsonl", "a") as handle:
+        with open(self.run_dir / STEPS_FILE, "a") as handle:
             handle.writelines(json.dumps(record) + "\n" for record in step_log)
         self.write_metrics(trainer)
         with trainer._evaluated_weights():
@@ -74,7 +75,7 @@ class RunDirWriter(TrainCallback):
         self.save_checkpoint(trainer, epoch)
 
     def on_event(self, trainer: TrainerLike, event: dict) -> None:
-        with open(self.run_dir / "events.jsonl", "a") as handle:
+        with open(self.run_dir / EVENTS_FILE, "a") as handle:
             handle.write(json.dumps(event) + "\n")
 
     def on_metrics(self, trainer: TrainerLike) -> None:
@@ -87,7 +88,7 @@ class RunDirWriter(TrainCallback):
 
     # ------------------------------------------------------------------------------------------------ files
     def check_resume_config(self, trainer: TrainerLike) -> None:
-        path = self.run_dir / "config.json"
+        path = self.run_dir / CONFIG_FILE
         try:
             stored = json.loads(path.read_text())
         except (OSError, ValueError) as error:
@@ -116,7 +117,7 @@ class RunDirWriter(TrainCallback):
             callback_tensors, callback_state = callback.state_dict()
             tensors.update(callback_tensors)
             state.update(callback_state)
-        save_checkpoint(self.run_dir / "checkpoint", epoch, tensors, state)
+        save_checkpoint(self.run_dir / CHECKPOINT_DIR, epoch, tensors, state)
 
     @staticmethod
     def model_metadata_for(trainer: TrainerLike, epoch: int) -> dict:
@@ -131,11 +132,11 @@ class RunDirWriter(TrainCallback):
 
     def write_metrics(self, trainer: TrainerLike) -> None:
         if trainer.is_main:
-            atomic_write_text(self.run_dir / "metrics.jsonl",
+            atomic_write_text(self.run_dir / METRICS_FILE,
                               "".join(json.dumps(record, default=str) + "\n" for record in trainer.history))
 
     def truncate_steps_log(self, steps_done: int) -> None:
-        path = self.run_dir / "steps.jsonl"
+        path = self.run_dir / STEPS_FILE
         if not path.is_file():
             return
         kept = []

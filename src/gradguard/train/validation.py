@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..attacks import FGSM, PGD
 from ..attacks.base import model_guard
 from ..errors import ConfigError
+from ..layout import ROBUSTNESS_FILE
 from ..models import as_logits_model
 from ..threat import ThreatModel
 from . import distributed
@@ -73,7 +74,7 @@ def final_evaluation(model: nn.Module, data: tuple[Tensor, Tensor], threat: Thre
             warnings.warn(f"final_suite: {note}; falling back to PGD-50 x 5 restarts", stacklevel=2)
         else:
             if run_dir is not None:
-                report.to_json(run_dir / "robustness.json")
+                report.to_json(run_dir / ROBUSTNESS_FILE)
             return {"suite": suite, "attacks_run": list(report.suite), "clean_acc": report.clean_accuracy,
                     "robust_acc": report.robust_accuracy, "per_attack": report.per_attack,
                     "n_samples": report.n_samples}

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError, InputError
+from ...layout import CURVATURE_FILE
 from ..curvature import LossFn, SharpnessTracker
 from ..findings import FATAL_KINDS, Finding, GradientHealthWarning, TrainingStopped, check_on_finding
 from ..plots import plot_all
@@ -320,7 +321,7 @@ class GradientMonitor:
             targets = None
         record = self.sharpness.measure(self.step_count, batch, targets)
         if self.path is not None:
-            with open(self.path.with_name("curvature.jsonl"), "a", encoding="utf-8") as handle:
+            with open(self.path.with_name(CURVATURE_FILE), "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
     @property

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ...errors import DataError
+from ...layout import GRADFLOW_FILE
 from ..health import RECENT_SAMPLES, START_SAMPLES, layer_order
 
 __all__ = ["RecordTable", "depth_ends", "grad_rms", "growth", "largest_jump", "load_gradflow", "median"]
@@ -168,7 +169,7 @@ def load_gradflow(path: str | os.PathLike) -> list[dict]:
     """Read a ``gradflow.jsonl`` file (one record per line) back into a list of dicts."""
     path = Path(path)
     if path.is_dir():
-        path = path / "gradflow.jsonl"
+        path = path / GRADFLOW_FILE
     if not path.exists():
         raise DataError(f"path: {str(path)!r} does not exist; pass the gradflow.jsonl a GradientMonitor(path=...) wrote")
     records = []

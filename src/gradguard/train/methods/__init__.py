@@ -14,8 +14,9 @@ DistributedDataParallel wrapper); ``attack_model`` is the plain module the attac
 needs clean and adversarial logits it runs *one* forward on the concatenated batch (one DDP forward per step).
 
 One family per file: ``base`` (the contract, ``Standard``), ``adversarial`` (FGSM-AT, fast FGSM, PGD-AT),
-``trades``, ``mart``, ``awp`` (the weight perturbation option), ``regularisers`` (input-gradient regularisation,
-CURE, GradAlign) and ``noise`` (Gaussian). A new method is one file here plus one line in ``METHODS``.
+``trades``, ``mart``, ``tradeoff`` (the settings those two share), ``awp`` (the weight perturbation option),
+``regularisers`` (input-gradient regularisation, CURE, GradAlign) and ``noise`` (Gaussian). A new method is one file
+here plus one line in ``METHODS``.
 """
 from __future__ import annotations
 

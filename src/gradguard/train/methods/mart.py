@@ -7,13 +7,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ...attacks import PGD
-from ...checks import positive_float, positive_int
 from ...threat import ThreatModel
-from .awp import WeightPerturbationOption
 from .base import MethodOutput, adversarial_batch, mixed_forward
+from .tradeoff import KLTradeoff
 
 
-class MART(WeightPerturbationOption):
+class MART(KLTradeoff):
     """MART, misclassification-aware adversarial training (Wang et al., ICLR 2020):
     L = BCE(p(x'), y) + β·mean_i KL(p(x_i) ‖ p(x'_i))·(1 − p_y(x_i)),
     BCE(p, y) = −log p_y − log(1 − max_{k≠y} p_k), x' from PGD on CE (random start, ``steps`` (10) steps of
@@ -25,18 +24,13 @@ class MART(WeightPerturbationOption):
     """
 
     name = "mart"
+    beta_hint = "the weight β of the KL term; the paper uses 6"
 
     def __init__(self, threat: ThreatModel | None = None, *, beta: float = 6.0, steps: int = 10,
                  step_size: float | None = None, awp_gamma: float = 0.0, awp_step_size: float | None = None,
                  awp_steps: int = 1) -> None:
         super().__init__(threat)
-        self.beta = positive_float(beta, "beta", allow_zero=True, hint="the weight β of the KL term; the paper uses 6")
-        self.steps = positive_int(steps, "steps")
-        self.step_size = None if step_size is None else positive_float(step_size, "step_size")
-        self._init_awp(awp_gamma, awp_step_size, awp_steps)
-
-    def state_dict(self):
-        return {"beta": self.beta, "steps": self.steps, "step_size": self.step_size, **self.awp_state()}
+        self._init_tradeoff(beta, steps, step_size, awp_gamma, awp_step_size, awp_steps)
 
     def compute(self, model, attack_model, x, y, threat):
         attack = None

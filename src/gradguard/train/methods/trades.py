@@ -7,14 +7,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ...attacks.base import input_gradient, model_guard
-from ...checks import positive_float, positive_int
 from ...rng import noise_like
 from ...threat import ThreatModel
-from .awp import WeightPerturbationOption
 from .base import MethodOutput, mixed_forward
+from .tradeoff import KLTradeoff
 
 
-class TRADES(WeightPerturbationOption):
+class TRADES(KLTradeoff):
     """TRADES (Zhang et al., ICML 2019): L = CE(f(x), y) + β·KL(p(x) ‖ p(x')) with x' maximising that KL
     in the eps-ball (start x + 0.001·N(0, I), ``steps`` (10) ascent steps of ``step_size`` (eps/4), projected).
     β = 6 is the paper's default; larger β trades clean accuracy for robustness. ``awp_gamma`` > 0 adds
@@ -27,13 +26,7 @@ class TRADES(WeightPerturbationOption):
                  step_size: float | None = None, awp_gamma: float = 0.0, awp_step_size: float | None = None,
                  awp_steps: int = 1) -> None:
         super().__init__(threat)
-        self.beta = positive_float(beta, "beta", allow_zero=True)
-        self.steps = positive_int(steps, "steps")
-        self.step_size = None if step_size is None else positive_float(step_size, "step_size")
-        self._init_awp(awp_gamma, awp_step_size, awp_steps)
-
-    def state_dict(self):
-        return {"beta": self.beta, "steps": self.steps, "step_size": self.step_size, **self.awp_state()}
+        self._init_tradeoff(beta, steps, step_size, awp_gamma, awp_step_size, awp_steps)
 
     def compute(self, model, attack_model, x, y, threat):
         x_adv = self.maximise_kl(attack_model, x, threat) if threat.eps > 0 else x

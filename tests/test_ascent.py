@@ -4,7 +4,8 @@ masking checklist's loss-rises probe give, bit for bit, what the hand-written lo
 Each reference below is a verbatim copy of a loop as it stood before the three were served by one primitive. A
 recording model keeps every input it is called with, so the pins cover the whole path (every iterate, in order,
 and the random start), not only the returned point; the global RNG is compared after each run, so random starts
-and restarts draw the same numbers in the same order.
+and restarts draw the same numbers in the same order. The last test holds the loop's own contract (rows dropped by
+``on_step``, the path's ``index``, the stop once every row left).
 """
 from __future__ import annotations
 
@@ -223,3 +224,32 @@ def test_masking_probe_ascent_is_bitwise_the_hand_written_one(norm: str, monkeyp
     flat = 1.0 - float(rose.float().mean())
     assert check.evidence == {"fraction_flat": flat, "mean_loss_at_step": {str(i): float(mean_path[i]) for i in marks}}
     assert math.isfinite(flat)
+
+
+# ------------------------------------------------------------------------------------------------ the primitive
+def test_projected_ascent_drops_rows_on_request_and_says_which_are_left():
+    """``on_step`` masks rows out; the path's ``index`` and ``labels`` are those of the rows still climbing, and
+    dropping every row stops the loop before its last step."""
+    from gradguard.core.ascent import objective_gradient, projected_ascent
+
+    threat, x = Linf(0.05), data(n=6)
+    labels = torch.arange(6) % 5
+    gradient = objective_gradient(Recorder(), lambda logits, labels, targeted: logits.sum(1))
+    seen: list[Tensor | None] = []
+
+    def drop_first(x_adv: Tensor, logits: Tensor, objective: Tensor, labels: Tensor, index: Tensor | None) -> Tensor:
+        seen.append(index)
+        keep = torch.ones(x_adv.shape[0], dtype=torch.bool)
+        keep[0] = False
+        return keep
+
+    path = projected_ascent(gradient, threat, x, labels, x.clone(), steps=3, step_size=0.01, on_step=drop_first)
+    assert seen[0] is None and seen[1] is not None and seen[1].tolist() == [1, 2, 3, 4, 5]
+    assert path.index is not None and path.index.tolist() == [3, 4, 5] and not path.stopped
+    assert torch.equal(path.labels, labels[3:]) and bool(threat.contains(path.x_adv, x[3:]).all())
+
+    model = Recorder()
+    path = projected_ascent(objective_gradient(model, lambda logits, labels, targeted: logits.sum(1)), threat, x,
+                            labels, x.clone(), steps=5, step_size=0.01,
+                            on_step=lambda x_adv, *_: torch.zeros(x_adv.shape[0], dtype=torch.bool))
+    assert path.stopped and path.x_adv.shape[0] == 0 and len(model.calls) == 1

@@ -1,4 +1,4 @@
-"""PGD — projected gradient descent on the loss (Madry et al., ICLR 2018), the iterative loop of gradguard."""
+"""PGD — projected gradient descent on the loss (Madry et al., ICLR 2018): the attack on the one ascent loop."""
 from __future__ import annotations
 
 from typing import Dict
@@ -6,6 +6,7 @@ from typing import Dict
 from torch import Tensor, nn
 
 from ..checks import positive_float, positive_int
+from ..core.ascent import projected_ascent
 from ..errors import ConfigError
 from ..threat import ThreatModel
 from .base import Attack, BestIterate, Iterate
@@ -33,27 +34,24 @@ class PGD(Attack):
             raise ConfigError(f"init: expected one of {INITS}, got {init!r}")
         self.init = init
 
-    # The loop. Subclasses change the start (``_start``) or the direction (``_direction``), never the loop.
+    # The loop is core.ascent's, shared with TRADES and the masking probe. Subclasses change the start
+    # (``_start``) or the direction (``_direction``), never the loop.
     def _perturb(self, x: Tensor, labels: Tensor) -> Iterate:
         x_adv = self._start(x, labels)
         best = BestIterate(x_adv)
-        index: Tensor | None = None  # original positions of the samples still worked on; None = all
-        state: Dict[str, Tensor] = {}
-        for _ in range(self.steps):
-            grad, logits, objective = self._gradient(x_adv, labels)
+
+        def record(x_adv: Tensor, logits: Tensor, objective: Tensor, labels: Tensor,
+                   index: Tensor | None) -> Tensor | None:
+            """Offer the point to the per-sample best; with early stop, keep climbing only where it failed."""
             success = self._succeeded(logits, labels)
             best.update(x_adv, logits, objective, success, index)
-            if self.early_stop and bool(success.any()):
-                keep = ~success
-                if not bool(keep.any()):
-                    return Iterate(best.x_adv, best.logits, best.objective)
-                index = keep.nonzero().squeeze(1) if index is None else index[keep]
-                x, x_adv, labels, grad = x[keep], x_adv[keep], labels[keep], grad[keep]
-                state = {key: value[keep] for key, value in state.items()}
-            direction = self._direction(grad, state)
-            x_adv = self.threat.project(x_adv + self.threat.ascent_step(direction, self.step_size, x_adv), x)
-        logits, objective = self._evaluate(x_adv, labels)
-        best.update(x_adv, logits, objective, self._succeeded(logits, labels), index)
+            return ~success if self.early_stop and bool(success.any()) else None
+
+        path = projected_ascent(self._gradient, self.threat, x, labels, x_adv, steps=self.steps,
+                                step_size=self.step_size, direction=self._direction, on_step=record)
+        if not path.stopped:  # score the last iterate, which took no gradient step
+            logits, objective = self._evaluate(path.x_adv, path.labels)
+            best.update(path.x_adv, logits, objective, self._succeeded(logits, path.labels), path.index)
         return Iterate(best.x_adv, best.logits, best.objective)
 
     def _start(self, x: Tensor, labels: Tensor) -> Tensor:

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from ...attacks import APGD, FGSM, PGD
-from ...attacks.base import Attack, check_logits, input_gradient, model_guard, positive_int
+from ...attacks.base import Attack, check_logits, model_guard, positive_int
 from ...attacks.losses import cross_entropy
+from ...core.ascent import objective_gradient, projected_ascent
 from ...errors import InputError
 from ...evaluation.randomness import measure_determinism
 from ...evaluation.signals import (
@@ -183,17 +184,9 @@ class _Probe:
 
     def loss_rises(self, x: Tensor, y: Tensor, cause: str) -> Check:
         """Steepest ascent on CE from the clean input, no early stop: does the loss go up?"""
-        step = 2.5 * self.threat.eps / self.steps
         rises, curves = [], []
         for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True):
-            x_adv, losses = xb.clone(), []
-            for _ in range(self.steps):
-                grad, _, loss = input_gradient(self.model, x_adv, yb, cross_entropy, False)
-                losses.append(loss)
-                x_adv = self.threat.project(x_adv + self.threat.ascent_step(grad, step, x_adv), xb)
-            with torch.no_grad():
-                losses.append(cross_entropy(self.model(x_adv), yb, False))
-            path = torch.stack(losses)  # (steps + 1, batch)
+            path = self.ascent_losses(xb, yb)
             rises.append(loss_rose(path[0], path.max(0).values))
             curves.append(path)
         rose = torch.cat(rises)
@@ -206,6 +199,20 @@ class _Probe:
                      "the attack loss rises along the PGD path" if status == PASS else
                      "the loss does not rise along the gradient path: the gradients do not point uphill (masking); "
                      f"next: {NEXT_ATTACK[_masked(cause)]}")
+
+    def ascent_losses(self, x: Tensor, y: Tensor) -> Tensor:
+        """The CE at each point of ``steps`` steps of 2.5·eps/steps along the ascent loop from ``x``, the last
+        iterate's included: (steps + 1, batch)."""
+        losses: list[Tensor] = []
+
+        def record(x_adv: Tensor, logits: Tensor, loss: Tensor, labels: Tensor, index: Tensor | None) -> None:
+            losses.append(loss)  # every row climbs all the way (no early stop)
+
+        path = projected_ascent(objective_gradient(self.model, cross_entropy), self.threat, x, y, x.clone(),
+                                steps=self.steps, step_size=2.5 * self.threat.eps / self.steps, on_step=record)
+        with torch.no_grad():
+            losses.append(cross_entropy(self.model(path.x_adv), y, False))
+        return torch.stack(losses)
 
     def iterative_vs_single_step(self, white: "_WhiteBox", cause: str) -> Check:
         pgd_acc, fgsm_acc = white.pgd_accuracy, _mean(white.fgsm)

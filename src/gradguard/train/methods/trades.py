@@ -1,12 +1,13 @@
 """TRADES (Zhang et al., ICML 2019): the clean loss plus β times the KL to the point that maximises it, and that
-inner maximisation (projected ascent on the KL through the library's gradient primitive)."""
+inner maximisation (the library's one projected-ascent loop, ``core.ascent``, on the KL)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ...attacks.base import input_gradient, model_guard
+from ...core.ascent import objective_gradient, projected_ascent
+from ...core.guard import model_guard
 from ...rng import noise_like
 from ...threat import ThreatModel
 from .base import MethodOutput, mixed_forward
@@ -50,9 +51,8 @@ class TRADES(KLTradeoff):
             def kl_objective(logits: Tensor, labels: Tensor, targeted: bool) -> Tensor:
                 return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="none").sum(dim=1)
 
-            x_adv = threat.project(x + 0.001 * noise_like(x), x)
-            dummy_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            for _ in range(self.steps):
-                grad, _, _ = input_gradient(model, x_adv, dummy_labels, kl_objective, False)
-                x_adv = threat.project(x_adv + threat.ascent_step(grad, step_size, x_adv), x)
-        return x_adv.detach()
+            start = threat.project(x + 0.001 * noise_like(x), x)
+            no_labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the KL needs none
+            path = projected_ascent(objective_gradient(model, kl_objective), threat, x, no_labels, start,
+                                    steps=self.steps, step_size=step_size)
+        return path.x_adv.detach()

@@ -219,7 +219,7 @@ def majority_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
     return votes > VOTES // 2
 
 
-SWEEPS = {  # the core's budget splits: setting name -> {stage label: spec updates}
+SWEEPS: dict[str, dict[str, dict[str, dict]]] = {  # the core's budget splits: setting name -> {stage label: spec updates}
     "apgd-t": {f"targets={t} steps={n}": {"apgd-t-ranked": {"n_target_classes": t, "steps": n},
                                            "apgd-t-rest": {"first_target": t, "n_target_classes": 9 - t}}
                for t in (1, 2, 3) for n in (50, 100)},

@@ -240,7 +240,7 @@ def sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norms: list[str], 
         for norm in norms:
             threat = Linf(THREATS[norm]) if norm == "linf" else L2(THREATS[norm])
             for setting, updates in SWEEPS[stage].items():
-                SUITES["adaptive"][:] = [{**spec, **updates.get(spec.get("label", spec["name"]), {})}
+                SUITES["adaptive"][:] = [{**spec, **updates.get(str(spec.get("label", spec["name"])), {})}
                                          for spec in registered]
                 counted = Counted(model).eval()
                 began = time.perf_counter()

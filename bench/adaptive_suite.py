@@ -198,7 +198,7 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
                 points[key], x, tol=1e-5))).int().tolist()
             row[key]["one_draw_robust_accuracy"] = row[key]["robust_accuracy"]
             row[key]["robust_accuracy"] = sum(row[key]["robust"]) / len(y)
-        row["rescored"] = f"majority of {VOTES} draws per point (a randomised model)"
+        row["rescored"] = f"majority of {RESCORE['votes']} draws per point (a randomised model)"
         row["samples_above_reference"] = sum(row[suite]["robust"]) - sum(row["reference"]["robust"])
     if "robust" in ref:  # per sample: robust for one suite, broken by the other
         pairs = list(zip(ref["robust"], new["robust"], strict=True))
@@ -207,16 +207,17 @@ def compare(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm:
     return row
 
 
-VOTES = 11
+RESCORE = {"votes": 101}  # --votes: draws per point when a randomised model's points are re-scored (11 until the fourth round)
 
 
 def majority_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Per sample: whether most of ``VOTES`` forward passes classify it correctly."""
+    """Per sample: whether most of ``RESCORE["votes"]`` forward passes classify it correctly."""
+    draws = RESCORE["votes"]
     with torch.no_grad():
         votes = torch.zeros(len(y), dtype=torch.long)
-        for _ in range(VOTES):
+        for _ in range(draws):
             votes += torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).eq(y)
-    return votes > VOTES // 2
+    return votes > draws // 2
 
 
 SWEEPS: dict[str, dict[str, dict[str, dict]]] = {  # the core's budget splits: setting name -> {stage label: spec updates}
@@ -261,7 +262,7 @@ def quick_models(names: list[str], x_train: torch.Tensor, y_train: torch.Tensor)
     from gradguard.models import load, save
 
     found = {}
-    for name in names:
+    for name in (n.removesuffix("-quick") for n in names):  # "fmnist-pgd-quick": the stand-in even if the real one is here
         if name not in ("fmnist-standard", "fmnist-fgsm-rs", "fmnist-pgd"):
             continue
         path = HERE / "out" / "adaptive_suite" / f"{name}-quick.safetensors"
@@ -293,6 +294,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=RESULT)
     parser.add_argument("--reference-cache", type=Path, help="keep the reference's results in this folder and reuse "
                         "them (per model, norm and N; the reference is seeded, so a rerun gives the same points)")
+    parser.add_argument("--votes", type=int, default=RESCORE["votes"], help="draws per point when re-scoring a randomised "
+                        "model's points by majority (default %(default)s: a point broken in 6 of 11 draws is a coin "
+                        "flip under 11 votes, not under 101)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --json and exit")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), help="the core's budget split instead (apgd-t: targets "
                         "x steps of the ranked APGD-T stage; fab-t: of FAB-T's core stage), adaptive suite only, on "
@@ -302,6 +306,7 @@ def main() -> None:
         print(table(json.loads(args.json.read_text())))
         return
     torch.set_num_threads(args.threads)
+    RESCORE["votes"] = args.votes
     if args.close_call is not None:
         from gradguard.evaluation.suites import PROCEDURES
 

@@ -13,7 +13,7 @@ queries instead of 5000 — for model selection and CI.
 ``"rand"`` is AutoAttack's version for randomised defences (models whose logits change between identical calls):
 APGD-CE and APGD-DLR with EOT over 20 draws per gradient, a success judged by the majority of 11 forward passes.
 ``"adaptive"`` is a procedure, not a fixed list (``adaptive.py``): a cheap core (APGD-CE, then targeted APGD on the
-3 wrong classes nearest by linearised distance, then a 500-query Square probe on a random quarter of the samples
+3 wrong classes nearest by linearised distance, in L2 and L1 FAB-T on the 2 likeliest, then a 500-query Square probe on a random quarter of the samples
 still robust) that measures evidence of gradient masking, and near misses, per sample on the way, and runs the
 rest of its list —
 the remaining targets, FAB-T, Square with 5000 queries, the "rand" suite's EOT attacks — only on the samples (or,

@@ -33,7 +33,7 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
     from ..io import atomic_write_bytes, atomic_write_json
     from ..models import as_logits_model
     from ..report.rundir import read_json, sample_set
-    from ..train import distributed
+    from ..runtime import distributed
 
     model = as_logits_model(prepare_model(model, device, channels_last=channels_last))
     attacks = [(name, make_attack(name, model, threat, seed=seed, steps=steps, amp=amp, channels_last=channels_last,
@@ -90,7 +90,7 @@ def _attack_own_batches(model, attacks, data, samples: int | None, batch_size: i
     import numpy as np
     import torch
 
-    from ..train import distributed
+    from ..runtime import distributed
 
     rank, world_size = distributed.rank(), distributed.world_size()
     count = len(data) if samples is None else min(samples, len(data))
@@ -126,7 +126,7 @@ def _attack_result(attack, name: str, blocks: list[dict], clean_correct, threat,
     """One attack's numbers over all batches (gathered from every rank, in batch order)."""
     import torch
 
-    from ..train import distributed
+    from ..runtime import distributed
 
     correct = torch.cat([block["attacks"][name]["correct"] for block in blocks])
     distance = torch.cat([block["attacks"][name]["distance"] for block in blocks])

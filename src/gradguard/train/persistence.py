@@ -10,7 +10,7 @@ from ..errors import CheckpointError, ConfigError, ResumeMismatchError, describe
 from ..io import atomic_write_json, atomic_write_text
 from ..models import save as save_model
 from ..models import state_tensors, unwrap
-from . import distributed
+from ..runtime import distributed
 from .callbacks.base import TrainCallback, TrainerLike
 from .checkpoint import (
     capture_rng,

@@ -13,8 +13,8 @@ from ..attacks import FGSM, PGD
 from ..attacks.base import model_guard
 from ..errors import ConfigError
 from ..models import as_logits_model
+from ..runtime import distributed
 from ..threat import ThreatModel
-from . import distributed
 
 VAL_ATTACKS = ("pgd", "fgsm", None)
 

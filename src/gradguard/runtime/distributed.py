@@ -90,6 +90,11 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def group_initialized() -> bool:
+    """Whether a default process group is up (of any size: a one-rank group counts)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -156,6 +161,17 @@ def max_float(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor)
+
+
+def same_on_every_rank(values: torch.Tensor) -> bool:
+    """Whether every process holds the same ``values`` (two all-reduces, MIN and MAX; always true in one
+    process)."""
+    if not is_distributed():
+        return True
+    low, high = values.clone(), values.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return torch.equal(low, high)
 
 
 def rank0_first(work: Callable[[], T]) -> T:

@@ -90,14 +90,14 @@ def _attack_own_batches(model, attacks, data, samples: int | None, batch_size: i
     import numpy as np
     import torch
 
-    from ..runtime import distributed
+    from ..evaluation.distributed import resolve_shard
 
-    rank, world_size = distributed.rank(), distributed.world_size()
+    shard = resolve_shard(None)  # batch b on rank b % world_size, as evaluate shards its blocks
     count = len(data) if samples is None else min(samples, len(data))
-    starts = list(range(0, count, batch_size))[rank::world_size]
+    starts = [start for start in range(0, count, batch_size) if shard.owns(start // batch_size)]
     blocks, elapsed = [], {name: 0.0 for name, _ in attacks}
     examples = ExamplePicker(attacks[-1][0])
-    for start in progress(starts, desc="attack") if rank == 0 else starts:
+    for start in progress(starts, desc="attack") if shard.rank == 0 else starts:
         xb, yb = data.get_batch(np.arange(start, min(start + batch_size, count)))
         xb, yb = xb.cpu(), yb.cpu()
         with torch.no_grad():

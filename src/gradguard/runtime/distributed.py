@@ -154,6 +154,16 @@ def gather_objects(items: list) -> list:
     return [item for part in gathered for item in part]
 
 
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every process when ``flag`` is True on any (one all-reduce of one number). ``device``: where that
+    number travels (the model's, for a group a training framework made with nccl alone)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 def max_float(value: float) -> float:
     """The largest ``value`` over all processes (wall times: the slowest rank sets the pace)."""
     if not is_distributed():

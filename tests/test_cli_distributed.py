@@ -177,7 +177,7 @@ TEARDOWN = textwrap.dedent("""
     import torch
     from torch import nn
 
-    from gradguard.train import distributed
+    from gradguard.runtime import distributed
 
     def gloo_threads():
         names = [open(f"/proc/self/task/{task}/comm").read() for task in os.listdir("/proc/self/task")]

@@ -40,7 +40,7 @@ def process_group(args: argparse.Namespace) -> Iterator[None]:
     """Under torchrun and for a heavy command: the process group for the command's lifetime, torn down on every
     way out (success, error, Ctrl-C, SIGTERM: torchrun stopping the others when one rank fails), with Ctrl-C and
     SIGTERM held back until it is done. Elsewhere: nothing."""
-    from ..train import distributed
+    from ..runtime import distributed
 
     if args.command not in HEAVY_COMMANDS or not distributed.launched_by_torchrun():
         yield

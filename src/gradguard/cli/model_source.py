@@ -65,7 +65,7 @@ def open_run(args: argparse.Namespace, command: str) -> Iterator[OpenRun]:
     it appears only complete; for a command with --resume an interrupted run is kept for it)."""
     from .. import workflow
     from ..models.outputs import parse_logits_key
-    from ..train import distributed
+    from ..runtime import distributed
 
     device = workflow.resolve_device(args.device)
     if args.model is None:

@@ -5,21 +5,26 @@ and block ``b`` goes to rank ``b % world_size`` (a map-style dataset is read onl
 iterable is read by every rank, which skips the blocks it does not own). Each block is attacked with seeds derived
 from its global index, so the spread over ranks changes nothing. At the end the small per-sample results of every
 block are gathered on every rank, which then holds the identical, complete report.
+
+Only what is particular to evaluation lives here (which rank owns a block, per-block seeds, the same-stream check);
+the collectives themselves are the process-group primitives of ``gradguard.runtime.distributed``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch import Tensor
 
 from ..errors import InputError
+from ..runtime import distributed as process_group
 
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's rank among ``world_size`` processes (``world_size == 1``: no communication)."""
+    """This process's rank among ``world_size`` processes (``world_size == 1``: no communication).
+
+    ``gather`` and ``barrier`` communicate only when the shard is ``active``: ``evaluate(distributed=False)`` under
+    torchrun keeps to its own process although a process group is up."""
 
     rank: int = 0
     world_size: int = 1
@@ -31,43 +36,23 @@ class Shard:
     def owns(self, batch_index: int) -> bool:
         return batch_index % self.world_size == self.rank
 
-    def sum(self, values: Tensor) -> Tensor:
-        """Sum ``values`` over all ranks (a copy; no-op in one process). gloo has no bool/int8 sums: widen them."""
-        if not self.active:
-            return values
-        dtype = values.dtype
-        wide = values.to(torch.int64) if dtype in (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32) else values.clone()
-        dist.all_reduce(wide, op=dist.ReduceOp.SUM)
-        return wide.to(dtype) if dtype != torch.bool else wide > 0
-
     def gather(self, items: list) -> list:
         """Every rank's ``items`` (picklable), concatenated in rank order, on every rank."""
-        if not self.active:
-            return list(items)
-        gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, items)
-        return [item for part in gathered for item in part]
+        return process_group.gather_objects(items) if self.active else list(items)
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
-
-    def max(self, value: float) -> float:
-        if not self.active:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return float(tensor)
+            process_group.barrier()
 
 
 def resolve_shard(distributed: bool | None) -> Shard:
     """``None`` (auto): shard when a process group with more than one rank is initialised; ``False``: never."""
-    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+    if distributed is False or not process_group.group_initialized():
         if distributed is True:
             raise InputError("distributed: True needs an initialised torch.distributed process group; "
                              "launch with torchrun and call torch.distributed.init_process_group first")
         return Shard()
-    return Shard(dist.get_rank(), dist.get_world_size())
+    return Shard(process_group.rank(), process_group.world_size())
 
 
 def check_same_stream(shard: Shard, n: int | None, first_block: str) -> None:
@@ -75,10 +60,7 @@ def check_same_stream(shard: Shard, n: int | None, first_block: str) -> None:
     if not shard.active:
         return
     fingerprint = torch.tensor([float(-1 if n is None else n), float(int(first_block[:12], 16))], dtype=torch.float64)
-    low, high = fingerprint.clone(), fingerprint.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
+    if not process_group.same_on_every_rank(fingerprint):
         raise InputError("data: differs between ranks; give every rank the full evaluation set (no "
                          "DistributedSampler) — evaluate() shards the samples across ranks itself")
 

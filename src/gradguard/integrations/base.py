@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..diagnostics.findings import Finding, OnFinding, TrainingStopped, check_on_finding
@@ -18,6 +17,7 @@ from ..diagnostics.gradflow import GradientMonitor, findings_from_records
 from ..errors import ConfigError
 from ..io import atomic_write_json
 from ..layout import DIAGNOSIS_FILE
+from ..runtime.distributed import any_rank
 
 logger = logging.getLogger("gradguard.integrations")
 
@@ -47,13 +47,6 @@ def loss_scalar(value: Any) -> Tensor | float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is True on any (one all-reduce of one number)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item() > 0)
 
 
 class GradientHealthBase:
@@ -122,7 +115,7 @@ class GradientHealthBase:
         if monitor.distributed and sampled:
             # Under DDP findings are acted on only at sampled steps (from statistics combined over the ranks);
             # one all-reduce there makes the decision common, so no rank trains on while another stops.
-            stop = _any_rank(stop, next(monitor.model.parameters()).device)
+            stop = any_rank(stop, next(monitor.model.parameters()).device)
             if stop and self.stopped is None:
                 logger.warning("GradientHealthCallback: another rank's monitor stopped training at step %d",
                                monitor.step_count - 1)

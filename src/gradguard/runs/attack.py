@@ -33,7 +33,7 @@ def attack_into(run_dir: Path, model, dataset, threat, names: Sequence[str], *, 
     from ..io import atomic_write_bytes, atomic_write_json
     from ..models import as_logits_model
     from ..report.rundir import read_json, sample_set
-    from ..train import distributed
+    from ..runtime import distributed
 
     model = as_logits_model(prepare_model(model, device, channels_last=channels_last))
     attacks = [(name, make_attack(name, model, threat, seed=seed, steps=steps, amp=amp, channels_last=channels_last,
@@ -90,14 +90,14 @@ def _attack_own_batches(model, attacks, data, samples: int | None, batch_size: i
     import numpy as np
     import torch
 
-    from ..train import distributed
+    from ..evaluation.distributed import resolve_shard
 
-    rank, world_size = distributed.rank(), distributed.world_size()
+    shard = resolve_shard(None)  # batch b on rank b % world_size, as evaluate shards its blocks
     count = len(data) if samples is None else min(samples, len(data))
-    starts = list(range(0, count, batch_size))[rank::world_size]
+    starts = [start for start in range(0, count, batch_size) if shard.owns(start // batch_size)]
     blocks, elapsed = [], {name: 0.0 for name, _ in attacks}
     examples = ExamplePicker(attacks[-1][0])
-    for start in progress(starts, desc="attack") if rank == 0 else starts:
+    for start in progress(starts, desc="attack") if shard.rank == 0 else starts:
         xb, yb = data.get_batch(np.arange(start, min(start + batch_size, count)))
         xb, yb = xb.cpu(), yb.cpu()
         with torch.no_grad():
@@ -126,7 +126,7 @@ def _attack_result(attack, name: str, blocks: list[dict], clean_correct, threat,
     """One attack's numbers over all batches (gathered from every rank, in batch order)."""
     import torch
 
-    from ..train import distributed
+    from ..runtime import distributed
 
     correct = torch.cat([block["attacks"][name]["correct"] for block in blocks])
     distance = torch.cat([block["attacks"][name]["distance"] for block in blocks])

@@ -43,7 +43,7 @@ def say(message: str) -> None:
 
 def say_notes() -> None:
     """Print the kept console lines (stderr), once under torchrun; the CLI calls it when a command succeeded."""
-    from ..train import distributed
+    from ..runtime import distributed
 
     if distributed.is_main_process():
         for message in NOTES:

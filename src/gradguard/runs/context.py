@@ -22,7 +22,7 @@ def resolve_device(name: str | None) -> Any:
     """``auto`` (or None) picks CUDA when available; else cpu, cuda or cuda:N (``attacks.base.resolve_device``).
     Under torchrun a CUDA device is this process's own GPU, ``cuda:LOCAL_RANK``."""
     from ..attacks.base import resolve_device as resolve
-    from ..train.distributed import local_device
+    from ..runtime.distributed import local_device
 
     return local_device(resolve(name))
 
@@ -32,7 +32,7 @@ def device_record(device, *, amp: str | None = None, channels_last: bool = False
     threads torch used (``--threads``)."""
     import torch
 
-    from ..train.distributed import world_size
+    from ..runtime.distributed import world_size
 
     return {"device": str(device), "amp": amp, "channels_last": bool(channels_last), "world_size": world_size(),
             "threads": torch.get_num_threads()}

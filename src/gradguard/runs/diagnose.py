@@ -19,7 +19,7 @@ def diagnose_into(run_dir: Path, model, dataset, threat, *, samples: int, curvat
     The checklist compares attacks on one small set of samples against each other, so it is not sharded: under
     torchrun rank 0 runs and writes it and hands the result to the other ranks, which wait."""
     from ..attacks.base import prepare_model
-    from ..train import distributed
+    from ..runtime import distributed
 
     model = prepare_model(model, device, channels_last=channels_last)
     record = device_record(device, channels_last=channels_last)

@@ -36,7 +36,7 @@ def evaluate_into(run_dir: Path, model, dataset, threat, *, suite, samples: int 
     from ..evaluation import evaluate, evaluate_curve
     from ..io import atomic_write_json
     from ..report.rundir import sample_set
-    from ..train import distributed
+    from ..runtime import distributed
 
     data = test_samples(dataset)
     if curve:  # the curve runs after the evaluation: its eps are checked for units now, before any work

@@ -35,7 +35,7 @@ def staged_run_dir(out: str | Path, *, replace: bool = False, resumable: bool = 
     Under torchrun rank 0 alone creates, fills and renames the folder (the others get its path), and only once
     every rank has finished; a rank that fails makes the others fail too, so nothing half-written appears.
     """
-    from ..train import distributed
+    from ..runtime import distributed
 
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"

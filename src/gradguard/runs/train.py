@@ -41,7 +41,8 @@ def train_into(run_dir: Path, dataset, *, model_name: str, model_kwargs: dict, m
     from ..attacks.base import prepare_model
     from ..io import atomic_write_json
     from ..models import MODELS, build_model, parse_stats, resolve
-    from ..train import Trainer, distributed
+    from ..runtime import distributed
+    from ..train import Trainer
 
     mean, std = parse_stats(mean, std)
     torch.manual_seed(seed)

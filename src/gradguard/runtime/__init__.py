@@ -1,4 +1,5 @@
-"""How passes run: progress bars today; device, precision, compile and process groups as they move here.
+"""How passes run: devices (``device``), precision (``precision``), compile (``compile``), the progress-bar policy
+(``progress``) and the process-group primitives (``distributed``).
 
 This layer (L1) imports nothing from gradguard above ``errors``.
 """

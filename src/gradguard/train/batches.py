@@ -11,8 +11,8 @@ from torch import Tensor
 
 from ..checks import as_labels, check_inputs
 from ..errors import InputError
+from ..runtime import distributed
 from ..threat import Linf, ThreatModel
-from . import distributed
 
 
 def as_data(data: Any, argument: str, threat: ThreatModel | None) -> Any:

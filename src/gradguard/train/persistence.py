@@ -11,7 +11,7 @@ from ..io import atomic_write_json, atomic_write_text
 from ..layout import CHECKPOINT_DIR, CHECKPOINT_RECORDS, CONFIG_FILE, EVENTS_FILE, METRICS_FILE, STEPS_FILE
 from ..models import save as save_model
 from ..models import state_tensors, unwrap
-from . import distributed
+from ..runtime import distributed
 from .callbacks.base import TrainCallback, TrainerLike
 from .checkpoint import (
     capture_rng,

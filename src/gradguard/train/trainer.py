@@ -21,8 +21,8 @@ from ..diagnostics.gradflow import TrainingStopped
 from ..errors import ConfigError, InputError
 from ..models import as_logits_model, unwrap
 from ..rng import per_sample_generators
+from ..runtime import distributed
 from ..threat import ThreatModel
-from . import distributed
 from .batches import as_data, first_samples, model_device, steps_per_epoch, train_batches
 from .callbacks import TrainCallback
 from .callbacks.averaging import WeightAverage, WeightAveraging, ema_decay_value

@@ -14,8 +14,8 @@ from ..attacks.base import model_guard
 from ..errors import ConfigError
 from ..layout import ROBUSTNESS_FILE
 from ..models import as_logits_model
+from ..runtime import distributed
 from ..threat import ThreatModel
-from . import distributed
 
 VAL_ATTACKS = ("pgd", "fgsm", None)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ...attacks import FGSM, PGD
+from ...runtime import distributed
 from ...threat import ThreatModel
-from .. import distributed
 from ..batches import first_samples
 from .base import TrainCallback, TrainerLike
 

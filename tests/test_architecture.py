@@ -11,6 +11,7 @@ Every import counts, module-level or inside a function (the code imports lazily 
 - R7 one gradient primitive: ``torch.autograd.grad`` only in the files of ``AUTOGRAD_GRAD``.
 - R8 heavy imports in their place: matplotlib, tqdm, safetensors and the training frameworks only in their modules.
 - R9 file names in one place: a string equal to a run-directory file name of ``layout.py`` appears only there.
+- R10 one set of process-group helpers: ``torch.distributed`` is imported or used only in ``PROCESS_GROUPS``.
 
 It began as a ratchet (``KNOWN`` listed the 57 violations the code had when the test was written, and the
 structure issue removed them one move at a time); ``KNOWN`` is now empty, so every rule is strict. Keep it empty:
@@ -289,9 +290,31 @@ def typed_file_names() -> set[tuple]:
     return bad
 
 
+PROCESS_GROUPS = {  # where torch.distributed may be imported or used
+    "runtime/distributed.py",  # the process-group helpers every package calls
+    "diagnostics/gradflow/measure.py",  # the monitor's fused all-reduce of its statistics, on the hot path
+}
+
+
+def process_group_uses() -> set[tuple]:
+    bad = set()
+    for module, path in modules().items():
+        rel = relative_path(module)
+        if rel in PROCESS_GROUPS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            imported = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                        [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            used = (isinstance(node, ast.Attribute) and node.attr == "distributed"
+                    and isinstance(node.value, ast.Name) and node.value.id == "torch")
+            if used or any(name == "torch.distributed" or name.startswith("torch.distributed.") for name in imported):
+                bad.add(("R10", rel))
+    return bad
+
+
 def all_violations() -> set[tuple]:
     return (layer_violations() | root_imports() | cycles() | private_imports() | oversized() | gradient_calls()
-            | heavy_imports() | typed_file_names())
+            | heavy_imports() | typed_file_names() | process_group_uses())
 
 
 # ------------------------------------------------------------------------------------------------ the tests

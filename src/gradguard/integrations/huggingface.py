@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..layout import GRADFLOW_FILE
+from ..runtime.distributed import group_initialized
 from . import optional_dependency
 from .base import GradientHealthBase, OnFinding, loss_scalar
 
@@ -61,8 +62,7 @@ class GradientHealthCallback(GradientHealthBase, transformers.TrainerCallback):
             raise InputError(f"model: the Trainer handed on_train_begin no torch model (got {type(model).__name__}); "
                              "GradientHealthCallback needs Trainer(model=...) to be a torch.nn.Module")
         path = self.path if self.path is not None else Path(args.output_dir or ".") / GRADFLOW_FILE
-        distributed = (args.world_size > 1 and torch.distributed.is_available()
-                       and torch.distributed.is_initialized())
+        distributed = args.world_size > 1 and group_initialized()
         self._remove_loss_hook()
         self._start(model, path, is_main=state.is_world_process_zero, distributed=distributed,
                     start_step=state.global_step)

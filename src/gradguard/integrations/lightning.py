@@ -15,9 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..layout import GRADFLOW_FILE
+from ..runtime.distributed import group_initialized
 from . import optional_dependency
 from .base import GradientHealthBase, OnFinding
 
@@ -57,8 +56,7 @@ class GradientHealthCallback(GradientHealthBase, pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run_dir = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank calls it
         path = self.path if self.path is not None else Path(run_dir) / GRADFLOW_FILE
-        distributed = (trainer.world_size > 1 and torch.distributed.is_available()
-                       and torch.distributed.is_initialized())
+        distributed = trainer.world_size > 1 and group_initialized()
         writer = None
         if self.tensorboard is True and trainer.is_global_zero:
             writer = next((logger.experiment for logger in trainer.loggers

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError, InputError
 from ...layout import CURVATURE_FILE
+from ...runtime.distributed import group_initialized
 from ..curvature import LossFn, SharpnessTracker
 from ..findings import FATAL_KINDS, Finding, GradientHealthWarning, TrainingStopped, check_on_finding
 from ..plots import plot_all
@@ -80,8 +81,7 @@ class GradientMonitor:
             raise InputError(f"optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self.model = model
         self.on_finding = on_finding
-        self.distributed = (is_ddp and torch.distributed.is_available() and torch.distributed.is_initialized()
-                            if distributed is None else bool(distributed))
+        self.distributed = (is_ddp and group_initialized()) if distributed is None else bool(distributed)
         self.actions: list[dict] = []  # what on_finding did: step, kind, layer, action
         self._acted: set = set()
         self.every = every

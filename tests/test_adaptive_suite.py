@@ -360,3 +360,30 @@ def test_a_randomised_model_is_judged_by_a_majority_of_passes(honest, data):
     broken = correct - int(report.robust.sum())
     assert correct >= N // 2 and broken <= 0.08 * correct, (correct, broken, report.provenance)
     assert report.evidence["random"]["model_level"]
+
+
+def test_a_randomised_model_is_attacked_to_the_end_of_each_stage(honest, data, monkeypatch):
+    """One pass that misclassifies a noisy model's point says little about a majority; so on a randomised model
+    no stage stops at a sample's first success — it keeps the highest-loss point it finds — and on an honest model
+    every stage stops as usual."""
+    from gradguard.evaluation.suites import AttackSpec
+
+    built: list[tuple[str, bool]] = []
+    build = AttackSpec.build
+
+    def spy(self, model, threat, seed):
+        attack = build(self, model, threat, seed)
+        built.append((self.label, attack.early_stop))
+        return attack
+
+    monkeypatch.setattr(AttackSpec, "build", spy)
+    short = {"steps": 5, "eot_samples": 2}  # what is built is under test, not the budgets
+    monkeypatch.setitem(SUITES, "adaptive", [{**spec, **{k: v for k, v in short.items() if k in spec}}
+                                             for spec in _cheaper_square(probe=50, full=100)])
+    x, y = data[0][:16], data[1][:16]
+    torch.manual_seed(0)
+    evaluate(Noisy(honest).eval(), (x, y), Linf(EPS), "adaptive", batch_size=16)
+    assert {"apgd-ce", "apgd-ce-eot"} <= {label for label, _ in built} and not any(stop for _, stop in built)
+    built.clear()
+    evaluate(honest, (x, y), Linf(EPS), "adaptive", batch_size=16)
+    assert built and all(stop for _, stop in built)

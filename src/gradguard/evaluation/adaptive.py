@@ -24,7 +24,9 @@ finds the truth. This procedure spends them where evidence measured along the wa
 
 A randomised model (two identical passes over a block's correctly classified samples disagree somewhere) has every
 stage's successes judged by the majority of ``RANDOM_VOTES`` passes, as the "rand" suite judges them: one lucky
-pass does not take a sample out of the cascade before the EOT escalations can attack it.
+pass does not take a sample out of the cascade before the EOT escalations can attack it. Its stages also run
+without early stop: the first point one noisy pass misclassifies is often one a majority does not, so each stage
+keeps working to its last step and offers the highest-loss point it found.
 
 Randomness: APGD random starts are drawn per sample (``gradguard.rng.per_sample_generators`` keyed by the seed, the
 stage and the sample's global index), so the white-box stages and the evidence give a sample the same outcome in
@@ -167,6 +169,8 @@ class AdaptiveCascade(Cascade):
                 seed = batch_seed(self.seed, k, block_index)
             elif self.seed is not None:  # random starts drawn per sample: the same in any block
                 draws = per_sample_generators(int(self.seed), k, positions[index])
+            if state.votes > 1:  # a randomised model: no stop at a lucky pass; the highest-loss point found goes on
+                spec = AttackSpec(spec.label, spec.name, {**spec.kwargs, "early_stop": False})
             attack = spec.build(self.model, threat, seed)
             with draws:
                 found = attack.run(xb, yb)

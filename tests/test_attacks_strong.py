@@ -274,3 +274,20 @@ def test_cw_confidence_is_met_when_the_budget_allows(digits_mlp, digits_batch):
     assert bool(result.success.all())
     assert bool((result.loss >= 2.0 - 1e-4).all())  # the margin max_{i≠y} z_i − z_y at the returned point
     assert math.isfinite(float(result.loss.sum()))
+
+
+def test_square_lays_its_schedule_out_for_schedule_queries(monkeypatch):
+    """AutoAttack's Square runs 5 000 queries on the schedule of 10 000 (its windows stay large twice as long); the
+    default rescales the schedule to the budget."""
+    import gradguard.attacks.square as square
+
+    seen: list[int] = []
+    schedule = square.square_p_schedule
+    monkeypatch.setattr(square, "square_p_schedule", lambda p, it, q: seen.append(q) or schedule(p, it, q))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x, y = torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
+    Square(model, Linf(0.01), queries=20, schedule_queries=10000, seed=0, early_stop=False).run(x, y)
+    Square(model, Linf(0.01), queries=20, seed=0, early_stop=False).run(x, y)
+    assert set(seen[:19]) == {10000} and set(seen[19:]) == {20}
+    with pytest.raises(ConfigError, match="schedule_queries"):
+        Square(model, Linf(0.01), schedule_queries=0)

@@ -39,12 +39,16 @@ class Square(Attack):
     supported_norms = ("linf", "l2")
 
     def __init__(self, model: nn.Module, threat: ThreatModel, *, queries: int = 5000, p_init: float = 0.8,
-                 loss="margin", **kwargs) -> None:
+                 loss="margin", schedule_queries: int | None = None, **kwargs) -> None:
         super().__init__(model, threat, loss=loss, **kwargs)
         self.queries = positive_int(queries, "queries")
         self.p_init = positive_float(p_init, "p_init")
         if self.p_init > 1:
             raise ConfigError(f"p_init: a fraction of the pixels in (0, 1], got {p_init!r}; the paper uses 0.8")
+        # the budget p's schedule is laid out for: ``queries`` (the paper's rescaling) by default; AutoAttack's
+        # "standard" lays it out for 10 000 and stops at 5 000, so its windows stay large twice as long
+        self.schedule_queries = self.queries if schedule_queries is None else positive_int(
+            schedule_queries, "schedule_queries")
 
     def _perturb(self, x: Tensor, labels: Tensor) -> Iterate:
         shape = x.shape
@@ -65,7 +69,7 @@ class Square(Attack):
                     return Iterate(best.x_adv, best.logits, best.objective)
                 index, image, current, loss, logits, labels = (
                     t[keep] for t in (index, image, current, loss, logits, labels))
-            p = square_p_schedule(self.p_init, iteration, self.queries)
+            p = square_p_schedule(self.p_init, iteration, self.schedule_queries)
             candidate = step(image, current, p)
             new_logits, new_loss = self._evaluate(candidate.reshape((-1,) + shape[1:]), labels)
             success = self._succeeded(new_logits, labels)

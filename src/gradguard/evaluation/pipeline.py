@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ def evaluate(
     model: nn.Module,
     data: Any,
     threat: ThreatModel,
-    suite: str | Sequence[Any] = "standard",
+    suite: str | Sequence[Any] = "adaptive",
     *,
     batch_size: int = 256,
     seed: int | None = 0,
@@ -58,10 +58,13 @@ def evaluate(
         data: an ``(x, y)`` pair of tensors, a map-style ``Dataset`` (read with ``get_batch`` when it has one) or
             any iterable of ``(x, y)`` batches (a DataLoader); ``max_samples`` caps it. Results do not depend on
             the form nor on a loader's own batch size.
-        suite: "quick" (APGD-CE), "standard" (APGD-CE → APGD-T → FAB-T → Square, AutoAttack's budgets), "lite"
-            (the same without FAB-T), any name in ``SUITES``, or a list of specs: attack names, dicts
-            ``{"name": ..., **kwargs}``, or ``Attack`` objects. Attacks that do not support the threat's norm are
-            skipped and listed in ``report.skipped``.
+        suite: "adaptive" (the default: a cheap core for every sample, AutoAttack's other attacks where evidence
+            measured on the way calls for them; ``gradguard.evaluation.adaptive``), "standard" (APGD-CE → APGD-T →
+            FAB-T → Square, AutoAttack's budgets on every sample: numbers comparable to published AutoAttack
+            results), "quick" (APGD-CE), "lite" (standard without FAB-T), any name in ``SUITES``, or a list of specs:
+            attack names, dicts ``{"name": ..., **kwargs}``, or ``Attack`` objects. Attacks that do not support the
+            threat's norm are skipped and listed in ``report.skipped``. "adaptive" may read the data twice (its
+            escalations): a one-shot iterator is refused up front.
         seed: fixes every random start and restart (each attack on each block gets a seed derived from it);
             None uses torch's global RNG.
         distributed: None shards the blocks over ranks when torch.distributed is initialised with several
@@ -92,6 +95,10 @@ def evaluate(
     _check_journal_arguments(journal, resume, return_adversarial)
     procedure = procedure_of(suite)
     adaptive = None
+    if procedure is not None and isinstance(data, Iterator):  # a generator: it cannot come again for the escalations
+        raise InputError(f"data: the {suite!r} suite reads the data a second time where its evidence calls for "
+                         "escalations, and a one-shot iterator cannot be read again; pass tensors, a Dataset or a "
+                         "DataLoader, or choose suite='standard' to stream it once")
     if procedure is not None:
         from .adaptive import AdaptiveCascade
 

@@ -117,14 +117,11 @@ def _escalation(report, stage: str) -> dict:
     return next(e for e in report.escalations if e["stage"] == stage)
 
 
-def test_adaptive_is_a_named_procedure_suite_and_the_default():
+def test_adaptive_is_a_named_procedure_suite_and_not_the_default():
     assert "adaptive" in SUITES and procedure_of("adaptive") is not None and procedure_of("standard") is None
     import inspect
 
-    from gradguard.cli import parse_args
-
-    assert inspect.signature(evaluate).parameters["suite"].default == "adaptive"
-    assert parse_args(["evaluate", "runs/x"]).suite == "adaptive"
+    assert inspect.signature(evaluate).parameters["suite"].default == "standard"
 
 
 def test_a_one_shot_stream_is_refused_up_front_and_standard_streams_it(honest, data):
@@ -134,7 +131,7 @@ def test_a_one_shot_stream_is_refused_up_front_and_standard_streams_it(honest, d
         yield from ((x[i:i + 16], y[i:i + 16]) for i in range(0, N, 16))
 
     with pytest.raises(InputError, match="one-shot iterator.*suite='standard'"):
-        evaluate(honest, batches(), Linf(EPS))
+        evaluate(honest, batches(), Linf(EPS), "adaptive")
     assert evaluate(honest, batches(), Linf(EPS), ["apgd-ce"], batch_size=16).n_samples == N
 
 

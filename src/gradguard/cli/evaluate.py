@@ -35,10 +35,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     model_source_options(parser)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its journal "
                         "(in RUN_DIR, or for --out DIR in .DIR.partial); same model, data, suite and threat")
-    parser.add_argument("--suite", default="adaptive", help="adaptive | standard | quick | fast | lite | rand | "
-                        "classic | comma-separated attack names (default adaptive: a cheap core, AutoAttack's other "
-                        "attacks only where evidence of masking or a near miss calls for them; standard: all of "
-                        "AutoAttack on every sample, for numbers comparable to published results)")
+    parser.add_argument("--suite", default="standard", help="quick | fast | lite | standard | adaptive | rand | "
+                        "classic | comma-separated attack names (default standard; rand for randomised models; "
+                        "adaptive: a cheap core, the rest only where evidence of masking calls for it)")
     parser.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1 "
                         "or 0,2/255,8/255 (each checked like --eps)")
     parser.add_argument("--curve-suite", default="quick", help="suite for the curve (default quick)")

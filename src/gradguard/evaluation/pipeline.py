@@ -35,7 +35,7 @@ def evaluate(
     model: nn.Module,
     data: Any,
     threat: ThreatModel,
-    suite: str | Sequence[Any] = "adaptive",
+    suite: str | Sequence[Any] = "standard",
     *,
     batch_size: int = 256,
     seed: int | None = 0,
@@ -58,13 +58,10 @@ def evaluate(
         data: an ``(x, y)`` pair of tensors, a map-style ``Dataset`` (read with ``get_batch`` when it has one) or
             any iterable of ``(x, y)`` batches (a DataLoader); ``max_samples`` caps it. Results do not depend on
             the form nor on a loader's own batch size.
-        suite: "adaptive" (the default: a cheap core for every sample, AutoAttack's other attacks where evidence
-            measured on the way calls for them; ``gradguard.evaluation.adaptive``), "standard" (APGD-CE → APGD-T →
-            FAB-T → Square, AutoAttack's budgets on every sample: numbers comparable to published AutoAttack
-            results), "quick" (APGD-CE), "lite" (standard without FAB-T), any name in ``SUITES``, or a list of specs:
-            attack names, dicts ``{"name": ..., **kwargs}``, or ``Attack`` objects. Attacks that do not support the
-            threat's norm are skipped and listed in ``report.skipped``. "adaptive" may read the data twice (its
-            escalations): a one-shot iterator is refused up front.
+        suite: "quick" (APGD-CE), "standard" (APGD-CE → APGD-T → FAB-T → Square, AutoAttack's budgets), "lite"
+            (the same without FAB-T), any name in ``SUITES``, or a list of specs: attack names, dicts
+            ``{"name": ..., **kwargs}``, or ``Attack`` objects. Attacks that do not support the threat's norm are
+            skipped and listed in ``report.skipped``.
         seed: fixes every random start and restart (each attack on each block gets a seed derived from it);
             None uses torch's global RNG.
         distributed: None shards the blocks over ranks when torch.distributed is initialised with several

@@ -1,0 +1,109 @@
+"""The two measurements behind the adaptive suite's fourth-round choices (issue 22), on the stand-in model.
+
+``fab``: FAB-T (targets by clean logit, early stop) on the samples the adaptive suite's L2 run left robust, for
+1–3 targets and 10–100 steps: which samples each setting breaks and its forward-equivalents (forwards + 2 ×
+gradients). Chose the core stage "FAB-T, 2 targets, 100 steps" in L2 / L1.
+
+``square``: how often one 5 000-query Square run breaks given samples, seed by seed, with gradguard's Square (its
+window schedule rescaled to the budget, or laid out for 10 000 queries as AutoAttack's "standard" does) and with
+AutoAttack's own ``SquareAttack``. Chose ``schedule_queries=10000`` for the adaptive suite's Square escalation.
+
+    python bench/adaptive_choices.py fab --adaptive-json bench/results/adaptive-suite-4-standin.json
+    python bench/adaptive_choices.py square --model kwta --samples 13 56 61 --seeds 6
+    python bench/adaptive_choices.py square --model plain --samples 67 --seeds 8 --queries 500 1000 5000
+
+Needs the stand-in ``bench/out/adaptive_suite/fmnist-pgd-quick.safetensors`` (``bench/adaptive_suite.py
+--models fmnist-pgd-quick --train-missing`` makes it) and, for ``square``, AutoAttack
+(``pip install --no-deps ../shared/vendor/auto-attack``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from adaptive_suite import kwta  # noqa: E402
+from common import load_fashion_mnist, run_header, write_json  # noqa: E402
+from gradguard import L2  # noqa: E402
+from gradguard.attacks.fab import FAB  # noqa: E402
+from gradguard.attacks.square import Square  # noqa: E402
+from gradguard.models import load  # noqa: E402
+
+STAND_IN = HERE / "out" / "adaptive_suite" / "fmnist-pgd-quick.safetensors"
+
+
+def broken(model, threat, x_adv, x, y) -> torch.Tensor:
+    with torch.no_grad():
+        return model(threat.project(x_adv, x)).argmax(1) != y
+
+
+def fab_split(args) -> list[dict]:
+    model = load(STAND_IN).eval()
+    _, _, x, y = load_fashion_mnist()
+    rows = [r for r in json.loads(args.adaptive_json.read_text())["rows"] if r["norm"] == "l2"]
+    robust = torch.tensor(rows[0]["adaptive"]["robust"], dtype=torch.bool)
+    index = robust.nonzero().squeeze(1)
+    xs, ys, threat = x[index], y[index], L2(1.0)
+    out = []
+    for steps in args.steps:
+        for targets in (1, 2, 3):
+            began = time.perf_counter()
+            found = FAB(model, threat, targeted=True, n_target_classes=targets, steps=steps).run(xs, ys)
+            hit = broken(model, threat, found.x_adv, xs, ys)
+            out.append({"steps": steps, "targets": targets, "attacked": len(index), "broke": index[hit].tolist(),
+                        "forward_equivalents": found.n_forward + 3 * found.n_grad,
+                        "seconds": round(time.perf_counter() - began, 1)})
+            print(out[-1], flush=True)
+    return out
+
+
+def square_seeds(args) -> list[dict]:
+    from autoattack.square import SquareAttack
+
+    base = load(STAND_IN).eval()
+    model = kwta(base) if args.model == "kwta" else base
+    _, _, x, y = load_fashion_mnist()
+    xs, ys, threat = x[args.samples], y[args.samples], L2(1.0)
+    out = []
+    for queries in args.queries:
+        counts = {"rescaled": torch.zeros(len(ys)), "laid out for 10000": torch.zeros(len(ys)),
+                  "autoattack": torch.zeros(len(ys))}
+        for seed in range(args.seeds):
+            for name, schedule in (("rescaled", None), ("laid out for 10000", 10000)):
+                found = Square(model, threat, queries=queries, seed=seed, schedule_queries=schedule).run(xs, ys)
+                counts[name] += broken(model, threat, found.x_adv, xs, ys).float()
+            reference = SquareAttack(model, p_init=0.8, n_queries=queries, eps=1.0, norm="L2", n_restarts=1,
+                                     seed=seed, verbose=False, device="cpu", resc_schedule=False)
+            counts["autoattack"] += broken(model, threat, reference.perturb(xs, ys), xs, ys).float()
+        out.append({"model": args.model, "queries": queries, "seeds": args.seeds, "samples": args.samples,
+                    "runs_that_broke_each_sample": {k: v.int().tolist() for k, v in counts.items()}})
+        print(out[-1], flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["fab", "square"])
+    parser.add_argument("--adaptive-json", type=Path, help="fab: a bench/adaptive_suite.py result with an L2 row")
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 30, 50, 100])
+    parser.add_argument("--model", choices=["plain", "kwta"], default="kwta")
+    parser.add_argument("--samples", type=int, nargs="+", default=[13, 56, 61])
+    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--queries", type=int, nargs="+", default=[5000])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = fab_split(args) if args.what == "fab" else square_seeds(args)
+    if args.json:
+        write_json(args.json, {**run_header(what=args.what), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -29,6 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from adaptive_suite import kwta  # noqa: E402
+from cifar_suite import checked_robust  # noqa: E402
 from common import load_fashion_mnist, run_header, write_json  # noqa: E402
 from gradguard import L2  # noqa: E402
 from gradguard.attacks.fab import FAB  # noqa: E402
@@ -39,8 +40,8 @@ STAND_IN = HERE / "out" / "adaptive_suite" / "fmnist-pgd-quick.safetensors"
 
 
 def broken(model, threat, x_adv, x, y) -> torch.Tensor:
-    with torch.no_grad():
-        return model(threat.project(x_adv, x)).argmax(1) != y
+    """Per sample: misclassified at a point inside the ball (``cifar_suite.checked_robust``'s re-check)."""
+    return ~checked_robust(model, threat, x, y, x_adv)[0]
 
 
 def fab_split(args) -> list[dict]:

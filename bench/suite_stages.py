@@ -147,9 +147,9 @@ def measure_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         stage_calls: dict[str, list] = {}
         original_build = AttackSpec.build
 
-        def build(self, model, threat, seed):  # the calls after a stage's attack is built belong to that stage
+        def build(self, model, threat, seed, **overrides):  # the calls after a stage's attack is built are its own
             stage_calls[self.label] = logged.calls = []
-            return original_build(self, model, threat, seed)
+            return original_build(self, model, threat, seed, **overrides)
         AttackSpec.build = build  # type: ignore[method-assign]
         try:
             row = run_gradguard(logged, threat, x, y, compile=compile)

@@ -383,8 +383,8 @@ def test_a_randomised_model_is_attacked_to_the_end_of_each_stage(honest, data, m
     built: list[tuple[str, bool]] = []
     build = AttackSpec.build
 
-    def spy(self, model, threat, seed):
-        attack = build(self, model, threat, seed)
+    def spy(self, model, threat, seed, **overrides):
+        attack = build(self, model, threat, seed, **overrides)
         built.append((self.label, attack.early_stop))
         return attack
 

@@ -169,9 +169,8 @@ class AdaptiveCascade(Cascade):
                 seed = batch_seed(self.seed, k, block_index)
             elif self.seed is not None:  # random starts drawn per sample: the same in any block
                 draws = per_sample_generators(int(self.seed), k, positions[index])
-            if state.votes > 1:  # a randomised model: no stop at a lucky pass; the highest-loss point found goes on
-                spec = AttackSpec(spec.label, spec.name, {**spec.kwargs, "early_stop": False})
-            attack = spec.build(self.model, threat, seed)
+            # a randomised model: no stop at a lucky pass; the highest-loss point found goes on
+            attack = spec.build(self.model, threat, seed, **({"early_stop": False} if state.votes > 1 else {}))
             with draws:
                 found = attack.run(xb, yb)
             state.add_budget(spec.label, found.n_grad, found.n_forward)
@@ -298,7 +297,7 @@ class AdaptiveCascade(Cascade):
             "called_for_by": {i.name: int((attacked & ((evidence >> i.bit) & 1).bool()).sum()) for i in callers},
         }
         if threat.eps > 0 and not spec.supports(threat):
-            record["reason"] = f"not run: {spec.label} does not support the {threat.norm} norm"
+            record["reason"] = f"not run: {spec.label} {spec.unsupported(threat)}"
         elif record["ran"]:
             scope = ("every sample still robust (model-level: " + ", ".join(record["model_level"]) + ")"
                      if whole else "the samples whose own evidence called for it")

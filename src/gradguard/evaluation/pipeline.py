@@ -92,11 +92,11 @@ def evaluate(
     _check_journal_arguments(journal, resume, return_adversarial)
     procedure = procedure_of(suite)
     adaptive = None
-    if procedure is not None and isinstance(data, Iterator):  # a generator: it cannot come again for the escalations
-        raise InputError(f"data: the {suite!r} suite reads the data a second time where its evidence calls for "
-                         "escalations, and a one-shot iterator cannot be read again; pass tensors, a Dataset or a "
-                         "DataLoader, or choose suite='standard' to stream it once")
     if procedure is not None:
+        if isinstance(data, Iterator):  # a generator: it cannot come again for the escalations
+            raise InputError(f"data: the {suite!r} suite reads the data a second time where its evidence calls for "
+                             "escalations, and a one-shot iterator cannot be read again; pass tensors, a Dataset or "
+                             "a DataLoader, or choose suite='standard' to stream it once")
         from .adaptive import AdaptiveCascade
 
         adaptive = AdaptiveCascade(model, specs, seed, source.batch_size, procedure)
@@ -179,9 +179,7 @@ def chance_warnings(data: Any, report: RobustnessReport, outputs: int | None = N
 def _skipped(specs: list[AttackSpec], threat: ThreatModel) -> list[dict]:
     if threat.eps == 0:
         return []
-    return [{"label": s.label, "reason": f"does not support the {threat.norm} norm" if s.norms is None
-             or threat.norm in s.norms else f"runs only in the {', '.join(s.norms)} norm (the suite's choice)"}
-            for s in specs if not s.supports(threat)]
+    return [{"label": s.label, "reason": s.unsupported(threat)} for s in specs if not s.supports(threat)]
 
 
 def _report(outcomes: list[BlockOutcome], n_blocks: int, specs: list[AttackSpec], threat: ThreatModel,

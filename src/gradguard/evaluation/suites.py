@@ -13,10 +13,9 @@ queries instead of 5000 — for model selection and CI.
 ``"rand"`` is AutoAttack's version for randomised defences (models whose logits change between identical calls):
 APGD-CE and APGD-DLR with EOT over 20 draws per gradient, a success judged by the majority of 11 forward passes.
 ``"adaptive"`` is a procedure, not a fixed list (``adaptive.py``): a cheap core (APGD-CE, then targeted APGD on the
-3 wrong classes nearest by linearised distance, in L2 and L1 FAB-T on the 2 likeliest, then a 500-query Square probe on a random quarter of the samples
-still robust) that measures evidence of gradient masking, and near misses, per sample on the way, and runs the
-rest of its list —
-the remaining targets, FAB-T, Square with 5000 queries, the "rand" suite's EOT attacks — only on the samples (or,
+3 wrong classes nearest by linearised distance, in L2 and L1 FAB-T on the 2 likeliest, then a 500-query Square
+probe on a random quarter of the samples still robust) that measures evidence of gradient masking, and near
+misses, per sample on the way, and runs the rest of its list — the remaining targets, FAB-T, Square with 5000 queries, the "rand" suite's EOT attacks — only on the samples (or,
 past a threshold, the whole model) the evidence calls them for; every escalation that ran or did not, and why,
 goes into the report.
 """
@@ -153,20 +152,26 @@ class AttackSpec:
     norms: tuple[str, ...] | None = None
 
     def supports(self, threat: ThreatModel) -> bool:
-        if self.norms is not None and threat.norm not in self.norms:
-            return False
-        if self.instance is not None:
-            return True
-        entry = ATTACKS[self.name]
-        if threat.norm not in entry.norms:
-            return False
-        return threat.norm in (getattr(entry.attack_class(), "supported_norms", None) or entry.norms)
+        return self.unsupported(threat) is None
 
-    def build(self, model: nn.Module, threat: ThreatModel, seed: int | None) -> Attack:
+    def unsupported(self, threat: ThreatModel) -> str | None:
+        """Why this stage does not run under ``threat``'s norm (for the report), or None when it does."""
+        if self.norms is not None and threat.norm not in self.norms:
+            return f"runs only in the {', '.join(self.norms)} norm (the suite's choice)"
+        if self.instance is not None:
+            return None
+        entry = ATTACKS[self.name]
+        if threat.norm in entry.norms and threat.norm in (getattr(entry.attack_class(), "supported_norms", None)
+                                                          or entry.norms):
+            return None
+        return f"does not support the {threat.norm} norm"
+
+    def build(self, model: nn.Module, threat: ThreatModel, seed: int | None, **overrides: Any) -> Attack:
+        """The attack, its kwargs updated by ``overrides`` (a procedure's run-time settings, e.g. no early stop)."""
         if self.instance is not None:
             return self.instance
         entry = ATTACKS[self.name]
-        kwargs = {**entry.fixed, **self.kwargs}
+        kwargs = {**entry.fixed, **self.kwargs, **overrides}
         if isinstance(kwargs.get("surrogate"), (str, os.PathLike)):
             kwargs["surrogate"] = self._surrogate(kwargs["surrogate"], model)
         if seed is not None:

@@ -8,7 +8,15 @@ gradients). Chose the core stage "FAB-T, 2 targets, 100 steps" in L2 / L1.
 window schedule rescaled to the budget, or laid out for 10 000 queries as AutoAttack's "standard" does) and with
 AutoAttack's own ``SquareAttack``. Chose ``schedule_queries=10000`` for the adaptive suite's Square escalation.
 
+``evidence`` (fifth round): on the samples an earlier adaptive run left robust in L2, the per-sample measurements
+the new indicators threshold — the white-box core's smallest margin (APGD-CE, ranked APGD-T on 3 targets), FAB-T's
+smallest adversarial distance (2 targets, the core stage) and the 500-query Square probe's margin, seed by seed —
+and, for each candidate threshold, how many samples it flags and which of the reference's extra breaks it catches.
+Chose ``near_distance=1.25`` and ``probe_progress=0.6``.
+
     python bench/adaptive_choices.py fab --adaptive-json bench/results/adaptive-suite-4-standin.json
+    python bench/adaptive_choices.py evidence --model recipe --recipe RUN_DIR --adaptive-json bench/results/adaptive-suite-4-recipe.json
+    python bench/adaptive_choices.py evidence --model plain --adaptive-json bench/results/adaptive-suite-4-standin.json
     python bench/adaptive_choices.py square --model kwta --samples 13 56 61 --seeds 6
     python bench/adaptive_choices.py square --model plain --samples 67 --seeds 8 --queries 500 1000 5000
 
@@ -32,7 +40,9 @@ from adaptive_suite import kwta  # noqa: E402
 from cifar_suite import checked_robust  # noqa: E402
 from common import load_fashion_mnist, run_header, write_json  # noqa: E402
 from gradguard import L2  # noqa: E402
+from gradguard.attacks.apgd import APGD, APGDT  # noqa: E402
 from gradguard.attacks.fab import FAB  # noqa: E402
+from gradguard.attacks.losses import margin  # noqa: E402
 from gradguard.attacks.square import Square  # noqa: E402
 from gradguard.models import load  # noqa: E402
 
@@ -88,20 +98,62 @@ def square_seeds(args) -> list[dict]:
     return out
 
 
+def evidence_thresholds(args) -> list[dict]:
+    """Where the reference's extra breaks rank among an L2 run's survivors by each per-sample measurement."""
+    if args.model == "recipe":
+        from suite_stages import load_models
+
+        model = load_models(["recipe"], args.recipe)["recipe"][0].eval()
+    else:
+        model = load(STAND_IN).eval()
+    _, _, x, y = load_fashion_mnist()
+    row = next(r for r in json.loads(args.adaptive_json.read_text())["rows"] if r["norm"] == "l2")
+    survivors = [i for i, p in enumerate(row["adaptive"]["provenance"]) if p.startswith("robust")]
+    missed = set(row["only_reference_broke"])
+    xs, ys, threat = x[survivors], y[survivors], L2(1.0)
+    with torch.no_grad():
+        clean = margin(model(xs), ys, True)
+    white = torch.full_like(clean, float("inf"))
+    for attack in (APGD(model, threat, loss="ce", seed=0), APGDT(model, threat, n_target_classes=3, seed=0,
+                                                                  ranking="linearised")):
+        white = torch.minimum(white, margin(attack.run(xs, ys).logits, ys, True))
+    fab = FAB(model, threat, targeted=True, n_target_classes=2, seed=0)
+    fab.run(xs, ys)
+    assert fab.min_distance is not None
+    measures = {"fab_distance / eps": fab.min_distance / threat.eps, "white-box margin / clean": white / clean}
+    for seed in range(args.seeds):
+        probe = margin(Square(model, threat, queries=500, seed=seed).run(xs, ys).logits, ys, True)
+        measures[f"probe margin / clean (seed {seed})"] = probe / clean
+        measures[f"probe margin / white-box (seed {seed})"] = probe / white
+    out = []
+    for name, values in measures.items():
+        order = values.argsort().tolist()
+        ranks = {survivors[k]: rank for rank, k in enumerate(order) if survivors[k] in missed}
+        flagged = {str(t): {"flagged": int((values <= t).sum()),
+                            "caught": sorted(survivors[k] for k in (values <= t).nonzero().squeeze(1).tolist()
+                                             if survivors[k] in missed)} for t in args.thresholds}
+        out.append({"measure": name, "survivors": len(survivors), "reference_only": sorted(missed),
+                    "rank_of_each": ranks, "at_threshold": flagged})
+        print(out[-1], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["fab", "square"])
+    parser.add_argument("what", choices=["fab", "square", "evidence"])
+    parser.add_argument("--recipe", type=Path, help="evidence --model recipe: the TRADES recipe's run directory")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.55, 0.6, 0.65, 0.9, 1.15, 1.25, 1.5])
     parser.add_argument("--adaptive-json", type=Path, help="fab: a bench/adaptive_suite.py result with an L2 row")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 30, 50, 100])
-    parser.add_argument("--model", choices=["plain", "kwta"], default="kwta")
+    parser.add_argument("--model", choices=["plain", "kwta", "recipe"], default="kwta")
     parser.add_argument("--samples", type=int, nargs="+", default=[13, 56, 61])
-    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--seeds", type=int, default=6, help="square: runs per sample; evidence: probe seeds")
     parser.add_argument("--queries", type=int, nargs="+", default=[5000])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = fab_split(args) if args.what == "fab" else square_seeds(args)
+    rows = {"fab": fab_split, "square": square_seeds, "evidence": evidence_thresholds}[args.what](args)
     if args.json:
         write_json(args.json, {**run_header(what=args.what), "rows": rows})
 

@@ -289,6 +289,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--close-call", type=float, help="the adaptive suite's close_call fraction (default: the "
                         "registered one, gradguard.evaluation.suites.PROCEDURES)")
+    parser.add_argument("--setting", nargs="*", default=[], metavar="KEY=VALUE", help="override the adaptive "
+                        "suite's settings (gradguard.evaluation.suites.PROCEDURES), e.g. probe_fraction=0.25")
     parser.add_argument("--recipe", type=Path)
     parser.add_argument("--train-missing", action="store_true", help="train quick stand-ins for missing models")
     parser.add_argument("--json", type=Path, default=RESULT)
@@ -311,6 +313,13 @@ def main() -> None:
         from gradguard.evaluation.suites import PROCEDURES
 
         PROCEDURES["adaptive"]["close_call"] = args.close_call
+    for setting in args.setting:
+        from gradguard.evaluation.suites import PROCEDURES
+
+        key, _, value = setting.partition("=")
+        if key not in PROCEDURES["adaptive"]:
+            raise SystemExit(f"--setting: no adaptive setting {key!r}; one of {sorted(PROCEDURES['adaptive'])}")
+        PROCEDURES["adaptive"][key] = float(value)
     x_train, y_train, x_test, y_test = load_fashion_mnist()
     models = {name: model for name, (model, _) in load_models(args.models, args.recipe).items()}
     if args.train_missing:

@@ -167,13 +167,14 @@ def test_honest_model_no_evidence_no_escalation_points_valid_model_untouched(hon
     assert honest.training and all(torch.equal(before[k], v) for k, v in honest.state_dict().items())
     assert all(p.requires_grad for p in honest.parameters())
     assert {"label": "fab-t-core", "reason": "runs only in the l2, l1 norm (the suite's choice)"} in report.skipped
-    masking = {k: v for k, v in report.evidence.items() if k != "close_call"}
+    verdict = ("close_call", "near_boundary", "probe_progress")  # about the verdict, not the gradients
+    masking = {k: v for k, v in report.evidence.items() if k not in verdict}
     assert not any(v["samples"] for v in masking.values()), report.evidence
-    # what ran, ran on near misses only (close_call is about the verdict, not the gradients)
+    # what ran, ran on near misses only
     for escalation in report.escalations:
         if escalation["ran"]:
-            assert set(escalation["called_for_by"]) >= {"close_call"} and not escalation["model_level"]
-            assert escalation["samples"] <= report.evidence["close_call"]["samples"]
+            assert set(escalation["called_for_by"]) & set(verdict) and not escalation["model_level"]
+            assert escalation["samples"] <= sum(report.evidence[k]["samples"] for k in verdict)
         else:
             assert escalation["reason"].startswith(("not run", "not needed"))
     assert report.x_adv is not None and bool(Linf(EPS).contains(report.x_adv, x, tol=1e-6).all())
@@ -212,7 +213,7 @@ def test_close_calls_are_exactly_the_near_misses_of_a_linear_model(monkeypatch):
     near, far = (remainder > 0) & (remainder < fraction / 2), remainder > fraction
     keep = near | far
     assert int(near.sum()) >= 20 and int(far.sum()) >= 20  # the test has both kinds
-    settings = dict(PROCEDURES["adaptive"], close_call=fraction)
+    settings = dict(PROCEDURES["adaptive"], close_call=fraction, near_distance=0.0)  # the margin's call alone
     monkeypatch.setitem(PROCEDURES, "adaptive", settings)
     monkeypatch.setitem(SUITES, "adaptive", _cheaper_square(probe=50, full=100))
     report = evaluate(model, (x[keep], y[keep]), L2(eps), "adaptive", batch_size=int(keep.sum()))
@@ -222,6 +223,79 @@ def test_close_calls_are_exactly_the_near_misses_of_a_linear_model(monkeypatch):
     assert not report.evidence["close_call"]["model_level"]  # about verdicts, never the model's gradients
     fab = _escalation(report, "fab-t")
     assert fab["ran"] and fab["called_for_by"]["close_call"] == int(near.sum()) and fab["broke"] == 0
+
+
+def test_near_boundary_flags_exactly_the_samples_whose_boundary_is_near_on_a_linear_model(monkeypatch):
+    """FAB-T's core stage measures how far the boundary is: on a linear model the L2 distance to the boundary with
+    class t is (z_y − z_t) / ‖w_y − w_t‖₂, and FAB's projection onto the linearised boundary is exact, so the
+    samples flagged are those whose nearest boundary among FAB-T's 2 targets lies within ``near_distance`` x eps —
+    and no other (a sample further out has no adversarial point that close)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(30, 10)).eval()
+    x = torch.rand(400, 30) * 0.2 + 0.4
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    weight = model[1].weight.detach()
+    gaps = logits.gather(1, y[:, None]) - logits
+    distance = gaps / (weight[y][:, None, :] - weight[None]).norm(dim=2).clamp_min(1e-12)
+    distance[torch.arange(len(y)), y] = float("inf")
+    top2 = logits.scatter(1, y[:, None], -float("inf")).topk(2, dim=1).indices  # FAB-T's targets: likeliest first
+    nearest = distance.gather(1, top2).min(1).values
+    eps, factor = 0.45, 1.3
+    near = (nearest > eps * 1.1) & (nearest < factor * eps / 1.1)
+    far = (nearest > factor * eps * 1.1) & (distance.min(1).values > eps)  # no attack can cross within eps
+    keep = near | far
+    assert int(near.sum()) >= 10 and int(far.sum()) >= 10  # the test has both kinds
+    settings = dict(PROCEDURES["adaptive"], close_call=0.0, near_distance=factor, probe_progress=0.0)
+    monkeypatch.setitem(PROCEDURES, "adaptive", settings)
+    monkeypatch.setitem(SUITES, "adaptive", _cheaper_square(probe=50, full=100))
+    report = evaluate(model, (x[keep], y[keep]), L2(eps), "adaptive", batch_size=int(keep.sum()))
+    assert report.robust_accuracy == 1.0
+    assert report.evidence["near_boundary"]["samples"] == int(near.sum())
+    assert not report.evidence["near_boundary"]["model_level"]
+    flagged = [i for i, p in enumerate(report.provenance) if p.endswith("fab-t")]
+    assert flagged == near[keep].nonzero().squeeze(1).tolist()  # FAB-T's escalation ran on exactly those
+
+
+def test_probe_progress_fires_where_random_search_gets_far_and_is_quiet_where_it_cannot(monkeypatch):
+    """The probe took a sample's margin below ``probe_progress`` of its clean margin: on a linear model the smallest
+    margin reachable in the ball is exact, so a sample whose exact remainder is above the fraction can never be
+    flagged, and one whose remainder is far below it, but that the white-box core walks away from (its gradients
+    reversed), is taken far by random search."""
+    monkeypatch.setitem(SUITES, "adaptive", _cheaper_square(probe=200, full=100))
+    torch.manual_seed(5)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(30, 10)).eval()
+    x = torch.rand(400, 30) * 0.2 + 0.4
+    with torch.no_grad():
+        logits = linear(x)
+    y = logits.argmax(1)
+    weight = linear[1].weight.detach()
+    fraction = 0.6
+    monkeypatch.setitem(PROCEDURES, "adaptive", dict(PROCEDURES["adaptive"], probe_progress=fraction))
+
+    def remainder(eps: float) -> torch.Tensor:  # the smallest margin any point of the ball reaches, over the clean one
+        gaps = logits.gather(1, y[:, None]) - logits
+        reachable = gaps - eps * (weight[y][:, None, :] - weight[None]).norm(dim=2)
+        reachable[torch.arange(len(y)), y] = float("inf")
+        return reachable.min(1).values / gaps.scatter(1, y[:, None], float("inf")).min(1).values
+
+    keep = remainder(0.02) > fraction * 1.1  # no point in the ball takes these below the fraction
+    near = (remainder(0.05) > 0.05) & (remainder(0.05) < 0.3)  # no point breaks these, many go below it
+    assert int(keep.sum()) >= 40 and int(near.sum()) >= 40
+    far = evaluate(linear, (x[keep], y[keep]), L2(0.02), "adaptive", batch_size=400)
+    assert far.robust_accuracy == 1.0
+    checked = far.evidence["probe_progress"]["checked"]
+    assert checked == int(keep.sum()) and far.evidence["probe_progress"]["samples"] == 0
+    misled = evaluate(Reversed(linear).eval(), (x[near], y[near]), L2(0.05), "adaptive", batch_size=400)
+    assert misled.robust_accuracy == 1.0
+    progress = misled.evidence["probe_progress"]
+    assert progress["samples"] > 0 and not progress["model_level"]  # a per-sample call
+    assert _escalation(misled, "square")["called_for_by"]["probe_progress"] == progress["samples"]
+    # the registered settings hold it to L2 (in L∞ a short Square takes half of all survivors that far)
+    monkeypatch.setitem(PROCEDURES, "adaptive", dict(PROCEDURES["adaptive"], probe_progress={"l2": fraction}))
+    in_linf = evaluate(Reversed(linear).eval(), (x[near], y[near]), Linf(0.02), "adaptive", batch_size=400)
+    assert in_linf.evidence["probe_progress"]["checked"] > 0 and in_linf.evidence["probe_progress"]["samples"] == 0
 
 
 @pytest.mark.parametrize("planted, indicator, escalation", [
@@ -269,8 +343,9 @@ def test_same_per_sample_results_in_one_block_or_many_and_after_resume(honest, d
     assert white_box, one.provenance
     for i in white_box:  # Square's windows are drawn per block (see adaptive.py); everything else per sample
         assert one.provenance[i] == many.provenance[i]
-    assert one.evidence == many.evidence or {k: v["samples"] for k, v in one.evidence.items() if k != "black_box"} \
-        == {k: v["samples"] for k, v in many.evidence.items() if k != "black_box"}
+    probed = ("black_box", "probe_progress")  # the probe is Square: seeded per block
+    assert one.evidence == many.evidence or {k: v["samples"] for k, v in one.evidence.items() if k not in probed} \
+        == {k: v["samples"] for k, v in many.evidence.items() if k not in probed}
 
     journal = tmp_path / "journal.jsonl"
     full = evaluate(model, (x, y), Linf(EPS), "adaptive", batch_size=16, journal=journal)

@@ -138,6 +138,7 @@ class FAB(Attack):
                               f"integer >= 0 (0: one target after the other), got {target_batch!r}")
         self.target_batch = target_batch
         self._classes = 0  # the model's class count, set per batch from the clean logits
+        self.min_distance: Tensor | None = None  # set by each run (``_perturb``)
 
     def _attack_labels(self, x: Tensor, y: Tensor, target: Tensor | None, num_classes: int) -> Tensor:
         if target is not None:
@@ -183,6 +184,7 @@ class FAB(Attack):
                     better = norm[part] < best_norm[index]
                     best_adv[index[better]] = found[part][better]
                     best_norm[index[better]] = norm[part][better]
+        self.min_distance = best_norm  # per row: the smallest adversarial perturbation found (inf: none), any size
         x_adv = torch.where(expand_mask(torch.isfinite(best_norm), x), self.threat.project(best_adv, x), x)
         logits, objective = self._evaluate(x_adv, labels)
         return Iterate(x_adv, logits, objective)

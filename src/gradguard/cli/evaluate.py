@@ -37,7 +37,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                         "(in RUN_DIR, or for --out DIR in .DIR.partial); same model, data, suite and threat")
     parser.add_argument("--suite", default="standard", help="quick | fast | lite | standard | adaptive | rand | "
                         "classic | comma-separated attack names (default standard; rand for randomised models; "
-                        "adaptive: a cheap core, the rest only where evidence of masking calls for it)")
+                        "adaptive: a cheap core, the rest only where evidence of masking or a near miss calls for it)")
     parser.add_argument("--curve", help="comma-separated eps values for an accuracy-vs-eps curve, e.g. 0,0.05,0.1 "
                         "or 0,2/255,8/255 (each checked like --eps)")
     parser.add_argument("--curve-suite", default="quick", help="suite for the curve (default quick)")

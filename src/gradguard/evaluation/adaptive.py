@@ -7,15 +7,18 @@ finds the truth. This procedure spends them where evidence measured along the wa
 1. **Core** (every sample still robust): APGD-CE (100 steps); then targeted APGD (targeted DLR, 100 steps) against
    the 3 wrong classes nearest by *linearised distance* (z_y − z_t)/‖∇(z_t − z_y)‖_* (MALT's ranking, one gradient
    per candidate), in rank order, a sample leaving as soon as it falls; in L2 and L1, FAB-T (100 steps) on the 2
-   likeliest wrong classes — a minimum-norm search breaks samples there that targeted APGD leaves; then a 500-query
-   Square probe on a random quarter of the samples still robust (chosen by a hash of the seed and the sample's
-   index).
+   likeliest wrong classes — a minimum-norm search breaks samples there that targeted APGD leaves, and measures how
+   far the boundary is; then a 500-query Square probe on the samples still robust (``probe_fraction`` of them,
+   chosen by a hash of the seed and the sample's index: all of them in L2, a quarter in L∞).
 2. **Evidence** (``evidence.py``), one bit per sample: randomness, zero CE / margin gradients, shattered gradients,
    APGD-CE's loss not rising, unstable or unreachable best points, the black-box probe beating the white-box
-   attacks — and one that is not about masking: a *close call*, a sample the white-box core left with less than
-   ``close_call`` (5 %) of its clean logit margin, where the other targets, FAB-T or Square are likeliest to
-   change the verdict. Each masking indicator also gets a model-level verdict: its fraction over the whole
-   evaluation against a threshold (the masking checklist's); a close call is a per-sample call only.
+   attacks — and three that are not about masking, per-sample calls only: a *close call*, a sample the white-box
+   core left with less than ``close_call`` (5 %) of its clean logit margin, where the other targets, FAB-T or
+   Square are likeliest to change the verdict; *near boundary*, a sample FAB-T's core found an adversarial point
+   for within ``near_distance`` (1.25) x eps, for FAB-T's other targets; and *probe progress*, a sample the probe
+   took below ``probe_progress`` (60 %) of its clean margin without breaking it, which a full Square may finish
+   (on a TRADES model in L2, the samples only a 5 000-query Square breaks). Each masking indicator also gets a
+   model-level verdict: its fraction over the whole evaluation against a threshold (the masking checklist's).
 3. **Escalation** (the rest of ``SUITES["adaptive"]``): the remaining targets, FAB-T, Square with 5000 queries,
    the "rand" suite's EOT attacks (and a pointer to BPDA) run on the samples whose own evidence calls for them —
    and on every sample still robust when the model-level verdict does. The escalations run in a second pass over
@@ -71,6 +74,7 @@ class _Stage:
     logits: Tensor
     success: Tensor
     start_objective: Tensor | None
+    min_distance: Tensor | None  # a minimum-norm attack's (FAB's) smallest adversarial perturbation, any size
 
 
 class AdaptiveCascade(Cascade):
@@ -78,12 +82,14 @@ class AdaptiveCascade(Cascade):
     evidence, its escalations (``escalate``)."""
 
     def __init__(self, model: nn.Module, specs: list[AttackSpec], seed: int | None, batch_size: int,
-                 settings: dict) -> None:
+                 settings: dict, norm: str) -> None:
         super().__init__(model, specs, seed)
         self.batch_size = batch_size
         self.core = int(settings["core"])  # the first `core` specs run on every sample; the last of them is the probe
-        self.probe_fraction = float(settings.get("probe_fraction", 0.25))
-        self.close_call = float(settings.get("close_call", 0.0))
+        self.probe_fraction = _for_norm(settings, "probe_fraction", norm, 0.25)
+        self.close_call = _for_norm(settings, "close_call", norm)
+        self.near_distance = _for_norm(settings, "near_distance", norm)
+        self.probe_progress = _for_norm(settings, "probe_progress", norm)
         self.flags: dict[str, dict] = {}
 
     # -- pass 1: the core and the evidence ------------------------------------------------------------
@@ -100,10 +106,11 @@ class AdaptiveCascade(Cascade):
         positions = block.index * self.batch_size + torch.arange(x.shape[0], device=x.device)
         evidence = torch.zeros_like(y)
         best_margin = torch.full(y.shape, float("inf"), device=x.device)
+        clean_margin = margin(clean_logits, y, True)
         for k in range(self.core):
             rows = state.robust.clone()
             if k == self.core - 1:  # the black-box probe: a random subset of the samples still robust
-                evidence |= ev.close_call(best_margin, margin(clean_logits, y, True), self.close_call) * state.robust
+                evidence |= ev.close_call(best_margin, clean_margin, self.close_call) * state.robust
                 rows &= self._probed(positions)
                 evidence[rows] |= ev.PROBED_BIT
             stage = self._stage(k, state, rows, threat, block.index, positions)
@@ -118,8 +125,15 @@ class AdaptiveCascade(Cascade):
                     stage.found.logits[survived], stage.found.x_adv[survived], stage.logits[survived],
                     stage.candidate[survived])
                 best_margin[kept] = torch.minimum(best_margin[kept], margin(stage.logits[survived], y[kept], True))
-            else:  # the probe: a sample it breaks is one every white-box stage left
+                if stage.min_distance is not None:  # a minimum-norm search: how far was its nearest point?
+                    evidence[kept] |= ev.near_boundary(stage.min_distance[survived], threat.eps,
+                                                       self.near_distance)
+            else:  # the probe: a sample it breaks is one every white-box stage left; one it took far, nearly
                 evidence[stage.index[stage.success]] |= ev.bits("black_box")
+                survived = ~stage.success
+                kept = stage.index[survived]
+                evidence[kept] |= ev.probe_progress(margin(stage.logits[survived], y[kept], True),
+                                                    clean_margin[kept], self.probe_progress)
         return state.outcome(block.index, evidence, phase=1)
 
     def _evidence(self, state: "_State", x: Tensor, y: Tensor, threat: ThreatModel, stage: _Stage | None,
@@ -183,8 +197,8 @@ class AdaptiveCascade(Cascade):
             if state.x_adv is not None:
                 state.x_adv[hit] = candidate[success].to(state.x_adv.dtype)
             start = getattr(attack, "start_objective", None) if k == 0 else None
-            result = _Stage(index, found, candidate, logits, success,
-                            start if isinstance(start, Tensor) and start.shape[0] == index.numel() else None)
+            distance = getattr(attack, "min_distance", None)
+            result = _Stage(index, found, candidate, logits, success, _rows_of(start, index), _rows_of(distance, index))
         state.times[spec.label] = state.times.get(spec.label, 0.0) + time.perf_counter() - started
         state.survivors[spec.label] = int(state.robust.sum())
         return result
@@ -319,6 +333,17 @@ class AdaptiveCascade(Cascade):
                 "reason": ev.BPDA_NOTE if needed else
                 ("not needed: gradients of the logit margin are live on "
                  f"{fired.get('checked', 0) - fired.get('samples', 0)}/{fired.get('checked', 0)} checked samples")}
+
+
+def _for_norm(settings: dict, name: str, norm: str, default: float = 0.0) -> float:
+    """A setting of the procedure: a number, or a dict of numbers by threat norm (a norm it lacks: ``default``)."""
+    value = settings.get(name, default)
+    return float(value.get(norm, default) if isinstance(value, dict) else value)
+
+
+def _rows_of(value: Any, index: Tensor) -> Tensor | None:
+    """A per-row record an attack left (a tensor with one entry per attacked row), or None."""
+    return value if isinstance(value, Tensor) and value.shape[0] == index.numel() else None
 
 
 @dataclass

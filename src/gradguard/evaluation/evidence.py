@@ -68,9 +68,18 @@ INDICATORS = (
               "the probed samples)", SQUARE_STRONGER[0], (REST, FAB, SQUARE)),
     # Not a sign of masking but of a verdict that is close: a per-sample call only (a model-level fraction of near
     # misses says nothing about the model's gradients), so its threshold is never passed.
-    Indicator("close_call", 7, "the white-box core's best point left the sample less than CLOSE_CALL of its clean "
+    Indicator("close_call", 7, "the white-box core's best point left the sample less than close_call of its clean "
               "logit margin (a near miss: the likeliest to fall to the other targets, FAB-T or Square)",
               1.0, (REST, FAB, SQUARE)),
+    # Per sample too: a minimum-norm search measured the boundary to be near in the threat's own norm (on a TRADES
+    # model in L2, the sample only the reference's FAB-T broke was 2nd nearest of 63 by this distance).
+    Indicator("near_boundary", 11, "FAB-T's core found an adversarial point within near_distance x eps (not within "
+              "eps): FAB-T's other targets may find one inside", 1.0, (FAB,)),
+    # Graded black-box evidence, per sample: random search is on its way (bench/results/adaptive-suite.md, fifth
+    # round: the samples only a 5 000-query Square breaks are those its 500-query probe took furthest).
+    Indicator("probe_progress", 10, "the short Square probe took the sample's logit margin below probe_progress of "
+              "its clean margin without breaking it: random search is on its way, a full Square may finish the job",
+              1.0, (SQUARE,)),
 )
 BY_NAME = {i.name: i for i in INDICATORS}
 CHECKED_BIT = 1 << 8   # the sample survived APGD-CE, so the indicators were measured on it
@@ -136,6 +145,18 @@ def close_call(best_margin: Tensor, clean_margin: Tensor, fraction: float) -> Te
     return _bit(best_margin < fraction * clean_margin, "close_call")
 
 
+def near_boundary(min_distance: Tensor, eps: float, factor: float) -> Tensor:
+    """The evidence bit of the samples a minimum-norm search (FAB) found an adversarial point for within
+    ``factor`` x eps, though not within eps: the boundary is near in the threat's own norm."""
+    return _bit(min_distance <= factor * eps, "near_boundary")
+
+
+def probe_progress(probe_margin: Tensor, clean_margin: Tensor, fraction: float) -> Tensor:
+    """The evidence bit of the samples the black-box probe left with a logit margin below ``fraction`` of their
+    clean margin (still positive: it did not break them)."""
+    return _bit(probe_margin < fraction * clean_margin, "probe_progress")
+
+
 def loss_flat(start: Tensor, best: Tensor) -> Tensor:
     """The evidence bit of the samples whose attack loss never rose (the checklist's ``loss_rose``)."""
     return _bit(~loss_rose(start, best), "loss_flat")
@@ -162,7 +183,7 @@ def model_level(evidence: Tensor) -> dict[str, dict]:
     probed = (evidence & PROBED_BIT) != 0
     out = {}
     for indicator in INDICATORS:
-        base = probed if indicator.name == "black_box" else checked
+        base = probed if indicator.name in ("black_box", "probe_progress") else checked
         fired = base & ((evidence >> indicator.bit) & 1).bool()
         n, k = int(base.sum()), int(fired.sum())
         fraction = k / n if n else 0.0

@@ -99,7 +99,7 @@ def evaluate(
                              "a DataLoader, or choose suite='standard' to stream it once")
         from .adaptive import AdaptiveCascade
 
-        adaptive = AdaptiveCascade(model, specs, seed, source.batch_size, procedure)
+        adaptive = AdaptiveCascade(model, specs, seed, source.batch_size, procedure, threat.norm)
     cascade = adaptive if adaptive is not None else Cascade(model, specs, seed)
     finished: dict[int, BlockOutcome] = {}
     earlier: list[float] = []  # seconds of each earlier part of a resumed evaluation

@@ -15,9 +15,10 @@ finds the truth. This procedure spends them where evidence measured along the wa
    attacks — and three that are not about masking, per-sample calls only: a *close call*, a sample the white-box
    core left with less than ``close_call`` (5 %) of its clean logit margin, where the other targets, FAB-T or
    Square are likeliest to change the verdict; *near boundary*, a sample FAB-T's core found an adversarial point
-   for within ``near_distance`` (1.25) x eps, for FAB-T's other targets; and *probe progress*, a sample the probe
-   took below ``probe_progress`` (60 %) of its clean margin without breaking it, which a full Square may finish
-   (on a TRADES model in L2, the samples only a 5 000-query Square breaks). Each masking indicator also gets a
+   for within ``near_distance`` (1.25) x eps, for FAB-T's other targets; and *probe progress* (L2), a sample the
+   probe took below ``probe_progress`` (60 %) of its clean margin and within ``probe_rival`` (2) x the white-box
+   core's margin without breaking it, which a full Square may finish (on a TRADES model in L2, the samples only a
+   5 000-query Square breaks). Each masking indicator also gets a
    model-level verdict: its fraction over the whole evaluation against a threshold (the masking checklist's).
 3. **Escalation** (the rest of ``SUITES["adaptive"]``): the remaining targets, FAB-T, Square with 5000 queries,
    the "rand" suite's EOT attacks (and a pointer to BPDA) run on the samples whose own evidence calls for them —
@@ -90,6 +91,7 @@ class AdaptiveCascade(Cascade):
         self.close_call = _for_norm(settings, "close_call", norm)
         self.near_distance = _for_norm(settings, "near_distance", norm)
         self.probe_progress = _for_norm(settings, "probe_progress", norm)
+        self.probe_rival = _for_norm(settings, "probe_rival", norm, float("inf"))
         self.flags: dict[str, dict] = {}
 
     # -- pass 1: the core and the evidence ------------------------------------------------------------
@@ -133,7 +135,8 @@ class AdaptiveCascade(Cascade):
                 survived = ~stage.success
                 kept = stage.index[survived]
                 evidence[kept] |= ev.probe_progress(margin(stage.logits[survived], y[kept], True),
-                                                    clean_margin[kept], self.probe_progress)
+                                                    clean_margin[kept], best_margin[kept], self.probe_progress,
+                                                    self.probe_rival)
         return state.outcome(block.index, evidence, phase=1)
 
     def _evidence(self, state: "_State", x: Tensor, y: Tensor, threat: ThreatModel, stage: _Stage | None,

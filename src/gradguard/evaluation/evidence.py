@@ -78,8 +78,8 @@ INDICATORS = (
     # Graded black-box evidence, per sample: random search is on its way (bench/results/adaptive-suite.md, fifth
     # round: the samples only a 5 000-query Square breaks are those its 500-query probe took furthest).
     Indicator("probe_progress", 10, "the short Square probe took the sample's logit margin below probe_progress of "
-              "its clean margin without breaking it: random search is on its way, a full Square may finish the job",
-              1.0, (SQUARE,)),
+              "its clean margin, and within probe_rival x the white-box core's, without breaking it: random search "
+              "is on its way and a match for the gradients there; a full Square may finish the job", 1.0, (SQUARE,)),
 )
 BY_NAME = {i.name: i for i in INDICATORS}
 CHECKED_BIT = 1 << 8   # the sample survived APGD-CE, so the indicators were measured on it
@@ -151,10 +151,14 @@ def near_boundary(min_distance: Tensor, eps: float, factor: float) -> Tensor:
     return _bit(min_distance <= factor * eps, "near_boundary")
 
 
-def probe_progress(probe_margin: Tensor, clean_margin: Tensor, fraction: float) -> Tensor:
-    """The evidence bit of the samples the black-box probe left with a logit margin below ``fraction`` of their
-    clean margin (still positive: it did not break them)."""
-    return _bit(probe_margin < fraction * clean_margin, "probe_progress")
+def probe_progress(probe_margin: Tensor, clean_margin: Tensor, white_box_margin: Tensor, fraction: float,
+                   rival: float) -> Tensor:
+    """The evidence bit of the samples the black-box probe left with a logit margin (still positive: it did not
+    break them) below ``fraction`` of their clean margin and below ``rival`` x the smallest one the white-box core
+    reached: random search went far, and about as far as the gradients (on an undefended model it goes far on
+    most samples, but the gradients go much further)."""
+    return _bit((probe_margin < fraction * clean_margin) & (probe_margin < rival * white_box_margin),
+                "probe_progress")
 
 
 def loss_flat(start: Tensor, best: Tensor) -> Tensor:

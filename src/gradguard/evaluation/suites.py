@@ -93,13 +93,15 @@ SUITES: dict[str, list[dict]] = {
 # them). close_call: a sample the white-box core left with less than this fraction of its clean logit margin gets
 # the escalations too (0.05 flagged 17 of 503 survivors on 1 000 Fashion-MNIST images in L∞ and ended at the
 # reference's 47.3 %). near_distance: a sample FAB-T's core (L2, L1) found an adversarial point for within this
-# many eps gets FAB-T's other targets. probe_progress: a sample the probe took below this fraction of its clean
-# margin gets the full Square — in L2 only: there, on the TRADES model, 0.6 flagged 11-12 of 63 survivors, among
-# them the reference's Square-only breaks; in L∞ a 500-query Square takes half of all survivors that far (250 of
-# 517 on the PGD-trained model), and the L∞ rows matched the reference without it.
+# many eps gets FAB-T's other targets. probe_progress, probe_rival: a sample the probe took below this fraction of
+# its clean margin, and within probe_rival x the white-box core's margin, gets the full Square — in L2 only: there,
+# on the TRADES model, (0.6, 2) flagged 9-10 of 63 survivors, among them two to four of the reference's four
+# Square-only breaks by the probe's seed, and 5-11 of 570 on the stand-in, its one Square-only break in 3 of 3 seeds
+# (0.6 alone flagged 36-49 there, half the survivors of an undefended model); in L∞ a 500-query Square takes half of
+# all survivors below 0.6 (250 of 517 on the PGD-trained model), and the L∞ rows matched the reference without it.
 PROCEDURES: dict[str, dict] = {"adaptive": {"core": 4, "probe_fraction": {"linf": 0.25, "l2": 1.0},
                                              "close_call": 0.05, "near_distance": 1.25,
-                                             "probe_progress": {"l2": 0.6}}}
+                                             "probe_progress": {"l2": 0.6}, "probe_rival": 2.0}}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ AutoAttack's own ``SquareAttack``. Chose ``schedule_queries=10000`` for the adap
 the new indicators threshold — the white-box core's smallest margin (APGD-CE, ranked APGD-T on 3 targets), FAB-T's
 smallest adversarial distance (2 targets, the core stage) and the 500-query Square probe's margin, seed by seed —
 and, for each candidate threshold, how many samples it flags and which of the reference's extra breaks it catches.
-Chose ``near_distance=1.25`` and ``probe_progress=0.6``.
+Chose ``near_distance=1.25``, ``probe_progress=0.6`` and ``probe_rival=2``.
 
     python bench/adaptive_choices.py fab --adaptive-json bench/results/adaptive-suite-4-standin.json
     python bench/adaptive_choices.py evidence --model recipe --recipe RUN_DIR --adaptive-json bench/results/adaptive-suite-4-recipe.json
@@ -121,11 +121,18 @@ def evidence_thresholds(args) -> list[dict]:
     fab.run(xs, ys)
     assert fab.min_distance is not None
     measures = {"fab_distance / eps": fab.min_distance / threat.eps, "white-box margin / clean": white / clean}
+    rules = []
     for seed in range(args.seeds):
         probe = margin(Square(model, threat, queries=500, seed=seed).run(xs, ys).logits, ys, True)
         measures[f"probe margin / clean (seed {seed})"] = probe / clean
         measures[f"probe margin / white-box (seed {seed})"] = probe / white
-    out = []
+        for rival in (1.0, 1.5, 2.0, float("inf")):  # the registered rule: below 0.6 of clean and 2x white-box
+            flagged = ((probe < 0.6 * clean) & (probe < rival * white)).nonzero().squeeze(1).tolist()
+            rules.append({"rule": f"probe < 0.6 clean and < {rival:g} x white-box", "seed": seed,
+                          "flagged": len(flagged), "caught": sorted(survivors[k] for k in flagged
+                                                                    if survivors[k] in missed)})
+            print(rules[-1], flush=True)
+    out: list[dict] = rules
     for name, values in measures.items():
         order = values.argsort().tolist()
         ranks = {survivors[k]: rank for rank, k in enumerate(order) if survivors[k] in missed}

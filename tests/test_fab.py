@@ -182,6 +182,28 @@ def test_standard_suite_is_autoattacks_four_attacks_and_lite_the_three_without_f
         assert not resolve_suite(["fab"])[0].build(model, threat_class(eps=0.1), seed=0).per_target
 
 
+def test_fab_t_first_target_runs_only_the_later_ranks_and_a_suite_entry_may_set_it_per_norm():
+    # Class 0 wins; by clean logit the others rank 1, 2, 3: FAB-T from rank 1 on never steers toward class 1.
+    weight = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    model = linear_model(weight, torch.tensor([0.5, 0.3, 0.2, 0.1], dtype=torch.float64))
+    x = torch.full((1, 3), 0.5, dtype=torch.float64)
+    with torch.no_grad():
+        order = model(x).argsort(dim=1, descending=True)[0, 1:].tolist()
+    labels = torch.zeros(1, dtype=torch.long)
+    attack = FAB(model, L2(eps=2.0, check_eps=False), targeted=True, n_target_classes=1, first_target=1, steps=10,
+                 early_stop=False)
+    result = attack.run(x, labels)
+    assert int(result.predictions[0]) == order[1]  # the second-likeliest wrong class, not the first
+    with torch.no_grad():
+        rounds = attack._target_rounds(model(x), labels)
+    assert [int(t[0]) for t in rounds] == [order[1]]
+    spec = resolve_suite([{"name": "fab-t", "first_target": {"l2": 2}}])[0]
+    assert spec.build(model, L2(0.1), seed=0).first_target == 2  # type: ignore[attr-defined]
+    assert spec.build(model, Linf(0.1), seed=0).first_target == 0  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="first_target"):
+        FAB(model, L2(0.1), targeted=True, first_target=-1)
+
+
 @pytest.mark.parametrize("kwargs,argument", [
     ({"eta": 0.9}, "eta"), ({"beta": 1.5}, "beta"), ({"beta": 0}, "beta"), ({"alpha_max": 2}, "alpha_max"),
     ({"steps": 0}, "steps"), ({"restarts": 0}, "restarts"), ({"n_target_classes": 0}, "n_target_classes"),

@@ -97,7 +97,8 @@ class FAB(Attack):
     Defaults (AutoAttack's "standard" FAB-T): 100 steps, α_max = 0.1, η = 1.05, β = 0.9, 1 restart (later restarts
     start from a random point in the eps/2-ball); ``targeted=True`` (FAB-T) runs against each of the top
     ``n_target_classes`` = 9 non-true classes by clean logits in turn, one gradient per step each, where untargeted
-    FAB needs one gradient per class and step.
+    FAB needs one gradient per class and step. ``first_target`` skips the likeliest ranks (a later stage that runs
+    the targets an earlier one left: ranks ``first_target .. first_target + n_target_classes − 1``, as APGD-T's).
 
     Success is misclassification within eps for both versions (FAB-T only steers toward its targets, like
     AutoAttack's): the minimal-distortion search runs unconstrained inside, and a perturbation larger than eps
@@ -111,7 +112,7 @@ class FAB(Attack):
 
     def __init__(self, model: nn.Module, threat: ThreatModel, *, targeted: bool = False, n_target_classes: int = 9,
                  steps: int = 100, restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-                 target_batch: int = 256, **kwargs) -> None:
+                 target_batch: int = 256, first_target: int = 0, **kwargs) -> None:
         if "loss" in kwargs:
             raise ConfigError("loss: FAB follows logit differences and takes no loss; drop the loss argument")
         if "target_policy" in kwargs:
@@ -137,6 +138,9 @@ class FAB(Attack):
             raise ConfigError(f"target_batch: rows per batch up to which FAB-T's target runs go side by side, an "
                               f"integer >= 0 (0: one target after the other), got {target_batch!r}")
         self.target_batch = target_batch
+        if isinstance(first_target, bool) or not isinstance(first_target, int) or first_target < 0:
+            raise ConfigError(f"first_target: the first target rank to attack, an integer >= 0, got {first_target!r}")
+        self.first_target = first_target
         self._classes = 0  # the model's class count, set per batch from the clean logits
         self.min_distance: Tensor | None = None  # set by each run (``_perturb``)
 
@@ -194,8 +198,8 @@ class FAB(Attack):
         if not self.per_target:
             return [None]
         others = clean_logits.scatter(1, labels[:, None], float("-inf")).argsort(dim=1, descending=True)
-        n_targets = min(self.n_target_classes, clean_logits.shape[1] - 1)
-        return [others[:, rank] for rank in range(n_targets)]
+        n_targets = min(self.first_target + self.n_target_classes, clean_logits.shape[1] - 1)
+        return [others[:, rank] for rank in range(self.first_target, n_targets)]
 
     # -- one FAB run ------------------------------------------------------------------------------
     def _search(self, x0: Tensor, labels: Tensor, targets: Tensor | None, random_start: bool,
@@ -266,7 +270,8 @@ class FAB(Attack):
         return self._forward(x).argmax(dim=1) != labels
 
     def __repr__(self) -> str:
-        version = f"FAB-T, n_target_classes={self.n_target_classes}" if self.per_target else "FAB"
+        first = f", first_target={self.first_target}" if self.first_target else ""
+        version = f"FAB-T, n_target_classes={self.n_target_classes}{first}" if self.per_target else "FAB"
         return (f"FAB(threat={self.threat!r}, {version}, steps={self.steps}, restarts={self.fab_restarts}, "
                 f"alpha_max={self.alpha_max}, eta={self.eta}, beta={self.beta})")
 

@@ -59,7 +59,7 @@ from .distributed import Shard, batch_seed
 from .journal import JournalWriter
 from .results import RobustnessReport
 from .stream import Block, BlockSource, release_freed_memory
-from .suites import AttackSpec
+from .suites import AttackSpec, for_norm
 
 RANDOM_VOTES = 11  # the "rand" suite's success votes: the majority of 11 passes decides on a randomised model
 PROBE_STREAM = 7919  # the "epoch" of the probe subset's per-sample hash: independent of every attack's draws
@@ -340,8 +340,7 @@ class AdaptiveCascade(Cascade):
 
 def _for_norm(settings: dict, name: str, norm: str, default: float = 0.0) -> float:
     """A setting of the procedure: a number, or a dict of numbers by threat norm (a norm it lacks: ``default``)."""
-    value = settings.get(name, default)
-    return float(value.get(norm, default) if isinstance(value, dict) else value)
+    return float(for_norm(settings.get(name, default), norm, default))
 
 
 def _rows_of(value: Any, index: Tensor) -> Tensor | None:

@@ -136,11 +136,11 @@ def evidence_thresholds(args) -> list[dict]:
     for name, values in measures.items():
         order = values.argsort().tolist()
         ranks = {survivors[k]: rank for rank, k in enumerate(order) if survivors[k] in missed}
-        flagged = {str(t): {"flagged": int((values <= t).sum()),
-                            "caught": sorted(survivors[k] for k in (values <= t).nonzero().squeeze(1).tolist()
-                                             if survivors[k] in missed)} for t in args.thresholds}
+        at_threshold = {str(t): {"flagged": int((values <= t).sum()),
+                                 "caught": sorted(survivors[k] for k in (values <= t).nonzero().squeeze(1).tolist()
+                                                  if survivors[k] in missed)} for t in args.thresholds}
         out.append({"measure": name, "survivors": len(survivors), "reference_only": sorted(missed),
-                    "rank_of_each": ranks, "at_threshold": flagged})
+                    "rank_of_each": ranks, "at_threshold": at_threshold})
         print(out[-1], flush=True)
     return out
 

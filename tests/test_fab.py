@@ -198,8 +198,8 @@ def test_fab_t_first_target_runs_only_the_later_ranks_and_a_suite_entry_may_set_
         rounds = attack._target_rounds(model(x), labels)
     assert [int(t[0]) for t in rounds] == [order[1]]
     spec = resolve_suite([{"name": "fab-t", "first_target": {"l2": 2}}])[0]
-    assert spec.build(model, L2(0.1), seed=0).first_target == 2  # type: ignore[attr-defined]
-    assert spec.build(model, Linf(0.1), seed=0).first_target == 0  # type: ignore[attr-defined]
+    assert spec.build(model, L2(0.1), seed=0).first_target == 2
+    assert spec.build(model, Linf(0.1), seed=0).first_target == 0
     with pytest.raises(ConfigError, match="first_target"):
         FAB(model, L2(0.1), targeted=True, first_target=-1)
 

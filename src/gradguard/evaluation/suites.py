@@ -96,8 +96,9 @@ SUITES: dict[str, list[dict]] = {
 # reference's 47.3 %). near_distance: a sample FAB-T's core (L2, L1) found an adversarial point for within this
 # many eps gets FAB-T's other targets. probe_progress, probe_rival: a sample the probe took below this fraction of
 # its clean margin, and within probe_rival x the white-box core's margin, gets the full Square — in L2 only: there,
-# on the TRADES model, (0.6, 2) flagged 9-10 of 63 survivors, among them two to four of the reference's four
-# Square-only breaks by the probe's seed, and 5-11 of 570 on the stand-in, its one Square-only break in 3 of 3 seeds
+# on the TRADES model, (0.6, 2) flagged 9-10 of 63 survivors, among them one to three of the reference's four
+# Square-only breaks by the probe's seed (the fourth is a near boundary), and 5-11 of 570 on the stand-in, its one
+# Square-only break in 3 of 3 seeds
 # (0.6 alone flagged 36-49 there, half the survivors of an undefended model); in L∞ a 500-query Square takes half of
 # all survivors below 0.6 (250 of 517 on the PGD-trained model), and the L∞ rows matched the reference without it.
 PROCEDURES: dict[str, dict] = {"adaptive": {"core": 4, "probe_fraction": {"linf": 0.25, "l2": 1.0},

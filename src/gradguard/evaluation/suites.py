@@ -98,9 +98,9 @@ SUITES: dict[str, list[dict]] = {
 # its clean margin, and within probe_rival x the white-box core's margin, gets the full Square — in L2 only: there,
 # on the TRADES model, (0.6, 2) flagged 9-10 of 63 survivors, among them one to three of the reference's four
 # Square-only breaks by the probe's seed (the fourth is a near boundary), and 5-11 of 570 on the stand-in, its one
-# Square-only break in 3 of 3 seeds
-# (0.6 alone flagged 36-49 there, half the survivors of an undefended model); in L∞ a 500-query Square takes half of
-# all survivors below 0.6 (250 of 517 on the PGD-trained model), and the L∞ rows matched the reference without it.
+# Square-only break in 3 of 3 seeds (0.6 alone flagged 36-49 there, half the survivors of an undefended model); in
+# L∞ a 500-query Square takes half of all survivors below 0.6 (250 of 517 on the PGD-trained model), and the L∞
+# rows matched the reference without it.
 PROCEDURES: dict[str, dict] = {"adaptive": {"core": 4, "probe_fraction": {"linf": 0.25, "l2": 1.0},
                                              "close_call": 0.05, "near_distance": 1.25,
                                              "probe_progress": {"l2": 0.6}, "probe_rival": 2.0}}
@@ -186,8 +186,8 @@ class AttackSpec:
         if self.instance is not None:
             return self.instance
         entry = ATTACKS[self.name]
-        merged = {**entry.fixed, **self.kwargs, **overrides}
-        kwargs = {k: for_norm(v, threat.norm) for k, v in merged.items() if for_norm(v, threat.norm) is not None}
+        merged = {k: for_norm(v, threat.norm) for k, v in {**entry.fixed, **self.kwargs, **overrides}.items()}
+        kwargs = {k: v for k, v in merged.items() if v is not None}  # a norm a by-norm value leaves out: the default
         if isinstance(kwargs.get("surrogate"), (str, os.PathLike)):
             kwargs["surrogate"] = self._surrogate(kwargs["surrogate"], model)
         if seed is not None:

@@ -117,6 +117,27 @@ def _escalation(report, stage: str) -> dict:
     return next(e for e in report.escalations if e["stage"] == stage)
 
 
+def _linear_problem(seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(model, x, clean logits, labels = its predictions, weight): a 10-class linear model on 400 inputs in
+    [0.4, 0.6]^30, where the smallest margin and the boundaries in an L2 ball have closed forms."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(30, 10)
+    model = nn.Sequential(nn.Flatten(), layer).eval()
+    x = torch.rand(400, 30) * 0.2 + 0.4
+    with torch.no_grad():
+        logits = model(x)
+    return model, x, logits, logits.argmax(1), layer.weight.detach()
+
+
+def _exact_remainder(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The smallest margin z_y − max_j z_j any point of the L2 ball reaches on a linear model (the box not
+    binding), min_j (z_y − z_j) − eps·‖w_y − w_j‖₂, over the clean margin."""
+    gaps = logits.gather(1, y[:, None]) - logits
+    reachable = gaps - eps * (weight[y][:, None, :] - weight[None]).norm(dim=2)
+    reachable[torch.arange(len(y)), y] = float("inf")
+    return reachable.min(1).values / gaps.scatter(1, y[:, None], float("inf")).min(1).values
+
+
 def test_adaptive_is_a_named_procedure_suite_and_not_the_default():
     assert "adaptive" in SUITES and procedure_of("adaptive") is not None and procedure_of("standard") is None
     import inspect
@@ -196,19 +217,9 @@ def test_close_calls_are_exactly_the_near_misses_of_a_linear_model(monkeypatch):
     point leaves less than ``close_call`` of its clean margin: the found margin is never below the exact one, so no
     sample whose exact remainder is above the fraction may be flagged, and the core (APGD on every target, 10
     classes → CE + the 3 nearest) must reach those far below it."""
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(30, 10)).eval()
-    x = torch.rand(400, 30) * 0.2 + 0.4
-    with torch.no_grad():
-        logits = model(x)
-    y = logits.argmax(1)
-    weight = model[1].weight.detach()
+    model, x, logits, y, weight = _linear_problem(3)
     eps = 0.3  # the optimal step moves no pixel by more than 0.45·eps: it stays inside [0, 1]
-    others = torch.stack([logits[i, y[i]] - logits[i] - eps * (weight[y[i]] - weight).norm(dim=1)
-                          for i in range(len(y))])
-    others[torch.arange(len(y)), y] = float("inf")
-    clean_margin = logits.gather(1, y[:, None]).squeeze(1) - logits.scatter(1, y[:, None], -float("inf")).max(1).values
-    remainder = others.min(1).values / clean_margin  # exact: the best any attack can do, as a fraction
+    remainder = _exact_remainder(logits, y, weight, eps)  # exact: the best any attack can do, as a fraction
     fraction = 0.2
     near, far = (remainder > 0) & (remainder < fraction / 2), remainder > fraction
     keep = near | far
@@ -230,13 +241,7 @@ def test_near_boundary_flags_exactly_the_samples_whose_boundary_is_near_on_a_lin
     class t is (z_y − z_t) / ‖w_y − w_t‖₂, and FAB's projection onto the linearised boundary is exact, so the
     samples flagged are those whose nearest boundary among FAB-T's 2 targets lies within ``near_distance`` x eps —
     and no other (a sample further out has no adversarial point that close)."""
-    torch.manual_seed(4)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(30, 10)).eval()
-    x = torch.rand(400, 30) * 0.2 + 0.4
-    with torch.no_grad():
-        logits = model(x)
-    y = logits.argmax(1)
-    weight = model[1].weight.detach()
+    model, x, logits, y, weight = _linear_problem(4)
     gaps = logits.gather(1, y[:, None]) - logits
     distance = gaps / (weight[y][:, None, :] - weight[None]).norm(dim=2).clamp_min(1e-12)
     distance[torch.arange(len(y)), y] = float("inf")
@@ -264,24 +269,12 @@ def test_probe_progress_fires_where_random_search_gets_far_and_is_quiet_where_it
     flagged, and one whose remainder is far below it, but that the white-box core walks away from (its gradients
     reversed), is taken far by random search."""
     monkeypatch.setitem(SUITES, "adaptive", _cheaper_square(probe=200, full=100))
-    torch.manual_seed(5)
-    linear = nn.Sequential(nn.Flatten(), nn.Linear(30, 10)).eval()
-    x = torch.rand(400, 30) * 0.2 + 0.4
-    with torch.no_grad():
-        logits = linear(x)
-    y = logits.argmax(1)
-    weight = linear[1].weight.detach()
+    linear, x, logits, y, weight = _linear_problem(5)
     fraction = 0.6
     monkeypatch.setitem(PROCEDURES, "adaptive", dict(PROCEDURES["adaptive"], probe_progress=fraction))
-
-    def remainder(eps: float) -> torch.Tensor:  # the smallest margin any point of the ball reaches, over the clean one
-        gaps = logits.gather(1, y[:, None]) - logits
-        reachable = gaps - eps * (weight[y][:, None, :] - weight[None]).norm(dim=2)
-        reachable[torch.arange(len(y)), y] = float("inf")
-        return reachable.min(1).values / gaps.scatter(1, y[:, None], float("inf")).min(1).values
-
-    keep = remainder(0.02) > fraction * 1.1  # no point in the ball takes these below the fraction
-    near = (remainder(0.05) > 0.05) & (remainder(0.05) < 0.3)  # no point breaks these, many go below it
+    keep = _exact_remainder(logits, y, weight, 0.02) > fraction * 1.1  # no point in the ball takes these below it
+    inside = _exact_remainder(logits, y, weight, 0.05)
+    near = (inside > 0.05) & (inside < 0.3)  # no point breaks these, many go below the fraction
     assert int(keep.sum()) >= 40 and int(near.sum()) >= 40
     far = evaluate(linear, (x[keep], y[keep]), L2(0.02), "adaptive", batch_size=400)
     assert far.robust_accuracy == 1.0

@@ -35,13 +35,15 @@ from .signals import (
 @dataclass(frozen=True)
 class Indicator:
     """One piece of evidence: its bit, what it means, the model-level threshold (a fraction of the samples
-    checked; 0 means any sample) and the escalation stages it calls for."""
+    checked; 0 means any sample), the escalation stages it calls for, and whether it is measured by the black-box
+    probe (then counted over the probed samples, not over all the checked ones)."""
 
     name: str
     bit: int
     meaning: str
     threshold: float
     calls_for: tuple[str, ...]
+    by_probe: bool = False
 
 
 # Escalation stage labels (the tail of SUITES["adaptive"]).
@@ -65,7 +67,7 @@ INDICATORS = (
     Indicator("unstable_best", 5, "the best point found, re-scored, does not reproduce its logits or lies outside "
               "the threat model (randomness the two-pass check missed)", ZERO_GRADIENTS[0], (EOT_CE, EOT_DLR)),
     Indicator("black_box", 6, "the short Square probe broke a sample every white-box stage had left (fraction of "
-              "the probed samples)", SQUARE_STRONGER[0], (REST, FAB, SQUARE)),
+              "the probed samples)", SQUARE_STRONGER[0], (REST, FAB, SQUARE), by_probe=True),
     # Not a sign of masking but of a verdict that is close: a per-sample call only (a model-level fraction of near
     # misses says nothing about the model's gradients), so its threshold is never passed.
     Indicator("close_call", 7, "the white-box core's best point left the sample less than close_call of its clean "
@@ -79,7 +81,8 @@ INDICATORS = (
     # round: the samples only a 5 000-query Square breaks are those its 500-query probe took furthest).
     Indicator("probe_progress", 10, "the short Square probe took the sample's logit margin below probe_progress of "
               "its clean margin, and within probe_rival x the white-box core's, without breaking it: random search "
-              "is on its way and a match for the gradients there; a full Square may finish the job", 1.0, (SQUARE,)),
+              "is on its way and a match for the gradients there; a full Square may finish the job", 1.0, (SQUARE,),
+              by_probe=True),
 )
 BY_NAME = {i.name: i for i in INDICATORS}
 CHECKED_BIT = 1 << 8   # the sample survived APGD-CE, so the indicators were measured on it
@@ -187,7 +190,7 @@ def model_level(evidence: Tensor) -> dict[str, dict]:
     probed = (evidence & PROBED_BIT) != 0
     out = {}
     for indicator in INDICATORS:
-        base = probed if indicator.name in ("black_box", "probe_progress") else checked
+        base = probed if indicator.by_probe else checked
         fired = base & ((evidence >> indicator.bit) & 1).bool()
         n, k = int(base.sum()), int(fired.sum())
         fraction = k / n if n else 0.0
